@@ -1,0 +1,286 @@
+"""`ckptfs` command line: one function per subcommand, each a thin wrapper over a module."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from .errors import CkptError
+from .model import DEFAULT_CHUNK
+
+
+def _chunk(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib")
+    n = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    if n <= 0 or n % 4096:
+        raise argparse.ArgumentTypeError(f"chunk size {text!r} is not a positive multiple of 4096")
+    return n
+
+
+def check_mountpoint(mnt: str) -> None:
+    if not os.path.isdir(mnt):
+        raise CkptError("mountpoint is not a directory", path=mnt, step="mount")
+    if os.path.ismount(mnt):
+        raise CkptError("something is already mounted here", path=mnt, step="mount")
+    if os.listdir(mnt):
+        raise CkptError("mountpoint is not empty", path=mnt, step="mount")
+
+
+def check_pid(pid: int) -> None:
+    """Refuse what cannot be captured before any thread exists or anything is mounted."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        raise CkptError("no such process", path=f"/proc/{pid}", step="check", err=3) from None
+    state = status.get("State", "?")[0]
+    if state in "ZX":
+        raise CkptError(f"process {pid} is a zombie (state {state}): nothing left to capture",
+                        path=f"/proc/{pid}", step="check")
+    if int(status.get("Kthread", "0") or 0) or (pid != 1 and not os.path.exists(f"/proc/{pid}/exe")
+                                               and status.get("PPid", "") == "2"):
+        raise CkptError(f"process {pid} is a kernel thread", path=f"/proc/{pid}", step="check")
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer and tracer != os.getpid():
+        raise CkptError(f"process {pid} is already traced by pid {tracer}", path=f"/proc/{pid}",
+                        step="check", err=16)
+
+
+def close_source(source, *, leave_frozen: bool = False) -> None:
+    """Detach from a live tree: thawed (running, untraced) unless asked to stay frozen."""
+    if leave_frozen:
+        # A tracer that exits lets its tracees run: turn the seized stop into a real stop.
+        for pid in source.pids():
+            os.kill(pid, signal.SIGSTOP)
+    if source.frozen:
+        source.thaw()
+    if hasattr(source, "close"):
+        source.close()
+
+
+# -- daemonizing ---------------------------------------------------------------------------------
+def daemonize(argv: list[str], mnt: str, timeout: float = 30.0) -> int:
+    """Run this command again with -f in a new session; return once the mount is up (0) or the
+    child failed (its exit status, its message on our stderr). The child never forks itself:
+    forking a Python process that already has threads is unsafe."""
+    with tempfile.TemporaryFile() as errlog:
+        child = subprocess.Popen([sys.executable, "-m", "ckptfs.cli", *argv], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=errlog, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.ismount(mnt):
+                return 0
+            rc = child.poll()
+            if rc is not None:
+                errlog.seek(0)
+                sys.stderr.write(errlog.read().decode(errors="replace"))
+                return rc or 1
+            time.sleep(0.02)
+        child.kill()
+        child.wait()
+        print(f"ckptfs: {mnt}: mount did not come up within {timeout:.0f} s", file=sys.stderr)
+        return 1
+
+
+# -- subcommands -----------------------------------------------------------------------------
+def cmd_mount(a) -> int:
+    mnt = os.path.abspath(a.mountpoint)
+    check_mountpoint(mnt)
+    if a.images:
+        from .criu import ImageSource
+        ImageSource(a.images)  # a bad directory fails here, before anything is mounted
+    else:
+        check_pid(a.pid)
+    if not a.foreground:
+        return daemonize([x for x in a.argv if x not in ("-f", "--foreground")] + ["-f"], mnt)
+    from . import fs
+    if a.images:
+        from .criu import ImageSource
+        ops = fs.CheckpointFS(ImageSource(a.images), chunk_size=a.chunk_size)
+    else:
+        ops = live_fs(a.pid, a.chunk_size, freeze=a.freeze, container=a.container)
+    try:
+        fs.serve(ops, mnt, foreground=True)
+    finally:
+        source = getattr(ops.source, "inner", None)
+        if source is not None and hasattr(source, "thaw"):
+            close_source(source)  # the process goes on exactly as before
+    return 0
+
+
+def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool):
+    from . import fs
+    from .capture.linux import LiveSource
+    source = LiveSource(pid)
+    holder: dict = {}
+
+    def act(fn):
+        def run():
+            fn()
+            holder["fs"].changed()
+        return run
+
+    def kill():
+        for p in reversed(source.pids()):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        source.thaw()
+
+    control = {"freeze": act(source.freeze), "thaw": act(source.thaw), "kill": act(kill)}
+    st = os.stat(f"/proc/{pid}")
+    ops = fs.CheckpointFS(source, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid), control=control)
+    holder["fs"] = ops
+    if freeze:
+        control["freeze"]()
+    return ops
+
+
+def cmd_dump(a) -> int:
+    from . import tree
+    from .capture.linux import LiveSource
+    check_pid(a.pid)
+    out = os.path.abspath(a.dir)
+    if os.path.exists(out) and os.listdir(out):
+        raise CkptError("directory is not empty", path=out, step="dump")
+    source = LiveSource(a.pid)
+    t0 = time.monotonic()
+    try:
+        source.freeze()
+        files = tree.write_tree(source, out, a.chunk_size)
+        if a.kill:
+            for p in reversed(source.pids()):
+                os.kill(p, signal.SIGKILL)
+    finally:
+        close_source(source, leave_frozen=a.leave_frozen)
+    size = sum(s for s, _ in files.values())
+    print(f"dumped {len(source.pids())} task(s), {len(files)} files, {size / 1e6:.1f} MB "
+          f"in {time.monotonic() - t0:.2f} s to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_criu(a) -> int:
+    from . import criu, tree
+    if a.action == "export":
+        criu.export(tree.TreeSource(a.src), a.dst)
+    else:
+        tree.write_tree(criu.ImageSource(a.src), a.dst, a.chunk_size)
+    return 0
+
+
+def cmd_restore(a) -> int:
+    if a.os == "freebsd":
+        from .translate.freebsd import plan
+        return plan.cli_restore_plan(a.dir, strict=a.strict, dry_run=a.dry_run)
+    from . import restore
+    result = restore.restore(a.dir, pidns=a.pidns, same_pids=a.same_pids, dry_run=a.dry_run)
+    if a.dry_run:
+        problems = getattr(result, "problems", [])
+        for p in problems:
+            print(p)
+        return 1 if problems else 0
+    for old, new in sorted(result.pids.items()):
+        print(f"{old} -> {new}")
+    return 0
+
+
+def cmd_target(a) -> int:
+    from . import targetfs
+    return targetfs.main_target(a)
+
+
+def cmd_watch(a) -> int:
+    from . import watch
+    return watch.run_watch(a.spool) or 0
+
+
+def cmd_migrate(a) -> int:
+    from . import migrate
+    return migrate.run(a) or 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptfs", description="A running process as files, and back.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("mount", help="show a live process tree (or a CRIU image directory) as files")
+    m.add_argument("-f", "--foreground", action="store_true")
+    m.add_argument("--freeze", action="store_true", help="freeze the tree right after mounting")
+    m.add_argument("--container", action="store_true", help="PID is a container's init")
+    m.add_argument("--images", metavar="CRIUDIR", help="show a CRIU image directory instead of a process")
+    m.add_argument("--chunk-size", type=_chunk, default=DEFAULT_CHUNK)
+    m.add_argument("pid", type=int, nargs="?")
+    m.add_argument("mountpoint")
+    m.set_defaults(fn=cmd_mount)
+
+    d = sub.add_parser("dump", help="freeze a process tree, write its tree to DIR, thaw it")
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--leave-frozen", action="store_true")
+    g.add_argument("--kill", action="store_true")
+    d.add_argument("--container", action="store_true")
+    d.add_argument("--chunk-size", type=_chunk, default=DEFAULT_CHUNK)
+    d.add_argument("pid", type=int)
+    d.add_argument("dir")
+    d.set_defaults(fn=cmd_dump)
+
+    c = sub.add_parser("criu", help="convert between a tree and a CRIU image directory")
+    c.add_argument("action", choices=("export", "import"))
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--chunk-size", type=_chunk, default=DEFAULT_CHUNK)
+    c.set_defaults(fn=cmd_criu)
+
+    r = sub.add_parser("restore", help="make the tree in DIR run again")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--pidns", action="store_true", help="new PID namespace with the original pids")
+    g.add_argument("--same-pids", action="store_true")
+    r.add_argument("--dry-run", action="store_true")
+    r.add_argument("--os", choices=("linux", "freebsd"), default="linux")
+    r.add_argument("--strict", action="store_true", help="refuse lossy translations")
+    r.add_argument("dir")
+    r.set_defaults(fn=cmd_restore)
+
+    t = sub.add_parser("target", help="a writable mount: a complete copied tree restores")
+    t.add_argument("-f", "--foreground", action="store_true")
+    t.add_argument("--store", default="/var/lib/ckptfs")
+    t.add_argument("--no-auto", action="store_true")
+    t.add_argument("--os", choices=("linux", "freebsd"), default="linux")
+    t.add_argument("--dry-run", action="store_true")
+    t.add_argument("mountpoint")
+    t.set_defaults(fn=cmd_target)
+
+    w = sub.add_parser("watch", help="restore trees copied into an ordinary directory")
+    w.add_argument("spool")
+    w.set_defaults(fn=cmd_watch)
+
+    mg = sub.add_parser("migrate", help="live-migrate a process tree with rsync pre-copy")
+    mg.add_argument("--keep-source", action="store_true")
+    mg.add_argument("pid", type=int)
+    mg.add_argument("dest", metavar="[USER@]HOST:PATH/JOB")
+    mg.set_defaults(fn=cmd_migrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    a.argv = argv
+    if a.cmd == "mount" and a.images is None and a.pid is None:
+        parser().error("mount needs a PID (or --images CRIUDIR)")
+    try:
+        return a.fn(a) or 0
+    except CkptError as e:
+        print(f"ckptfs {a.cmd}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

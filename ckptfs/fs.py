@@ -1,0 +1,249 @@
+"""FUSE view of a checkpoint: paths and stat dicts in, errnos out.
+
+Caching policy (written down because live files must never pretend):
+- While the tree runs, a file's content is rendered when it is stat'ed or opened and held for
+  at most `ttl` seconds (CachedSource); every file is opened with direct_io, so a read returns
+  what the handle captured at open, never a stale page-cache copy, and sizes are exact.
+- While frozen, nothing changes: results are cached until the next thaw.
+- Kernel attribute/entry timeouts are short (1 s) for the same reason.
+
+Every operation goes through `_boundary`, which turns exceptions into one errno each:
+ckptfs errors carry their own, OSError keeps its errno, anything else is EIO plus a log line.
+The daemon never dies from one bad request.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # 1 MiB requests; libfuse2 caps at 128 KiB
+import mfusepy as fuse  # noqa: E402
+
+from . import tree
+from .errors import CkptError, ProcessGone
+from .model import Source
+
+log = logging.getLogger("ckptfs.fs")
+
+CACHED = ("meta", "pstree", "core", "ids", "mm", "fs", "fdinfo", "file", "pipe_data",
+          "page_ranges", "isolation")
+PRIVATE = 0o600  # memory and register files
+
+
+class CachedSource(Source):
+    """Memoizes a Source's answers: forever while frozen, `ttl` seconds while running."""
+
+    def __init__(self, source: Source, ttl: float = 1.0):
+        self.inner, self.ttl = source, ttl
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    @property
+    def frozen(self):
+        return self.inner.frozen
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def _get(self, name, *args):
+        key = (name,) + tuple((a.start, a.end) if hasattr(a, "start") and hasattr(a, "end") else a
+                              for a in args)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit and (self.inner.frozen or now - hit[0] < self.ttl):
+            return hit[1]
+        value = getattr(self.inner, name)(*args)
+        with self._lock:
+            self._cache[key] = (now, value)
+        return value
+
+    def read_memory(self, pid, addr, size):
+        return self.inner.read_memory(pid, addr, size)
+
+    def __getattr__(self, name):
+        if name in CACHED:
+            return functools.partial(self._get, name)
+        return getattr(self.inner, name)
+
+
+for _name in CACHED:  # Source defines these; route them through the cache
+    setattr(CachedSource, _name, (lambda n: lambda self, *a: self._get(n, *a))(_name))
+
+
+def _boundary(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except fuse.FuseOSError:
+            raise
+        except CkptError as e:
+            if e.errno not in (errno.ENOENT, errno.ESRCH):
+                log.warning("%s%r: %s", fn.__name__, args[:1], e)
+            raise fuse.FuseOSError(e.errno) from None
+        except KeyError:
+            raise fuse.FuseOSError(errno.ENOENT) from None
+        except OSError as e:
+            raise fuse.FuseOSError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", fn.__name__, args[:1])
+            raise fuse.FuseOSError(errno.EIO) from None
+    return wrapper
+
+
+class Control(tree.Node):
+    """`ctl`: takes one command word per write; reads as empty."""
+    mode = 0o600
+
+    def __init__(self, commands: dict):
+        self.commands = commands
+
+    def size(self) -> int:
+        return 0
+
+    def read(self, offset, size) -> bytes:
+        return b""
+
+    def write(self, data: bytes) -> None:
+        for word in data.decode(errors="replace").split():
+            if word not in self.commands:
+                raise CkptError(f"unknown command {word!r} (know: {', '.join(self.commands)})",
+                                path="ctl", err=errno.EINVAL)
+        for word in data.decode().split():
+            self.commands[word]()
+
+
+class CheckpointFS(fuse.Operations):
+    """A read-only tree (plus `ctl`) over a Source."""
+    use_ns = True
+
+    def __init__(self, source: Source, *, chunk_size: int, owner: tuple[int, int] = (0, 0),
+                 control: dict | None = None, status=None):
+        self.source = CachedSource(source)
+        self.chunk_size = chunk_size
+        self.uid, self.gid = owner
+        self.started = time.time_ns()
+        self.stamp = self.started
+        self._manifest: tuple[int, bytes] | None = None
+        self._handles: dict[int, tuple[tree.Node, bytes | None]] = {}
+        self._next_fh = 1
+        self._lock = threading.Lock()
+        extra = {"status": tree.File(lambda: ((status() if status else
+                                                ("frozen" if self.source.frozen else "running")) + "\n").encode()),
+                 "manifest": tree.File(self._manifest_bytes)}
+        if control is not None:
+            extra["ctl"] = Control(control)
+        self.root = tree.Renderer(self.source, chunk_size).root(extra)
+
+    def changed(self) -> None:
+        """State moved (freeze, thaw): forget everything cached."""
+        self.source.invalidate()
+        self._manifest = None
+        self.stamp = time.time_ns()
+
+    def _manifest_bytes(self) -> bytes:
+        if not self.source.frozen:
+            return tree.manifest_bytes(self.source, self.source.pids()[0], self.chunk_size, None)
+        cached = self._manifest
+        if cached and cached[0] == self.stamp:
+            return cached[1]
+        files = tree.checksummed_files(self.root)
+        data = tree.manifest_bytes(self.source, self.source.pids()[0], self.chunk_size, files)
+        self._manifest = (self.stamp, data)
+        return data
+
+    # lookup ----------------------------------------------------------------------------------
+    def _node(self, path: str) -> tree.Node:
+        node: tree.Node = self.root
+        for part in filter(None, path.split("/")):
+            if not isinstance(node, tree.Dir):
+                raise fuse.FuseOSError(errno.ENOTDIR)
+            entries = node.entries()
+            if part not in entries:
+                raise fuse.FuseOSError(errno.ENOENT)
+            node = entries[part]
+        return node
+
+    @_boundary
+    def getattr(self, path, fh=None):
+        node = self._handles[fh][0] if fh in self._handles else self._node(path)
+        st = {"st_uid": self.uid, "st_gid": self.gid, "st_mtime": self.stamp,
+              "st_ctime": self.stamp, "st_atime": self.stamp}
+        if isinstance(node, tree.Dir):
+            st.update(st_mode=stat.S_IFDIR | node.mode, st_nlink=2, st_size=0)
+        else:
+            st.update(st_mode=stat.S_IFREG | node.mode, st_nlink=1, st_size=node.size(),
+                      st_blksize=1 << 20)
+        return st
+
+    @_boundary
+    def readdir(self, path, fh):
+        node = self._node(path)
+        if not isinstance(node, tree.Dir):
+            raise fuse.FuseOSError(errno.ENOTDIR)
+        names = sorted(node.entries())
+        if path == "/" and "manifest" in names:  # copy tools that keep readdir order copy it last
+            names.remove("manifest")
+            names.append("manifest")
+        return [".", ".."] + names
+
+    @_boundary
+    def open(self, path, fi):
+        node = self._node(path)
+        if isinstance(node, tree.Dir):
+            raise fuse.FuseOSError(errno.EISDIR)
+        writing = (fi.flags & os.O_ACCMODE) != os.O_RDONLY
+        if writing and not isinstance(node, Control):
+            raise fuse.FuseOSError(errno.EROFS)
+        snapshot = node.content() if isinstance(node, tree.File) else None
+        with self._lock:
+            fh, self._next_fh = self._next_fh, self._next_fh + 1
+            self._handles[fh] = (node, snapshot)
+        fi.fh = fh
+        fi.direct_io = 1
+        return 0
+
+    @_boundary
+    def read(self, path, size, offset, fi):
+        node, snapshot = self._handles[fi.fh]
+        if snapshot is not None:
+            return snapshot[offset:offset + size]
+        return node.read(offset, size)
+
+    @_boundary
+    def write(self, path, data, offset, fi):
+        node, _ = self._handles[fi.fh]
+        if not isinstance(node, Control):
+            raise fuse.FuseOSError(errno.EROFS)
+        node.write(data)
+        return len(data)
+
+    @_boundary
+    def truncate(self, path, length, fh=None):
+        if not isinstance(self._node(path), Control):
+            raise fuse.FuseOSError(errno.EROFS)
+        return 0
+
+    @_boundary
+    def release(self, path, fi):
+        with self._lock:
+            self._handles.pop(fi.fh, None)
+        return 0
+
+    @_boundary
+    def statfs(self, path):
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,
+                "f_files": 0, "f_ffree": 0, "f_namemax": 255}
+
+
+def serve(ops: fuse.Operations, mountpoint: str, *, foreground: bool = True, **options) -> None:
+    """Mount and serve until unmounted. libfuse3 (1 MiB requests with direct_io)."""
+    fuse.FUSE(ops, mountpoint, foreground=foreground, raw_fi=True, nothreads=False,
+              fsname="ckptfs", subtype="ckptfs", default_permissions=True, **options)
