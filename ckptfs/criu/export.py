@@ -1,0 +1,240 @@
+"""Write a CRIU 4.2-restorable image directory from any model.Source.
+
+What CRIU's restore insists on (criu-image-format.md §5.1, §5.2) is enforced here rather than
+trusted: `tc` only in leaders' cores, timers/rlimits/62 sigactions/creds present, inventory
+root_ids that differ from every task's kernel-object ids while sharing the namespaces we do
+not dump. Memory streams from the source into pages-N.img in bounded chunks.
+"""
+from __future__ import annotations
+
+import os
+
+from .. import pb
+from ..errors import BadImage
+from ..flags import SIGACTION_SIGNALS, VMA_STATUS
+from ..model import PAGE_SIZE
+from .framing import PE_PRESENT, write_image
+
+KOBJ_IDS = ("vm_id", "files_id", "fs_id", "sighand_id")
+NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
+# Namespaces a restore may create from what we write: only UTS (utsns-<id>.img) for now.
+# A task in another kind of own namespace is exported as sharing CRIU's (restore would
+# otherwise look for mountpoints-/netns-/... images we cannot produce).
+EXPORTED_OWN_NS = ("uts",)
+FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
+NOT_FILE_MAP = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_SYSVIPC"]
+COPY_CHUNK = 1 << 20        # bytes of memory held at once while writing pages
+
+
+def export(source, out_dir) -> None:
+    """Write every image of `source` into `out_dir` (created if needed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    _Export(source, str(out_dir)).run()
+
+
+class _Export:
+    def __init__(self, source, out: str):
+        self.src, self.out = source, out
+        self.pstree = list(source.pstree())
+        if not self.pstree:
+            raise BadImage("the source has no processes", path=self.path("pstree.img"),
+                           step="export")
+        self.root = self.pstree[0].pid
+        self.ids = {e.pid: source.ids(e.pid) for e in self.pstree}
+        self.mms = {e.pid: source.mm(e.pid) for e in self.pstree}
+        self.fss = {e.pid: source.fs(e.pid) for e in self.pstree}
+        self.iso = source.isolation()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def img(self, name: str, kind: str, messages, extras=None) -> None:
+        write_image(self.path(name), kind, messages, extras)
+
+    def run(self) -> None:
+        cores = self.cores()
+        self.img("inventory.img", "INVENTORY", [self.inventory(cores)])
+        self.img("pstree.img", "PSTREE", self.pstree)
+        for tid, core in cores.items():
+            self.img(f"core-{tid}.img", "CORE", [core])
+        for pid in self.ids:
+            self.img(f"ids-{pid}.img", "IDS", [self.ids[pid]])
+            self.img(f"mm-{pid}.img", "MM", [self.mms[pid]])
+            self.img(f"fs-{pid}.img", "FS", [self.fss[pid]])
+        files = self.files(self.fdinfos())
+        self.img("files.img", "FILES", [files[i] for i in sorted(files)])
+        for pages_id, pid in enumerate(self.ids, start=1):
+            self.memory(pid, pages_id)
+        self.pipes(files)
+        self.utsns()
+        self.img("seccomp.img", "SECCOMP", [pb.seccomp_entry()])
+
+    # -- tasks ----------------------------------------------------------------------------
+    def cores(self) -> dict:
+        out = {}
+        for e in self.pstree:
+            for tid in e.threads:
+                out[tid] = self.core(e.pid, tid)
+        return out
+
+    def core(self, pid: int, tid: int):
+        core = pb.core_entry()
+        core.CopyFrom(self.src.core(tid))
+        where = self.path(f"core-{tid}.img")
+        if tid != pid:
+            core.ClearField("tc")
+        elif not core.HasField("tc"):
+            raise BadImage(f"leader {pid} has no task_core (tc)", path=where, step="export")
+        else:
+            _complete_tc(core.tc, where)
+        if not core.thread_core.HasField("creds"):
+            raise BadImage(f"thread {tid} has no creds", path=where, step="export")
+        return core
+
+    def inventory(self, cores):
+        inv = pb.inventory_entry(img_version=2, fdinfo_per_id=True, ns_per_id=True,
+                                 lsmtype=pb.NO_LSM, network_lock_method=0)
+        inv.root_ids.CopyFrom(self.root_ids())
+        root_core = cores[self.root]
+        cg_set = (root_core.thread_core.cg_set if root_core.thread_core.HasField("cg_set")
+                  else root_core.tc.cg_set if root_core.tc.HasField("cg_set") else 0)
+        if cg_set:
+            # No cgroup.img: "the tasks' set is CRIU's own", so restore keeps its cgroups.
+            inv.root_cg_set = cg_set
+        return inv
+
+    def root_ids(self):
+        """CRIU's own ids at dump time: kernel objects distinct from every task's, namespaces
+        equal to the root task's except the ones the root task owns (and we can restore)."""
+        task = self.ids[self.root]
+        root = pb.task_kobj_ids_entry()
+        for field in KOBJ_IDS:
+            used = {getattr(i, field) for i in self.ids.values()}
+            setattr(root, field, min(set(range(1, len(used) + 2)) - used))
+        ns_used = [getattr(i, f"{k}_ns_id") for i in self.ids.values() for k in NS_KINDS]
+        fresh = max(ns_used, default=0) + 1
+        for kind in NS_KINDS:
+            field = f"{kind}_ns_id"
+            if not task.HasField(field):
+                continue
+            if kind in self.iso.own_namespaces and kind in EXPORTED_OWN_NS:
+                setattr(root, field, fresh)
+                fresh += 1
+            else:
+                setattr(root, field, getattr(task, field))
+        return root
+
+    # -- files ----------------------------------------------------------------------------
+    def fdinfos(self) -> dict:
+        """fdinfo-<files_id>.img, one per fd table (tasks sharing a table share the image)."""
+        tables = {}
+        for pid, ids in self.ids.items():
+            if ids.files_id not in tables:
+                tables[ids.files_id] = list(self.src.fdinfo(pid))
+                self.img(f"fdinfo-{ids.files_id}.img", "FDINFO", tables[ids.files_id])
+        return tables
+
+    def files(self, tables) -> dict:
+        wanted = {fd.id for fds in tables.values() for fd in fds}
+        for pid, mm in self.mms.items():
+            wanted.add(mm.exe_file_id)
+            wanted |= {v.shmid for v in mm.vmas if v.status & FILE_MAP and
+                       not v.status & NOT_FILE_MAP}
+            wanted |= {self.fss[pid].cwd_id, self.fss[pid].root_id}
+        files, todo = {}, sorted(wanted)
+        while todo:
+            fid = todo.pop()
+            if fid in files:
+                continue
+            files[fid] = self.src.file(fid)
+            _check_file(files[fid], fid, self.path("files.img"))
+            todo += _nested_file_ids(files[fid])
+        return files
+
+    def pipes(self, files) -> None:
+        for kind, sub, name in (("PIPES_DATA", "pipe", "pipes-data.img"),
+                                ("FIFO_DATA", "fifo", "fifo-data.img")):
+            ids = sorted({getattr(f, sub).pipe_id for f in files.values() if f.HasField(sub)})
+            entries, extras = [], []
+            for pipe_id in ids:
+                data = self.src.pipe_data(pipe_id)
+                if data:
+                    entries.append(pb.pipe_data_entry(pipe_id=pipe_id, bytes=len(data)))
+                    extras.append(data)
+            if entries or sub == "pipe":
+                self.img(name, kind, entries, extras)
+
+    def utsns(self) -> None:
+        task = self.ids[self.root]
+        if self.iso.hostname is None or not task.HasField("uts_ns_id"):
+            return
+        uts = pb.utsns_entry(nodename=self.iso.hostname,
+                             domainname=self.iso.domainname or "(none)")
+        self.img(f"utsns-{task.uts_ns_id}.img", "UTSNS", [uts])
+
+    # -- memory ---------------------------------------------------------------------------
+    def memory(self, pid: int, pages_id: int) -> None:
+        """pagemap-<pid>.img and pages-<pages_id>.img, the data streamed chunk by chunk."""
+        entries = [pb.pagemap_head(pages_id=pages_id)]
+        pages_path = self.path(f"pages-{pages_id}.img")
+        with open(pages_path + ".tmp", "wb") as pages:
+            for vma in self.mms[pid].vmas:
+                for r in sorted(self.src.page_ranges(pid, vma), key=lambda r: r.start):
+                    _check_range(r, vma, pages_path)
+                    entries.append(pb.pagemap_entry(vaddr=r.start, compat_nr_pages=r.nr_pages,
+                                                    flags=PE_PRESENT, nr_pages=r.nr_pages))
+                    self.copy(pid, r.start, r.end, pages, pages_path)
+        os.replace(pages_path + ".tmp", pages_path)
+        self.img(f"pagemap-{pid}.img", "PAGEMAP", entries)
+
+    def copy(self, pid, start, end, out, where) -> None:
+        for addr in range(start, end, COPY_CHUNK):
+            size = min(COPY_CHUNK, end - addr)
+            data = self.src.read_memory(pid, addr, size)
+            if len(data) != size:
+                raise BadImage(f"pid {pid}: read {len(data)} of {size} bytes at {addr:#x}",
+                               path=where, step="export")
+            out.write(data)
+
+
+def _complete_tc(tc, where) -> None:
+    """Fill what restore needs but a source may leave at its neutral value; refuse the rest."""
+    if not tc.HasField("timers"):
+        for t in (tc.timers.real, tc.timers.virt, tc.timers.prof):
+            t.SetInParent()
+    if not tc.sigactions:
+        for _ in SIGACTION_SIGNALS:
+            tc.sigactions.add(sigaction=0, flags=0, restorer=0, mask=0)
+    if len(tc.sigactions) != len(SIGACTION_SIGNALS):
+        raise BadImage(f"{len(tc.sigactions)} sigactions, CRIU wants exactly "
+                       f"{len(SIGACTION_SIGNALS)}", path=where, step="export")
+    if not tc.HasField("rlimits") or not tc.rlimits.rlimits:
+        raise BadImage("task_core has no rlimits", path=where, step="export")
+
+
+def _check_file(f, fid: int, where) -> None:
+    sub = _file_sub(f)
+    if f.id != fid or sub is None or getattr(f, sub).id != fid:
+        raise BadImage(f"file entry for id {fid} is inconsistent (id {f.id}, "
+                       f"{sub or 'no'} sub-message)", path=where, step="export")
+
+
+def _file_sub(f):
+    """Name of the one sub-message set in a file_entry, None if none (or unknown to us)."""
+    subs = [d.name for d, _ in f.ListFields() if d.message_type is not None]
+    return subs[0] if len(subs) == 1 else None
+
+
+def _nested_file_ids(f) -> list[int]:
+    """Files a file entry refers to (the REG entry naming a fifo or tty)."""
+    refs = []
+    for sub in ("fifo", "tty"):
+        if f.HasField(sub) and getattr(f, sub).HasField("regf_id"):
+            refs.append(getattr(f, sub).regf_id)
+    return refs
+
+
+def _check_range(r, vma, where) -> None:
+    if r.start % PAGE_SIZE or r.end % PAGE_SIZE or not vma.start <= r.start < r.end <= vma.end:
+        raise BadImage(f"page range {r.start:#x}-{r.end:#x} outside or misaligned in VMA "
+                       f"{vma.start:#x}-{vma.end:#x}", path=where, step="export")

@@ -1,0 +1,283 @@
+"""ImageSource: a CRIU image directory (ours or CRIU's own) as a model.Source.
+
+Images are read lazily and cached (a directory does not change under us). Memory is served
+from pages-<pages_id>.img with pread at the offsets the pagemap implies; pages the pagemap
+marks PE_PARENT come from the `parent` directory (CRIU's incremental dumps), recursively.
+
+Missing files follow CRIU's restore: an absent optional image (fdinfo, pipes-data, fifo-data,
+utsns, cgroup, seccomp ...) reads as empty; an absent required one (inventory, pstree, core,
+mm, fs, files, pagemap of a task with memory) is BadImage naming the file.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+
+from .. import model, pb
+from ..errors import BadImage
+from ..flags import VMA_STATUS
+from ..model import PAGE_SIZE, PageRange
+from .framing import PE_PARENT, PE_PRESENT, read_image
+
+NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
+FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
+
+
+def entry_pages(e) -> int:
+    """Page count of a pagemap entry: nr_pages (4.2) when present, else the old field."""
+    return e.nr_pages if e.HasField("nr_pages") else e.compat_nr_pages
+
+
+def entry_flags(e) -> int:
+    """Flags of a pagemap entry; images older than the flags field use in_parent."""
+    if e.HasField("flags"):
+        return e.flags
+    return PE_PARENT if e.in_parent else PE_PRESENT
+
+
+class ImageSource(model.Source):
+    frozen = True
+
+    def __init__(self, directory):
+        self.dir = os.fspath(directory)
+        if not os.path.isdir(self.dir):
+            raise BadImage("not a directory", path=self.dir, step="open images")
+        self._images: dict[str, tuple] = {}
+        self._fds: dict[int, int] = {}
+        self._pages: dict[int, list] = {}      # pid -> page index
+        self._pages_id: dict[int, int] = {}   # pid -> pages_id of its pagemap
+        self._parent: ImageSource | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def image(self, name: str, kind: str, *, required: bool) -> tuple[list, list]:
+        """(messages, extras) of one image; a missing optional image is empty."""
+        if name not in self._images:
+            p = self.path(name)
+            if not os.path.exists(p):
+                if required:
+                    raise BadImage("required image is missing", path=p, step="read images")
+                self._images[name] = ([], [])
+            else:
+                got, msgs, extras = read_image(p)
+                if got != kind:
+                    raise BadImage(f"holds a {got} image, expected {kind}", path=p,
+                                   step="read images")
+                self._images[name] = (msgs, extras)
+        return self._images[name]
+
+    def single(self, name: str, kind: str):
+        msgs, _ = self.image(name, kind, required=True)
+        if len(msgs) != 1:
+            raise BadImage(f"holds {len(msgs)} entries, expected one", path=self.path(name),
+                           step="read images")
+        return msgs[0]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._parent:
+            self._parent.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- model.Source ---------------------------------------------------------------------
+    def inventory(self):
+        return self.single("inventory.img", "INVENTORY")
+
+    def meta(self) -> model.Meta:
+        core = self.core(self.pstree()[0].pid)
+        xsave = core.thread_info.fpregs.xsave
+        uts = self._utsns()
+        return model.Meta(arch=pb.core_entry.march.Name(core.mtype).lower(),
+                          hostname=uts.nodename if uts else "",
+                          xfeatures=xsave.xstate_bv if xsave.HasField("xstate_bv") else 0)
+
+    def pstree(self) -> list:
+        return list(self.image("pstree.img", "PSTREE", required=True)[0])
+
+    def core(self, tid: int):
+        return self.single(f"core-{tid}.img", "CORE")
+
+    def ids(self, pid: int):
+        if os.path.exists(self.path(f"ids-{pid}.img")):
+            return self.single(f"ids-{pid}.img", "IDS")
+        core = self.core(pid)          # images before ids-<pid>.img kept them in the core
+        if core.HasField("ids"):
+            return core.ids
+        raise BadImage(f"no ids for task {pid}", path=self.path(f"ids-{pid}.img"),
+                       step="read images")
+
+    def mm(self, pid: int):
+        return self.single(f"mm-{pid}.img", "MM")
+
+    def fs(self, pid: int):
+        return self.single(f"fs-{pid}.img", "FS")
+
+    def fdinfo(self, pid: int) -> list:
+        name = f"fdinfo-{self.ids(pid).files_id}.img"
+        return sorted(self.image(name, "FDINFO", required=False)[0], key=lambda e: e.fd)
+
+    def file(self, file_id: int):
+        index = self._index("files.img", "FILES", lambda f: f.id)
+        if file_id not in index:
+            raise BadImage(f"no file entry with id {file_id}", path=self.path("files.img"),
+                           step="read images")
+        return index[file_id]
+
+    def pipe_data(self, pipe_id: int) -> bytes:
+        for name, kind in (("pipes-data.img", "PIPES_DATA"), ("fifo-data.img", "FIFO_DATA")):
+            msgs, extras = self.image(name, kind, required=False)
+            for msg, data in zip(msgs, extras):
+                if msg.pipe_id == pipe_id:
+                    return bytes(data)
+        return b""
+
+    def page_ranges(self, pid: int, vma) -> list[PageRange]:
+        out = []
+        for start, end, _flags, _off in self._page_index(pid):
+            lo, hi = max(start, vma.start), min(end, vma.end)
+            if lo < hi:
+                out.append(PageRange(lo, hi))
+        return out
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        index = self._page_index(pid)
+        starts = [e[0] for e in index]
+        out, pos, end = [], addr, addr + size
+        while pos < end:
+            i = bisect.bisect_right(starts, pos) - 1
+            if i >= 0 and pos < index[i][1]:
+                start, stop, flags, off = index[i]
+                n = min(stop, end) - pos
+                out.append(self._pages_data(pid, flags, off + pos - start, pos, n))
+            else:
+                nxt = starts[i + 1] if i + 1 < len(starts) else end
+                n = min(nxt, end) - pos
+                out.append(self._unsaved(pid, pos, n))
+            pos += n
+        return b"".join(out)
+
+    def isolation(self) -> model.Isolation:
+        root_pid = self.pstree()[0].pid
+        task, host = self.ids(root_pid), self.inventory().root_ids
+        present = [k for k in NS_KINDS if task.HasField(f"{k}_ns_id")]
+        uts = self._utsns()
+        return model.Isolation(
+            hostname=uts.nodename if uts else None,
+            domainname=uts.domainname if uts else None,
+            namespaces={k: getattr(task, f"{k}_ns_id") for k in present},
+            own_namespaces=tuple(k for k in present if host.HasField(f"{k}_ns_id")
+                                 and getattr(task, f"{k}_ns_id") != getattr(host, f"{k}_ns_id")),
+            cgroup=self._cgroup_path(root_pid))
+
+    # -- helpers --------------------------------------------------------------------------
+    def _index(self, name, kind, key) -> dict:
+        cache_key = f"{name}#index"
+        if cache_key not in self._images:
+            self._images[cache_key] = {key(m): m for m in self.image(name, kind, required=True)[0]}
+        return self._images[cache_key]
+
+    def _utsns(self):
+        ids = self.ids(self.pstree()[0].pid)
+        if not ids.HasField("uts_ns_id"):
+            return None
+        msgs, _ = self.image(f"utsns-{ids.uts_ns_id}.img", "UTSNS", required=False)
+        return msgs[0] if msgs else None
+
+    def _cgroup_path(self, pid: int) -> str | None:
+        sets, _ = self.image("cgroup.img", "CGROUP", required=False)
+        core = self.core(pid)
+        set_id = (core.thread_core.cg_set if core.thread_core.HasField("cg_set")
+                  else core.tc.cg_set if core.tc.HasField("cg_set") else None)
+        if not sets or set_id is None:
+            return None
+        for s in sets[0].sets:
+            if s.id == set_id:
+                members = {m.name: m.path for m in s.ctls}
+                # FORMAT.md: the v2 path; on v1 the memory controller's path.
+                for name in ("", "memory"):
+                    if name in members:
+                        return members[name]
+                for name, path in members.items():
+                    if "memory" in name.split(","):
+                        return path
+                return None
+        raise BadImage(f"task {pid} uses cgroup set {set_id}, which is not in the image",
+                       path=self.path("cgroup.img"), step="read images")
+
+    def _page_index(self, pid: int) -> list:
+        """[(start, end, flags, offset in pages file)] of the entries that carry data."""
+        if pid in self._pages:
+            return self._pages[pid]
+        name = f"pagemap-{pid}.img"
+        msgs, _ = self.image(name, "PAGEMAP", required=False)
+        index, off = [], 0
+        for e in msgs[1:]:
+            n, flags = entry_pages(e), entry_flags(e)
+            if flags & PE_PRESENT:
+                index.append((e.vaddr, e.vaddr + n * PAGE_SIZE, PE_PRESENT, off))
+                off += n * PAGE_SIZE
+            elif flags & PE_PARENT:
+                index.append((e.vaddr, e.vaddr + n * PAGE_SIZE, PE_PARENT, 0))
+        index.sort()
+        for a, b in zip(index, index[1:]):
+            if a[1] > b[0]:
+                raise BadImage(f"pagemap entries overlap at {b[0]:#x}", path=self.path(name),
+                               step="read images")
+        self._pages[pid] = index
+        self._pages_id[pid] = msgs[0].pages_id if msgs else None
+        return index
+
+    def _pages_data(self, pid: int, flags: int, off: int, addr: int, n: int) -> bytes:
+        if flags == PE_PARENT:
+            return self._parent_source().read_memory(pid, addr, n)
+        name = f"pages-{self._pages_id[pid]}.img"
+        fd = self._fds.get(self._pages_id[pid])
+        if fd is None:
+            try:
+                fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise BadImage("pages image missing", path=self.path(name),
+                               step="read memory") from None
+            self._fds[self._pages_id[pid]] = fd
+        data = os.pread(fd, n, off)
+        if len(data) != n:
+            raise BadImage(f"truncated: {n} bytes wanted at offset {off}, got {len(data)}",
+                           path=self.path(name), step="read memory")
+        return data
+
+    def _parent_source(self) -> "ImageSource":
+        if self._parent is None:
+            p = self.path("parent")
+            if not os.path.isdir(p):
+                raise BadImage("pagemap has PE_PARENT pages but there is no parent directory",
+                               path=p, step="read memory")
+            self._parent = ImageSource(os.path.realpath(p))
+        return self._parent
+
+    def _unsaved(self, pid: int, addr: int, n: int) -> bytes:
+        """Memory the image does not hold: file content for file maps, zeros otherwise."""
+        for vma in self.mm(pid).vmas:
+            if vma.start <= addr < vma.end and vma.status & FILE_MAP:
+                data = self._file_bytes(vma.shmid, vma.pgoff + addr - vma.start, n)
+                return data + bytes(n - len(data))
+        return bytes(n)
+
+    def _file_bytes(self, file_id: int, off: int, n: int) -> bytes:
+        f = self.file(file_id)
+        if not f.HasField("reg"):
+            return b""
+        try:
+            with open(f.reg.name, "rb") as fh:
+                fh.seek(off)
+                return fh.read(n)
+        except FileNotFoundError:
+            return b""        # the file is not here (another machine): zeros, as for anon
