@@ -1,0 +1,690 @@
+"""The write side's core, FUSE-free: jobs staged in a store, the completion rule, restore once.
+
+Store layout (`ckptfs target --store DIR`, default /var/lib/ckptfs):
+
+    DIR/jobs/<job>/...      the job trees, plain files: the mount passes every request through
+                            to them (the FUSE file handle is the real fd), so a killed daemon
+                            loses nothing and a restarted one finds the jobs again
+    DIR/state/<job>.json    what must survive the daemon: restore attempted, restored, pids
+    DIR/state/<job>.status  the job's status line (also readable as MOUNT/<job>/status)
+    DIR/log                 the daemon's log
+
+Each top-level directory of the mount is one job. `<job>/ctl` and `<job>/status` are the job's
+own control files (docs/FORMAT.md "Top level"): a copied-in ctl or status (written by cp, or an
+rsync temp file renamed over it) is accepted and discarded; only the words `restore` and
+`abort` written to ctl act.
+
+A copy that makes the job directory itself (`cp -a SRC MNT/job`) then creates `ctl` and
+`status` with O_EXCL, and `tar -x` unlinks an existing file and creates it again: so the process
+that made a job, or that unlinked one of its control files, does not see that control file
+until it creates it (which is then accepted and discarded). Every other process sees both.
+
+Completion (class Completion, shared with `ckptfs watch`): after a written file is closed or a
+rename, a job is checked once no writer has it open and nothing happened for `debounce`
+seconds, in one worker thread, never inside a FUSE request. The check reads the store
+directly: the manifest must be frozen and every listed file present under its final name with
+its size and checksum (manifest.check). A complete job restores (unless auto is off: then on
+`restore` written to ctl), at most once: the attempt is persisted before restore runs.
+
+TargetCore methods take mount paths ("/job/tasks/1/comm") and raise OSError (errno kept) or
+errors.CkptError; the FUSE adapter (targetfs.py) maps those to errnos at one boundary.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import manifest
+from .errors import CkptError
+
+log = logging.getLogger("ckptfs.target")
+
+DEFAULT_STORE = "/var/lib/ckptfs"
+DEBOUNCE = 0.2
+VIRTUAL = ("ctl", "status")
+COMMANDS = ("restore", "abort")
+VIRTUAL_FH = 1 << 40            # virtual handles live far above any real fd
+MAX_PROBLEMS_SHOWN = 3
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _err(code: int, what: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)}: {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion: jobs, persisted state, debounced checks, restore once
+
+@dataclass
+class Job:
+    name: str
+    tree: str
+    state: dict = field(default_factory=dict)   # persisted: attempted, restored, aborted, pids
+    status: str = "waiting: nothing copied yet"
+    gen: int = 0           # bumped by every change to the tree
+    writers: int = 0       # handles open for writing
+    due: float | None = None
+    wanted: bool = False   # `restore` written to ctl
+    gone: bool = False
+
+
+def _default_restore():
+    from .restore import restore   # built by another module; may not exist yet
+    return restore
+
+
+class Completion:
+    """Decides when a job's tree is complete and restores it, once, in one worker thread.
+
+    restore(tree_dir, **restore_opts) -> object with .pids {old: new}; raises CkptError on
+    failure. None means ckptfs.restore.restore, imported when first needed. on_status is called
+    (job name, status) after every status change, outside the lock."""
+
+    def __init__(self, state_dir: str, *, auto: bool = True, restore=None,
+                 restore_opts: dict | None = None, debounce: float = DEBOUNCE):
+        self.state_dir, self.auto, self.debounce = state_dir, auto, debounce
+        self._restore, self._opts = restore, dict(restore_opts or {})
+        self._cond = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+
+    # -- bookkeeping, called from FUSE requests or the watcher: cheap, never blocking on I/O
+
+    def add(self, name: str, tree: str) -> Job:
+        """Know job `name` (its tree at `tree`); loads its persisted state and schedules a check."""
+        job = Job(name, tree, state=self._load_state(name))
+        if job.state.get("restored"):
+            job.status = f"restored pid={job.state.get('root_pid')}"
+        elif job.state.get("status", "").startswith("failed:"):
+            job.status = job.state["status"]
+        elif job.state.get("attempted"):
+            job.status = "failed: daemon stopped while restoring; not retried"
+        with self._cond:
+            self._jobs[name] = job
+        self.poke(name)
+        return job
+
+    def forget(self, name: str) -> None:
+        """The job's tree was removed: drop the job and its state files."""
+        with self._cond:
+            job = self._jobs.pop(name, None)
+            if job:
+                job.gone = True
+        for ext in (".json", ".status"):
+            try:
+                os.unlink(self._state_path(name, ext))
+            except FileNotFoundError:
+                pass
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return sorted(self._jobs)
+
+    def status(self, name: str) -> str:
+        return self._get(name).status
+
+    def touch(self, name: str) -> None:
+        """The tree is about to change; refused (EBUSY) while the job is being restored."""
+        with self._cond:
+            job = self._get(name)
+            if job.status == "restoring":
+                raise _err(errno.EBUSY, f"job {name} is being restored")
+            job.gen += 1
+
+    def writer(self, name: str, delta: int) -> None:
+        """A handle open for writing was opened (+1) or closed (-1)."""
+        with self._cond:
+            job = self._jobs.get(name)
+            if job:
+                job.writers += delta
+                job.gen += 1
+        if delta < 0:
+            self.poke(name)
+
+    def poke(self, name: str) -> None:
+        """Something that may complete the tree happened: check it after the quiet period."""
+        with self._cond:
+            job = self._jobs.get(name)
+            if job:
+                job.due = time.monotonic() + self.debounce
+                self._cond.notify()
+
+    def command(self, name: str, word: str) -> None:
+        """`restore` or `abort` written to the job's ctl. Raises OSError EINVAL/EBUSY."""
+        if word not in COMMANDS:
+            raise _err(errno.EINVAL, f"{name}/ctl: unknown command {word!r:.40} "
+                                     f"(want {' or '.join(COMMANDS)})")
+        with self._cond:
+            job = self._get(name)
+            if job.state.get("restored") or job.status == "restoring":
+                raise _err(errno.EBUSY, f"{name}/ctl: {word}: job is {job.status}")
+            job.wanted = word == "restore"
+        if word == "abort":
+            job.state["aborted"] = True
+            self._save(job)
+            self._set(job, "failed: aborted (write restore to ctl to try again)")
+        else:
+            job.state["aborted"] = False
+            self._save(job)
+            self.poke(name)
+
+    # -- the worker
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ckptfs-completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (due := self._next_due()) is not None:
+            for job in due:
+                try:
+                    self._examine(job)
+                except Exception as e:   # the worker must outlive any one job
+                    log.exception("job %s: check failed", job.name)
+                    self._set(job, f"failed: internal error: {type(e).__name__}: {e}")
+
+    def _next_due(self) -> list[Job] | None:
+        """Wait for jobs whose quiet period is over and that nobody writes; None = stop."""
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                waiting = [j for j in self._jobs.values() if j.due is not None and not j.writers]
+                due = [j for j in waiting if j.due <= now]
+                if due:
+                    for j in due:
+                        j.due = None
+                    return due
+                nxt = min((j.due for j in waiting), default=None)
+                self._cond.wait(None if nxt is None else nxt - now)
+            return None
+
+    def _examine(self, job: Job) -> None:
+        st = job.state
+        if job.gone or st.get("restored") or ((st.get("attempted") or st.get("aborted"))
+                                               and not job.wanted):
+            return
+        gen = job.gen
+        self._set(job, "verifying")
+        doc, problems = self._verify(job)
+        with self._cond:
+            if job.gen != gen or job.writers:
+                changed = True
+            else:
+                changed = False
+                go = not problems and (self.auto or job.wanted)
+                if go:
+                    job.status = "restoring"   # from here on, touch() refuses changes
+        if changed:
+            self._set(job, "waiting: copy in progress")
+        elif problems:
+            self._set(job, "waiting: " + _summary(problems))
+        elif not go:
+            self._set(job, "waiting: complete; write restore to ctl")
+        else:
+            self._restore_job(job, doc)
+
+    def _verify(self, job: Job) -> tuple[dict | None, list[str]]:
+        path = os.path.join(job.tree, "manifest")
+        if not os.path.lexists(path):
+            return None, ["manifest missing"]
+        try:
+            doc = manifest.load(path)
+        except CkptError as e:
+            return None, [f"manifest refused: {e}"]
+        return doc, manifest.check(job.tree, doc)
+
+    def _restore_job(self, job: Job, doc: dict) -> None:
+        job.wanted = False
+        job.state.update(attempted=True, status="restoring")
+        self._save(job)          # at most once, even if we die inside restore
+        self._set(job, "restoring")
+        try:
+            result = self._call_restore(job)
+        except CkptError as e:
+            return self._fail(job, str(e))
+        except Exception as e:
+            log.exception("job %s: restore raised", job.name)
+            return self._fail(job, f"{type(e).__name__}: {e}")
+        pids = {int(k): int(v) for k, v in dict(result.pids).items()}
+        root = pids.get(doc["root"], next(iter(pids.values()), None))
+        job.state.update(restored=True, pids=pids, root_pid=root, status=f"restored pid={root}")
+        self._save(job)
+        self._set(job, f"restored pid={root}")
+        log.info("job %s: restored, pids %s", job.name, pids)
+
+    def _call_restore(self, job: Job):
+        fn = self._restore
+        if fn is None:
+            try:
+                fn = _default_restore()
+            except ImportError as e:
+                raise CkptError(f"restore not available: {e}") from None
+        return fn(job.tree, **self._opts)
+
+    def _fail(self, job: Job, reason: str) -> None:
+        status = f"failed: {reason}".replace("\n", " ")
+        job.state["status"] = status
+        self._save(job)
+        self._set(job, status)
+        log.warning("job %s: %s", job.name, status)
+
+    # -- state files
+
+    def _get(self, name: str) -> Job:
+        job = self._jobs.get(name)
+        if job is None:
+            raise _err(errno.ENOENT, f"no job {name}")
+        return job
+
+    def _set(self, job: Job, status: str) -> None:
+        with self._cond:
+            if job.gone:
+                return
+            job.status = status
+        _write_atomic(self._state_path(job.name, ".status"), (status + "\n").encode(), sync=False)
+
+    def _state_path(self, name: str, ext: str) -> str:
+        return os.path.join(self.state_dir, name + ext)
+
+    def _load_state(self, name: str) -> dict:
+        path = self._state_path(name, ".json")
+        try:
+            with open(path, "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            # a state file we cannot read might hide a restore: never restore this job again
+            log.error("%s: unreadable (%s); job will not restore automatically", path, e)
+            return {"attempted": True, "status": f"failed: state file unreadable: {path}"}
+
+    def _save(self, job: Job) -> None:
+        if not job.gone:
+            data = json.dumps(job.state, sort_keys=True).encode()
+            _write_atomic(self._state_path(job.name, ".json"), data, sync=True)
+
+
+def _summary(problems: list[str]) -> str:
+    shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _write_atomic(path: str, data: bytes, *, sync: bool) -> None:
+    tmp = f"{path}.tmp{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# TargetCore: the mount's operations on the store
+
+@dataclass
+class Handle:
+    job: str
+    fd: int | None = None          # real file
+    writing: bool = False
+    key: tuple | None = None       # (st_dev, st_ino) while open for writing
+    name: str | None = None        # virtual: "ctl" or "status"
+    text: bytes = b""              # virtual: status snapshot (read) or pending ctl input
+
+
+class TargetCore:
+    """Path operations of the target mount, applied to DIR/jobs (see the module docstring)."""
+
+    def __init__(self, store: str = DEFAULT_STORE, *, auto: bool = True, restore=None,
+                 restore_opts: dict | None = None, debounce: float = DEBOUNCE, caller=None):
+        """caller() -> pid of the process making the current request (0 if unknown)."""
+        self.store = os.path.abspath(store)
+        self.caller = caller or (lambda: 0)
+        self._hidden: set[tuple[str, str, int]] = set()   # (job, control file, pid)
+        self.jobs_dir = os.path.join(self.store, "jobs")
+        os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
+        self.completion = Completion(os.path.join(self.store, "state"), auto=auto,
+                                     restore=restore, restore_opts=restore_opts,
+                                     debounce=debounce)
+        self._lock = threading.Lock()
+        self._handles: dict[int, Handle] = {}
+        self._writing: dict[tuple, int] = {}
+        self._vfh = itertools.count(VIRTUAL_FH)
+        for name in sorted(os.listdir(self.jobs_dir)):
+            if os.path.isdir(os.path.join(self.jobs_dir, name)):
+                self.completion.add(name, os.path.join(self.jobs_dir, name))
+
+    def start(self) -> None:
+        self.completion.start()
+
+    def stop(self) -> None:
+        self.completion.stop()
+
+    # -- paths
+
+    @staticmethod
+    def split(path: str) -> tuple[str | None, str]:
+        """'/job/a/b' -> ('job', 'a/b'); '/job' -> ('job', ''); '/' -> (None, '')."""
+        parts = path.strip("/").split("/", 1)
+        if not parts[0]:
+            return None, ""
+        return parts[0], parts[1] if len(parts) > 1 else ""
+
+    def real(self, path: str) -> str:
+        job, rel = self.split(path)
+        return os.path.join(self.jobs_dir, job, rel) if job else self.jobs_dir
+
+    def _inside(self, path: str, what: str) -> tuple[str, str]:
+        """(job, rel) of a path that must lie inside a job (not the top level, not virtual)."""
+        job, rel = self.split(path)
+        if job is None or not rel:
+            raise _err(errno.EPERM, f"{what} {path}: only directories (jobs) at the top level")
+        if rel in VIRTUAL:
+            raise _err(errno.EPERM, f"{what} {path}: the job's own control file")
+        return job, rel
+
+    # -- control files hidden from the process copying them in (see the module docstring)
+
+    def _hide(self, job: str, names: tuple[str, ...]) -> None:
+        pid = self.caller()
+        with self._lock:
+            if len(self._hidden) > 256:
+                self._hidden = {h for h in self._hidden if os.path.exists(f"/proc/{h[2]}")}
+            self._hidden.update((job, n, pid) for n in names)
+
+    def _unhide(self, job: str, name: str) -> None:
+        with self._lock:
+            self._hidden.discard((job, name, self.caller()))
+        if not os.path.isdir(os.path.join(self.jobs_dir, job)):
+            raise _err(errno.ENOENT, f"{job}/{name}: no such job")
+
+    def _is_hidden(self, job: str, name: str) -> bool:
+        return (job, name, self.caller()) in self._hidden
+
+    # -- attributes and directories
+
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        job, rel = self.split(path)
+        if job and rel in VIRTUAL:
+            if fh is None and self._is_hidden(job, rel):
+                raise _err(errno.ENOENT, path)
+            return self._virtual_attr(job, rel)
+        if fh is not None and fh < VIRTUAL_FH:
+            return _stat_dict(os.fstat(fh))
+        return _stat_dict(os.lstat(self.real(path)))
+
+    def _virtual_attr(self, job: str, name: str) -> dict:
+        st = _stat_dict(os.lstat(os.path.join(self.jobs_dir, job)))
+        size = len(self._status_bytes(job)) if name == "status" else 0
+        st.update(st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=size, st_blocks=0)
+        return st
+
+    def _status_bytes(self, job: str) -> bytes:
+        return (self.completion.status(job) + "\n").encode()
+
+    def readdir(self, path: str) -> list[str]:
+        job, rel = self.split(path)
+        names = os.listdir(self.real(path))
+        if job and not rel:
+            names = [n for n in names if n not in VIRTUAL] + list(VIRTUAL)
+        return [".", ".."] + names
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self.real(path))
+
+    def statfs(self, path: str) -> dict:
+        sv = os.statvfs(self.store)
+        keys = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                "f_favail", "f_namemax")
+        return {k: getattr(sv, k) for k in keys}
+
+    def mkdir(self, path: str, mode: int) -> None:
+        job, rel = self.split(path)
+        if job is None:
+            raise _err(errno.EEXIST, path)
+        if rel in VIRTUAL:
+            raise _err(errno.EEXIST, f"{path}: the job's own control file")
+        if rel:
+            self.completion.touch(job)
+        os.mkdir(self.real(path), mode)
+        if not rel:
+            self._hide(job, VIRTUAL)
+            self.completion.add(job, self.real(path))
+            log.info("job %s: created", job)
+
+    def rmdir(self, path: str) -> None:
+        job, rel = self.split(path)
+        if job is None or rel in VIRTUAL:
+            raise _err(errno.EPERM if job is None else errno.ENOTDIR, path)
+        self.completion.touch(job)
+        os.rmdir(self.real(path))
+        if not rel:
+            self.completion.forget(job)
+            log.info("job %s: removed", job)
+
+    def chmod(self, path: str, mode: int) -> None:
+        if self._attr_target(path):
+            os.chmod(self.real(path), mode)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        if self._attr_target(path):
+            os.lchown(self.real(path), uid, gid)
+
+    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
+        if not self._attr_target(path):
+            return
+        real = self.real(path)
+        if times is None:
+            os.utime(real, follow_symlinks=False)
+            return
+        st = os.lstat(real)
+        now = time.time_ns()
+        ns = tuple(now if t == UTIME_NOW else old if t == UTIME_OMIT else t
+                   for t, old in zip(times, (st.st_atime_ns, st.st_mtime_ns)))
+        os.utime(real, ns=ns, follow_symlinks=False)
+
+    def _attr_target(self, path: str) -> bool:
+        """Whether an attribute change applies to a real file (False: a control file, ignored)."""
+        job, rel = self.split(path)
+        if job is None:
+            raise _err(errno.EPERM, "attributes of the top level")
+        if rel in VIRTUAL:
+            return False
+        self.completion.touch(job)
+        return True
+
+    # -- names
+
+    def unlink(self, path: str) -> None:
+        job, rel = self.split(path)
+        if job is None or not rel:
+            raise _err(errno.EPERM, f"unlink {path}")
+        if rel in VIRTUAL:
+            self._hide(job, (rel,))   # rm -rf of a job, tar replacing a file: gone for them
+            return
+        self.completion.touch(job)
+        os.unlink(self.real(path))
+
+    def symlink(self, path: str, target: str) -> None:
+        job, _ = self._inside(path, "symlink")
+        self.completion.touch(job)
+        os.symlink(target, self.real(path))
+
+    def link(self, path: str, source: str) -> None:
+        job, _ = self._inside(path, "link")
+        sjob, _ = self._inside(source, "link")
+        if sjob != job:
+            raise _err(errno.EXDEV, f"link {source} -> {path}: jobs are separate")
+        self.completion.touch(job)
+        os.link(self.real(source), self.real(path), follow_symlinks=False)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        job, _ = self._inside(old, "rename")
+        njob, nrel = self.split(new)
+        if njob is None or not nrel:
+            raise _err(errno.EPERM, f"rename {old} -> {new}: jobs cannot be renamed")
+        if njob != job:
+            raise _err(errno.EXDEV, f"rename {old} -> {new}: jobs are separate")
+        if flags & RENAME_EXCHANGE or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL, f"rename {old} -> {new}: flags {flags:#x} not supported")
+        self.completion.touch(job)
+        if nrel in VIRTUAL:
+            self._discard_over_control(old, new)
+            self._unhide(job, nrel)
+        else:
+            if flags & RENAME_NOREPLACE and os.path.lexists(self.real(new)):
+                raise _err(errno.EEXIST, new)
+            os.rename(self.real(old), self.real(new))
+        self.completion.poke(job)
+
+    def _discard_over_control(self, old: str, new: str) -> None:
+        """rsync renames its temp file over a copied ctl/status: accept it and drop the file."""
+        real = self.real(old)
+        if stat.S_ISDIR(os.lstat(real).st_mode):
+            raise _err(errno.EISDIR, f"rename {old} -> {new}: a directory over a control file")
+        os.unlink(real)
+
+    # -- files
+
+    def create(self, path: str, mode: int, flags: int) -> int:
+        job, rel = self.split(path)
+        if job is None or not rel:
+            raise _err(errno.EPERM, f"create {path}: only directories (jobs) at the top level")
+        if rel in VIRTUAL:
+            return self.open(path, flags)
+        flags |= os.O_CREAT
+        return self._open_real(job, path, flags, mode)
+
+    def open(self, path: str, flags: int) -> int:
+        job, rel = self.split(path)
+        if job and rel in VIRTUAL:
+            return self._open_virtual(job, rel)
+        if job is None or not rel:
+            raise _err(errno.EISDIR, path)
+        return self._open_real(job, path, flags, 0)
+
+    def _open_real(self, job: str, path: str, flags: int, mode: int) -> int:
+        writing = bool(flags & os.O_ACCMODE) or bool(flags & os.O_TRUNC)
+        if writing:
+            self.completion.touch(job)
+        fd = os.open(self.real(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        handle = Handle(job, fd=fd, writing=writing)
+        if writing:
+            st = os.fstat(fd)
+            handle.key = (st.st_dev, st.st_ino)
+            with self._lock:
+                other = handle.key in self._writing
+                if not other:
+                    self._writing[handle.key] = fd
+            if other:
+                os.close(fd)
+                log.warning("%s: refused a second writer: is the job being copied twice at once?",
+                            path)
+                raise _err(errno.EBUSY, f"{path} is already open for writing")
+            self.completion.writer(job, +1)
+        with self._lock:
+            self._handles[fd] = handle
+        return fd
+
+    def _open_virtual(self, job: str, name: str) -> int:
+        self._unhide(job, name)
+        text = self._status_bytes(job) if name == "status" else b""
+        fh = next(self._vfh)
+        with self._lock:
+            self._handles[fh] = Handle(job, name=name, text=text)
+        return fh
+
+    def is_virtual(self, fh: int) -> bool:
+        return fh >= VIRTUAL_FH
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        h = self._handle(fh)
+        if h.name is not None:
+            return h.text[offset:offset + size] if h.name == "status" else b""
+        return os.pread(fh, size, offset)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        h = self._handle(fh)
+        if h.name == "ctl":
+            self._ctl_input(h, data)
+        elif h.name is None:
+            return os.pwrite(fh, data, offset)
+        return len(data)        # a copied-in status: discarded
+
+    def _ctl_input(self, h: Handle, data: bytes) -> None:
+        """Acts on each complete line written to ctl; the rest waits for more or for flush."""
+        h.text += data
+        *lines, h.text = h.text.split(b"\n")
+        for line in lines:
+            self._ctl_word(h.job, line)
+
+    def _ctl_word(self, job: str, line: bytes) -> None:
+        word = line.decode("utf-8", "replace").strip()
+        if word:
+            self.completion.command(job, word)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        job, rel = self.split(path)
+        if (fh is not None and fh >= VIRTUAL_FH) or (job and rel in VIRTUAL):
+            return
+        if fh is not None:
+            os.ftruncate(fh, length)
+            return
+        self._inside(path, "truncate")
+        self.completion.touch(job)
+        os.truncate(self.real(path), length)
+        self.completion.poke(job)
+
+    def flush(self, fh: int) -> None:
+        h = self._handle(fh)
+        if h.name == "ctl" and h.text:
+            line, h.text = h.text, b""
+            self._ctl_word(h.job, line)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        if fh < VIRTUAL_FH:
+            (os.fdatasync if datasync else os.fsync)(fh)
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h and h.key:
+                self._writing.pop(h.key, None)
+        if h is None or h.fd is None:
+            return
+        os.close(h.fd)
+        if h.writing:
+            self.completion.writer(h.job, -1)
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise _err(errno.EBADF, f"file handle {fh}")
+        return h
+
+
+def _stat_dict(st: os.stat_result) -> dict:
+    d = {k: getattr(st, k) for k in ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid",
+                                     "st_size", "st_blocks", "st_blksize", "st_rdev")}
+    d.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+    return d

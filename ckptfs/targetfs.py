@@ -1,0 +1,293 @@
+"""`ckptfs target`: the FUSE adapter over target.TargetCore (paths in, errnos out).
+
+Every operation passes through one boundary (`_boundary`): OSError keeps its errno,
+errors.CkptError answers its class's errno, anything else is logged with its traceback and
+answers EIO. Nothing a request does can stop the daemon or unmount the mount: an
+empty-looking mount would make `rsync --delete` wipe the other side.
+
+Caching policy: real files are plain pass-through files that only this daemon changes, so
+attributes and names are cached for a second (attr_timeout, entry_timeout); a failed lookup is
+not cached (a copy creates names all the time). The job's `status` and `ctl` are opened with
+direct_io: status is a snapshot taken at open, its size is exact at getattr time.
+
+getxattr/setxattr are deliberately not implemented (libfuse answers ENOSYS, and the kernel then
+stops asking): with an ENODATA answer the kernel would ask again before every write.
+`rsync -a` and `cp -a` carry no xattrs; `rsync -X` is not supported.
+
+Usage: python -m ckptfs.targetfs [--store DIR] [--no-auto] [-f] MOUNTPOINT
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import functools
+import logging
+import os
+import subprocess
+import sys
+
+from .errors import CkptError
+from .target import DEBOUNCE, DEFAULT_STORE, UTIME_NOW, UTIME_OMIT, TargetCore
+
+log = logging.getLogger("ckptfs.target")
+
+
+def _boundary(fn):
+    """The one place where exceptions become errnos."""
+    @functools.wraps(fn)
+    def op(self, *args):
+        import mfusepy
+        try:
+            return fn(self, *args)
+        except CkptError as e:
+            log.warning("%s %s: %s", fn.__name__, args[:1], e)
+            raise mfusepy.FuseOSError(e.errno) from None
+        except OSError as e:
+            if not e.errno:
+                log.exception("%s %s: OSError without errno", fn.__name__, args[:1])
+            elif e.errno not in _QUIET:
+                log.info("%s %s: %s", fn.__name__, args[:1], e)
+            raise mfusepy.FuseOSError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s %s: internal error", fn.__name__, args[:1])
+            raise mfusepy.FuseOSError(errno.EIO) from None
+    return op
+
+
+_QUIET = (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY)   # ordinary answers, not incidents
+
+
+def _operations_class():
+    import mfusepy
+
+    class TargetFS(mfusepy.Operations):
+        """Thin adapter: each method unpacks FUSE arguments and calls the core."""
+        use_ns = True
+
+        def __init__(self, core: TargetCore):
+            self.core = core
+
+        def init(self, path):
+            self.core.start()   # after daemonizing: a thread started before fork would be lost
+
+        def destroy(self, path):
+            self.core.stop()
+
+        @_boundary
+        def getattr(self, path, fh=None):
+            return self.core.getattr(path, _fh(fh))
+
+        @_boundary
+        def readdir(self, path, fh):
+            return self.core.readdir(path)
+
+        @_boundary
+        def readlink(self, path):
+            return self.core.readlink(path)
+
+        @_boundary
+        def statfs(self, path):
+            return self.core.statfs(path)
+
+        @_boundary
+        def mkdir(self, path, mode):
+            self.core.mkdir(path, mode)
+            return 0
+
+        @_boundary
+        def rmdir(self, path):
+            self.core.rmdir(path)
+            return 0
+
+        @_boundary
+        def unlink(self, path):
+            self.core.unlink(path)
+            return 0
+
+        @_boundary
+        def symlink(self, target, source):
+            self.core.symlink(target, source)
+            return 0
+
+        @_boundary
+        def link(self, target, source):
+            self.core.link(target, source)
+            return 0
+
+        @_boundary
+        def rename(self, old, new, flags=0):
+            self.core.rename(old, new, flags)
+            return 0
+
+        @_boundary
+        def chmod(self, path, mode):
+            self.core.chmod(path, mode)
+            return 0
+
+        @_boundary
+        def chown(self, path, uid, gid):
+            self.core.chown(path, uid, gid)
+            return 0
+
+        @_boundary
+        def utimens(self, path, times=None):
+            self.core.utimens(path, times)
+            return 0
+
+        @_boundary
+        def truncate(self, path, length, fh=None):
+            self.core.truncate(path, length, _fh(fh))
+            return 0
+
+        @_boundary
+        def create(self, path, mode, fi):
+            fi.fh = self.core.create(path, mode, fi.flags)
+            fi.direct_io = self.core.is_virtual(fi.fh)
+            return 0
+
+        @_boundary
+        def open(self, path, fi):
+            fi.fh = self.core.open(path, fi.flags)
+            fi.direct_io = self.core.is_virtual(fi.fh)
+            return 0
+
+        @_boundary
+        def read(self, path, size, offset, fi):
+            return self.core.read(fi.fh, size, offset)
+
+        @_boundary
+        def write(self, path, data, offset, fi):
+            return self.core.write(fi.fh, data, offset)
+
+        @_boundary
+        def flush(self, path, fi):
+            self.core.flush(fi.fh)
+            return 0
+
+        @_boundary
+        def fsync(self, path, datasync, fi):
+            self.core.fsync(fi.fh, bool(datasync))
+            return 0
+
+        @_boundary
+        def release(self, path, fi):
+            self.core.release(fi.fh)
+            return 0
+
+    return TargetFS
+
+
+def _ns(ts) -> int:
+    if ts.tv_nsec in (UTIME_NOW, UTIME_OMIT):
+        return ts.tv_nsec
+    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
+def _fh(fi):
+    return None if fi is None else fi.fh
+
+
+def _fuse_class():
+    import mfusepy
+
+    class FUSE(mfusepy.FUSE):
+        """mfusepy drops rename's flags; the core needs RENAME_NOREPLACE to answer honestly."""
+
+        def rename_fuse_3(self, old, new, flags):
+            return self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags)
+
+        def utimens_fuse_3(self, path, buf, fip):
+            """Keeps UTIME_NOW / UTIME_OMIT recognisable (libfuse leaves tv_sec unset then)."""
+            times = None
+            if buf:
+                times = tuple(_ns(ts) for ts in (buf.contents.actime, buf.contents.modtime))
+            return self.operations.utimens(path.decode(self.encoding, self.errors), times)
+
+    return FUSE
+
+
+def run_target(mountpoint: str, store: str = DEFAULT_STORE, auto: bool = True,
+               foreground: bool = False, *, restore=None, restore_opts: dict | None = None,
+               debounce: float = DEBOUNCE) -> None:
+    """Mount the target at mountpoint and serve until unmounted (daemonizes unless foreground).
+
+    restore: the restore callable (tree_dir, **restore_opts) -> result with .pids; None means
+    ckptfs.restore.restore. Raises CkptError if the store is in use by another daemon."""
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    os.makedirs(store, mode=0o700, exist_ok=True)
+    lock = _lock_store(store)
+    _setup_log(store, foreground)
+    _clear_stale_mount(mountpoint)
+    import mfusepy
+    core = TargetCore(store, auto=auto, restore=restore, restore_opts=restore_opts,
+                      debounce=debounce, caller=lambda: mfusepy.fuse_get_context()[2])
+    log.info("serving %s from %s (auto=%s)", mountpoint, store, auto)
+    _fuse_class()(_operations_class()(core), mountpoint, raw_fi=True, foreground=foreground,
+                  fsname="ckptfs-target", subtype="ckptfs", attr_timeout=1.0,
+                  entry_timeout=1.0, negative_timeout=0.0)
+    os.close(lock)
+
+
+def _lock_store(store: str) -> int:
+    fd = os.open(os.path.join(store, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CkptError("store is in use by another ckptfs target", path=store,
+                        err=errno.EBUSY) from None
+    return fd
+
+
+def _setup_log(store: str, foreground: bool) -> None:
+    handlers = [logging.FileHandler(os.path.join(store, "log"))]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(process)d %(levelname)s %(message)s")
+
+
+def _clear_stale_mount(mountpoint: str) -> None:
+    """A daemon killed -9 leaves a dead mount (ENOTCONN): detach it so a new one can start."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s: detaching the dead mount of a previous daemon", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=True)
+
+
+def _restore_from(spec: str):
+    """'module:function' -> the callable (a test seam for the restore step)."""
+    import importlib
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main_target(argv: list[str] | None = None) -> int:
+    """`ckptfs target [--store DIR] [--no-auto] [-f] MOUNTPOINT`."""
+    p = argparse.ArgumentParser(prog="ckptfs target",
+                                description="Mount a target: each top-level directory is a "
+                                            "job that restores once its tree is complete.")
+    p.add_argument("--store", default=DEFAULT_STORE, help="where jobs are staged (%(default)s)")
+    p.add_argument("--no-auto", action="store_true", help="restore only on `restore` > JOB/ctl")
+    p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    p.add_argument("--debounce", type=float, default=DEBOUNCE, help=argparse.SUPPRESS)
+    p.add_argument("--restore-with", help=argparse.SUPPRESS)   # module:function, for tests
+    p.add_argument("mountpoint")
+    a = p.parse_args(argv)
+    restore = _restore_from(a.restore_with) if a.restore_with else None
+    try:
+        run_target(a.mountpoint, a.store, not a.no_auto, a.foreground, restore=restore,
+                   debounce=a.debounce)
+    except CkptError as e:
+        print(f"ckptfs target: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_target())
