@@ -11,9 +11,10 @@ import struct
 from ckptfs import model, pb
 from ckptfs.flags import RLIMITS, RLIM_INFINITY, SIGACTION_SIGNALS, VMA_STATUS as S
 
-REGULAR, FPRIV, APRIV, HEAP, VDSO, VSYSCALL = (
+REGULAR, FPRIV, APRIV, HEAP, VDSO, VSYSCALL, ASHARED = (
     S["VMA_AREA_REGULAR"], S["VMA_FILE_PRIVATE"], S["VMA_ANON_PRIVATE"], S["VMA_AREA_HEAP"],
-    S["VMA_AREA_VDSO"], S["VMA_AREA_VSYSCALL"])
+    S["VMA_AREA_VDSO"], S["VMA_AREA_VSYSCALL"], S["VMA_ANON_SHARED"])
+SHMID = 777                    # one shared anonymous object mapped by both processes
 MiB = 1 << 20
 
 
@@ -93,6 +94,7 @@ class FakeSource(model.Source):
     ROOT, CHILD, THREAD = 100, 101, 102
     PIPE_ID = 5555
     BIG = 0x7f0000000000
+    SHARED_AT = {ROOT: 0x7e0000000000, CHILD: 0x500000000}   # where each maps object SHMID
 
     def __init__(self):
         R, C = self.ROOT, self.CHILD
@@ -114,19 +116,25 @@ class FakeSource(model.Source):
                             fdi(id=5, flags=0, type=1, fd=2), fdi(id=3, flags=1, type=2, fd=3),
                             fdi(id=4, flags=1, type=2, fd=4)],
                         C: [fdi(id=6, flags=0, type=1, fd=0)]}
-        self._mm = {R: self._make_mm(big=True), C: self._make_mm(big=False)}
+        self._mm = {R: self._make_mm(R, big=True), C: self._make_mm(C, big=False)}
         self._ranges = {
             (R, 0x600000): [model.PageRange(0x600000, 0x610000), model.PageRange(0x620000, 0x621000)],
             (R, self.BIG): [model.PageRange(self.BIG, self.BIG + 3 * MiB)],
             (R, 0x7ffff7fc0000): [model.PageRange(0x7ffff7fc0000, 0x7ffff7fc2000)],
             (C, 0x600000): [model.PageRange(0x600000, 0x602000)],
             (R, 0x400000): [model.PageRange(0x401000, 0x402000)],  # a COWed file page
+            # the shared object: root saved pages 0-3, the child 2-5 (same data in 2-3)
+            (R, self.SHARED_AT[R]): [model.PageRange(self.SHARED_AT[R], self.SHARED_AT[R] + 0x4000)],
+            (C, self.SHARED_AT[C]): [model.PageRange(self.SHARED_AT[C] + 0x2000, self.SHARED_AT[C] + 0x6000)],
         }
         self.max_read = 0
 
-    def _make_mm(self, big):
+    def _make_mm(self, pid, big):
         vmas = [vma(0x400000, 0x402000, REGULAR | FPRIV, flags=0x2, prot=5, shmid=1, pgoff=0),
                 vma(0x600000, 0x640000, REGULAR | APRIV | HEAP)]
+        shared = vma(self.SHARED_AT[pid], self.SHARED_AT[pid] + 0x10000, REGULAR | ASHARED,
+                     flags=0x21, shmid=SHMID)
+        vmas.insert(0 if pid == self.CHILD else 2, shared)
         if big:
             vmas.append(vma(self.BIG, self.BIG + 3 * MiB, REGULAR | APRIV, madv=1 << 14))
             vmas.append(vma(0x7ffff7fc0000, 0x7ffff7fc2000, REGULAR | APRIV | VDSO, prot=5))
@@ -174,6 +182,9 @@ class FakeSource(model.Source):
 
     def read_memory(self, pid, addr, size):
         self.max_read = max(self.max_read, size)
+        base = self.SHARED_AT[pid]
+        if base <= addr < base + 0x10000:      # shared: content is a function of the offset
+            return pattern((addr - base) ^ (SHMID << 40), size)
         return pattern(addr ^ (pid << 40), size)
 
     def isolation(self):

@@ -16,9 +16,9 @@ from google.protobuf import json_format
 
 from ckptfs import criu, pb
 from ckptfs.errors import BadImage
-from ckptfs.model import PAGE_SIZE
+from ckptfs.model import PAGE_SIZE, PageRange
 
-from criu_fake import FakeSource, pattern
+from criu_fake import SHMID, FakeSource, pattern
 from test_images_schema import _DUMP
 
 CRIT = "/usr/bin/crit"
@@ -149,7 +149,7 @@ def test_export_file_set(exported):
             "ids-100.img", "ids-101.img", "mm-100.img", "mm-101.img", "fs-100.img",
             "fs-101.img", "files.img", "fdinfo-2.img", "fdinfo-3.img", "pagemap-100.img",
             "pagemap-101.img", "pages-1.img", "pages-2.img", "pipes-data.img", "seccomp.img",
-            "utsns-9.img"}
+            "utsns-9.img", "pagemap-shmem-777.img", "pages-3.img"}
     assert names == want
 
 
@@ -213,7 +213,8 @@ def test_crit_round_trip_byte_identical(exported, crit_fields, tmp_path):
         if again.read_bytes() != open(path, "rb").read():
             differ[os.path.basename(path)] = {d.name for m in msgs for d, _ in m.ListFields()
                                               if d.number not in crit_fields[m.DESCRIPTOR.full_name]}
-    assert differ == {"pagemap-100.img": {"nr_pages"}, "pagemap-101.img": {"nr_pages"}}
+    assert differ == {"pagemap-100.img": {"nr_pages"}, "pagemap-101.img": {"nr_pages"},
+                      "pagemap-shmem-777.img": {"nr_pages"}}
 
 
 @needs_crit
@@ -231,15 +232,26 @@ def test_crit_explorers(exported):
 
 def test_pages_size_matches_pagemap(exported):
     src, out = exported
-    for pid in src.pids():
-        _, msgs, _ = criu.read_image(out / f"pagemap-{pid}.img")
+    total = 0
+    for name in glob.glob(os.path.join(out, "pagemap-*.img")):
+        _, msgs, _ = criu.read_image(name)
         head, entries = msgs[0], msgs[1:]
         assert all(e.flags == criu.PE_PRESENT and e.nr_pages == e.compat_nr_pages > 0
                    for e in entries)
         want = sum(e.nr_pages for e in entries) * PAGE_SIZE
         assert os.path.getsize(out / f"pages-{head.pages_id}.img") == want
-        assert want == sum(r.nr_pages for v in src.mm(pid).vmas
-                           for r in src.page_ranges(pid, v)) * PAGE_SIZE
+        total += want
+    # every saved page once; the shared object's pages 2-3 are saved by both tasks
+    assert total == (sum(r.nr_pages for pid in src.pids() for v in src.mm(pid).vmas
+                         for r in src.page_ranges(pid, v)) - 2) * PAGE_SIZE
+
+
+def test_shared_memory_goes_to_shmem_pagemap(exported):
+    src, out = exported
+    _, msgs, _ = criu.read_image(out / "pagemap-shmem-777.img")
+    assert [(e.vaddr, e.nr_pages) for e in msgs[1:]] == [(0, 4), (0x4000, 2)]
+    private = criu.read_image(out / "pagemap-101.img")[1][1:]
+    assert all(not src.SHARED_AT[101] <= e.vaddr < src.SHARED_AT[101] + 0x10000 for e in private)
 
 
 def test_memory_streams_in_chunks(exported):
@@ -262,8 +274,12 @@ def test_image_source_round_trip(exported):
         for fd in src.fdinfo(pid):
             assert img.file(fd.id) == src.file(fd.id)
         for v in src.mm(pid).vmas:
-            assert img.page_ranges(pid, v) == src.page_ranges(pid, v)
-            for r in src.page_ranges(pid, v):
+            if v.shmid == SHMID:    # the object's pages saved by any task, as one run
+                base = src.SHARED_AT[pid]
+                assert img.page_ranges(pid, v) == [PageRange(base, base + 0x6000)]
+            else:
+                assert img.page_ranges(pid, v) == src.page_ranges(pid, v)
+            for r in img.page_ranges(pid, v):
                 assert img.read_memory(pid, r.start, r.end - r.start) == \
                     src.read_memory(pid, r.start, r.end - r.start)
     assert img.pipe_data(src.PIPE_ID) == b"hello pipe" and img.pipe_data(1) == b""

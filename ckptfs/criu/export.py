@@ -23,6 +23,9 @@ NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 EXPORTED_OWN_NS = ("uts",)
 FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
 NOT_FILE_MAP = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_SYSVIPC"]
+# Shared memory objects: their pages go to pagemap-shmem-<shmid>.img (vaddr = offset in the
+# object), once per object however many tasks map it.
+SHMEM = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_MEMFD"]
 COPY_CHUNK = 1 << 20        # bytes of memory held at once while writing pages
 
 
@@ -63,8 +66,11 @@ class _Export:
             self.img(f"fs-{pid}.img", "FS", [self.fss[pid]])
         files = self.files(self.fdinfos())
         self.img("files.img", "FILES", [files[i] for i in sorted(files)])
+        shmem: dict[int, dict] = {}
         for pages_id, pid in enumerate(self.ids, start=1):
-            self.memory(pid, pages_id)
+            self.memory(pid, pages_id, shmem)
+        for pages_id, shmid in enumerate(sorted(shmem), start=len(self.ids) + 1):
+            self.shmem(shmid, shmem[shmid], pages_id)
         self.pipes(files)
         self.utsns()
         self.img("seccomp.img", "SECCOMP", [pb.seccomp_entry()])
@@ -173,19 +179,45 @@ class _Export:
         self.img(f"utsns-{task.uts_ns_id}.img", "UTSNS", [uts])
 
     # -- memory ---------------------------------------------------------------------------
-    def memory(self, pid: int, pages_id: int) -> None:
-        """pagemap-<pid>.img and pages-<pages_id>.img, the data streamed chunk by chunk."""
+    def memory(self, pid: int, pages_id: int, shmem: dict) -> None:
+        """pagemap-<pid>.img and pages-<pages_id>.img, the data streamed chunk by chunk.
+        Pages of shared objects are collected in `shmem` (shmid -> {offset: (pid, addr)})."""
+        runs = []
+        for vma in self.mms[pid].vmas:
+            for r in sorted(self.src.page_ranges(pid, vma), key=lambda r: r.start):
+                _check_range(r, vma, self.path(f"pagemap-{pid}.img"))
+                if vma.status & SHMEM:
+                    pages = shmem.setdefault(vma.shmid, {})
+                    for addr in range(r.start, r.end, PAGE_SIZE):
+                        pages.setdefault(vma.pgoff + addr - vma.start, (pid, addr))
+                else:
+                    runs.append((r.start, pid, r.start, r.nr_pages))
+        self.pagemap(f"pagemap-{pid}.img", pages_id, runs)
+
+    def shmem(self, shmid: int, pages: dict, pages_id: int) -> None:
+        """pagemap-shmem-<shmid>.img: runs of object offsets whose source pages are adjacent."""
+        runs = []
+        for off in sorted(pages):
+            pid, addr = pages[off]
+            last = runs[-1] if runs else None
+            if last and last[0] + last[3] * PAGE_SIZE == off and last[1] == pid \
+                    and last[2] + last[3] * PAGE_SIZE == addr:
+                runs[-1] = (last[0], pid, last[2], last[3] + 1)
+            else:
+                runs.append((off, pid, addr, 1))
+        self.pagemap(f"pagemap-shmem-{shmid}.img", pages_id, runs)
+
+    def pagemap(self, name: str, pages_id: int, runs) -> None:
+        """Write a pagemap and its pages file; runs are (vaddr, pid, source addr, pages)."""
         entries = [pb.pagemap_head(pages_id=pages_id)]
         pages_path = self.path(f"pages-{pages_id}.img")
         with open(pages_path + ".tmp", "wb") as pages:
-            for vma in self.mms[pid].vmas:
-                for r in sorted(self.src.page_ranges(pid, vma), key=lambda r: r.start):
-                    _check_range(r, vma, pages_path)
-                    entries.append(pb.pagemap_entry(vaddr=r.start, compat_nr_pages=r.nr_pages,
-                                                    flags=PE_PRESENT, nr_pages=r.nr_pages))
-                    self.copy(pid, r.start, r.end, pages, pages_path)
+            for vaddr, pid, addr, n in runs:
+                entries.append(pb.pagemap_entry(vaddr=vaddr, compat_nr_pages=n,
+                                                flags=PE_PRESENT, nr_pages=n))
+                self.copy(pid, addr, addr + n * PAGE_SIZE, pages, pages_path)
         os.replace(pages_path + ".tmp", pages_path)
-        self.img(f"pagemap-{pid}.img", "PAGEMAP", entries)
+        self.img(name, "PAGEMAP", entries)
 
     def copy(self, pid, start, end, out, where) -> None:
         for addr in range(start, end, COPY_CHUNK):

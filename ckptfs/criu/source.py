@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 
 from .. import model, pb
 from ..errors import BadImage
@@ -21,6 +22,7 @@ from .framing import PE_PARENT, PE_PRESENT, read_image
 
 NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
+ANON_SHARED, MEMFD = VMA_STATUS["VMA_ANON_SHARED"], VMA_STATUS["VMA_AREA_MEMFD"]
 
 
 def entry_pages(e) -> int:
@@ -43,10 +45,12 @@ class ImageSource(model.Source):
         if not os.path.isdir(self.dir):
             raise BadImage("not a directory", path=self.dir, step="open images")
         self._images: dict[str, tuple] = {}
-        self._fds: dict[int, int] = {}
+        self._fds: dict[str, int] = {}     # pages image name -> fd
         self._pages: dict[int, list] = {}      # pid -> page index
-        self._pages_id: dict[int, int] = {}   # pid -> pages_id of its pagemap
         self._parent: ImageSource | None = None
+        # FUSE calls in from several threads: caches are filled under this lock (reads of
+        # page data use pread and need none).
+        self._lock = threading.RLock()
 
     # -- plumbing -------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -54,6 +58,10 @@ class ImageSource(model.Source):
 
     def image(self, name: str, kind: str, *, required: bool) -> tuple[list, list]:
         """(messages, extras) of one image; a missing optional image is empty."""
+        with self._lock:
+            return self._load(name, kind, required)
+
+    def _load(self, name: str, kind: str, required: bool) -> tuple[list, list]:
         if name not in self._images:
             p = self.path(name)
             if not os.path.exists(p):
@@ -141,10 +149,16 @@ class ImageSource(model.Source):
         return b""
 
     def page_ranges(self, pid: int, vma) -> list[PageRange]:
-        out = []
-        for start, end, _flags, _off in self._page_index(pid):
+        """Saved pages inside `vma`, adjacent entries joined (CRIU may split a run of pages
+        over several entries, or let one entry span two VMAs)."""
+        out: list[PageRange] = []
+        for start, end, *_ in self._page_index(pid):
             lo, hi = max(start, vma.start), min(end, vma.end)
-            if lo < hi:
+            if lo >= hi:
+                continue
+            if out and out[-1].end == lo:
+                out[-1] = PageRange(out[-1].start, hi)
+            else:
                 out.append(PageRange(lo, hi))
         return out
 
@@ -155,9 +169,9 @@ class ImageSource(model.Source):
         while pos < end:
             i = bisect.bisect_right(starts, pos) - 1
             if i >= 0 and pos < index[i][1]:
-                start, stop, flags, off = index[i]
+                start, stop, flags, pages, off = index[i]
                 n = min(stop, end) - pos
-                out.append(self._pages_data(pid, flags, off + pos - start, pos, n))
+                out.append(self._pages_data(pid, flags, pages, off + pos - start, pos, n))
             else:
                 nxt = starts[i + 1] if i + 1 < len(starts) else end
                 n = min(nxt, end) - pos
@@ -181,9 +195,11 @@ class ImageSource(model.Source):
     # -- helpers --------------------------------------------------------------------------
     def _index(self, name, kind, key) -> dict:
         cache_key = f"{name}#index"
-        if cache_key not in self._images:
-            self._images[cache_key] = {key(m): m for m in self.image(name, kind, required=True)[0]}
-        return self._images[cache_key]
+        with self._lock:
+            if cache_key not in self._images:
+                msgs = self.image(name, kind, required=True)[0]
+                self._images[cache_key] = {key(m): m for m in msgs}
+            return self._images[cache_key]
 
     def _utsns(self):
         ids = self.ids(self.pstree()[0].pid)
@@ -215,46 +231,84 @@ class ImageSource(model.Source):
 
     def _page_index(self, pid: int) -> list:
         """[(start, end, flags, offset in pages file)] of the entries that carry data."""
-        if pid in self._pages:
+        with self._lock:
+            if pid not in self._pages:
+                self._pages[pid] = self._build_page_index(pid)
             return self._pages[pid]
-        name = f"pagemap-{pid}.img"
-        msgs, _ = self.image(name, "PAGEMAP", required=False)
-        index, off = [], 0
-        for e in msgs[1:]:
-            n, flags = entry_pages(e), entry_flags(e)
-            if flags & PE_PRESENT:
-                index.append((e.vaddr, e.vaddr + n * PAGE_SIZE, PE_PRESENT, off))
-                off += n * PAGE_SIZE
-            elif flags & PE_PARENT:
-                index.append((e.vaddr, e.vaddr + n * PAGE_SIZE, PE_PARENT, 0))
+
+    def _build_page_index(self, pid: int) -> list:
+        """The task's private pagemap plus, for each shared-memory VMA, the part of its
+        object's pagemap-shmem image that the VMA maps."""
+        index = self._pagemap(f"pagemap-{pid}.img")
+        for vma in self.mm(pid).vmas:
+            if vma.status & (ANON_SHARED | MEMFD):
+                lo, hi = vma.pgoff, vma.pgoff + vma.end - vma.start
+                for start, end, flags, pages, off in self._pagemap(
+                        f"pagemap-shmem-{self._shmem_key(vma)}.img"):
+                    a, b = max(start, lo), min(end, hi)
+                    if a < b:
+                        index.append((vma.start + a - vma.pgoff, vma.start + b - vma.pgoff,
+                                      flags, pages, off + a - start))
         index.sort()
         for a, b in zip(index, index[1:]):
             if a[1] > b[0]:
-                raise BadImage(f"pagemap entries overlap at {b[0]:#x}", path=self.path(name),
-                               step="read images")
-        self._pages[pid] = index
-        self._pages_id[pid] = msgs[0].pages_id if msgs else None
+                raise BadImage(f"task {pid}: saved pages overlap at {b[0]:#x}",
+                               path=self.path(f"pagemap-{pid}.img"), step="read images")
         return index
 
-    def _pages_data(self, pid: int, flags: int, off: int, addr: int, n: int) -> bytes:
+    def _pagemap(self, name: str) -> list:
+        """[(start, end, flags, pages image, offset in it)] of the entries carrying data."""
+        msgs, _ = self.image(name, "PAGEMAP", required=False)
+        if not msgs:
+            return []
+        pages, index, off = f"pages-{msgs[0].pages_id}.img", [], 0
+        for e in msgs[1:]:
+            n, flags = entry_pages(e), entry_flags(e)
+            end = e.vaddr + n * PAGE_SIZE
+            if flags & PE_PRESENT:
+                index.append((e.vaddr, end, PE_PRESENT, pages, off))
+                off += n * PAGE_SIZE
+            elif flags & PE_PARENT:
+                index.append((e.vaddr, end, PE_PARENT, None, 0))
+        return index
+
+    def _shmem_key(self, vma) -> int:
+        """Which pagemap-shmem-<key>.img holds a shared VMA: the shmem inode for shared anon;
+        for memfd, the inode recorded in memfd.img for the mapped file (CRIU), else the VMA's
+        own shmid (what export writes when it has no memfd.img)."""
+        if vma.status & MEMFD:
+            f = self.file(vma.shmid)
+            if f.HasField("memfd"):
+                inodes, _ = self.image("memfd.img", "MEMFD_INODE", required=False)
+                for ino in inodes:
+                    if ino.inode_id == f.memfd.inode_id:
+                        return ino.shmid
+        return vma.shmid
+
+    def _pages_data(self, pid: int, flags: int, pages: str, off: int, addr: int, n: int) -> bytes:
         if flags == PE_PARENT:
             return self._parent_source().read_memory(pid, addr, n)
-        name = f"pages-{self._pages_id[pid]}.img"
-        fd = self._fds.get(self._pages_id[pid])
-        if fd is None:
-            try:
-                fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise BadImage("pages image missing", path=self.path(name),
-                               step="read memory") from None
-            self._fds[self._pages_id[pid]] = fd
-        data = os.pread(fd, n, off)
+        data = os.pread(self._pages_fd(pages), n, off)
         if len(data) != n:
             raise BadImage(f"truncated: {n} bytes wanted at offset {off}, got {len(data)}",
-                           path=self.path(name), step="read memory")
+                           path=self.path(pages), step="read memory")
         return data
 
+    def _pages_fd(self, name: str) -> int:
+        with self._lock:
+            if name not in self._fds:
+                try:
+                    self._fds[name] = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise BadImage("pages image missing", path=self.path(name),
+                                   step="read memory") from None
+            return self._fds[name]
+
     def _parent_source(self) -> "ImageSource":
+        with self._lock:
+            return self._open_parent()
+
+    def _open_parent(self) -> "ImageSource":
         if self._parent is None:
             p = self.path("parent")
             if not os.path.isdir(p):
