@@ -1,0 +1,96 @@
+"""FPU state: the XSAVE area, Linux NT_X86_XSTATE <-> FreeBSD PT_GETXSTATE/PT_SETXSTATE.
+
+Both kernels hand out the hardware's standard (non-compacted) XSAVE image: the 512-byte
+FXSAVE legacy region (== Linux user_fpregs_struct == FreeBSD struct fpreg, byte for byte),
+the 64-byte XSAVE header at 512 (xstate_bv, xcomp_bv), then components at their CPUID
+offsets. What differs (sys/amd64/amd64/ptrace_machdep.c, cpu_ptrace_xstate):
+- Linux writes its software bytes (struct _fpx_sw_bytes: magic FP_XSTATE_MAGIC1, extended
+  size, xfeatures = XCR0, xstate size) into the legacy region's reserved tail, bytes 464-511.
+  FreeBSD puts nothing there: the feature mask and length come from PT_GETXSTATE_INFO
+  (struct ptrace_xstate_info {uint64 xsave_mask; uint32 xsave_len;}).
+- FreeBSD's buffer is always cpu_max_ext_state_size long (the target CPU's size);
+  PT_SETXSTATE accepts 512 <= len <= that size and refuses (EINVAL) an xstate_bv with
+  features the CPU has not enabled.
+"""
+from __future__ import annotations
+
+import struct
+
+from ...errors import Unsupported
+from .. import LossLog
+
+LEGACY_SIZE = 512
+HEADER_SIZE = 64
+MIN_SIZE = LEGACY_SIZE + HEADER_SIZE
+SW_RESERVED = slice(464, 512)
+FP_XSTATE_MAGIC1 = 0x46505853
+FP_XSTATE_MAGIC2_SIZE = 4
+SW_BYTES = struct.Struct("<IIQI28x")          # magic1, extended_size, xfeatures, xstate_size
+XSTATE_INFO = struct.Struct("<QI4x")          # struct ptrace_xstate_info, 16 bytes
+XCOMP_COMPACTED = 1 << 63
+
+
+def header(xsave: bytes) -> tuple[int, int]:
+    """(xstate_bv, xcomp_bv) of an XSAVE image."""
+    return struct.unpack_from("<QQ", xsave, LEGACY_SIZE)
+
+
+def fpreg(xsave: bytes) -> bytes:
+    """FreeBSD struct fpreg (PT_SETFPREGS) = the FXSAVE legacy region."""
+    return bytes(xsave[:LEGACY_SIZE])
+
+
+def to_fbsd(xsave: bytes, log: LossLog, path: str, target_mask: int | None = None,
+            target_len: int | None = None) -> bytes:
+    """Linux NT_X86_XSTATE bytes -> PT_SETXSTATE bytes for a CPU with `target_mask`/`len`."""
+    _check(xsave, path)
+    bv, _ = header(xsave)
+    buf = bytearray(xsave)
+    buf[SW_RESERVED] = bytes(SW_RESERVED.stop - SW_RESERVED.start)
+    if target_mask is not None and bv & ~target_mask:
+        log.note(path, hex(bv), f"XSAVE components {bv & ~target_mask:#x} are not enabled on "
+                 "the target CPU; their state is dropped")
+        struct.pack_into("<Q", buf, LEGACY_SIZE, bv & target_mask)
+    if target_len is not None:
+        buf = _resize(buf, target_len, log, path)
+    return bytes(buf)
+
+
+def _check(xsave: bytes, path: str) -> None:
+    if len(xsave) < MIN_SIZE:
+        raise Unsupported(f"XSAVE area of {len(xsave)} bytes (need >= {MIN_SIZE})", path=path)
+    if header(xsave)[1] & XCOMP_COMPACTED:
+        raise Unsupported("compacted XSAVE format (XSAVES); ptrace gives the standard form",
+                          path=path)
+
+
+def _resize(buf: bytearray, size: int, log: LossLog, path: str) -> bytearray:
+    if size < MIN_SIZE:
+        raise Unsupported(f"target XSAVE size {size} is below {MIN_SIZE}", path=path)
+    if size < len(buf) and any(buf[size:]):
+        log.note(path, f"{len(buf)} bytes", f"the target XSAVE area is {size} bytes; state "
+                 "beyond it is dropped")
+    return bytearray(buf[:size]) + bytearray(max(0, size - len(buf)))
+
+
+def to_linux(xstate: bytes, xsave_mask: int, path: str = "") -> bytes:
+    """FreeBSD PT_GETXSTATE bytes + PT_GETXSTATE_INFO mask -> Linux NT_X86_XSTATE bytes."""
+    _check(xstate, path)
+    buf = bytearray(xstate)
+    buf[SW_RESERVED] = SW_BYTES.pack(FP_XSTATE_MAGIC1, len(buf) + FP_XSTATE_MAGIC2_SIZE,
+                                     xsave_mask, len(buf))
+    return bytes(buf)
+
+
+def linux_xfeatures(xsave: bytes) -> int | None:
+    """XCR0 from Linux's software bytes, or None if they are not there."""
+    magic, _, xfeatures, _ = SW_BYTES.unpack_from(xsave, SW_RESERVED.start)
+    return xfeatures if magic == FP_XSTATE_MAGIC1 else None
+
+
+def pack_xstate_info(mask: int, length: int) -> bytes:
+    return XSTATE_INFO.pack(mask, length)
+
+
+def unpack_xstate_info(data: bytes) -> tuple[int, int]:
+    return XSTATE_INFO.unpack(data)
