@@ -29,7 +29,9 @@ RESOURCES = {
     "writeiops": ("ops/s", "Y"),
 }   # "d": not DENIABLE in racct, but rctl_rule_add accepts deny (RSS is paged out)
 SUBJECTS = ("process", "user", "loginclass", "jail")
-SIGNAL_ACTIONS = tuple(f"sig{n[3:].lower()}" for n, v in F.FBSD_SIGNALS.items() if v <= 32)
+# kern_rctl.c actionnames[]: every signal up to SIGTHR except SIGCONT.
+SIGNAL_ACTIONS = tuple(f"sig{n[3:].lower()}" for n, v in F.FBSD_SIGNALS.items()
+                       if v <= 32 and n != "SIGCONT")
 ACTIONS = ("deny", "log", "devctl", "throttle") + SIGNAL_ACTIONS
 SUFFIX = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
 AMOUNT_RE = re.compile(r"^(\d+)([kmgtpe]?)$", re.IGNORECASE)
