@@ -200,8 +200,8 @@ def _from_crit_json(cls, entry):
 
 @needs_crit
 def test_crit_round_trip_byte_identical(exported, crit_fields, tmp_path):
-    """decode | encode reproduces every image; only fields crit 3.17 does not know differ,
-    and those are exactly pagemap_entry.nr_pages (field 5, CRIU 4.2)."""
+    """decode | encode (raw and --pretty) reproduces every image; only fields crit 3.17 does
+    not know differ, and those are exactly pagemap_entry.nr_pages (field 5, CRIU 4.2)."""
     _, out = exported
     differ = {}
     for path in pb_images(out):
@@ -210,6 +210,9 @@ def test_crit_round_trip_byte_identical(exported, crit_fields, tmp_path):
         kind, msgs, extras = criu.read_image(path)
         stripped = [strip_unknown(m, crit_fields) for m in msgs]
         assert again.read_bytes() == criu.image_bytes(kind, stripped, extras), path
+        pretty = tmp_path / ("pretty-" + os.path.basename(path))
+        crit("encode", "-o", pretty, data=crit("decode", "--pretty", "-i", path))
+        assert pretty.read_bytes() == again.read_bytes(), path    # hex/flags/dev forms too
         if again.read_bytes() != open(path, "rb").read():
             differ[os.path.basename(path)] = {d.name for m in msgs for d, _ in m.ListFields()
                                               if d.number not in crit_fields[m.DESCRIPTOR.full_name]}

@@ -47,6 +47,7 @@ class ImageSource(model.Source):
         self._images: dict[str, tuple] = {}
         self._fds: dict[str, int] = {}     # pages image name -> fd
         self._pages: dict[int, list] = {}      # pid -> page index
+        self._starts: dict[int, list] = {}     # pid -> start addresses of that index
         self._parent: ImageSource | None = None
         # FUSE calls in from several threads: caches are filled under this lock (reads of
         # page data use pread and need none).
@@ -163,8 +164,7 @@ class ImageSource(model.Source):
         return out
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
-        index = self._page_index(pid)
-        starts = [e[0] for e in index]
+        index, starts = self._page_index(pid), self._starts[pid]
         out, pos, end = [], addr, addr + size
         while pos < end:
             i = bisect.bisect_right(starts, pos) - 1
@@ -233,7 +233,9 @@ class ImageSource(model.Source):
         """[(start, end, flags, offset in pages file)] of the entries that carry data."""
         with self._lock:
             if pid not in self._pages:
-                self._pages[pid] = self._build_page_index(pid)
+                index = self._build_page_index(pid)
+                self._starts[pid] = [e[0] for e in index]
+                self._pages[pid] = index
             return self._pages[pid]
 
     def _build_page_index(self, pid: int) -> list:
