@@ -65,16 +65,19 @@ def wait_mounted(view: str, daemon: _procs.Proc, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def unmount(runner, mnt: str, view: str) -> None:
-    """Unmount `mnt`; lazily if a plain unmount fails. Raises if it stays mounted."""
+def unmount(runner, mnt: str, view: str) -> bool:
+    """Unmount `mnt`; lazily if a plain unmount fails. Raises if it stays mounted.
+
+    Returns False if it was not mounted (nothing to do)."""
     if not os.path.ismount(view):
-        return
+        return False
     first = runner.run([FUSERMOUNT, "-u", mnt])
     if first.returncode == 0:
-        return
+        return True
     lazy = runner.run([FUSERMOUNT, "-uz", mnt])
     if lazy.returncode != 0 or os.path.ismount(view):
         raise AssertionError(f"could not unmount {mnt}: {first.stderr.strip()} / {lazy.stderr.strip()}")
+    return True
 
 
 def reap(daemon: _procs.Proc, timeout: float = 5.0) -> None:
@@ -91,7 +94,8 @@ def fuse_mount(cmd: list, mnt: str | os.PathLike, *, runner=None, timeout: float
 
     Without a runner, a private ProcSet is used (its processes are killed here too).
     """
-    runner = runner or Local(_procs.ProcSet())
+    private = None if runner else _procs.ProcSet()
+    runner = runner or Local(private)
     mnt = os.fspath(mnt)
     view = runner.path(mnt)
     Path(view).mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,11 @@ def fuse_mount(cmd: list, mnt: str | os.PathLike, *, runner=None, timeout: float
         wait_mounted(view, daemon, timeout)
         yield Mount(mnt, view, daemon)
     finally:
+        unmounted = False
         try:
-            unmount(runner, mnt, view)
+            unmounted = unmount(runner, mnt, view)
         finally:
-            reap(daemon)
+            # A daemon whose mount just went away exits by itself; any other one is killed now.
+            reap(daemon, 5.0 if unmounted else 0.0)
+            if private is not None:
+                private.kill_all()

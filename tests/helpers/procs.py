@@ -11,6 +11,7 @@ pid the kernel has since handed to an unrelated process is left alone.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -172,7 +173,8 @@ class Proc:
 
 
 def spawn(argv: list, *, logdir: str | os.PathLike | None = None, **kw) -> Proc:
-    """Start `argv` as a new session leader; stdout/stderr go to files in `logdir`.
+    """Start `argv` as a new session leader; stdout/stderr go to files in `logdir`
+    (default: a new temporary directory, left behind; a ProcSet cleans up its own).
 
     Extra keyword arguments go to subprocess.Popen (cwd, env, pass_fds ...).
     """
@@ -190,6 +192,8 @@ class ProcSet:
     """Everything a test started or adopted; `kill_all` ends them all (the fixture's finalizer)."""
 
     def __init__(self, logroot: str | os.PathLike | None = None):
+        # Without a logroot the set makes a temporary one, and removes it in kill_all.
+        self.own_logroot = logroot is None
         self.logroot = Path(logroot) if logroot else Path(tempfile.mkdtemp(prefix="ckptfs-procs-"))
         self.procs: list[Proc] = []
 
@@ -216,5 +220,7 @@ class ProcSet:
                 proc.kill()
             except Exception as e:  # keep killing the rest; report at the end
                 errors.append(f"{proc.describe()}: {e!r}")
+        if self.own_logroot:
+            shutil.rmtree(self.logroot, ignore_errors=True)
         if errors:
             raise AssertionError("teardown could not kill: " + "; ".join(errors))
