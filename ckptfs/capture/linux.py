@@ -1,0 +1,806 @@
+"""LiveSource: a running Linux process tree (a pid and all its descendants) as a model.Source.
+
+Reads come from procfs, ptrace and a few syscalls aimed at the target (kcmp, prlimit,
+get_robust_list, process_vm_readv, pidfd_getfd). Browsing never keeps a process stopped:
+a thread's registers are taken in a brief seize / interrupt / read / detach. `freeze()` stops
+every thread of the tree with PTRACE_SEIZE + PTRACE_INTERRUPT (invisible to the parent and
+to job control) until `thaw()`; while frozen, answers are cached so the tree reads as one
+consistent state.
+
+Every ptrace request goes through a ptrace.Tracer (the thread that attached must issue them).
+A process is held as (pid, starttime): a pid reused by another process reads as ProcessGone.
+
+Fields procfs cannot show need code run inside the process (CRIU's parasite); until syscall
+injection is wired in, they keep CRIU's defaults: clear_tid_addr 0, itimers 0, sigaction
+handlers of caught signals 0 (ignored ones are SIG_IGN from /proc status SigIgn), no
+sigaltstack, secbits 0, dumpable guessed from /proc ownership.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import resource
+import subprocess
+import threading
+import time
+import ctypes
+
+from .. import flags as lf
+from .. import pb, ptrace, xsave
+from ..errors import CkptError, KernelError, ProcessGone, Unsupported
+from ..model import Isolation, Meta, PageRange, Source
+from . import cgroups, files, pages, procfs
+
+PF_KTHREAD = 0x00200000
+SIGTRAP = 5
+SYS_GET_ROBUST_LIST, SYS_TGKILL = 274, 234
+NS_KINDS = ("pid", "net", "ipc", "uts", "time", "mnt", "user", "cgroup")   # CRIU's id order
+_NS_FIELD = {k: f"{k}_ns_id" for k in NS_KINDS}
+STOP_TIMEOUT = 10.0
+V = lf.VMA_STATUS
+M = lf.MAP_FLAGS
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class AlreadyTraced(CkptError):
+    """Another tracer (debugger, strace, CRIU) holds the process: ptrace refuses a second."""
+    errno = errno.EBUSY
+
+
+class NotCapturable(Unsupported):
+    """Zombies and kernel threads have no user state to capture."""
+
+
+# -- ptrace work: these run on the tracer thread -------------------------------------------
+@dataclasses.dataclass
+class Stopped:
+    pid: int
+    group_sig: int = 0          # job-control stop signal if the thread was stopped (state T)
+    signals: list = dataclasses.field(default_factory=list)   # swallowed, re-sent on release
+
+
+@dataclasses.dataclass
+class ThreadRegs:
+    regs: dict
+    xstate: bytes
+    sigmask: int
+    rseq: tuple | None          # (abi_pointer, abi_size, signature) or None
+    group_sig: int = 0
+
+
+def _wait_stop(tid: int, pid: int) -> Stopped:
+    """Wait for the PTRACE_EVENT_STOP of an interrupted thread. A signal-delivery-stop that
+    comes first is remembered (re-sent on release) and passed over with PTRACE_CONT(0):
+    the pending interrupt then stops the thread before it runs any user code."""
+    stop = Stopped(pid)
+    deadline, nap = time.monotonic() + STOP_TIMEOUT, 0.0001
+    while True:
+        got = ptrace.wait(tid, nohang=True)
+        if got is None:
+            if time.monotonic() > deadline:
+                raise KernelError(f"thread {tid} did not stop within {STOP_TIMEOUT}s",
+                                  errno.ETIMEDOUT, step="waitpid", path=f"/proc/{tid}")
+            time.sleep(nap)
+            nap = min(nap * 2, 0.01)
+            continue
+        status = got[1]
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise ProcessGone(f"thread {tid} exited", step="waitpid", path=f"/proc/{tid}")
+        sig = os.WSTOPSIG(status)
+        if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
+            stop.group_sig = 0 if sig == SIGTRAP else sig
+            return stop
+        stop.signals.append(sig)
+        ptrace.cont(tid, 0)
+
+
+def _seize(tid: int) -> None:
+    try:
+        ptrace.seize(tid)
+    except KernelError as e:
+        if e.errno == errno.EPERM:
+            raise AlreadyTraced(f"PTRACE_SEIZE of thread {tid} refused (EPERM): traced by "
+                                "another process or not permitted", path=f"/proc/{tid}",
+                                step="PTRACE_SEIZE", err=errno.EPERM) from None
+        raise
+
+
+def _stop_threads(todo: list[tuple[int, int]]) -> dict[int, Stopped]:
+    """Seize all, interrupt all, then wait for each: the threads stop at about the same time.
+    Threads that vanish on the way are left out."""
+    seized = []
+    for pid, tid in todo:
+        try:
+            _seize(tid)
+            seized.append((pid, tid))
+        except ProcessGone:
+            continue
+    out = {}
+    for pid, tid in seized:
+        try:
+            ptrace.interrupt(tid)
+            out[tid] = _wait_stop(tid, pid)
+        except ProcessGone:
+            continue
+    return out
+
+
+def _release(tid: int, stop: Stopped) -> None:
+    for sig in stop.signals:    # queued while still stopped; delivered once detached
+        if _libc.syscall(SYS_TGKILL, stop.pid, tid, sig) < 0 and ctypes.get_errno() != errno.ESRCH:
+            raise KernelError(f"tgkill({stop.pid}, {tid}, {sig})", ctypes.get_errno(), step="tgkill")
+    try:
+        ptrace.detach(tid)
+    except ProcessGone:
+        pass    # the thread exited while stopped: nothing left to release
+
+
+def _read_regs(tid: int, group_sig: int = 0) -> ThreadRegs:
+    rseq = ptrace.get_rseq(tid)
+    return ThreadRegs(ptrace.get_regs(tid), ptrace.get_xstate(tid), ptrace.get_sigmask(tid),
+                      (rseq.rseq_abi_pointer, rseq.rseq_abi_size, rseq.signature)
+                      if rseq.rseq_abi_pointer else None, group_sig)
+
+
+def _peek_regs(pid: int, tid: int) -> ThreadRegs:
+    """Registers of a running thread: stopped only for the time of the reads."""
+    stop = _stop_threads([(pid, tid)]).get(tid)
+    if stop is None:
+        raise ProcessGone(f"thread {tid} is gone", step="PTRACE_SEIZE", path=f"/proc/{tid}")
+    try:
+        return _read_regs(tid, stop.group_sig)
+    finally:
+        _release(tid, stop)
+
+
+# -- small syscalls ------------------------------------------------------------------------
+def robust_list(tid: int) -> tuple[int, int]:
+    head, size = ctypes.c_uint64(), ctypes.c_size_t()
+    if _libc.syscall(SYS_GET_ROBUST_LIST, tid, ctypes.byref(head), ctypes.byref(size)) < 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise ProcessGone("thread is gone", step="get_robust_list", path=f"/proc/{tid}")
+        raise KernelError(f"get_robust_list({tid})", err, step="get_robust_list")
+    return head.value, size.value
+
+
+def rlimits(pid: int) -> list[tuple[int, int]]:
+    out = []
+    for res in range(len(lf.RLIMITS)):
+        try:
+            cur, mx = resource.prlimit(pid, res)
+        except ProcessLookupError:
+            raise ProcessGone("process is gone", step="prlimit", path=f"/proc/{pid}") from None
+        except OSError as e:
+            raise KernelError(f"prlimit({pid}, {lf.RLIMITS[res]})", e.errno, step="prlimit") from None
+        out.append((cur & lf.RLIM_INFINITY, mx & lf.RLIM_INFINITY))
+    return out
+
+
+def _cap_words(hex_text: str) -> list[int]:
+    v = int(hex_text, 16)
+    return [v & 0xFFFFFFFF, v >> 32]
+
+
+def creds_from_status(status: dict) -> "pb.creds_entry":
+    uid, gid = procfs.status_ints(status["Uid"]), procfs.status_ints(status["Gid"])
+    c = pb.creds_entry(uid=uid[0], euid=uid[1], suid=uid[2], fsuid=uid[3],
+                       gid=gid[0], egid=gid[1], sgid=gid[2], fsgid=gid[3], secbits=0,
+                       no_new_privs=int(status.get("NoNewPrivs", "0")))
+    for field, key in (("cap_inh", "CapInh"), ("cap_prm", "CapPrm"), ("cap_eff", "CapEff"),
+                       ("cap_bnd", "CapBnd"), ("cap_amb", "CapAmb")):
+        getattr(c, field).extend(_cap_words(status.get(key, "0")))
+    c.groups.extend(procfs.status_ints(status.get("Groups", "")))
+    return c
+
+
+def sigactions_from_status(status: dict) -> list:
+    """62 sa_entry: ignored signals as SIG_IGN; caught ones' handlers are not in procfs (0)."""
+    ign = procfs.parse_sigset(status.get("SigIgn", "0"))
+    return [pb.sa_entry(sigaction=1 if ign >> (sig - 1) & 1 else 0, flags=0, restorer=0, mask=0)
+            for sig in lf.SIGACTION_SIGNALS]
+
+
+def _itimers():
+    z = lambda: pb.itimer_entry(isec=0, iusec=0, vsec=0, vusec=0)  # noqa: E731
+    return pb.task_timers_entry(real=z(), virt=z(), prof=z())
+
+
+# -- VMAs ---------------------------------------------------------------------------------
+_SPECIAL_VMAS = {   # name -> status (flags are MAP_PRIVATE|MAP_ANONYMOUS for all)
+    "[vdso]": V["VMA_AREA_REGULAR"] | V["VMA_AREA_VDSO"] | V["VMA_ANON_PRIVATE"],
+    "[vvar]": V["VMA_AREA_REGULAR"] | V["VMA_AREA_VVAR"] | V["VMA_ANON_PRIVATE"],
+    "[vvar_vclock]": V["VMA_AREA_REGULAR"] | V["VMA_AREA_VVAR"] | V["VMA_ANON_PRIVATE"],
+    "[vsyscall]": V["VMA_AREA_VSYSCALL"] | V["VMA_ANON_PRIVATE"],
+    "[heap]": V["VMA_AREA_REGULAR"] | V["VMA_AREA_HEAP"] | V["VMA_ANON_PRIVATE"],
+}
+_VMFLAG_MAP = {"gd": M["MAP_GROWSDOWN"], "lo": M["MAP_LOCKED"], "nr": M["MAP_NORESERVE"],
+               "ht": M["MAP_HUGETLB"]}
+_PRIVATE_ANON = M["MAP_PRIVATE"] | M["MAP_ANONYMOUS"]
+_SHARED_ANON = M["MAP_SHARED"] | M["MAP_ANONYMOUS"]
+_LINK_MODE_FLAGS = {0o400: os.O_RDONLY, 0o200: os.O_WRONLY, 0o600: os.O_RDWR}
+
+
+def vma_kind(m: procfs.MapLine) -> str:
+    """special | anon | shared_anon | sysv | memfd | file."""
+    path = m.path
+    if path in _SPECIAL_VMAS:
+        return "special"
+    if path == "" or path.startswith(("[stack", "[anon:")):
+        return "shared_anon" if m.shared else "anon"
+    if path.startswith("[anon_shmem:") or (m.shared and path == "/dev/zero (deleted)"):
+        return "shared_anon"
+    if path.startswith("/SYSV"):
+        return "sysv"
+    if path.startswith("/memfd:"):
+        return "memfd"
+    return "file"
+
+
+def classify(m: procfs.MapLine) -> tuple[int, int]:
+    """(status, flags) of a VMA as CRIU records it (criu-image-format.md 4.6)."""
+    kind = vma_kind(m)
+    reg = V["VMA_AREA_REGULAR"]
+    if kind == "special":
+        status, flags = _SPECIAL_VMAS[m.path], _PRIVATE_ANON
+    elif kind == "anon":
+        status, flags = reg | V["VMA_ANON_PRIVATE"], _PRIVATE_ANON
+    elif kind == "shared_anon":
+        status, flags = reg | V["VMA_ANON_SHARED"], _SHARED_ANON
+    elif kind == "sysv":
+        status, flags = reg | V["VMA_AREA_SYSVIPC"] | V["VMA_ANON_SHARED"], M["MAP_SHARED"]
+    else:
+        status = reg | (V["VMA_FILE_SHARED"] if m.shared else V["VMA_FILE_PRIVATE"])
+        status |= V["VMA_AREA_MEMFD"] if kind == "memfd" else 0
+        flags = M["MAP_SHARED"] if m.shared else M["MAP_PRIVATE"]
+    for code, bit in _VMFLAG_MAP.items():
+        if code in m.vmflags:
+            flags |= bit
+    return status, flags
+
+
+def madv_of(m: procfs.MapLine) -> int:
+    return sum(lf.MADV_BITS[name] for code, name in lf.VMFLAG_MADV.items() if code in m.vmflags)
+
+
+def page_mode(status: int) -> str | None:
+    """Which pages of a VMA are saved (pages.ANON / FILE_PRIVATE / SHARED), "whole" for the
+    vDSO, None for none (vvar, vsyscall, shared file maps: their data lives in the file)."""
+    if status & (V["VMA_AREA_VVAR"] | V["VMA_AREA_VSYSCALL"]):
+        return None
+    if status & V["VMA_AREA_VDSO"]:
+        return "whole"
+    if status & (V["VMA_ANON_SHARED"] | V["VMA_AREA_SYSVIPC"]):
+        return pages.SHARED
+    if status & V["VMA_FILE_SHARED"]:
+        return pages.SHARED if status & V["VMA_AREA_MEMFD"] else None
+    if status & V["VMA_FILE_PRIVATE"]:
+        return pages.FILE_PRIVATE
+    return pages.ANON
+
+
+# -- the source ---------------------------------------------------------------------------
+class LiveSource(Source):
+    """A live process tree. Thread-safe; call close() (or use `with`) when done."""
+
+    def __init__(self, pid: int, *, tracer: ptrace.Tracer | None = None):
+        self.root = pid
+        self._own_tracer = tracer is None
+        self._tracer = tracer or ptrace.Tracer()
+        self._lock = threading.RLock()
+        self._starts: dict[int, int] = {}
+        self._stops: dict[int, Stopped] = {}
+        self._cache: dict = {}
+        self._files = files.Files()
+        self._pagemaps: dict[int, pages.Pagemap] = {}
+        self._mems: dict[int, pages.Memory] = {}
+        self._kobj_ids: dict[str, list[tuple[int, int]]] = {}
+        self._ns_ids: dict[int, int] = {}
+        self.frozen = False
+        try:
+            self._refuse_uncapturable(pid)
+        except BaseException:
+            self.close()
+            raise
+
+    def _refuse_uncapturable(self, pid: int) -> None:
+        stat = self._stat(pid)
+        if int(stat[9]) & PF_KTHREAD:
+            raise NotCapturable(f"{pid} is a kernel thread", path=f"/proc/{pid}")
+        if stat[3] in ("Z", "X"):
+            raise NotCapturable(f"{pid} is a zombie (state {stat[3]})", path=f"/proc/{pid}")
+        self._check_tracer(pid)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self.frozen:
+            self.thaw()
+        for obj in list(self._pagemaps.values()) + list(self._mems.values()):
+            obj.close()
+        self._pagemaps.clear()
+        self._mems.clear()
+        if self._own_tracer:
+            self._tracer.close()
+            self._own_tracer = False
+
+    # -- identity ----------------------------------------------------------------------------
+    def _stat(self, pid: int, tid: int | None = None) -> list[str]:
+        """/proc stat fields of a process (or thread), checked against the start time first
+        seen, so that a reused pid reads as ProcessGone."""
+        path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+        fields = procfs.parse_stat(procfs.read_text(path))
+        key = pid if tid is None else (pid, tid)
+        start = int(fields[22])
+        known = self._starts.setdefault(key, start)
+        if known != start:
+            raise ProcessGone(f"pid {pid} now names another process", path=path, step="stat")
+        return fields
+
+    def _check(self, pid: int) -> None:
+        self._stat(pid)
+
+    def _status(self, pid: int, tid: int | None = None) -> dict:
+        path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+        return procfs.parse_status(procfs.read_text(path))
+
+    def _check_tracer(self, pid: int) -> None:
+        tracer = int(self._status(pid).get("TracerPid", "0"))
+        if tracer and tracer != os.getpid():
+            raise AlreadyTraced(f"process {pid} is already traced by {tracer} (EBUSY)",
+                                path=f"/proc/{pid}/status", step="TracerPid", err=errno.EBUSY)
+
+    def _cached(self, key, fn):
+        """While frozen, each answer is computed once (one consistent state)."""
+        if not self.frozen:
+            return fn()
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = fn()
+            return self._cache[key]
+
+    # -- freeze / thaw -----------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Stop every thread of the tree (repeating until no new thread or child appears)."""
+        with self._lock:
+            if self.frozen:
+                return
+            self._check_tracer(self.root)
+            try:
+                while True:
+                    todo = [(pid, tid) for pid, tids in self._walk(live_only=True)
+                            for tid in tids if tid not in self._stops]
+                    if not todo:
+                        break
+                    self._stops.update(self._tracer.call(_stop_threads, todo))
+                    if self.root not in self._stops:
+                        raise ProcessGone(f"process {self.root} is gone", step="freeze",
+                                          path=f"/proc/{self.root}")
+            except BaseException:
+                self._release_all()
+                raise
+            self._cache.clear()
+            self._files.forget_fds()
+            self.frozen = True
+
+    def thaw(self) -> None:
+        """Let every thread run again, untraced, re-sending signals that arrived meanwhile."""
+        with self._lock:
+            self._release_all()
+            self.frozen = False
+            self._cache.clear()
+
+    def _release_all(self) -> None:
+        stops, self._stops = self._stops, {}
+        self._tracer.call(lambda: [_release(tid, s) for tid, s in stops.items()])
+
+    # -- process tree -------------------------------------------------------------------------
+    def _threads(self, pid: int) -> list[int]:
+        tids = sorted(int(t) for t in procfs.listdir(f"/proc/{pid}/task"))
+        return [pid] + [t for t in tids if t != pid] if pid in tids else tids
+
+    def _children(self, pid: int, tids: list[int]) -> list[int]:
+        out = []
+        for tid in tids:
+            try:
+                out += [int(c) for c in procfs.read_text(f"/proc/{pid}/task/{tid}/children").split()]
+            except ProcessGone:
+                continue    # that thread exited; its children moved to another thread
+        return out
+
+    def _walk(self, live_only: bool = False) -> list[tuple[int, list[int]]]:
+        """(pid, threads) of the root and every descendant, parents first."""
+        out, queue = [], [self.root]
+        while queue:
+            pid = queue.pop(0)
+            try:
+                stat = self._stat(pid)
+                tids = self._threads(pid)
+            except ProcessGone:
+                if pid == self.root:
+                    raise
+                continue
+            if live_only and stat[3] in ("Z", "X"):
+                continue
+            out.append((pid, tids))
+            queue += self._children(pid, tids)
+        return out
+
+    def pstree(self) -> list:
+        return self._cached("pstree", self._pstree)
+
+    def _pstree(self) -> list:
+        out = []
+        for pid, tids in self._walk():
+            stat = self._stat(pid)
+            e = pb.pstree_entry(pid=pid, ppid=int(stat[4]), pgid=int(stat[5]), sid=int(stat[6]))
+            e.threads.extend(tids)
+            out.append(e)
+        return out
+
+    def _tgid(self, tid: int) -> int:
+        for e in self.pstree():
+            if tid in e.threads:
+                return e.pid
+        raise ProcessGone(f"thread {tid} is not in the tree of {self.root}", path=f"/proc/{tid}")
+
+    # -- registers ---------------------------------------------------------------------------
+    def thread_regs(self, tid: int) -> ThreadRegs:
+        """Registers, xsave area, signal mask and rseq of one thread."""
+        return self._cached(("regs", tid), lambda: self._thread_regs(tid))
+
+    def _thread_regs(self, tid: int) -> ThreadRegs:
+        pid = self._tgid(tid)
+        self._stat(pid, tid)
+        stop = self._stops.get(tid)
+        if stop is not None:
+            return self._tracer.call(_read_regs, tid, stop.group_sig)
+        self._check_tracer(pid)
+        return self._tracer.call(_peek_regs, pid, tid)
+
+    def core(self, tid: int):
+        return self._cached(("core", tid), lambda: self._core(tid))
+
+    def _core(self, tid: int):
+        pid = self._tgid(tid)
+        stat = self._stat(pid)
+        core = pb.core_entry(mtype=pb.core_entry.X86_64)
+        if stat[3] in ("Z", "X"):
+            core.tc.CopyFrom(self._task_core(pid, stat, None, dead=True))
+            return core
+        tr = self.thread_regs(tid)
+        ti = core.thread_info
+        ti.clear_tid_addr = 0
+        for tree_name, criu_name in lf.GP_REGS:
+            setattr(ti.gpregs, criu_name, tr.regs[tree_name])
+        ti.gpregs.mode = pb.NATIVE
+        ti.fpregs.CopyFrom(xsave.split(tr.xstate))
+        if tid == pid:
+            core.tc.CopyFrom(self._task_core(pid, stat, tr))
+        core.thread_core.CopyFrom(self._thread_core(pid, tid, tr))
+        return core
+
+    def _task_core(self, pid: int, stat: list[str], tr: ThreadRegs | None, dead: bool = False):
+        status = self._status(pid)
+        stopped = tr.group_sig if tr else 0
+        state = lf.TASK_STATES["dead"] if dead else \
+            lf.TASK_STATES["stopped"] if stopped else lf.TASK_STATES["alive"]
+        tc = pb.task_core_entry(
+            task_state=state, exit_code=int(stat[52]) if dead and len(stat) > 52 else 0,
+            personality=int(procfs.read_text(f"/proc/{pid}/personality").strip(), 16),
+            flags=int(stat[9]), blk_sigset=tr.sigmask if tr else 0, comm=stat[2],
+            loginuid=int(procfs.read_text(f"/proc/{pid}/loginuid").strip()),
+            oom_score_adj=int(procfs.read_text(f"/proc/{pid}/oom_score_adj").strip()))
+        if stopped:
+            tc.stop_signo = stopped
+        if dead:
+            return tc
+        tc.timers.CopyFrom(_itimers())
+        tc.rlimits.rlimits.extend(pb.rlimit_entry(cur=c, max=m) for c, m in rlimits(pid))
+        tc.sigactions.extend(sigactions_from_status(status))
+        return tc
+
+    def _thread_core(self, pid: int, tid: int, tr: ThreadRegs):
+        stat = self._stat(pid, tid)
+        rla, rla_len = robust_list(tid)
+        t = pb.thread_core_entry(futex_rla=rla, futex_rla_len=rla_len,
+                                 sched_nice=int(stat[19]), sched_policy=int(stat[41]),
+                                 sched_prio=int(stat[40]),
+                                 comm=procfs.read_text(f"/proc/{pid}/task/{tid}/comm").rstrip("\n"))
+        if tid != pid:
+            t.blk_sigset = tr.sigmask
+        t.creds.CopyFrom(creds_from_status(self._status(pid, tid)))
+        if tr.rseq:
+            t.rseq_entry.CopyFrom(pb.rseq_entry(rseq_abi_pointer=tr.rseq[0],
+                                                rseq_abi_size=tr.rseq[1], signature=tr.rseq[2]))
+        return t
+
+    # -- memory map --------------------------------------------------------------------------
+    def maps(self, pid: int) -> list[procfs.MapLine]:
+        """/proc/PID/smaps entries (with VmFlags)."""
+        return self._cached(("maps", pid), lambda: self._maps(pid))
+
+    def _maps(self, pid: int) -> list[procfs.MapLine]:
+        self._check(pid)
+        return procfs.parse_maps(procfs.read_text(f"/proc/{pid}/smaps"))
+
+    def mm(self, pid: int):
+        return self._cached(("mm", pid), lambda: self._mm(pid))
+
+    def _mm(self, pid: int):
+        s = [int(x) for x in self._stat(pid)[25:52]]   # s[i] = field i + 25
+        f = lambda n: s[n - 25]  # noqa: E731
+        maps = self.maps(pid)
+        heap = next((m for m in maps if m.path == "[heap]"), None)
+        mm = pb.mm_entry(mm_start_code=f(26), mm_end_code=f(27), mm_start_stack=f(28),
+                         mm_start_data=f(45), mm_end_data=f(46), mm_start_brk=f(47),
+                         mm_brk=heap.end if heap else f(47), mm_arg_start=f(48),
+                         mm_arg_end=f(49), mm_env_start=f(50), mm_env_end=f(51),
+                         exe_file_id=self._path_file(pid, f"/proc/{pid}/exe"),
+                         dumpable=self._dumpable(pid))
+        mm.mm_saved_auxv.extend(procfs.parse_auxv(procfs.read_bytes(f"/proc/{pid}/auxv")))
+        mm.vmas.extend(self._vmas(pid, maps))
+        return mm
+
+    def _dumpable(self, pid: int) -> int:
+        """PR_GET_DUMPABLE is not in procfs; a non-dumpable task's /proc files belong to root,
+        so for a task whose euid is not root that shows it (root tasks: assumed 1)."""
+        euid = procfs.status_ints(self._status(pid)["Uid"])[1]
+        owner = procfs.stat(f"/proc/{pid}").st_uid
+        return 0 if euid != 0 and owner == 0 else 1
+
+    def _vmas(self, pid: int, maps: list[procfs.MapLine]) -> list:
+        out = []
+        for m in maps:
+            if m.path == "[uprobes]":
+                continue
+            status, flags = classify(m)
+            prev = out[-1] if out else None
+            if prev is not None and status & V["VMA_AREA_VVAR"] and \
+                    prev.status & V["VMA_AREA_VVAR"] and prev.end == m.start:
+                prev.end = m.end      # [vvar] + [vvar_vclock]: one area, as CRIU 4.2 has it
+                continue
+            out.append(self._vma(pid, m, status, flags))
+        return out
+
+    def _vma(self, pid: int, m: procfs.MapLine, status: int, flags: int):
+        v = pb.vma_entry(start=m.start, end=m.end, pgoff=m.pgoff, shmid=0, prot=m.prot,
+                         flags=flags, status=status, fd=-1, madv=madv_of(m))
+        if status & V["VMA_AREA_VVAR"]:
+            v.madv |= lf.MADV_BITS["MADV_DONTDUMP"]
+        if status & (V["VMA_FILE_PRIVATE"] | V["VMA_FILE_SHARED"]):
+            link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+            v.shmid = self._files.path_id(pid, link, procfs.strip_deleted(m.path)[0])
+            if status & V["VMA_FILE_SHARED"]:
+                mode = procfs.stat(link, follow=False).st_mode & 0o777
+                v.fdflags = _LINK_MODE_FLAGS.get(mode, os.O_RDONLY)
+        elif status & V["VMA_ANON_SHARED"]:
+            v.shmid = m.inode
+        return v
+
+    # -- pages -------------------------------------------------------------------------------
+    def page_ranges(self, pid: int, vma) -> list[PageRange]:
+        return self._cached(("pages", pid, vma.start, vma.end),
+                            lambda: self._page_ranges(pid, vma))
+
+    def _page_ranges(self, pid: int, vma) -> list[PageRange]:
+        mode = page_mode(vma.status)
+        if mode is None:
+            return []
+        if mode == "whole":
+            return [PageRange(vma.start, vma.end)]
+        got = self._pagemap(pid).ranges(vma.start, vma.end, mode)
+        self._check(pid)
+        return got
+
+    def _pagemap(self, pid: int) -> pages.Pagemap:
+        with self._lock:
+            if pid not in self._pagemaps:
+                self._check(pid)
+                self._pagemaps[pid] = pages.Pagemap(pid)
+            return self._pagemaps[pid]
+
+    def _memory(self, pid: int) -> pages.Memory:
+        with self._lock:
+            if pid not in self._mems:
+                self._check(pid)
+                self._mems[pid] = pages.Memory(pid)
+            return self._mems[pid]
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        data = self._memory(pid).read(addr, size)
+        self._check(pid)
+        return data
+
+    def read_memory_into(self, pid: int, addr: int, buf) -> int:
+        """Fill a writable buffer (bytearray, memoryview, mmap) with memory at `addr`."""
+        n = self._memory(pid).read_into(addr, buf)
+        self._check(pid)
+        return n
+
+    # -- files -------------------------------------------------------------------------------
+    def _path_file(self, pid: int, proc_link: str) -> int:
+        return self._files.path_id(pid, proc_link, procfs.readlink(proc_link))
+
+    def fs(self, pid: int):
+        return self._cached(("fs", pid), lambda: self._fs(pid))
+
+    def _fs(self, pid: int):
+        self._check(pid)
+        return pb.fs_entry(cwd_id=self._path_file(pid, f"/proc/{pid}/cwd"),
+                           root_id=self._path_file(pid, f"/proc/{pid}/root"),
+                           umask=int(self._status(pid).get("Umask", "0022"), 8))
+
+    def fdinfo(self, pid: int) -> list:
+        return self._cached(("fdinfo", pid), lambda: self._fdinfo(pid))
+
+    def _fdinfo(self, pid: int) -> list:
+        self._check(pid)
+        out = []
+        for fd in sorted(int(n) for n in procfs.listdir(f"/proc/{pid}/fd")):
+            try:
+                fid = self._files.fd_id(pid, fd)
+                entry = self.file(fid)
+                info = procfs.parse_fdinfo(procfs.read_text(f"/proc/{pid}/fdinfo/{fd}"))
+            except ProcessGone:
+                self._check(pid)   # still there: only this descriptor was closed meanwhile
+                continue
+            cloexec = lf.FD_CLOEXEC if procfs.fdinfo_flags(info) & lf.O_CLOEXEC else 0
+            out.append(pb.fdinfo_entry(id=fid, flags=cloexec, type=entry.type, fd=fd))
+        return out
+
+    def file(self, file_id: int):
+        return self._cached(("file", file_id), lambda: self._file(file_id))
+
+    def _file(self, file_id: int):
+        ref = self._files.refs.get(file_id)
+        if ref is None:
+            raise KeyError(f"no file id {file_id} (ids come from fdinfo, mm, fs)")
+        self._check(ref.pid)
+        if ref.fd is None:
+            return files.path_entry(file_id, ref)
+        return files.fd_entry(file_id, ref, self._ns_ids)
+
+    def file_deleted(self, file_id: int) -> bool:
+        """The file was unlinked while open (/proc shows ' (deleted)' and no links remain)."""
+        ref = self._files.refs[file_id]
+        link = procfs.readlink(ref.path)
+        s = procfs.stat(ref.path)
+        return link.endswith(procfs.DELETED) and s.st_nlink == 0
+
+    def file_contents(self, file_id: int) -> bytes:
+        """Whole contents of a file (meant for deleted files, which only the process reaches)."""
+        return files.read_whole(self._files.refs[file_id].path)
+
+    def pipe_data(self, pipe_id: int) -> bytes:
+        return self._cached(("pipe", pipe_id), lambda: self._pipe_data(pipe_id))
+
+    def _pipe_data(self, pipe_id: int) -> bytes:
+        ref = self._files.any_fd_of(pipe_id)
+        if ref is None:
+            for pid in self.pids():
+                self.fdinfo(pid)        # registers every descriptor of the tree
+            ref = self._files.any_fd_of(pipe_id)
+        if ref is None:
+            raise KeyError(f"no descriptor of the tree holds pipe {pipe_id}")
+        return files.pipe_peek(ref.path)
+
+    # -- ids ---------------------------------------------------------------------------------
+    def ids(self, pid: int):
+        return self._cached(("ids", pid), lambda: self._ids(pid))
+
+    def _ids(self, pid: int):
+        self._check(pid)
+        e = pb.task_kobj_ids_entry(vm_id=self._kobj_id("vm", pid, files.KCMP_VM),
+                                   files_id=self._kobj_id("files", pid, files.KCMP_FILES),
+                                   fs_id=self._kobj_id("fs", pid, files.KCMP_FS),
+                                   sighand_id=self._kobj_id("sighand", pid, files.KCMP_SIGHAND))
+        for kind, inode in self._namespaces(pid).items():
+            if kind in _NS_FIELD:
+                setattr(e, _NS_FIELD[kind], self._ns_id(inode))
+        return e
+
+    def _kobj_id(self, kind: str, pid: int, kcmp_type: int) -> int:
+        """Small ids from 2 (1 is CRIU's own), shared by tasks that share the object."""
+        with self._lock:
+            known = self._kobj_ids.setdefault(kind, [])
+            for other, oid in known:
+                if other == pid:
+                    return oid
+            for other, oid in known:
+                try:
+                    if files.kcmp(pid, other, kcmp_type) == 0:
+                        known.append((pid, oid))
+                        return oid
+                except (ProcessGone, KernelError):
+                    continue
+            oid = 2 + len({i for _, i in known})
+            known.append((pid, oid))
+            return oid
+
+    def _ns_id(self, inode: int) -> int:
+        with self._lock:
+            return self._ns_ids.setdefault(inode, len(self._ns_ids) + 1)
+
+    def _namespaces(self, pid: int) -> dict[str, int]:
+        out = {}
+        for kind in NS_KINDS:
+            try:
+                out[kind] = procfs.parse_ns_link(procfs.readlink(f"/proc/{pid}/ns/{kind}"))[1]
+            except ProcessGone:
+                self._check(pid)    # the kernel has no such namespace kind
+        return out
+
+    # -- isolation and meta ------------------------------------------------------------------
+    def isolation(self) -> Isolation:
+        return self._cached("isolation", self._isolation)
+
+    def _isolation(self) -> Isolation:
+        pid = self.root
+        ns = self._namespaces(pid)
+        ppid = int(self._stat(pid)[4])
+        try:
+            parent = self._namespaces_plain(ppid) if ppid else {}
+        except ProcessGone:
+            parent = {}
+        own = tuple(k for k in NS_KINDS if k in parent and parent[k] != ns.get(k))
+        lines = procfs.parse_cgroup(procfs.read_text(f"/proc/{pid}/cgroup"))
+        mounts = procfs.parse_mountinfo(procfs.read_text("/proc/self/mountinfo"))
+        host, domain = self._uts(pid, ns.get("uts"))
+        return Isolation(hostname=host, domainname=domain, namespaces=ns, own_namespaces=own,
+                         cgroup=cgroups.main_path(lines), limits=cgroups.limits(lines, mounts))
+
+    @staticmethod
+    def _namespaces_plain(pid: int) -> dict[str, int]:
+        out = {}
+        for kind in NS_KINDS:
+            try:
+                out[kind] = procfs.parse_ns_link(procfs.readlink(f"/proc/{pid}/ns/{kind}"))[1]
+            except ProcessGone:
+                continue
+        return out
+
+    def _uts(self, pid: int, uts_inode: int | None) -> tuple[str, str]:
+        """Host and domain name of the task's UTS namespace. Ours: read directly. Another:
+        `nsenter -t PID -u` runs cat inside it (setns cannot be done by one thread of a
+        multi-threaded program for the uts namespace safely, a short child process can)."""
+        mine = procfs.parse_ns_link(os.readlink("/proc/self/ns/uts"))[1]
+        names = ("/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname")
+        if uts_inode == mine:
+            return tuple(procfs.read_text(p).strip() for p in names)
+        out = subprocess.run(["nsenter", "-t", str(pid), "-u", "cat", *names],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            self._check(pid)
+            raise KernelError(f"nsenter -t {pid} -u: {out.stderr.strip()}", errno.EIO,
+                              step="setns uts", path=f"/proc/{pid}/ns/uts")
+        host, domain = (out.stdout.splitlines() + ["", ""])[:2]
+        return host, domain
+
+    def meta(self) -> Meta:
+        return self._cached("meta", self._meta)
+
+    def _meta(self) -> Meta:
+        tr = self.thread_regs(self.root)
+        xfeatures, size = xsave.sw_bytes(tr.xstate)
+        u = os.uname()
+        return Meta(os="linux", arch="x86_64", kernel=u.release, hostname=u.nodename,
+                    xfeatures=xfeatures, xsave_size=size or len(tr.xstate),
+                    cpu_flags=procfs.parse_cpuinfo_flags(procfs.read_text("/proc/cpuinfo")),
+                    binary_os=self._binary_os(self.root))
+
+    def _binary_os(self, pid: int) -> str:
+        path = f"/proc/{pid}/exe"
+        try:
+            with open(path, "rb") as f:
+                ident = f.read(16)
+        except OSError as e:
+            raise procfs.os_error(e, path, "open") from None
+        return "freebsd" if len(ident) > 7 and ident[:4] == b"\x7fELF" and ident[7] == 9 else "linux"
