@@ -335,3 +335,37 @@ def test_image_source_old_pagemap_and_parent(tmp_path):
     assert img.read_memory(101, e.vaddr, 2 * PAGE_SIZE) == \
         FakeSource().read_memory(101, e.vaddr, 2 * PAGE_SIZE)
     img.close()
+
+
+def test_image_source_cgroup_path_and_limits(exported, tmp_path):
+    """cgroup.img as CRIU writes it on a v1 host: the root task's set, v1 properties."""
+    _, out = exported
+    for name in os.listdir(out):
+        os.link(out / name, tmp_path / name)
+    cg = pb.cgroup_entry()
+    s = cg.sets.add(id=2)
+    s.ctls.add(name="memory", path="/ckptfs/t1")
+    s.ctls.add(name="cpu,cpuacct", path="/ckptfs/t1")
+    s.ctls.add(name="name=systemd", path="/user.slice")
+    cg.sets.add(id=1).ctls.add(name="memory", path="/")
+    mem = cg.controllers.add(cnames=["memory"])
+    top = mem.dirs.add(dir_name="ckptfs")
+    t1 = top.children.add(dir_name="t1")
+    t1.properties.add(name="memory.limit_in_bytes", value="268435456")
+    t1.properties.add(name="memory.memsw.limit_in_bytes", value="9223372036854771712")
+    cpu = cg.controllers.add(cnames=["cpu", "cpuacct"])
+    d = cpu.dirs.add(dir_name="ckptfs/t1")
+    d.properties.add(name="cpu.cfs_quota_us", value="50000")
+    d.properties.add(name="cpu.cfs_period_us", value="100000")
+    criu.write_image(tmp_path / "cgroup.img", "CGROUP", [cg])
+    kind, msgs, extras = criu.read_image(tmp_path / "core-100.img")
+    msgs[0].thread_core.cg_set = 2
+    criu.write_image(tmp_path / "core-100.img", kind, msgs)
+    iso = criu.ImageSource(tmp_path).isolation()
+    assert iso.cgroup == "/ckptfs/t1"
+    assert iso.limits == {"memory.max": "268435456", "memory.swap.max": "max",
+                          "cpu.max": "50000 100000"}
+    msgs[0].thread_core.cg_set = 3
+    criu.write_image(tmp_path / "core-100.img", kind, msgs)
+    with pytest.raises(BadImage, match="cgroup set 3"):
+        criu.ImageSource(tmp_path).isolation()

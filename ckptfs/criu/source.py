@@ -18,6 +18,7 @@ from .. import model, pb
 from ..errors import BadImage
 from ..flags import VMA_STATUS
 from ..model import PAGE_SIZE, PageRange
+from . import cgroups
 from .framing import PE_PARENT, PE_PRESENT, read_image
 
 NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
@@ -184,13 +185,14 @@ class ImageSource(model.Source):
         task, host = self.ids(root_pid), self.inventory().root_ids
         present = [k for k in NS_KINDS if task.HasField(f"{k}_ns_id")]
         uts = self._utsns()
+        cgroup, limits = self._cgroup(root_pid)
         return model.Isolation(
             hostname=uts.nodename if uts else None,
             domainname=uts.domainname if uts else None,
             namespaces={k: getattr(task, f"{k}_ns_id") for k in present},
             own_namespaces=tuple(k for k in present if host.HasField(f"{k}_ns_id")
                                  and getattr(task, f"{k}_ns_id") != getattr(host, f"{k}_ns_id")),
-            cgroup=self._cgroup_path(root_pid))
+            cgroup=cgroup, limits=limits)
 
     # -- helpers --------------------------------------------------------------------------
     def _index(self, name, kind, key) -> dict:
@@ -208,26 +210,20 @@ class ImageSource(model.Source):
         msgs, _ = self.image(f"utsns-{ids.uts_ns_id}.img", "UTSNS", required=False)
         return msgs[0] if msgs else None
 
-    def _cgroup_path(self, pid: int) -> str | None:
-        sets, _ = self.image("cgroup.img", "CGROUP", required=False)
+    def _cgroup(self, pid: int) -> tuple[str | None, dict]:
+        """(path, limits) of the task's cgroup set in cgroup.img; (None, {}) without one."""
+        entries, _ = self.image("cgroup.img", "CGROUP", required=False)
         core = self.core(pid)
         set_id = (core.thread_core.cg_set if core.thread_core.HasField("cg_set")
                   else core.tc.cg_set if core.tc.HasField("cg_set") else None)
-        if not sets or set_id is None:
-            return None
-        for s in sets[0].sets:
-            if s.id == set_id:
-                members = {m.name: m.path for m in s.ctls}
-                # FORMAT.md: the v2 path; on v1 the memory controller's path.
-                for name in ("", "memory"):
-                    if name in members:
-                        return members[name]
-                for name, path in members.items():
-                    if "memory" in name.split(","):
-                        return path
-                return None
-        raise BadImage(f"task {pid} uses cgroup set {set_id}, which is not in the image",
-                       path=self.path("cgroup.img"), step="read images")
+        if not entries or set_id is None:
+            return None, {}
+        cg_set = cgroups.task_set(entries[0], set_id)
+        if cg_set is None:
+            raise BadImage(f"task {pid} uses cgroup set {set_id}, which is not in the image",
+                           path=self.path("cgroup.img"), step="read images")
+        members = {m.name: m.path for m in cg_set.ctls}
+        return cgroups.cgroup_path(members), cgroups.limits(entries[0], members)
 
     def _page_index(self, pid: int) -> list:
         """[(start, end, flags, offset in pages file)] of the entries that carry data."""
