@@ -392,7 +392,9 @@ class TargetCore:
 
     def real(self, path: str) -> str:
         job, rel = self.split(path)
-        return os.path.join(self.jobs_dir, job, rel) if job else self.jobs_dir
+        if job is None:
+            return self.jobs_dir
+        return os.path.join(self.jobs_dir, job, rel) if rel else os.path.join(self.jobs_dir, job)
 
     def _inside(self, path: str, what: str) -> tuple[str, str]:
         """(job, rel) of a path that must lie inside a job (not the top level, not virtual)."""

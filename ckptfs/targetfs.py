@@ -252,7 +252,7 @@ def _setup_log(store: str, foreground: bool) -> None:
 def _clear_stale_mount(mountpoint: str) -> None:
     """A daemon killed -9 leaves a dead mount (ENOTCONN): detach it so a new one can start."""
     try:
-        os.stat(mountpoint)
+        os.listdir(mountpoint)     # not stat: the kernel may answer that from its cache
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
