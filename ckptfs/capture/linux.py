@@ -28,7 +28,7 @@ import ctypes
 
 from .. import flags as lf
 from .. import pb, ptrace, xsave
-from ..errors import CkptError, KernelError, ProcessGone, Unsupported
+from ..errors import NoAccess, CkptError, KernelError, ProcessGone, Unsupported
 from ..model import Isolation, Meta, PageRange, Source
 from . import cgroups, files, pages, procfs
 
@@ -154,6 +154,13 @@ def _peek_regs(pid: int, tid: int) -> ThreadRegs:
         return _read_regs(tid, stop.group_sig)
     finally:
         _release(tid, stop)
+
+
+def _tgid_of(tid: int) -> int:
+    try:
+        return int(procfs.parse_status(procfs.read_text(f"/proc/{tid}/status"))["Tgid"])
+    except ProcessGone:
+        return 0
 
 
 # -- small syscalls ------------------------------------------------------------------------
@@ -353,7 +360,7 @@ class LiveSource(Source):
 
     def _check_tracer(self, pid: int) -> None:
         tracer = int(self._status(pid).get("TracerPid", "0"))
-        if tracer and tracer != os.getpid():
+        if tracer and _tgid_of(tracer) != os.getpid():   # TracerPid names the tracing thread
             raise AlreadyTraced(f"process {pid} is already traced by {tracer} (EBUSY)",
                                 path=f"/proc/{pid}/status", step="TracerPid", err=errno.EBUSY)
 
@@ -763,7 +770,7 @@ class LiveSource(Source):
         for kind in NS_KINDS:
             try:
                 out[kind] = procfs.parse_ns_link(procfs.readlink(f"/proc/{pid}/ns/{kind}"))[1]
-            except ProcessGone:
+            except (ProcessGone, NoAccess):  # a parent we may not inspect (e.g. the sandbox's init)
                 continue
         return out
 

@@ -1,0 +1,374 @@
+"""LiveSource against real processes: registers, memory, files, pipes, threads, trees, freeze."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptfs import flags as lf
+from ckptfs import pb
+from ckptfs.capture import AlreadyTraced, LiveSource, NotCapturable, procfs
+from ckptfs.errors import ProcessGone
+from helpers.procs import wait_file, wait_gone
+
+PY = sys.executable
+
+
+def status(pid: int) -> dict:
+    return procfs.parse_status(Path(f"/proc/{pid}/status").read_text())
+
+
+def traced_by_us(pid: int, tid: int | None = None) -> bool:
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    tracer = int(procfs.parse_status(Path(path).read_text())["TracerPid"])
+    return tracer != 0 and int(status(tracer)["Tgid"]) == os.getpid()
+
+
+def untraced_and_running(pid: int) -> bool:
+    st = status(pid)
+    return st["TracerPid"] == "0" and st["State"][0] in "RS"
+
+
+def py_child(procs, tmp_path, body: str, *args) -> tuple:
+    """A Python child running `body`; it writes JSON facts to `out` and then sleeps.
+    Returns (proc, facts)."""
+    out = tmp_path / f"facts{len(procs.procs)}.json"
+    code = ("import json, os, sys, time\nOUT = sys.argv[1]\n" + body +
+            "\njson.dump(FACTS, open(OUT + '.tmp', 'w')); os.rename(OUT + '.tmp', OUT)\n"
+            "while True: time.sleep(100)\n")
+    proc = procs.spawn([PY, "-c", code, str(out), *args])
+    facts = json.loads(wait_file(out, proc=proc))
+    return proc, facts
+
+
+@pytest.fixture
+def sleeper(procs):
+    proc = procs.spawn(["sleep", "1000"])
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{proc.pid}/syscall").read_text().split()[0] not in ("230", "35"):
+        assert time.monotonic() < deadline, "sleep never blocked in its sleep call"
+        time.sleep(0.01)
+    return proc
+
+
+# -- a sleeping process --------------------------------------------------------------------
+def test_sleeping_process_core_matches_proc_syscall(sleeper):
+    sysc = Path(f"/proc/{sleeper.pid}/syscall").read_text().split()
+    sp, pc = int(sysc[-2], 16), int(sysc[-1], 16)
+    with LiveSource(sleeper.pid) as src:
+        assert [(e.pid, list(e.threads)) for e in src.pstree()] == [(sleeper.pid, [sleeper.pid])]
+        core = src.core(sleeper.pid)
+        regs = core.thread_info.gpregs
+        assert (regs.sp, regs.ip) == (sp, pc)
+        assert regs.orig_ax == int(sysc[0]) and regs.mode == pb.NATIVE
+        assert core.mtype == pb.core_entry.X86_64
+        assert len(core.thread_info.fpregs.st_space) == 32
+        assert len(core.thread_info.fpregs.xmm_space) == 64
+        tc = core.tc
+        assert tc.comm == "sleep" and tc.task_state == 1
+        assert len(tc.sigactions) == 62 and len(tc.rlimits.rlimits) == 16
+        assert tc.rlimits.rlimits[7].cur == os.sysconf("SC_OPEN_MAX") or tc.rlimits.rlimits[7].cur > 0
+        st = status(sleeper.pid)
+        assert core.thread_core.creds.uid == int(st["Uid"].split()[0])
+        assert core.thread_core.comm == "sleep"
+        assert core.thread_core.futex_rla_len == 24
+    assert untraced_and_running(sleeper.pid)
+
+
+def test_mm_matches_maps(sleeper):
+    pid = sleeper.pid
+    with LiveSource(pid) as src:
+        mm = src.mm(pid)
+        stat = procfs.parse_stat(Path(f"/proc/{pid}/stat").read_text())
+        assert mm.mm_start_code == int(stat[26]) and mm.mm_arg_start == int(stat[48])
+        maps = [m for m in procfs.parse_maps(Path(f"/proc/{pid}/maps").read_text())
+                if m.path != "[vvar_vclock]"]
+        assert [(v.start, v.prot) for v in mm.vmas] == [(m.start, m.prot) for m in maps]
+        by_path = {m.path: v for m, v in zip(maps, mm.vmas)}
+        V = lf.VMA_STATUS
+        assert by_path["[stack]"].flags & lf.MAP_FLAGS["MAP_GROWSDOWN"]
+        assert by_path["[vdso]"].status & V["VMA_AREA_VDSO"]
+        assert src.page_ranges(pid, by_path["[vdso]"])[0].start == by_path["[vdso]"].start
+        assert src.page_ranges(pid, by_path["[vvar]"]) == []
+        exe = src.file(mm.exe_file_id)
+        assert exe.type == pb.REG and exe.reg.name == os.readlink(f"/proc/{pid}/exe")
+        libc = next(v for m, v in zip(maps, mm.vmas) if "libc" in m.path)
+        assert libc.status & V["VMA_FILE_PRIVATE"] and src.file(libc.shmid).reg.name.endswith(".so.6")
+        auxv = Path(f"/proc/{pid}/auxv").read_bytes()
+        assert list(mm.mm_saved_auxv) == procfs.parse_auxv(auxv)
+        fs = src.fs(pid)
+        assert src.file(fs.cwd_id).reg.name == os.readlink(f"/proc/{pid}/cwd")
+        ids = src.ids(pid)
+        assert ids.vm_id == 2 and ids.files_id == 2
+
+
+# -- memory --------------------------------------------------------------------------------
+MEM_CHILD = """
+import mmap, ctypes
+m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+pattern = bytes(range(256)) * 16
+for off in (0, 5 << 20, (8 << 20) + 4096):
+    m[off:off + 4096] = pattern
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+FACTS = {"addr": addr}
+"""
+
+
+def test_memory_pattern_and_page_ranges(procs, tmp_path):
+    proc, facts = py_child(procs, tmp_path, MEM_CHILD)
+    addr = facts["addr"]
+    pattern = bytes(range(256)) * 16
+    with LiveSource(proc.pid) as src:
+        vma = next(v for v in src.mm(proc.pid).vmas if v.start <= addr < v.end)
+        assert vma.status & lf.VMA_STATUS["VMA_ANON_PRIVATE"]
+        got = [(r.start - addr, r.end - addr) for r in src.page_ranges(proc.pid, vma)
+               if r.start >= addr]
+        assert got == [(0, 4096), (5 << 20, (5 << 20) + 4096), ((8 << 20) + 4096, (8 << 20) + 8192)]
+        data = src.read_memory(proc.pid, addr + (5 << 20), 4096)
+        assert data == pattern
+        with open(f"/proc/{proc.pid}/mem", "rb") as f:
+            f.seek(addr)
+            assert src.read_memory(proc.pid, addr, 9 << 20) == f.read(9 << 20)
+        buf = bytearray(8192)
+        src.read_memory_into(proc.pid, addr + (8 << 20), buf)
+        assert buf == bytes(4096) + pattern
+
+
+def test_unreadable_page_reads_through_proc_mem(procs, tmp_path):
+    body = MEM_CHILD + "\nimport mmap as M\nlibc = ctypes.CDLL(None)\n" \
+        "libc.mprotect(ctypes.c_void_p(addr), 4096, 0)\n"
+    proc, facts = py_child(procs, tmp_path, body)
+    with LiveSource(proc.pid) as src:   # PROT_NONE: process_vm_readv refuses, /proc/PID/mem reads
+        assert src.read_memory(proc.pid, facts["addr"], 8192)[:4096] == bytes(range(256)) * 16
+
+
+def test_big_memory_scan_and_read_speed(procs, tmp_path):
+    size = 512 << 20
+    body = f"""
+import mmap, ctypes
+m = mmap.mmap(-1, {size}, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(m)), 7, {size})
+FACTS = {{"addr": ctypes.addressof(ctypes.c_char.from_buffer(m))}}
+"""
+    proc, facts = py_child(procs, tmp_path, body)
+    with LiveSource(proc.pid) as src:
+        vmas = src.mm(proc.pid).vmas
+        t = time.perf_counter()
+        total = sum(r.nr_pages for v in vmas for r in src.page_ranges(proc.pid, v))
+        scan = time.perf_counter() - t
+        assert total >= size // 4096
+        assert scan < 0.05, f"page_ranges of all VMAs took {scan * 1000:.1f} ms"
+        buf = bytearray(4 << 20)
+        t = time.perf_counter()
+        for off in range(0, size, len(buf)):
+            src.read_memory_into(proc.pid, facts["addr"] + off, buf)
+        rate = size / (time.perf_counter() - t)
+        assert buf[:8] == b"\x07" * 8
+        assert rate > 1.5e9, f"read_memory_into at {rate / 1e9:.2f} GB/s"
+
+
+# -- files -----------------------------------------------------------------------------------
+FILES_CHILD = """
+import socket, fcntl
+d = sys.argv[2]
+f1 = os.open(d + "/a.txt", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+os.write(f1, b"x" * 1000)
+os.set_inheritable(f1, True)
+f2 = os.open(d + "/a.txt", os.O_RDONLY | os.O_CLOEXEC)
+os.lseek(f2, 123, 0)
+f3 = os.dup(f2)
+r, w = os.pipe()
+os.write(w, b"hello pipe")
+s1, s2 = socket.socketpair()
+gone = os.open(d + "/deleted.txt", os.O_RDWR | os.O_CREAT)
+os.write(gone, b"ghost data")
+os.unlink(d + "/deleted.txt")
+def on_usr1(sig, frame):
+    open(d + "/drained", "wb").write(os.read(r, 100))
+import signal
+signal.signal(signal.SIGUSR1, on_usr1)
+FACTS = {"f1": f1, "f2": f2, "f3": f3, "r": r, "w": w, "s1": s1.fileno(), "gone": gone}
+"""
+
+
+def test_files_fdinfo_and_pipe_data(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, FILES_CHILD, str(tmp_path))
+    pid = proc.pid
+    with LiveSource(pid) as src:
+        infos = {e.fd: e for e in src.fdinfo(pid)}
+        assert sorted(infos) == sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+        f1 = src.file(infos[fx["f1"]].id).reg
+        assert f1.name == str(tmp_path / "a.txt") and f1.pos == 1000
+        assert f1.flags & lf.O_ACCMODE == os.O_RDWR and f1.flags & os.O_APPEND
+        assert not f1.HasField("size") or f1.size == 1000
+        f2 = infos[fx["f2"]]
+        assert f2.flags == lf.FD_CLOEXEC and infos[fx["f1"]].flags == 0
+        assert src.file(f2.id).reg.pos == 123
+        assert infos[fx["f3"]].id == f2.id          # dup shares the description
+        assert infos[fx["f1"]].id != f2.id           # a second open() does not
+        for fd, e in infos.items():
+            raw = procfs.parse_fdinfo(Path(f"/proc/{pid}/fdinfo/{fd}").read_text())
+            assert bool(int(raw["flags"], 8) & lf.O_CLOEXEC) == bool(e.flags & lf.FD_CLOEXEC)
+        rd, wr = src.file(infos[fx["r"]].id), src.file(infos[fx["w"]].id)
+        assert rd.type == wr.type == pb.PIPE and rd.pipe.pipe_id == wr.pipe.pipe_id
+        assert wr.pipe.flags & lf.O_ACCMODE == os.O_WRONLY
+        sk = src.file(infos[fx["s1"]].id)
+        assert sk.type == pb.UNIXSK and sk.usk.type == socket.SOCK_STREAM
+        assert sk.usk.ino == os.stat(f"/proc/{pid}/fd/{fx['s1']}").st_ino
+        gone = infos[fx["gone"]].id
+        assert src.file(gone).reg.name == str(tmp_path / "deleted.txt")
+        assert src.file_deleted(gone) and src.file_contents(gone) == b"ghost data"
+        assert not src.file_deleted(f2.id)
+        src.freeze()
+        assert src.pipe_data(rd.pipe.pipe_id) == b"hello pipe"
+        assert src.pipe_data(rd.pipe.pipe_id) == b"hello pipe"   # nothing consumed
+        src.thaw()
+    os.kill(pid, signal.SIGUSR1)
+    assert wait_file(tmp_path / "drained", proc=proc) == "hello pipe"
+
+
+# -- threads, trees, freeze ----------------------------------------------------------------
+THREADS_CHILD = """
+import threading, ctypes
+libc = ctypes.CDLL(None)
+tids = []
+def worker(n):
+    libc.prctl(15, ("worker%d" % n).encode())
+    tids.append(threading.get_native_id())
+    time.sleep(1000)
+for n in range(2):
+    threading.Thread(target=worker, args=(n,), daemon=True).start()
+while len(tids) < 2: time.sleep(0.01)
+FACTS = {"tids": sorted(tids)}
+"""
+
+
+def test_three_threads(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, THREADS_CHILD)
+    pid = proc.pid
+    with LiveSource(pid) as src:
+        assert list(src.pstree()[0].threads) == [pid] + fx["tids"]
+        src.freeze()
+        assert all(traced_by_us(pid, tid) for tid in [pid] + fx["tids"])
+        for tid in fx["tids"]:
+            core = src.core(tid)
+            assert not core.HasField("tc") and core.thread_core.comm.startswith("worker")
+            assert core.thread_core.HasField("blk_sigset")
+        assert src.core(pid).HasField("tc")
+        src.thaw()
+        for tid in [pid] + fx["tids"]:
+            st = procfs.parse_status(Path(f"/proc/{pid}/task/{tid}/status").read_text())
+            assert st["TracerPid"] == "0" and st["State"][0] in "RS"
+
+
+def test_shell_with_children(procs, tmp_path):
+    ready = tmp_path / "kids"
+    sh = procs.spawn(["sh", "-c", f"sleep 1000 & sleep 1000 & echo $! > {ready}.t; "
+                      f"mv {ready}.t {ready}; wait"])
+    wait_file(ready, proc=sh)
+    with LiveSource(sh.pid) as src:
+        tree = src.pstree()
+        assert tree[0].pid == sh.pid and len(tree) == 3
+        assert all(e.ppid == sh.pid and e.sid == sh.pid for e in tree[1:])
+        src.freeze()
+        assert src.frozen
+        for e in tree:
+            assert traced_by_us(e.pid)
+            assert src.core(e.pid).tc.comm in ("sh", "sleep")
+        assert src.ids(tree[1].pid).vm_id != src.ids(tree[0].pid).vm_id
+        src.thaw()
+        assert all(untraced_and_running(e.pid) for e in tree)
+
+
+def test_signal_sent_while_frozen_is_delivered_after_thaw(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, FILES_CHILD, str(tmp_path))
+    with LiveSource(proc.pid) as src:
+        src.freeze()
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.05)
+        assert not (tmp_path / "drained").exists()
+        src.thaw()
+    assert wait_file(tmp_path / "drained", proc=proc) == "hello pipe"
+
+
+def test_job_control_stopped_process_stays_stopped(sleeper):
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while status(sleeper.pid)["State"][0] != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with LiveSource(sleeper.pid) as src:
+        assert src.core(sleeper.pid).tc.task_state == 3
+        src.freeze()
+        assert src.core(sleeper.pid).tc.stop_signo == signal.SIGSTOP
+        src.thaw()
+    assert status(sleeper.pid)["State"][0] == "T" and status(sleeper.pid)["TracerPid"] == "0"
+    os.kill(sleeper.pid, signal.SIGCONT)
+
+
+def test_exit_gives_process_gone(procs):
+    proc = procs.spawn(["sleep", "1000"])
+    time.sleep(0.05)
+    src = LiveSource(proc.pid)
+    try:
+        src.mm(proc.pid)
+        proc.kill()
+        for read in (lambda: src.core(proc.pid), lambda: src.mm(proc.pid),
+                     lambda: src.fdinfo(proc.pid), lambda: src.pstree(),
+                     lambda: src.read_memory(proc.pid, 0x400000, 4096), src.freeze):
+            with pytest.raises(ProcessGone):
+                read()
+    finally:
+        src.close()
+
+
+def test_refuses_zombie_kernel_thread_and_traced(procs, sleeper):
+    with pytest.raises(NotCapturable):
+        LiveSource(2)   # kthreadd
+    z = procs.spawn(["sh", "-c", "exit 0"])
+    wait_gone(z.pid, 5)
+    with pytest.raises(NotCapturable, match="zombie"):
+        LiveSource(z.pid)
+    with LiveSource(sleeper.pid) as first:
+        first.freeze()
+        with LiveSource(sleeper.pid) as second:
+            with pytest.raises(AlreadyTraced, match="EPERM"):
+                second.freeze()
+    assert untraced_and_running(sleeper.pid)
+    strace = procs.spawn(["strace", "-p", str(sleeper.pid), "-o", "/dev/null"])
+    deadline = time.monotonic() + 5
+    while status(sleeper.pid)["TracerPid"] == "0":
+        assert time.monotonic() < deadline, "strace never attached"
+        time.sleep(0.01)
+    with pytest.raises(AlreadyTraced, match="EBUSY"):
+        LiveSource(sleeper.pid)
+    strace.kill()
+
+
+def test_isolation_own_uts_namespace(procs, tmp_path):
+    ready = tmp_path / "uts"
+    proc = procs.spawn(["unshare", "-u", "sh", "-c",
+                        f"hostname ckpt-test; touch {ready}; exec sleep 1000"])
+    wait_file_exists(ready)
+    with LiveSource(proc.pid) as src:
+        iso = src.isolation()
+        assert iso.hostname == "ckpt-test" and "uts" in iso.own_namespaces
+        assert iso.namespaces["uts"] == procfs.parse_ns_link(os.readlink(f"/proc/{proc.pid}/ns/uts"))[1]
+        assert set(iso.limits) == {"memory.max", "memory.swap.max", "pids.max", "cpu.max",
+                                   "cpuset.cpus"}
+        meta = src.meta()
+        assert meta.xsave_size >= 576 and meta.xfeatures & 0b11 == 0b11
+        assert meta.kernel == os.uname().release and "sse2" in meta.cpu_flags
+
+
+def wait_file_exists(path: Path, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
