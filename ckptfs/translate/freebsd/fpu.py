@@ -4,10 +4,11 @@ Both kernels hand out the hardware's standard (non-compacted) XSAVE image: the 5
 FXSAVE legacy region (== Linux user_fpregs_struct == FreeBSD struct fpreg, byte for byte),
 the 64-byte XSAVE header at 512 (xstate_bv, xcomp_bv), then components at their CPUID
 offsets. What differs (sys/amd64/amd64/ptrace_machdep.c, cpu_ptrace_xstate):
-- Linux writes its software bytes (struct _fpx_sw_bytes: magic FP_XSTATE_MAGIC1, extended
-  size, xfeatures = XCR0, xstate size) into the legacy region's reserved tail, bytes 464-511.
-  FreeBSD puts nothing there: the feature mask and length come from PT_GETXSTATE_INFO
-  (struct ptrace_xstate_info {uint64 xsave_mask; uint32 xsave_len;}).
+- Linux's ptrace buffer (struct user_xstateregs) carries XCR0, the features the buffer is
+  laid out for, as the u64 at 464 in the legacy region's reserved tail (464-511), the rest
+  zero. (The magic FP_XSTATE_MAGIC1/extended-size form of those bytes belongs to signal
+  frames, not to ptrace.) FreeBSD puts nothing there: the feature mask and length come from
+  PT_GETXSTATE_INFO (struct ptrace_xstate_info {uint64 xsave_mask; uint32 xsave_len;}).
 - FreeBSD's buffer is always cpu_max_ext_state_size long (the target CPU's size);
   PT_SETXSTATE accepts 512 <= len <= that size and refuses (EINVAL) an xstate_bv with
   features the CPU has not enabled.
@@ -23,9 +24,7 @@ LEGACY_SIZE = 512
 HEADER_SIZE = 64
 MIN_SIZE = LEGACY_SIZE + HEADER_SIZE
 SW_RESERVED = slice(464, 512)
-FP_XSTATE_MAGIC1 = 0x46505853
-FP_XSTATE_MAGIC2_SIZE = 4
-SW_BYTES = struct.Struct("<IIQI28x")          # magic1, extended_size, xfeatures, xstate_size
+SW_BYTES = struct.Struct("<Q40x")             # XCR0, then zeros (Linux user_xstateregs)
 XSTATE_INFO = struct.Struct("<QI4x")          # struct ptrace_xstate_info, 16 bytes
 XCOMP_COMPACTED = 1 << 63
 
@@ -77,15 +76,14 @@ def to_linux(xstate: bytes, xsave_mask: int, path: str = "") -> bytes:
     """FreeBSD PT_GETXSTATE bytes + PT_GETXSTATE_INFO mask -> Linux NT_X86_XSTATE bytes."""
     _check(xstate, path)
     buf = bytearray(xstate)
-    buf[SW_RESERVED] = SW_BYTES.pack(FP_XSTATE_MAGIC1, len(buf) + FP_XSTATE_MAGIC2_SIZE,
-                                     xsave_mask, len(buf))
+    buf[SW_RESERVED] = SW_BYTES.pack(xsave_mask)
     return bytes(buf)
 
 
 def linux_xfeatures(xsave: bytes) -> int | None:
-    """XCR0 from Linux's software bytes, or None if they are not there."""
-    magic, _, xfeatures, _ = SW_BYTES.unpack_from(xsave, SW_RESERVED.start)
-    return xfeatures if magic == FP_XSTATE_MAGIC1 else None
+    """XCR0 from a Linux ptrace XSAVE buffer, or None if it is not there."""
+    xcr0 = SW_BYTES.unpack_from(xsave, SW_RESERVED.start)[0]
+    return xcr0 or None
 
 
 def pack_xstate_info(mask: int, length: int) -> bytes:

@@ -1,0 +1,345 @@
+"""The one small interface to FreeBSD (amd64) system calls, through ctypes and libc.
+
+Everything FreeBSD-specific the FreeBSD capture and restore need goes through here:
+ptrace (PT_ATTACH/PT_DETACH/PT_CONTINUE, PT_GETREGS/PT_SETREGS, PT_GET/SETFSBASE,
+PT_GET/SETGSBASE, PT_GETXSTATE_INFO/PT_GETXSTATE/PT_SETXSTATE, PT_IO), sysctl
+kern.proc.vmmap / kern.proc.filedesc (packed kinfo_vmentry / kinfo_file records), jail_set /
+jail_get with name/value iovecs, rctl_add_rule.
+
+Numbers: sys/sys/ptrace.h, sys/x86/include/ptrace.h, sys/sys/user.h (record layouts, checked
+against KINFO_VMENTRY_SIZE 1160 / KINFO_FILE_SIZE 1392), sys/sys/sysctl.h, sys/sys/jail.h.
+The record parsers are pure functions and work anywhere; every system call raises
+errors.Unsupported on a system that is not FreeBSD, and errors.KernelError (native errno,
+the step and the pid) when FreeBSD refuses.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import struct
+import sys
+
+from ..errors import KernelError, Unsupported
+
+IS_FREEBSD = sys.platform.startswith("freebsd")
+
+# sys/sys/ptrace.h, sys/x86/include/ptrace.h (PT_FIRSTMACH 64 + n)
+PT_TRACE_ME, PT_READ_I, PT_READ_D, PT_WRITE_I, PT_WRITE_D = 0, 1, 2, 4, 5
+PT_CONTINUE, PT_KILL, PT_STEP, PT_ATTACH, PT_DETACH, PT_IO = 7, 8, 9, 10, 11, 12
+PT_LWPINFO, PT_GETNUMLWPS, PT_GETLWPLIST = 13, 14, 15
+PT_GETREGS, PT_SETREGS, PT_GETFPREGS, PT_SETFPREGS = 33, 34, 35, 36
+PT_GETXSTATE_INFO, PT_GETXSTATE, PT_SETXSTATE = 68, 69, 70
+PT_GETFSBASE, PT_SETFSBASE, PT_GETGSBASE, PT_SETGSBASE = 71, 72, 73, 74
+PIOD_READ_D, PIOD_WRITE_D, PIOD_READ_I, PIOD_WRITE_I = 1, 2, 3, 4
+
+# sysctl MIBs
+CTL_KERN, KERN_PROC, KERN_PROC_VMMAP, KERN_PROC_FILEDESC = 1, 14, 32, 33
+
+# sys/sys/user.h
+KVME_TYPE = {0: "none", 1: "default", 2: "vnode", 3: "swap", 4: "device", 5: "phys",
+             6: "dead", 7: "sg", 8: "mgtdevice", 9: "guard", 255: "unknown"}
+KVME_PROT_READ, KVME_PROT_WRITE, KVME_PROT_EXEC = 1, 2, 4
+KVME_FLAG = {"COW": 0x1, "NEEDS_COPY": 0x2, "NOCOREDUMP": 0x4, "SUPER": 0x8,
+             "GROWS_UP": 0x10, "GROWS_DOWN": 0x20, "USER_WIRED": 0x40}
+KF_TYPE = {0: "none", 1: "vnode", 2: "socket", 3: "pipe", 4: "fifo", 5: "kqueue", 6: "crypto",
+           7: "mqueue", 8: "shm", 9: "sem", 10: "pts", 11: "procdesc", 12: "dev",
+           13: "eventfd", 255: "unknown"}
+KF_FLAG = {"READ": 0x1, "WRITE": 0x2, "APPEND": 0x4, "ASYNC": 0x8, "FSYNC": 0x10,
+           "NONBLOCK": 0x20, "DIRECT": 0x40, "HASLOCK": 0x80, "SHLOCK": 0x100,
+           "EXLOCK": 0x200, "NOFOLLOW": 0x400, "CREAT": 0x800, "TRUNC": 0x1000,
+           "EXCL": 0x2000, "EXEC": 0x4000}
+
+# sys/sys/jail.h
+JAIL_CREATE, JAIL_UPDATE, JAIL_ATTACH, JAIL_DYING = 0x1, 0x2, 0x4, 0x8
+JAILSYS = {"disable": 0, "new": 1, "inherit": 2}
+JAILSYS_PARAMS = frozenset({"host", "vnet", "ip4", "ip6", "sysvmsg", "sysvsem", "sysvshm",
+                            "linux"})
+
+REG_SIZE = 176
+KVE = struct.Struct("<iiQQQQIiiiiiiiQIHHQQ")      # through kve_vn_rdev (offset 104)
+KVE_PATH_OFFSET, KINFO_VMENTRY_SIZE = 136, 1160
+KF = struct.Struct("<iiiiiiq")                    # structsize, type, fd, ref_count, flags, pad, offset
+KF_STATUS_OFFSET, KF_PATH_OFFSET, KINFO_FILE_SIZE = 336, 368, 1392
+
+
+class ptrace_io_desc(ctypes.Structure):
+    _fields_ = [("piod_op", ctypes.c_int), ("piod_offs", ctypes.c_void_p),
+                ("piod_addr", ctypes.c_void_p), ("piod_len", ctypes.c_size_t)]
+
+
+class iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+assert ctypes.sizeof(ptrace_io_desc) == 32
+
+
+# -- pure parsers -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VmEntry:
+    start: int
+    end: int               # exclusive
+    offset: int
+    kind: str              # KVME_TYPE name
+    prot: int              # KVME_PROT bits (same as PROT_ bits)
+    flags: int             # KVME_FLAG bits
+    fileid: int
+    path: str
+
+    @property
+    def private(self) -> bool:
+        """FreeBSD has no p/s column: a copy-on-write entry is a private map."""
+        return bool(self.flags & KVME_FLAG["COW"])
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    fd: int                # negative: KF_FD_TYPE_CWD -1, ROOT -2, JAIL -3, TRACE -4, TEXT -5 ...
+    kind: str              # KF_TYPE name
+    flags: int             # KF_FLAG bits (not O_ bits)
+    offset: int
+    path: str
+
+
+def _records(buf: bytes, what: str):
+    pos = 0
+    while pos < len(buf):
+        size = struct.unpack_from("<i", buf, pos)[0]
+        if size <= 0 or pos + size > len(buf):
+            raise Unsupported(f"{what}: record at {pos} claims {size} bytes of {len(buf)}")
+        yield buf[pos:pos + size]
+        pos += size
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def parse_vmmap(buf: bytes) -> list[VmEntry]:
+    """kern.proc.vmmap output: packed kinfo_vmentry records, each kve_structsize long."""
+    out = []
+    for rec in _records(buf, "kern.proc.vmmap"):
+        f = KVE.unpack_from(rec.ljust(KVE.size, b"\0"))
+        out.append(VmEntry(start=f[2], end=f[3], offset=f[4], kind=KVME_TYPE.get(f[1], str(f[1])),
+                           prot=f[10], flags=f[7], fileid=f[5], path=_cstr(rec[KVE_PATH_OFFSET:])))
+    return out
+
+
+def parse_filedesc(buf: bytes) -> list[FileEntry]:
+    """kern.proc.filedesc output: packed kinfo_file records, each kf_structsize long."""
+    out = []
+    for rec in _records(buf, "kern.proc.filedesc"):
+        f = KF.unpack_from(rec.ljust(KF.size, b"\0"))
+        out.append(FileEntry(fd=f[2], kind=KF_TYPE.get(f[1], str(f[1])), flags=f[4],
+                             offset=f[6], path=_cstr(rec[KF_PATH_OFFSET:])))
+    return out
+
+
+def jail_value(name: str, value) -> tuple[bytes, bytes | None]:
+    """One jail_set name/value pair as bytes, the way libjail encodes them: strings
+    NUL-terminated, numbers and jailsys words as a C int, booleans as a name with no value
+    (`persist`) or its `no` form (`nopersist`)."""
+    if value is True or value is False:
+        return (name if value else "no" + name).encode() + b"\0", None
+    if isinstance(value, int):
+        return name.encode() + b"\0", struct.pack("<i", value)
+    if name in JAILSYS_PARAMS:
+        if value not in JAILSYS:
+            raise ValueError(f"jail parameter {name}={value!r}: want one of {list(JAILSYS)}")
+        return name.encode() + b"\0", struct.pack("<i", JAILSYS[value])
+    return name.encode() + b"\0", str(value).encode() + b"\0"
+
+
+# -- system calls ---------------------------------------------------------------------------------
+_LIBC = None
+
+
+def libc():
+    """FreeBSD's libc with errno, or Unsupported on any other system."""
+    global _LIBC
+    if not IS_FREEBSD:
+        raise Unsupported(f"FreeBSD system calls are not available on {sys.platform}: run this "
+                          "on FreeBSD (or use --dry-run to see the plan)", step="oskit.freebsd")
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL("libc.so.7", use_errno=True)
+    return _LIBC
+
+
+def _fail(step: str, pid: int | None = None):
+    err = ctypes.get_errno()
+    raise KernelError(step, err, path=f"pid {pid}" if pid is not None else None)
+
+
+def ptrace(req: int, pid: int, addr=None, data: int = 0, step: str = "ptrace") -> int:
+    c = libc()
+    c.ptrace.restype = ctypes.c_int
+    c.ptrace.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    ctypes.set_errno(0)
+    rv = c.ptrace(req, pid, addr, data)
+    if rv == -1 and ctypes.get_errno():
+        _fail(step, pid)
+    return rv
+
+
+def attach(pid: int) -> None:
+    """PT_ATTACH stops the whole process (SIGSTOP); wait for the stop."""
+    ptrace(PT_ATTACH, pid, None, 0, step="PT_ATTACH")
+    os.waitpid(pid, 0)
+
+
+def wait(pid: int) -> int:
+    """waitpid status of a traced child (native wait(2); this is FreeBSD or nothing)."""
+    libc()
+    return os.waitpid(pid, 0)[1]
+
+
+def detach(pid: int, sig: int = 0) -> None:
+    ptrace(PT_DETACH, pid, ctypes.c_void_p(1), sig, step="PT_DETACH")
+
+
+def cont(pid: int, sig: int = 0) -> None:
+    """PT_CONTINUE at the current pc (addr 1)."""
+    ptrace(PT_CONTINUE, pid, ctypes.c_void_p(1), sig, step="PT_CONTINUE")
+
+
+def get_regs(lwp: int) -> bytes:
+    buf = ctypes.create_string_buffer(REG_SIZE)
+    ptrace(PT_GETREGS, lwp, buf, 0, step="PT_GETREGS")
+    return buf.raw
+
+
+def set_regs(lwp: int, reg: bytes) -> None:
+    if len(reg) != REG_SIZE:
+        raise ValueError(f"struct reg is {REG_SIZE} bytes, got {len(reg)}")
+    ptrace(PT_SETREGS, lwp, ctypes.create_string_buffer(reg, REG_SIZE), 0, step="PT_SETREGS")
+
+
+def _base(req: int, lwp: int, step: str) -> int:
+    val = ctypes.c_uint64()
+    ptrace(req, lwp, ctypes.byref(val), 0, step=step)
+    return val.value
+
+
+def get_fsbase(lwp: int) -> int:
+    return _base(PT_GETFSBASE, lwp, "PT_GETFSBASE")
+
+
+def get_gsbase(lwp: int) -> int:
+    return _base(PT_GETGSBASE, lwp, "PT_GETGSBASE")
+
+
+def set_fsbase(lwp: int, value: int) -> None:
+    ptrace(PT_SETFSBASE, lwp, ctypes.byref(ctypes.c_uint64(value)), 0, step="PT_SETFSBASE")
+
+
+def set_gsbase(lwp: int, value: int) -> None:
+    ptrace(PT_SETGSBASE, lwp, ctypes.byref(ctypes.c_uint64(value)), 0, step="PT_SETGSBASE")
+
+
+def xstate_info(lwp: int) -> tuple[int, int]:
+    """(xsave_mask, xsave_len) from PT_GETXSTATE_INFO (data = sizeof the 16-byte struct)."""
+    buf = ctypes.create_string_buffer(16)
+    ptrace(PT_GETXSTATE_INFO, lwp, buf, 16, step="PT_GETXSTATE_INFO")
+    mask, length = struct.unpack_from("<QI", buf.raw)
+    return mask, length
+
+
+def get_xstate(lwp: int) -> bytes:
+    """The whole save area; the kernel copies out xsave_len bytes whatever `data` says."""
+    _, length = xstate_info(lwp)
+    buf = ctypes.create_string_buffer(length)
+    ptrace(PT_GETXSTATE, lwp, buf, length, step="PT_GETXSTATE")
+    return buf.raw
+
+
+def set_xstate(lwp: int, data: bytes) -> None:
+    ptrace(PT_SETXSTATE, lwp, ctypes.create_string_buffer(data, len(data)), len(data),
+           step="PT_SETXSTATE")
+
+
+def _io(pid: int, op: int, addr: int, buf, size: int, step: str) -> int:
+    desc = ptrace_io_desc(op, addr, ctypes.cast(buf, ctypes.c_void_p), size)
+    ptrace(PT_IO, pid, ctypes.byref(desc), 0, step=step)
+    return desc.piod_len
+
+
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    got = _io(pid, PIOD_READ_D, addr, buf, size, f"PT_IO read {addr:#x}+{size}")
+    if got != size:
+        raise KernelError(f"PT_IO read {addr:#x}+{size}: short read {got}", 5, path=f"pid {pid}")
+    return buf.raw
+
+
+def write_memory(pid: int, addr: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    got = _io(pid, PIOD_WRITE_D, addr, buf, len(data), f"PT_IO write {addr:#x}+{len(data)}")
+    if got != len(data):
+        raise KernelError(f"PT_IO write {addr:#x}: short write {got}", 5, path=f"pid {pid}")
+
+
+def _sysctl(mib: list[int], step: str) -> bytes:
+    c = libc()
+    arr = (ctypes.c_int * len(mib))(*mib)
+    size = ctypes.c_size_t(0)
+    if c.sysctl(arr, len(mib), None, ctypes.byref(size), None, 0) != 0:
+        _fail(step, mib[-1])
+    size.value = size.value * 4 // 3 + 4096         # the map may grow between the two calls
+    buf = ctypes.create_string_buffer(size.value)
+    if c.sysctl(arr, len(mib), buf, ctypes.byref(size), None, 0) != 0:
+        _fail(step, mib[-1])
+    return buf.raw[:size.value]
+
+
+def vmmap(pid: int) -> list[VmEntry]:
+    return parse_vmmap(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_VMMAP, pid], "kern.proc.vmmap"))
+
+
+def filedesc(pid: int) -> list[FileEntry]:
+    return parse_filedesc(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_FILEDESC, pid],
+                                  "kern.proc.filedesc"))
+
+
+def _iov(pairs: list[tuple[bytes, bytes | None]]):
+    keep, vec = [], (iovec * (2 * len(pairs)))()
+    for i, (name, value) in enumerate(pairs):
+        for j, raw in enumerate((name, value)):
+            if raw is None:
+                vec[2 * i + j] = iovec(None, 0)
+                continue
+            b = ctypes.create_string_buffer(raw, len(raw))
+            keep.append(b)
+            vec[2 * i + j] = iovec(ctypes.cast(b, ctypes.c_void_p), len(raw))
+    return vec, keep
+
+
+def jail_set(params: dict, flags: int = JAIL_CREATE) -> int:
+    """Create/update a jail from {name: value}; returns the jid. errmsg is reported."""
+    errbuf = ctypes.create_string_buffer(1024)
+    pairs = [jail_value(k, v) for k, v in params.items()] + [(b"errmsg\0", None)]
+    vec, keep = _iov(pairs)
+    vec[-1] = iovec(ctypes.cast(errbuf, ctypes.c_void_p), len(errbuf))
+    jid = libc().jail_set(vec, len(vec), flags)
+    if jid < 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"jail_set {params.get('name', '')}: {_cstr(errbuf.raw)}", err)
+    return jid
+
+
+def jail_get(name: str, keys: list[str]) -> dict[str, bytes]:
+    """Raw values of `keys` for the jail called `name` (strings still NUL-terminated)."""
+    bufs = {k: ctypes.create_string_buffer(1024) for k in keys}
+    pairs = [(b"name\0", name.encode() + b"\0")] + [(k.encode() + b"\0", bytes(1024)) for k in keys]
+    vec, keep = _iov(pairs)
+    for i, k in enumerate(keys, 1):
+        vec[2 * i + 1] = iovec(ctypes.cast(bufs[k], ctypes.c_void_p), 1024)
+    if libc().jail_get(vec, len(vec), 0) < 0:
+        _fail(f"jail_get {name}")
+    return {k: bufs[k].raw for k in keys}
+
+
+def rctl_add_rule(rule: str) -> None:
+    raw = rule.encode() + b"\0"
+    if libc().rctl_add_rule(raw, len(raw), None, 0) != 0:
+        _fail(f"rctl_add_rule {rule}")
