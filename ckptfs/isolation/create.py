@@ -1,0 +1,320 @@
+"""Re-create a container's isolation and start a program inside it.
+
+    c = Container.start(iso, ["helper", ...], stdout=...)   # or: with Container.create(...) as c
+    c.init_pid      # host pid of the program; pid 1 of the new pid namespace if pid is own
+    c.cleanup()     # kill it (and with it the whole pid namespace), remove the cgroups
+
+How: everything is checked first (BadTree / Unsupported naming the tree file and the value),
+then the cgroups are made with their limits (cgroups.py). Then a namespace init is started
+with posix-spawn-like subprocess (never fork() in the caller: it may be a threaded FUSE
+daemon). That init is a small Python program (`_nsinit`) that talks to us over a socketpair:
+
+    outer  unshare(mnt uts ipc net pid time per `own`); fork if pid or time is own (both apply
+           to children only); tells us the child's host pid; waits for it, exits with its status.
+    inner  (pid 1 of the new pid namespace) dies with the outer (PR_SET_PDEATHSIG); joins the
+           new cgroups; unshares the cgroup namespace (so its root is the container's cgroup);
+           makes every mount private and mounts its own /proc; sets hostname and domainname;
+           brings up loopback and the recorded interfaces, addresses and routes (net.py);
+           re-creates the recorded mounts (mounts.py); reports "ready"; execs the program.
+
+The socket is close-on-exec, so end-of-file after "ready" means the exec happened. Any failure
+in the init comes back as the error it raised (class, file, message) and everything is torn
+down: the pid namespace dies with its init, the net and mount namespaces with their last task
+(nothing is bind-mounted under /run/netns), and the cgroups are removed after their tasks are
+gone. User namespaces are refused: the uid/gid maps are not part of the tree.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+from .. import errors
+from ..errors import BadTree, CkptError, KernelError, Unsupported
+from . import Link, Mount, NetConfig
+from . import cgroups as _cgroups
+
+CLONE = {"mnt": 0x00020000, "uts": 0x04000000, "ipc": 0x08000000, "net": 0x40000000,
+         "pid": 0x20000000, "time": 0x00000080, "cgroup": 0x02000000}
+FORKING = ("pid", "time")      # these take effect for children of the unsharing task
+PR_SET_PDEATHSIG = 1
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = ("import sys; sys.path.insert(0, {root!r}); "
+         "from ckptfs.isolation import create; create._nsinit(int(sys.argv[1]))")
+START_TIMEOUT = 30.0
+
+
+# -- checks before anything exists -----------------------------------------------------------
+def validate(iso) -> None:
+    own = set(iso.own_namespaces)
+    for kind in sorted(own):
+        if kind not in CLONE:
+            raise Unsupported(f"namespace kind {kind!r} cannot be re-created here"
+                              + (" (uid/gid maps are not recorded)" if kind == "user" else ""),
+                              path="isolation/own")
+    net, mounts = getattr(iso, "net", None), getattr(iso, "mounts", None)
+    if net is not None and "net" not in own:
+        raise BadTree("net configuration present but 'net' is not in isolation/own",
+                      path="isolation/net")
+    if mounts and "mnt" not in own:
+        raise BadTree("mounts present but 'mnt' is not in isolation/own", path="isolation/mounts")
+    _cgroups.validate(iso.limits)
+    if net is not None:
+        from . import net as _net
+        _net.validate(net)
+    if mounts:
+        from . import mounts as _mounts
+        _mounts.validate(mounts)
+
+
+# -- parent side -----------------------------------------------------------------------------
+class Container:
+    """A program running inside re-created namespaces and cgroups."""
+
+    def __init__(self, iso, name: str | None = None):
+        self.iso = iso
+        self.name = name or f"ckptfs-{uuid.uuid4().hex[:12]}"
+        self.cgroups: _cgroups.CgroupSet | None = None
+        self.popen: subprocess.Popen | None = None
+        self.init_pid: int | None = None
+        self.links: dict[str, str] = {}     # interface -> kind actually created
+        self._pidfd: int | None = None
+
+    @classmethod
+    def start(cls, iso, argv: list[str], *, name: str | None = None, **popen_kw) -> "Container":
+        c = cls(iso, name)
+        try:
+            validate(iso)
+            if iso.limits:
+                c.cgroups = _cgroups.CgroupSet.create(c.name, iso.limits)
+            c._spawn(list(argv), popen_kw)
+        except BaseException:
+            c.cleanup()
+            raise
+        return c
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, iso, argv: list[str], **kw):
+        c = cls.start(iso, argv, **kw)
+        try:
+            yield c
+        finally:
+            c.cleanup()
+
+    def _config(self, argv: list[str]) -> dict:
+        iso, own = self.iso, set(self.iso.own_namespaces)
+        net, mounts = getattr(iso, "net", None), getattr(iso, "mounts", None)
+        return {"unshare": sorted(own - {"cgroup"}), "cgroupns": "cgroup" in own,
+                "procs": self.cgroups.procs_files() if self.cgroups else [],
+                "hostname": iso.hostname if "uts" in own else None,
+                "domainname": iso.domainname if "uts" in own else None,
+                "net": dataclasses.asdict(net) if net is not None and "net" in own else None,
+                "lo": "net" in own,
+                "mounts": [dataclasses.asdict(m) for m in mounts or []],
+                "argv": argv}
+
+    def _spawn(self, argv: list[str], popen_kw: dict) -> None:
+        ours, theirs = socket.socketpair()
+        with ours:
+            try:
+                kw = dict(popen_kw)
+                kw["pass_fds"] = tuple(kw.get("pass_fds", ())) + (theirs.fileno(),)
+                boot = _BOOT.format(root=_ROOT)
+                self.popen = subprocess.Popen([sys.executable, "-c", boot, str(theirs.fileno())], **kw)
+            finally:
+                theirs.close()
+            ours.settimeout(START_TIMEOUT)
+            ours.sendall(json.dumps(self._config(argv)).encode() + b"\n")
+            self._await_ready(ours)
+
+    def _await_ready(self, sock: socket.socket) -> None:
+        forks = any(k in FORKING for k in self.iso.own_namespaces)
+        if not forks:
+            self._set_init(self.popen.pid)
+        ready = False
+        for msg in _messages(sock):
+            if "pid" in msg:
+                self._set_init(msg["pid"])
+            elif "ready" in msg:
+                self.links, ready = msg["ready"], True
+            elif "error" in msg:
+                raise _rebuild(msg["error"])
+        if not ready:
+            code = self.popen.wait(timeout=5)
+            raise errors.RestoreFailed(f"namespace init exited ({code}) before it was ready",
+                                       step="create container")
+
+    def _set_init(self, pid: int) -> None:
+        # The init cannot be reaped (and its pid reused) before the outer process waits for
+        # it, so the pid is still its own here; from now on it is held by a pidfd.
+        self.init_pid, self._pidfd = pid, os.pidfd_open(pid)
+
+    # -- use ------------------------------------------------------------------------------------
+    def nsenter(self, argv: list[str]) -> list[str]:
+        """argv prefixed with the nsenter call that runs it inside this container."""
+        flags = {"mnt": "-m", "uts": "-u", "ipc": "-i", "net": "-n", "pid": "-p",
+                 "cgroup": "-C", "time": "-T"}
+        return ["nsenter", "-t", str(self.init_pid),
+                *[flags[k] for k in self.iso.own_namespaces if k in flags], "--", *argv]
+
+    def add(self, pid: int) -> None:
+        """Move another task into the container's cgroups."""
+        if self.cgroups is not None:
+            self.cgroups.add(pid)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    # -- teardown -------------------------------------------------------------------------------
+    def cleanup(self, timeout: float = 5.0) -> None:
+        """Kill the init (its pid namespace goes with it), reap, remove the cgroups."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=timeout)
+        if self.cgroups is not None:
+            self.cgroups.remove(timeout)
+            self.cgroups = None
+
+
+def spawn_in_namespaces(iso, argv: list[str], **popen_kw) -> Container:
+    """Start `argv` inside new namespaces per iso.own_namespaces (and new cgroups per
+    iso.limits). The caller owns the result and must call .cleanup()."""
+    return Container.start(iso, argv, **popen_kw)
+
+
+def _messages(sock: socket.socket):
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise errors.RestoreFailed(f"namespace init silent for {START_TIMEOUT} s",
+                                       step="create container") from None
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield json.loads(line)
+
+
+_ERROR_CLASSES = {c.__name__: c for c in (BadTree, Unsupported, KernelError, CkptError)}
+
+
+def _rebuild(info: dict) -> CkptError:
+    cls = _ERROR_CLASSES.get(info["cls"], errors.RestoreFailed)
+    e = CkptError.__new__(cls)
+    Exception.__init__(e, info["text"])
+    e.path, e.step = info.get("path"), info.get("step")
+    if info.get("errno"):
+        e.errno = info["errno"]
+    return e
+
+
+# -- the namespace init (runs in its own process) --------------------------------------------
+def _send(sock: socket.socket, msg: dict) -> None:
+    sock.sendall(json.dumps(msg).encode() + b"\n")
+
+
+def _error_msg(e: BaseException, step: str) -> dict:
+    if isinstance(e, CkptError):
+        return {"cls": type(e).__name__, "text": str(e), "path": e.path, "step": e.step,
+                "errno": e.errno}
+    err = getattr(e, "errno", None)
+    return {"cls": "KernelError" if err else "CkptError", "text": f"{step}: {e}", "step": step,
+            "errno": err}
+
+
+def _libc_call(name: str, *args) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"{name}{args}", err, step="create container")
+
+
+def _nsinit(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    cfg = json.loads(sock.makefile("rb").readline())
+    step = "unshare"
+    try:
+        flags = sum(CLONE[k] for k in cfg["unshare"])
+        if flags:
+            _libc_call("unshare", ctypes.c_int(flags))
+        if any(k in FORKING for k in cfg["unshare"]):
+            child = os.fork()
+            if child:
+                _outer(sock, child)
+            _libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        step = "setup"
+        links = _setup(cfg)
+        step = "exec"
+        _send(sock, {"ready": links})
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)   # Python ignores these; a program expects defaults
+        os.execvp(cfg["argv"][0], cfg["argv"])
+    except BaseException as e:  # report everything: the parent raises it and cleans up
+        _send(sock, {"error": _error_msg(e, step)})
+        os._exit(127)
+
+
+def _outer(sock: socket.socket, child: int) -> None:
+    _send(sock, {"pid": child})
+    sock.close()
+    _, status = os.waitpid(child, 0)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def _run(argv: list) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: {r.stderr.strip()}")
+
+
+def _setup(cfg: dict) -> dict:
+    """Everything the new namespaces need before the program runs; returns the links made."""
+    from . import mounts as _mounts
+    for path in cfg["procs"]:
+        with open(path, "w") as f:
+            f.write("0")
+    if cfg["cgroupns"]:
+        _libc_call("unshare", ctypes.c_int(CLONE["cgroup"]))
+    if "mnt" in cfg["unshare"]:
+        _mounts.private_root_and_proc(_run, proc="pid" in cfg["unshare"])
+    if cfg["hostname"] is not None:
+        socket.sethostname(cfg["hostname"])
+    if cfg["domainname"] is not None:
+        with open("/proc/sys/kernel/domainname", "w") as f:
+            f.write(cfg["domainname"])
+    links = _setup_net(cfg)
+    _mounts.apply([Mount(**m) for m in cfg["mounts"]], _run)
+    return links
+
+
+def _setup_net(cfg: dict) -> dict:
+    if cfg["net"] is None:
+        if not cfg["lo"]:
+            return {}
+        cfg["net"] = {"links": [dataclasses.asdict(Link("lo"))], "routes": []}
+    from . import net as _net
+    raw = cfg["net"]
+    links = [Link(**{**d, "addrs": tuple(d["addrs"])}) for d in raw["links"]]
+    if not any(link.kind == "loopback" for link in links):
+        links.insert(0, Link("lo"))
+    return _net.apply(NetConfig(links=links, routes=raw["routes"]))
