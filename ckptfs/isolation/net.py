@@ -74,7 +74,8 @@ def route_from_json(r: dict) -> str | None:
 
 
 def capture(pid: int) -> NetConfig:
-    links = [link_from_json(e) for e in _ip_json(pid, ["-d", "addr", "show"])]
+    links = sorted((link_from_json(e) for e in _ip_json(pid, ["-d", "addr", "show"])),
+                   key=lambda link: link.name)     # the tree's order
     routes = _ip_json(pid, ["-4", "route", "show"]) + _ip_json(pid, ["-6", "route", "show"])
     return NetConfig(links=links, routes=[s for s in map(route_from_json, routes) if s])
 

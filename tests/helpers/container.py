@@ -1,0 +1,164 @@
+"""A real test container: `unshare` namespaces, a network, mounts and a v1 cgroup with limits.
+
+    with running_container(tmp_path) as ct:
+        ct.init_pid        # host pid of the container's init (pid 1 inside)
+
+Made without ckptfs (plain unshare, ip, mount and cgroupfs writes), so that what ckptfs
+captures can be checked against what was really set up:
+
+- namespaces: pid, mount, uts, ipc, net (`unshare --fork --pid --mount --uts --ipc --net
+  --mount-proc`);
+- hostname HOSTNAME, domainname DOMAIN;
+- eth0 with ADDR and a default route via GATEWAY. This kernel has no dummy driver, so eth0 is
+  one end of a veth pair whose other end (eth0p) is also inside; a dummy is used where it exists;
+- a tmpfs on <tmp>/scratch (size 1 MiB) and a bind mount of <tmp>/src on <tmp>/bound;
+- v1 cgroups named ckptfs-test-<id> with LIMITS (memory below this process's own memory
+  cgroup, so the container stays inside the limits the tests run under);
+- a workload: a shell loop appending a counter to <tmp>/out every 20 ms.
+
+Teardown (also on failure): SIGKILL the init through a pidfd (the pid namespace dies with it),
+reap `unshare`, rmdir the cgroups (retrying while the dying tasks leave).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+HOSTNAME, DOMAIN = "ct-web1", "example.test"
+ADDR, GATEWAY = "10.9.0.2/24", "10.9.0.1"
+LIMITS = {"memory.max": str(64 << 20), "pids.max": "64", "cpu.max": "50000 100000"}
+V1_FILES = [("memory", "memory.limit_in_bytes", LIMITS["memory.max"]),
+            ("pids", "pids.max", LIMITS["pids.max"]),
+            ("cpu", "cpu.cfs_period_us", "100000"), ("cpu", "cpu.cfs_quota_us", "50000")]
+CG_ROOT = "/sys/fs/cgroup"
+
+
+@dataclasses.dataclass
+class UnshareContainer:
+    init_pid: int
+    unshare: subprocess.Popen
+    cgroup_dirs: dict[str, str]     # controller -> directory
+    cgroup_path: str                # memory controller path, as /proc/PID/cgroup shows it
+    out: Path                       # the workload's output file
+    scratch: Path                   # tmpfs mount point
+    src: Path                       # bind source
+    bound: Path                     # bind target
+
+
+def own_cgroup(controller: str) -> str:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            if controller in ctrls.split(","):
+                return path
+    return "/"
+
+
+def make_cgroups(name: str) -> dict[str, str]:
+    dirs: dict[str, str] = {}
+    try:
+        for ctrl, fname, value in V1_FILES:
+            if ctrl not in dirs:
+                d = os.path.join(CG_ROOT, ctrl, own_cgroup(ctrl).lstrip("/"), name)
+                os.mkdir(d)
+                dirs[ctrl] = d
+            Path(dirs[ctrl], fname).write_text(value)
+    except BaseException:
+        remove_cgroups(dirs)
+        raise
+    return dirs
+
+
+def remove_cgroups(dirs: dict[str, str], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    for d in dirs.values():
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+
+def _script(tmp: Path) -> str:
+    net = ("{ ip link add eth0 type dummy 2>/dev/null || "
+           "{ ip link add eth0 type veth peer name eth0p && ip link set eth0p up; }; } && "
+           f"ip link set lo up && ip link set eth0 up && ip addr add {ADDR} dev eth0 && "
+           f"ip route add default via {GATEWAY} dev eth0")
+    mounts = (f"mount -t tmpfs -o size=1m,nosuid tmpfs {tmp}/scratch && "
+              f"mount --bind {tmp}/src {tmp}/bound")
+    uts = f"hostname {HOSTNAME} && echo {DOMAIN} > /proc/sys/kernel/domainname"
+    loop = f"i=0; while :; do i=$((i+1)); echo $i >> {tmp}/out; sleep 0.02; done"
+    return f"set -e; {uts} && {net} && {mounts} && echo ready > {tmp}/ready; {loop}"
+
+
+def _child_of(ppid: int, timeout: float) -> int:
+    """The one child of `ppid` (no /proc/PID/task/*/children on this kernel: scan status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if f"\nPPid:\t{ppid}\n" in status:
+                return int(entry)
+        time.sleep(0.01)
+    raise TimeoutError(f"no child of {ppid}")
+
+
+def _wait_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"container setup failed ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"container not ready: {path}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def running_container(tmp: Path):
+    for d in ("scratch", "src", "bound"):
+        (tmp / d).mkdir(exist_ok=True)
+    (tmp / "src" / "hello").write_text("hi\n")
+    name = f"ckptfs-test-{uuid.uuid4().hex[:8]}"
+    dirs = make_cgroups(name)
+    joins = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in dirs.values())
+    argv = ["sh", "-c", f'{joins}; exec unshare --fork --pid --mount --uts --ipc --net '
+                        f'--mount-proc sh -c "$0"', _script(tmp)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    pidfd = None
+    try:
+        init = _child_of(proc.pid, 5.0)
+        pidfd = os.pidfd_open(init)
+        _wait_file(tmp / "ready", proc, 10.0)
+        yield UnshareContainer(init, proc, dirs, "/" + name if own_cgroup("memory") == "/"
+                            else f"{own_cgroup('memory')}/{name}", tmp / "out",
+                            tmp / "scratch", tmp / "src", tmp / "bound")
+    finally:
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        remove_cgroups(dirs)

@@ -1,0 +1,281 @@
+"""Container isolation on Linux: capture from a real `unshare` container, re-create, clean up.
+
+Real namespaces, real v1 cgroups, real interfaces; the translation tables (v1 <-> v2, tree
+files, mountinfo) are also checked on their own with known inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptfs.errors import BadTree, Unsupported
+from ckptfs.isolation import (ContainerIsolation, Link, Mount, NetConfig, parse_extra,
+                              render_extra, render_mount)
+from ckptfs.isolation import cgroups, mounts, net
+from ckptfs.isolation.capture import capture_isolation
+from ckptfs.isolation.create import Container
+from helpers import container as ctr
+
+OWN = ("ipc", "mnt", "net", "pid", "uts")
+
+
+@pytest.fixture
+def ct(tmp_path):
+    with ctr.running_container(tmp_path) as c:
+        yield c
+
+
+def _under(mnts, root: Path):
+    return [render_mount(m) for m in mnts if m.target.startswith(str(root))]
+
+
+def _inside(c: Container, argv: list[str]) -> str:
+    return subprocess.run(c.nsenter(argv), capture_output=True, text=True, check=True).stdout
+
+
+def _ns_in_use(inode: int) -> list[int]:
+    """Pids whose net namespace is `inode`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/net") == f"net:[{inode}]":
+                    out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+    return out
+
+
+def _cgroup_dirs(name: str) -> list[str]:
+    found = []
+    for ctrl in ("memory", "pids", "cpu", "cpuset", "blkio"):
+        d = os.path.join("/sys/fs/cgroup", ctrl, ctr.own_cgroup(ctrl).lstrip("/"), name)
+        if os.path.exists(d):
+            found.append(d)
+    return found
+
+
+def _wait_lines(path: Path, n: int, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: fewer than {n} lines")
+
+
+# -- capture of a real container ---------------------------------------------------------
+def test_capture_real_container(ct, tmp_path):
+    iso = capture_isolation(ct.init_pid)
+    assert set(OWN) <= set(iso.own_namespaces) and "user" not in iso.own_namespaces
+    assert iso.namespaces["net"] == int(os.readlink(f"/proc/{ct.init_pid}/ns/net")[5:-1])
+    assert (iso.hostname, iso.domainname) == (ctr.HOSTNAME, ctr.DOMAIN)
+    links = {link.name: link for link in iso.net.links}
+    assert links["eth0"].addrs == (ctr.ADDR,) and links["eth0"].up
+    assert links["lo"].kind == "loopback" and links["lo"].addrs == ()
+    assert iso.net.routes == [f"default via {ctr.GATEWAY} dev eth0"]
+    assert _under(iso.mounts, tmp_path) == [
+        f"tmpfs {ct.scratch} tmpfs rw,nosuid,relatime,size=1024k",
+        f"{ct.src} {ct.bound} none bind,rw,relatime"]
+    assert iso.cgroup == ct.cgroup_path
+    for name, value in ctr.LIMITS.items():
+        assert iso.limits[name] == value, name
+    assert iso.limits["memory.swap.max"] == "max"
+
+
+def test_capture_plain_process_has_no_own_namespaces(procs):
+    p = procs.spawn(["sleep", "30"])
+    iso = capture_isolation(p.pid)
+    assert iso.own_namespaces == () and iso.net is None and iso.mounts is None
+    assert iso.hostname == Path("/proc/sys/kernel/hostname").read_text().strip()
+
+
+# -- create -> capture round trip ---------------------------------------------------------
+def test_create_round_trip(ct, tmp_path):
+    iso = capture_isolation(ct.init_pid)
+    out = tmp_path / "out2"
+    loop = f"i=0; while :; do i=$((i+1)); echo $i >> {out}; sleep 0.02; done"
+    with Container.create(iso, ["sh", "-c", loop]) as c:
+        again = capture_isolation(c.init_pid)
+        assert set(again.own_namespaces) == set(iso.own_namespaces)
+        assert (again.hostname, again.domainname) == (iso.hostname, iso.domainname)
+        assert again.limits == iso.limits
+        assert again.net.routes == iso.net.routes
+        assert {link.name: link for link in again.net.links} == \
+            {link.name: link for link in iso.net.links}
+        assert _under(again.mounts, tmp_path) == _under(iso.mounts, tmp_path)
+        # seen from inside the container
+        assert _inside(c, ["hostname"]).strip() == ctr.HOSTNAME
+        addrs = json.loads(_inside(c, ["ip", "-j", "addr", "show", "eth0"]))
+        assert [f"{a['local']}/{a['prefixlen']}" for a in addrs[0]["addr_info"]
+                if a["family"] == "inet"] == [ctr.ADDR]
+        assert _inside(c, ["sh", "-c", "echo $$; cat /proc/1/cgroup"]).split()[0] != "1"
+        mem = _inside(c, ["sh", "-c", "d=$(sed -n 's/^[0-9]*:memory://p' /proc/1/cgroup); "
+                                      "cat /sys/fs/cgroup/memory$d/memory.limit_in_bytes"])
+        assert mem.strip() == ctr.LIMITS["memory.max"]
+        assert _inside(c, ["cat", "/proc/1/status"]).count("NSpid:\t") == 1
+        assert _wait_lines(out, 3)[:3] == ["1", "2", "3"]      # the workload runs
+        assert c.cgroups.pids() >= {c.init_pid}
+
+
+def test_cleanup_leaves_nothing(ct, tmp_path):
+    iso = capture_isolation(ct.init_pid)
+    c = Container.start(iso, ["sleep", "60"], name="ckptfs-cleanup-test")
+    try:
+        dirs, inode = list(c.cgroups.dirs), int(os.readlink(f"/proc/{c.init_pid}/ns/net")[5:-1])
+        init = c.init_pid
+        assert dirs and set(_ns_in_use(inode)) == {init, c.popen.pid}   # the outer shares it
+    finally:
+        c.cleanup()
+    assert not any(os.path.exists(d) for d in dirs)
+    assert _ns_in_use(inode) == [] and not os.path.exists(f"/proc/{init}")
+    assert c.popen.returncode is not None
+
+
+# -- failures: nothing half-created ---------------------------------------------------------
+def _iso(**kw) -> ContainerIsolation:
+    base = dict(hostname="x", domainname="(none)", own_namespaces=OWN,
+                limits={"memory.max": str(32 << 20), "pids.max": "20"},
+                net=NetConfig(links=[Link("lo")]), mounts=[])
+    base.update(kw)
+    return ContainerIsolation(**base)
+
+
+def test_kernel_refused_limit_cleans_up():
+    # memory and pids cgroups exist by the time cpuset refuses CPUs this machine lacks
+    iso = _iso(limits={"memory.max": str(32 << 20), "pids.max": "20", "cpuset.cpus": "0-999"})
+    with pytest.raises(Unsupported) as e:
+        Container.start(iso, ["true"], name="ckptfs-midway-test")
+    assert e.value.path == "isolation/limits/cpuset.cpus" and "0-999" in str(e.value)
+    assert _cgroup_dirs("ckptfs-midway-test") == []
+
+
+def test_failure_inside_namespace_init_cleans_up(tmp_path):
+    iso = _iso(mounts=[Mount("tmpfs", str(tmp_path / "absent"), "tmpfs", "rw,size=1m")])
+    with pytest.raises(Unsupported) as e:
+        Container.start(iso, ["true"], name="ckptfs-initfail-test")
+    assert e.value.path == "isolation/mounts" and "absent" in str(e.value)
+    assert _cgroup_dirs("ckptfs-initfail-test") == []
+
+
+@pytest.mark.parametrize("change, path, value", [
+    ({"limits": {"memory.max": "lots"}}, "isolation/limits/memory.max", "lots"),
+    ({"limits": {"cpu.max": "50000 x"}}, "isolation/limits/cpu.max", "50000 x"),
+    ({"limits": {"memory.high": "5"}}, "isolation/limits/memory.high", "memory.high"),
+    ({"own_namespaces": ("pid", "user")}, "isolation/own", "user"),
+    ({"net": NetConfig(links=[Link("lo")], routes=["default via 10.0.0.1 dev eth9"])},
+     "isolation/net/routes", "eth9"),
+    ({"net": NetConfig(links=[Link("e0", "veth", addrs=("10.0.0.300/24",))])},
+     "isolation/net/links/e0/addrs", "10.0.0.300/24"),
+    ({"own_namespaces": ("pid",)}, "isolation/net", "net"),
+])
+def test_bad_values_refused_before_anything_exists(change, path, value):
+    with pytest.raises((BadTree, Unsupported)) as e:
+        Container.start(_iso(**change), ["true"], name="ckptfs-bad-test")
+    assert e.value.path == path and value in str(e.value)
+    assert _cgroup_dirs("ckptfs-bad-test") == []
+
+
+def test_swap_limit_without_memory_limit_is_unsupported_on_v1():
+    with pytest.raises(Unsupported) as e:
+        cgroups.v1_writes({"memory.max": "max", "memory.swap.max": "1048576"})
+    assert e.value.path == "isolation/limits/memory.swap.max"
+
+
+# -- translation tables -----------------------------------------------------------------------
+def _reader(files: dict[str, str]):
+    return files.get
+
+
+def test_v1_to_v2_vocabulary():
+    assert cgroups.v1_memory(_reader({"memory.limit_in_bytes": "9223372036854771712",
+                                      "memory.memsw.limit_in_bytes": "9223372036854771712"})) == \
+        {"memory.max": "max", "memory.swap.max": "max"}
+    assert cgroups.v1_memory(_reader({"memory.limit_in_bytes": "1048576",
+                                      "memory.memsw.limit_in_bytes": "3145728"})) == \
+        {"memory.max": "1048576", "memory.swap.max": "2097152"}
+    assert cgroups.v1_cpu(_reader({"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"})) == \
+        {"cpu.max": "max 100000"}
+    assert cgroups.v1_cpu(_reader({"cpu.cfs_quota_us": "25000", "cpu.cfs_period_us": "50000"})) == \
+        {"cpu.max": "25000 50000"}
+    io = cgroups.v1_blkio(_reader({"blkio.throttle.read_bps_device": "254:0 1048576\n8:0 5",
+                                   "blkio.throttle.write_iops_device": "254:0 100"}))
+    assert io == {"io.max": "8:0 rbps=5 wbps=max riops=max wiops=max\n"
+                            "254:0 rbps=1048576 wbps=max riops=max wiops=100"}
+    assert cgroups.v1_blkio(_reader({})) == {}
+
+
+def test_v2_to_v1_writes_in_kernel_order():
+    limits = {"memory.max": "1048576", "memory.swap.max": "2097152", "pids.max": "max",
+              "cpu.max": "25000 50000", "io.max": "254:0 rbps=1048576 wbps=max riops=max wiops=100"}
+    assert [w[:3] for w in cgroups.v1_writes(limits)] == [
+        ("memory", "memory.limit_in_bytes", "1048576"),
+        ("memory", "memory.memsw.limit_in_bytes", "3145728"),
+        ("cpu", "cpu.cfs_period_us", "50000"), ("cpu", "cpu.cfs_quota_us", "25000"),
+        ("blkio", "blkio.throttle.read_bps_device", "254:0 1048576"),
+        ("blkio", "blkio.throttle.write_iops_device", "254:0 100")]
+    assert [w[1:3] for w in cgroups.v2_writes(limits)] == [
+        ("memory.max", "1048576"), ("memory.swap.max", "2097152"), ("cpu.max", "25000 50000"),
+        ("io.max", "254:0 rbps=1048576 wbps=max riops=max wiops=100")]
+
+
+def test_own_mounts_and_bind_sources():
+    host = mounts.parse_mountinfo(
+        "22 27 0:21 / /proc rw - proc proc rw\n"
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "30 27 254:0 /srv /data rw - ext4 /dev/vda rw\n")
+    inside = mounts.parse_mountinfo(
+        "40 39 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "41 40 254:0 /srv /data rw - ext4 /dev/vda rw\n"
+        "42 40 0:50 / /proc rw - proc proc rw\n"
+        "43 40 0:51 / /run/my\\040dir rw,nosuid - tmpfs tmpfs rw,size=1024k,mode=755\n"
+        "44 40 0:51 /sub /opt/sub ro,nosuid - tmpfs tmpfs rw,size=1024k\n"
+        "45 40 254:0 /srv/x/y /y rw - ext4 /dev/vda rw\n")
+    own = mounts.own_mounts(inside, host)
+    assert [m.mount_id for m in own] == [43, 44, 45]
+    fstab = mounts.to_fstab(own, host)
+    assert [render_mount(m) for m in fstab] == [
+        "tmpfs /run/my\\040dir tmpfs rw,nosuid,size=1024k,mode=755",
+        "/run/my\\040dir/sub /opt/sub none bind,ro,nosuid",
+        "/data/x/y /y none bind,rw"]
+    assert mounts.mount_argvs(fstab[1]) == [
+        ["mount", "--bind", "/run/my dir/sub", "/opt/sub"],
+        ["mount", "-o", "remount,bind,ro,nosuid", "/opt/sub"]]
+
+
+def test_net_json_to_records():
+    entry = {"ifname": "eth0", "link": "eth0p", "flags": ["BROADCAST", "UP"], "mtu": 1400,
+             "address": "02:00:00:00:00:01", "linkinfo": {"info_kind": "veth"},
+             "addr_info": [{"family": "inet", "local": "10.1.0.2", "prefixlen": 24},
+                           {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"},
+                           {"family": "inet6", "local": "fd00::2", "prefixlen": 64}]}
+    assert net.link_from_json(entry) == Link("eth0", "veth", "02:00:00:00:00:01", 1400, True,
+                                             ("10.1.0.2/24", "fd00::2/64"), "eth0p")
+    hostside = dict(entry, link_netnsid=0)
+    assert net.link_from_json(hostside).peer is None
+    assert net.route_from_json({"dst": "10.9.0.0/24", "dev": "eth0", "protocol": "kernel"}) is None
+    assert net.route_from_json({"dst": "10.7.0.0/16", "gateway": "10.1.0.1", "dev": "eth0",
+                                "metric": 5}) == "10.7.0.0/16 via 10.1.0.1 dev eth0 metric 5"
+
+
+def test_tree_files_round_trip():
+    iso = _iso(net=NetConfig(links=[Link("eth0", "veth", "02:00:00:00:00:01", 1400, False,
+                                                     ("10.1.0.2/24",), "eth0p"), Link("lo")],
+                             routes=["default via 10.1.0.1 dev eth0"]),
+               mounts=[Mount("tmpfs", "/a b", "tmpfs", "rw,size=1m")])
+    files = render_extra(iso)
+    assert files["net/links/eth0/state"] == "down\n" and files["mounts"] == "tmpfs /a\\040b tmpfs rw,size=1m\n"
+    listing = lambda d: sorted({p[len(d) + 1:].split("/")[0] for p in files if p.startswith(d + "/")})  # noqa: E731
+    got_net, got_mounts = parse_extra(files.get, listing)
+    assert got_net == iso.net and got_mounts == iso.mounts
+    assert parse_extra({}.get, lambda d: []) == (None, None)
+    with pytest.raises(BadTree) as e:
+        parse_extra({**files, "net/links/eth0/mtu": "big\n"}.get, listing)
+    assert e.value.path == "isolation/net/links/eth0/mtu"
