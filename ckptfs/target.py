@@ -141,6 +141,14 @@ class Completion:
                 raise _err(errno.EBUSY, f"job {name} is being restored")
             job.gen += 1
 
+    def changed(self, name: str) -> None:
+        """The tree changed behind our back (watch mode): never refused, checked again later."""
+        with self._cond:
+            job = self._jobs.get(name)
+            if job:
+                job.gen += 1
+        self.poke(name)
+
     def writer(self, name: str, delta: int) -> None:
         """A handle open for writing was opened (+1) or closed (-1)."""
         with self._cond:

@@ -94,14 +94,19 @@ class Mount:
         return self
 
     def stop(self):
-        if os.path.ismount(self.mnt) or _dead_mount(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False)
+        self._unmount()
         if self.proc and self.proc.poll() is None:
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._unmount()     # a daemon that mounted late or was killed leaves its mount behind
+
+    def _unmount(self):
+        while os.path.ismount(self.mnt) or _dead_mount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False,
+                           stderr=subprocess.DEVNULL)
 
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
