@@ -28,6 +28,18 @@ NOT_FILE_MAP = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_SYSVIPC"]
 SHMEM = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_MEMFD"]
 COPY_CHUNK = 1 << 20        # bytes of memory held at once while writing pages
 
+# Fields newer than crit/CRIU 3.17 that CRIU 4.2 reads as "nothing special" when absent. Left
+# out when they hold that neutral value, so every image crit 3.17 reads round-trips byte for
+# byte; a non-neutral value is written (4.2 needs it) and only then crit 3.17 would drop it.
+# (path to the sub-message from core_entry, field, is-neutral)
+NEUTRAL_4X = [
+    ("thread_core.creds", "no_new_privs", lambda v: v == 0),
+    ("thread_core.creds", "cap_amb", lambda v: not any(v)),
+    ("thread_info.fpregs.xsave", "cet", lambda v: v.cet == 0 and v.ssp == 0),
+    ("tc", "stop_signo", lambda v: v == 0),
+    ("tc", "membarrier_registration_mask", lambda v: v == 0),
+]
+
 
 def export(source, out_dir) -> None:
     """Write every image of `source` into `out_dir` (created if needed)."""
@@ -57,7 +69,7 @@ class _Export:
     def run(self) -> None:
         cores = self.cores()
         self.img("inventory.img", "INVENTORY", [self.inventory(cores)])
-        self.img("pstree.img", "PSTREE", self.pstree)
+        self.img("pstree.img", "PSTREE", root_pstree(self.pstree))
         for tid, core in cores.items():
             self.img(f"core-{tid}.img", "CORE", [core])
         for pid in self.ids:
@@ -95,7 +107,7 @@ class _Export:
             _complete_tc(core.tc, where)
         if not core.thread_core.HasField("creds"):
             raise BadImage(f"thread {tid} has no creds", path=where, step="export")
-        return core
+        return trim_core(core)
 
     def inventory(self, cores):
         inv = pb.inventory_entry(img_version=2, fdinfo_per_id=True, ns_per_id=True,
@@ -227,6 +239,37 @@ class _Export:
                 raise BadImage(f"pid {pid}: read {len(data)} of {size} bytes at {addr:#x}",
                                path=where, step="export")
             out.write(data)
+
+
+def root_pstree(pstree) -> list:
+    """CRIU records the dump root with ppid 0 (its parent is not part of the dump; crit's
+    `x ps` and restore look for the root that way)."""
+    root = pb.pstree_entry()
+    root.CopyFrom(pstree[0])
+    root.ppid = 0
+    return [root, *pstree[1:]]
+
+
+def trim_core(core):
+    """core_entry without the 4.x-only fields that hold their neutral value (NEUTRAL_4X)."""
+    out = pb.core_entry()
+    out.CopyFrom(core)
+    for path, field, neutral in NEUTRAL_4X:
+        msg = out
+        for part in path.split("."):
+            if not msg.HasField(part):
+                break
+            msg = getattr(msg, part)
+        else:
+            value = getattr(msg, field)
+            present = msg.HasField(field) if not _repeated(msg, field) else len(value) > 0
+            if present and neutral(value):
+                msg.ClearField(field)
+    return out
+
+
+def _repeated(msg, field: str) -> bool:
+    return msg.DESCRIPTOR.fields_by_name[field].is_repeated
 
 
 def _complete_tc(tc, where) -> None:
