@@ -5,8 +5,9 @@ directory is missing or older than the .proto files, it is regenerated here firs
 checkout works without running tools/setup.
 
 Enums are exposed as their EnumTypeWrapper (`pb.fd_types.Value("REG")`, `pb.fd_types.Name(1)`);
-their values are also module attributes as protoc makes them (`pb.REG`). Nested enums
-(core_entry.march) stay on their message.
+their values are also module attributes as protoc makes them (`pb.REG`). Enums nested in a
+message (core_entry.march) are exposed by their own name too (`pb.march`, `pb.X86_64`) unless
+a top-level name is already taken.
 """
 import importlib
 import pkgutil
@@ -35,6 +36,18 @@ def _export() -> None:
             g[name] = getattr(mod, name)
             for value in enum.values:
                 g.setdefault(value.name, value.number)
+    for mod in MODULES:     # nested enums after every top-level name is in place
+        for name in mod.DESCRIPTOR.message_types_by_name:
+            _export_nested(g, getattr(mod, name))
+
+
+def _export_nested(g: dict, cls) -> None:
+    for enum in cls.DESCRIPTOR.enum_types:
+        g.setdefault(enum.name, getattr(cls, enum.name))
+        for value in enum.values:
+            g.setdefault(value.name, value.number)
+    for nested in cls.DESCRIPTOR.nested_types:
+        _export_nested(g, getattr(cls, nested.name))
 
 
 _export()

@@ -93,6 +93,7 @@ def test_required_names_exported():
     missing = [n for n in REQUIRED if not hasattr(pb, n)]
     assert not missing
     assert pb.core_entry.X86_64 == 1 and pb.fd_types.Value("PIDFD") == 20
+    assert pb.march.Value("X86_64") == pb.X86_64 == 1     # nested enums by name too
 
 
 def test_fields_match_criu(criu_schema):
