@@ -176,8 +176,7 @@ def cmd_criu(a) -> int:
 
 def cmd_restore(a) -> int:
     if a.os == "freebsd":
-        from .translate.freebsd import plan
-        return plan.cli_restore_plan(a.dir, strict=a.strict, dry_run=a.dry_run)
+        return restore_freebsd(a)
     from . import restore
     result = restore.restore(a.dir, pidns=a.pidns, same_pids=a.same_pids, dry_run=a.dry_run)
     if a.dry_run:
@@ -187,6 +186,25 @@ def cmd_restore(a) -> int:
         return 1 if problems else 0
     for old, new in sorted(result.pids.items()):
         print(f"{old} -> {new}")
+    return 0
+
+
+def open_source(path: str):
+    """A tree directory or a CRIU image directory, as a Source."""
+    from . import tree
+    if os.path.exists(os.path.join(path, "inventory.img")):
+        from .criu import ImageSource
+        return ImageSource(path)
+    return tree.TreeSource(path)
+
+
+def restore_freebsd(a) -> int:
+    """FreeBSD restore needs a FreeBSD kernel; here it can only show the plan."""
+    from .translate import freebsd
+    if not a.dry_run:
+        raise CkptError("restoring on FreeBSD needs a FreeBSD host; use --dry-run to see the plan",
+                        path=a.dir, step="restore --os freebsd")
+    print(freebsd.dry_run(open_source(a.dir), a.dir, strict=a.strict))
     return 0
 
 

@@ -97,7 +97,7 @@ def decode(codec: Codec, data: bytes, path: str):
 # -- dotted paths into messages ------------------------------------------------------------
 def get_path(obj, dotted: str):
     for part in dotted.split("."):
-        obj = getattr(obj, part)
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
     return obj
 
 
@@ -106,8 +106,8 @@ def has_path(obj, dotted: str) -> bool:
     for part in dotted.split("."):
         if hasattr(obj, "DESCRIPTOR"):
             fd = obj.DESCRIPTOR.fields_by_name.get(part)
-            if fd is not None and fd.label != fd.LABEL_REPEATED and fd.has_presence \
-                    and not _required(fd) and not obj.HasField(part):
+            if fd is not None and not fd.is_repeated and fd.has_presence \
+                    and not fd.is_required and not obj.HasField(part):
                 return False
         elif isinstance(obj, dict):
             return part in obj and obj[part] is not None
@@ -118,7 +118,7 @@ def has_path(obj, dotted: str) -> bool:
 
 
 def _required(fd) -> bool:
-    return getattr(fd, "is_required", fd.label == fd.LABEL_REQUIRED)
+    return fd.is_required
 
 
 def set_path(obj, dotted: str, value) -> None:
@@ -235,7 +235,7 @@ class File(Node):
 
 class Chunk(Node):
     """A memory chunk: a cell of one VMA, read straight from the source."""
-    mode = 0o400
+    mode = 0o600
 
     def __init__(self, source: Source, pid: int, addr: int, length: int):
         self.source, self.pid, self.addr, self.length = source, pid, addr, length
@@ -363,11 +363,11 @@ class Renderer:
             node = self._field_node(lambda: self._thread_ctx(pid, tid), dotted, codec)
             if node is not None:
                 files[name] = node
-        files["fpu"] = File(lambda: _fpu_bytes(self.source.core(tid)), mode=0o400)
+        files["fpu"] = File(lambda: _fpu_bytes(self.source.core(tid)), mode=0o600)
         entries = _dir_from_paths(files).entries()
-        entries["regs"].mode = 0o500
+        entries["regs"].mode = 0o700
         for node in entries["regs"].entries().values():
-            node.mode = 0o400
+            node.mode = 0o600
         return entries
 
     # maps/<start>-<end>/
@@ -385,7 +385,7 @@ class Renderer:
             if has_path(ctx, dotted) and not (name in ("madv", "fdflags") and not get_path(ctx, dotted)):
                 files[name] = File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
         entries = _dir_from_paths(files).entries()
-        entries["pages"] = Dir(lambda: self.chunk_entries(pid, vma), mode=0o500)
+        entries["pages"] = Dir(lambda: self.chunk_entries(pid, vma), mode=0o700)
         return entries
 
     def chunk_entries(self, pid: int, vma) -> dict[str, Node]:

@@ -10,10 +10,15 @@ consistent state.
 Every ptrace request goes through a ptrace.Tracer (the thread that attached must issue them).
 A process is held as (pid, starttime): a pid reused by another process reads as ProcessGone.
 
-Fields procfs cannot show need code run inside the process (CRIU's parasite); until syscall
-injection is wired in, they keep CRIU's defaults: clear_tid_addr 0, itimers 0, sigaction
-handlers of caught signals 0 (ignored ones are SIG_IGN from /proc status SigIgn), no
-sigaltstack, secbits 0, dumpable guessed from /proc ownership.
+Fields procfs cannot show (CRIU gets them from its parasite) are read at freeze() by making
+each stopped thread execute system calls (ckptfs.inject): prctl(PR_GET_TID_ADDRESS),
+sigaltstack, rt_sigaction for the 62 signals, getitimer, prctl(PR_GET_SECUREBITS /
+PR_GET_DUMPABLE / PR_GET_PDEATHSIG / PR_GET_CHILD_SUBREAPER / PR_GET_THP_DISABLE). A running
+(unfrozen) tree is never injected into; there these fields keep CRIU's defaults:
+clear_tid_addr 0, itimers 0, handlers of caught signals 0 (ignored ones are SIG_IGN, from
+/proc status SigIgn), no sigaltstack, secbits 0, dumpable guessed from /proc ownership.
+A thread stopped by job control (SIGSTOP) is not injected into either (running injected
+calls would end its stop); `warnings` lists every field left at its default while frozen.
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ import os
 import resource
 import subprocess
 import threading
+import struct
 import time
 import ctypes
 
 from .. import flags as lf
-from .. import pb, ptrace, xsave
+from .. import inject, pb, ptrace, xsave
 from ..errors import NoAccess, CkptError, KernelError, ProcessGone, Unsupported
 from ..model import Isolation, Meta, PageRange, Source
 from . import cgroups, files, pages, procfs
@@ -163,6 +169,65 @@ def _tgid_of(tid: int) -> int:
         return 0
 
 
+PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_SECUREBITS = 2, 3, 27
+PR_GET_CHILD_SUBREAPER, PR_GET_THP_DISABLE = 37, 42
+ITIMERS = ("real", "virt", "prof")     # ITIMER_REAL 0, ITIMER_VIRTUAL 1, ITIMER_PROF 2
+
+
+@dataclasses.dataclass
+class Extras:
+    """What only the thread itself can tell (obtained by injected system calls)."""
+    clear_tid_addr: int = 0
+    sas: tuple | None = None                 # (sp, flags, size)
+    secbits: int = 0
+    pdeath_sig: int = 0
+    sigactions: list | None = None           # 62 (handler, flags, restorer, mask), leader only
+    itimers: list | None = None              # 3 (isec, iusec, vsec, vusec), leader only
+    dumpable: int | None = None
+    child_subreaper: bool | None = None
+    thp_disabled: bool | None = None
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+def _try(extras: Extras, what: str, fn):
+    """One injected query; a refused call (seccomp, old kernel) leaves the default and a note."""
+    try:
+        return fn()
+    except KernelError as e:
+        extras.warnings.append(f"{what}: {e}")
+        return None
+
+
+def _int_out(inj: "inject.Injector", option: int) -> int:
+    buf = inj.scratch(8)
+    inj.prctl(option, buf)
+    return struct.unpack("<i", inj.read(buf, 4))[0]
+
+
+def _inject_extras(tid: int, leader: bool) -> tuple[Extras, list[int]]:
+    """Run the queries in a stopped thread (tracer thread); (extras, signals that arrived)."""
+    ex = Extras()
+    inj = inject.Injector(tid)
+    try:
+        ex.clear_tid_addr = _try(ex, "clear_tid_addr", inj.get_tid_address) or 0
+        ex.sas = _try(ex, "sigaltstack", inj.sigaltstack)
+        ex.secbits = _try(ex, "secbits", lambda: inj.prctl(PR_GET_SECUREBITS)) or 0
+        ex.pdeath_sig = _try(ex, "pdeath_sig", lambda: _int_out(inj, PR_GET_PDEATHSIG)) or 0
+        if leader:
+            ex.sigactions = [_try(ex, f"sigaction {sig}", lambda s=sig: inj.sigaction(s))
+                             or (0, 0, 0, 0) for sig in lf.SIGACTION_SIGNALS]
+            ex.itimers = [_try(ex, f"itimer {n}", lambda w=w: inj.getitimer(w)) or (0, 0, 0, 0)
+                          for w, n in enumerate(ITIMERS)]
+            ex.dumpable = _try(ex, "dumpable", lambda: inj.prctl(PR_GET_DUMPABLE))
+            sub = _try(ex, "child_subreaper", lambda: _int_out(inj, PR_GET_CHILD_SUBREAPER))
+            ex.child_subreaper = None if sub is None else bool(sub)
+            thp = _try(ex, "thp_disabled", lambda: inj.prctl(PR_GET_THP_DISABLE))
+            ex.thp_disabled = None if thp is None else bool(thp)
+    finally:
+        inj.close()
+    return ex, list(inj.pending)
+
+
 # -- small syscalls ------------------------------------------------------------------------
 def robust_list(tid: int) -> tuple[int, int]:
     head, size = ctypes.c_uint64(), ctypes.c_size_t()
@@ -211,9 +276,11 @@ def sigactions_from_status(status: dict) -> list:
             for sig in lf.SIGACTION_SIGNALS]
 
 
-def _itimers():
-    z = lambda: pb.itimer_entry(isec=0, iusec=0, vsec=0, vusec=0)  # noqa: E731
-    return pb.task_timers_entry(real=z(), virt=z(), prof=z())
+def _itimers(values=None):
+    """task_timers_entry from 3 (isec, iusec, vsec, vusec); zeros if unknown."""
+    values = values or [(0, 0, 0, 0)] * 3
+    real, virt, prof = (pb.itimer_entry(isec=a, iusec=b, vsec=c, vusec=d) for a, b, c, d in values)
+    return pb.task_timers_entry(real=real, virt=virt, prof=prof)
 
 
 # -- VMAs ---------------------------------------------------------------------------------
@@ -306,6 +373,8 @@ class LiveSource(Source):
         self._mems: dict[int, pages.Memory] = {}
         self._kobj_ids: dict[str, list[tuple[int, int]]] = {}
         self._ns_ids: dict[int, int] = {}
+        self._extras: dict[int, Extras] = {}
+        self.warnings: list[str] = []    # fields left at their defaults in this frozen state
         self.frozen = False
         try:
             self._refuse_uncapturable(pid)
@@ -390,12 +459,29 @@ class LiveSource(Source):
                     if self.root not in self._stops:
                         raise ProcessGone(f"process {self.root} is gone", step="freeze",
                                           path=f"/proc/{self.root}")
+                self._cache.clear()
+                self._files.forget_fds()
+                self.frozen = True
+                self._gather_extras()
             except BaseException:
+                self.frozen = False
                 self._release_all()
                 raise
-            self._cache.clear()
-            self._files.forget_fds()
-            self.frozen = True
+
+    def _gather_extras(self) -> None:
+        """Registers first (the state to save), then the injected queries, thread by thread."""
+        self._extras.clear()
+        self.warnings = []
+        for tid, stop in self._stops.items():
+            self.thread_regs(tid)
+            if stop.group_sig:
+                self.warnings.append(f"thread {tid} is stopped by signal {stop.group_sig}: "
+                                     "injected fields left at their defaults")
+                continue
+            ex, pending = self._tracer.call(_inject_extras, tid, tid == stop.pid)
+            stop.signals += pending
+            self._extras[tid] = ex
+            self.warnings += [f"thread {tid}: {w}" for w in ex.warnings]
 
     def thaw(self) -> None:
         """Let every thread run again, untraced, re-sending signals that arrived meanwhile."""
@@ -403,6 +489,7 @@ class LiveSource(Source):
             self._release_all()
             self.frozen = False
             self._cache.clear()
+            self._extras.clear()
 
     def _release_all(self) -> None:
         stops, self._stops = self._stops, {}
@@ -484,7 +571,8 @@ class LiveSource(Source):
             return core
         tr = self.thread_regs(tid)
         ti = core.thread_info
-        ti.clear_tid_addr = 0
+        ex = self._extras.get(tid)
+        ti.clear_tid_addr = ex.clear_tid_addr if ex else 0
         for tree_name, criu_name in lf.GP_REGS:
             setattr(ti.gpregs, criu_name, tr.regs[tree_name])
         ti.gpregs.mode = pb.NATIVE
@@ -509,9 +597,16 @@ class LiveSource(Source):
             tc.stop_signo = stopped
         if dead:
             return tc
-        tc.timers.CopyFrom(_itimers())
+        ex = self._extras.get(pid)
+        tc.timers.CopyFrom(_itimers(ex.itimers if ex and ex.itimers else None))
         tc.rlimits.rlimits.extend(pb.rlimit_entry(cur=c, max=m) for c, m in rlimits(pid))
-        tc.sigactions.extend(sigactions_from_status(status))
+        if ex and ex.sigactions:
+            tc.sigactions.extend(pb.sa_entry(sigaction=h, flags=f, restorer=r, mask=m)
+                                 for h, f, r, m in ex.sigactions)
+        else:
+            tc.sigactions.extend(sigactions_from_status(status))
+        if ex and ex.child_subreaper is not None:
+            tc.child_subreaper = ex.child_subreaper
         return tc
 
     def _thread_core(self, pid: int, tid: int, tr: ThreadRegs):
@@ -524,6 +619,14 @@ class LiveSource(Source):
         if tid != pid:
             t.blk_sigset = tr.sigmask
         t.creds.CopyFrom(creds_from_status(self._status(pid, tid)))
+        ex = self._extras.get(tid)
+        if ex:
+            t.creds.secbits = ex.secbits
+            if ex.pdeath_sig:
+                t.pdeath_sig = ex.pdeath_sig
+            if ex.sas:
+                sp, flags, size = ex.sas
+                t.sas.CopyFrom(pb.thread_sas_entry(ss_sp=sp, ss_size=size, ss_flags=flags))
         if tr.rseq:
             t.rseq_entry.CopyFrom(pb.rseq_entry(rseq_abi_pointer=tr.rseq[0],
                                                 rseq_abi_size=tr.rseq[1], signature=tr.rseq[2]))
@@ -552,13 +655,19 @@ class LiveSource(Source):
                          mm_arg_end=f(49), mm_env_start=f(50), mm_env_end=f(51),
                          exe_file_id=self._path_file(pid, f"/proc/{pid}/exe"),
                          dumpable=self._dumpable(pid))
+        ex = self._extras.get(pid)
+        if ex and ex.thp_disabled is not None:
+            mm.thp_disabled = ex.thp_disabled
         mm.mm_saved_auxv.extend(procfs.parse_auxv(procfs.read_bytes(f"/proc/{pid}/auxv")))
         mm.vmas.extend(self._vmas(pid, maps))
         return mm
 
     def _dumpable(self, pid: int) -> int:
-        """PR_GET_DUMPABLE is not in procfs; a non-dumpable task's /proc files belong to root,
-        so for a task whose euid is not root that shows it (root tasks: assumed 1)."""
+        """PR_GET_DUMPABLE (injected while frozen). Running: not in procfs, but a non-dumpable
+        task's /proc files belong to root, which shows for a task whose euid is not root."""
+        ex = self._extras.get(pid)
+        if ex and ex.dumpable is not None:
+            return ex.dumpable
         euid = procfs.status_ints(self._status(pid)["Uid"])[1]
         owner = procfs.stat(f"/proc/{pid}").st_uid
         return 0 if euid != 0 and owner == 0 else 1
