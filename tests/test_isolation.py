@@ -279,3 +279,30 @@ def test_tree_files_round_trip():
     with pytest.raises(BadTree) as e:
         parse_extra({**files, "net/links/eth0/mtu": "big\n"}.get, listing)
     assert e.value.path == "isolation/net/links/eth0/mtu"
+
+
+# -- what the restorer builds on ----------------------------------------------------------------
+def test_pids_are_chosen_inside_new_pid_namespace(tmp_path):
+    """The program is pid 1 of a pid namespace whose /proc is its own: ns_last_pid works."""
+    out = tmp_path / "pids"
+    script = f"echo $$ > {out}; echo 4241 > /proc/sys/kernel/ns_last_pid; sh -c 'echo $$ >> {out}'"
+    with Container.create(_iso(limits={}), ["sh", "-c", script + "; sleep 30"]) as c:
+        assert _wait_lines(out, 2) == ["1", "4242"]
+        assert c.init_pid != c.popen.pid and c.cgroups is None
+
+
+@pytest.mark.parametrize("own", [("net", "uts"), ("time", "uts", "cgroup")])
+def test_partial_namespace_sets(own, tmp_path):
+    ready = tmp_path / "ready"
+    iso = ContainerIsolation(hostname="part", own_namespaces=own, limits={"pids.max": "10"})
+    with Container.create(iso, ["sh", "-c", f"hostname > {ready}; exec sleep 30"]) as c:
+        assert _wait_lines(ready, 1) == ["part"]
+        assert (c.init_pid == c.popen.pid) == ("time" not in own)   # time applies to children
+        if c.init_pid != c.popen.pid:   # forked: the parent shares all but pid/time/cgroup
+            assert "uts" not in capture_isolation(c.init_pid).own_namespaces
+        again = capture_isolation(c.init_pid, container=True)
+        assert set(again.own_namespaces) == set(own)
+        assert again.limits["pids.max"] == "10"
+        if "cgroup" in own:    # the cgroup namespace's root is the container's cgroup
+            assert _inside(c, ["cat", "/proc/self/cgroup"]).count(":/\n") >= 1
+    assert not os.path.exists(f"/proc/{c.init_pid}/ns")

@@ -73,11 +73,16 @@ def uts_names(pid: int, own_uts: bool) -> tuple[str, str]:
     return lines[0], lines[1]
 
 
-def capture_isolation(pid: int, reference: int | str | None = None) -> ContainerIsolation:
-    """Isolation of the container whose init is `pid` (net and mounts only for own namespaces).
+def capture_isolation(pid: int, reference: int | str | None = None, *,
+                      container: bool = False) -> ContainerIsolation:
+    """Isolation of the task `pid` (net and mounts only for namespaces of its own).
 
-    `reference`: the task (pid or "self") whose namespaces are "outside"; default as above."""
-    ref = reference_task(pid) if reference is None else reference
+    `reference`: the task (pid or "self") whose namespaces are "outside". Default: the
+    capturing process if `container` (the caller says `pid` is a container's init, as
+    `--container` does) or `pid` is the init of a pid namespace of its own; else its parent."""
+    if reference is None:
+        reference = "self" if container else reference_task(pid)
+    ref = reference
     ns, outside = namespaces(pid), namespaces(ref)
     own = tuple(k for k in NS_KINDS if k in ns and ns[k] != outside.get(k))
     hostname, domainname = uts_names(pid, ns.get("uts") != namespaces("self").get("uts"))
