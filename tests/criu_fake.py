@@ -134,7 +134,7 @@ class FakeSource(model.Source):
                 vma(0x600000, 0x640000, REGULAR | APRIV | HEAP)]
         shared = vma(self.SHARED_AT[pid], self.SHARED_AT[pid] + 0x10000, REGULAR | ASHARED,
                      flags=0x21, shmid=SHMID)
-        vmas.insert(0 if pid == self.CHILD else 2, shared)
+        vmas.insert(2, shared)          # after the heap: ascending order
         if big:
             vmas.append(vma(self.BIG, self.BIG + 3 * MiB, REGULAR | APRIV, madv=1 << 14))
             vmas.append(vma(0x7ffff7fc0000, 0x7ffff7fc2000, REGULAR | APRIV | VDSO, prot=5))

@@ -457,3 +457,35 @@ def test_live_export(name, zdtm_bin, procs, tmp_path, crit_fields):
         assert size == sum(e.nr_pages for e in msgs[1:] if e.flags & criu.PE_PRESENT) * PAGE_SIZE
         total += size
     assert total > 0
+
+
+def test_export_fills_neutral_task_state(tmp_path):
+    """A source without timers or sigactions (unarmed, all default) still exports a core
+    CRIU restores; one without rlimits or creds is refused, naming the core file."""
+    src = FakeSource()
+    src._cores[100].tc.ClearField("timers")
+    del src._cores[100].tc.sigactions[:]
+    criu.export(src, tmp_path / "a")
+    tc = criu.read_image(tmp_path / "a" / "core-100.img")[1][0].tc
+    assert tc.timers.real.vsec == 0 and len(tc.sigactions) == 62
+    assert all(sa.sigaction == 0 for sa in tc.sigactions)
+    src._cores[100].tc.ClearField("rlimits")
+    with pytest.raises(BadImage, match="core-100.img.*rlimits"):
+        criu.export(src, tmp_path / "b")
+    src = FakeSource()
+    src._cores[102].thread_core.ClearField("creds")
+    with pytest.raises(BadImage, match="core-102.img.*creds"):
+        criu.export(src, tmp_path / "c")
+
+
+def test_export_sorts_vmas_and_wants_shmid(tmp_path):
+    src = FakeSource()
+    vmas = list(src._mm[101].vmas)
+    del src._mm[101].vmas[:]
+    src._mm[101].vmas.extend(reversed(vmas))
+    criu.export(src, tmp_path / "a")
+    got = criu.read_image(tmp_path / "a" / "mm-101.img")[1][0].vmas
+    assert [v.start for v in got] == sorted(v.start for v in vmas)
+    src._mm[101].vmas[1].shmid = 0           # the shared map (second highest), now second
+    with pytest.raises(BadImage, match="mm-101.img.*no shmid"):
+        criu.export(src, tmp_path / "b")

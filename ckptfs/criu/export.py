@@ -56,7 +56,7 @@ class _Export:
                            step="export")
         self.root = self.pstree[0].pid
         self.ids = {e.pid: source.ids(e.pid) for e in self.pstree}
-        self.mms = {e.pid: source.mm(e.pid) for e in self.pstree}
+        self.mms = {e.pid: self.mm(e.pid) for e in self.pstree}
         self.fss = {e.pid: source.fs(e.pid) for e in self.pstree}
         self.iso = source.isolation()
 
@@ -94,6 +94,20 @@ class _Export:
             for tid in e.threads:
                 out[tid] = self.core(e.pid, tid)
         return out
+
+    def mm(self, pid: int):
+        """mm_entry with VMAs ascending (CRIU's reader relies on it); every shared-memory VMA
+        must name its object, or two maps of one object could not be told apart."""
+        mm = pb.mm_entry()
+        mm.CopyFrom(self.src.mm(pid))
+        vmas = sorted(mm.vmas, key=lambda v: v.start)
+        del mm.vmas[:]
+        mm.vmas.extend(vmas)
+        for v in vmas:
+            if v.status & SHMEM and not v.shmid:
+                raise BadImage(f"shared VMA {v.start:#x}-{v.end:#x} has no shmid (object id)",
+                               path=self.path(f"mm-{pid}.img"), step="export")
+        return mm
 
     def core(self, pid: int, tid: int):
         core = pb.core_entry()
@@ -164,7 +178,7 @@ class _Export:
             fid = todo.pop()
             if fid in files:
                 continue
-            files[fid] = self.src.file(fid)
+            files[fid] = _with_fown(self.src.file(fid))
             _check_file(files[fid], fid, self.path("files.img"))
             todo += _nested_file_ids(files[fid])
         return files
@@ -274,9 +288,10 @@ def _repeated(msg, field: str) -> bool:
 
 def _complete_tc(tc, where) -> None:
     """Fill what restore needs but a source may leave at its neutral value; refuse the rest."""
-    if not tc.HasField("timers"):
-        for t in (tc.timers.real, tc.timers.virt, tc.timers.prof):
-            t.SetInParent()
+    for t in (tc.timers.real, tc.timers.virt, tc.timers.prof):   # absent = not armed
+        for field in ("isec", "iusec", "vsec", "vusec"):
+            if not t.HasField(field):
+                setattr(t, field, 0)
     if not tc.sigactions:
         for _ in SIGACTION_SIGNALS:
             tc.sigactions.add(sigaction=0, flags=0, restorer=0, mask=0)
@@ -292,6 +307,20 @@ def _check_file(f, fid: int, where) -> None:
     if f.id != fid or sub is None or getattr(f, sub).id != fid:
         raise BadImage(f"file entry for id {fid} is inconsistent (id {f.id}, "
                        f"{sub or 'no'} sub-message)", path=where, step="export")
+
+
+def _with_fown(f):
+    """A copy of file entry `f` whose owner record is complete: unset fown fields are 0
+    (no F_SETOWN owner, no F_SETSIG signal), which is what nearly every file has."""
+    out = pb.file_entry()
+    out.CopyFrom(f)
+    sub = _file_sub(out)
+    if sub and "fown" in getattr(out, sub).DESCRIPTOR.fields_by_name:
+        fown = getattr(out, sub).fown
+        for field in ("uid", "euid", "signum", "pid_type", "pid"):
+            if not fown.HasField(field):
+                setattr(fown, field, 0)
+    return out
 
 
 def _file_sub(f):
