@@ -306,3 +306,19 @@ def test_partial_namespace_sets(own, tmp_path):
         if "cgroup" in own:    # the cgroup namespace's root is the container's cgroup
             assert _inside(c, ["cat", "/proc/self/cgroup"]).count(":/\n") >= 1
     assert not os.path.exists(f"/proc/{c.init_pid}/ns")
+
+
+def test_exec_failure_is_reported_and_cleaned_up():
+    with pytest.raises(Exception) as e:
+        Container.start(_iso(), ["/nonexistent/helper"], name="ckptfs-execfail-test")
+    assert "/nonexistent/helper" in str(e.value) and e.value.errno == 2
+    assert _cgroup_dirs("ckptfs-execfail-test") == []
+
+
+def test_cleanup_after_the_program_ended_by_itself():
+    c = Container.start(_iso(), ["true"], name="ckptfs-ended-test")
+    try:
+        assert c.popen.wait(timeout=10) == 0      # outer relays the init's exit status
+    finally:
+        c.cleanup()
+    assert _cgroup_dirs("ckptfs-ended-test") == []

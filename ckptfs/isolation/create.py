@@ -268,7 +268,10 @@ def _nsinit(fd: int) -> None:
         _send(sock, {"ready": links})
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)   # Python ignores these; a program expects defaults
-        os.execvp(cfg["argv"][0], cfg["argv"])
+        try:
+            os.execvp(cfg["argv"][0], cfg["argv"])
+        except OSError as e:
+            raise KernelError("cannot execute", e.errno, path=cfg["argv"][0], step="exec") from e
     except BaseException as e:  # report everything: the parent raises it and cleans up
         _send(sock, {"error": _error_msg(e, step)})
         os._exit(127)
