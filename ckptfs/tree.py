@@ -184,7 +184,10 @@ VMA_FIELDS = [
     ("path", "names.path", STR),
     ("madv", "vma.madv", bits(F.MADV_BITS)),
     ("fdflags", "vma.fdflags", OPEN),
+    ("shmid", "vma.shmid", DEC),
 ]
+DERIVED = {"shmid"}  # required in CRIU, but only some maps carry the file (the rest derive it)
+SHMEM_STATUS = F.VMA_STATUS["VMA_ANON_SHARED"] | F.VMA_STATUS["VMA_AREA_SYSVIPC"]
 
 SIGACTION_FIELDS = [("handler", "sa.sigaction", HANDLER), ("flags", "sa.flags", bits(F.SA_FLAGS)),
                     ("restorer", "sa.restorer", HEX), ("mask", "sa.mask", SIGSET)]
@@ -382,6 +385,8 @@ class Renderer:
         ctx = _Ctx(vma=vma, names={"path": vma_path(self.source, vma)})
         files = {}
         for name, dotted, codec in VMA_FIELDS:
+            if name == "shmid" and not vma.status & SHMEM_STATUS:
+                continue  # file maps name their object by path
             if has_path(ctx, dotted) and not (name in ("madv", "fdflags") and not get_path(ctx, dotted)):
                 files[name] = File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
         entries = _dir_from_paths(files).entries()
@@ -674,7 +679,7 @@ class TreeSource(Source):
         for name, dotted, codec in table:
             rel = f"{base}/{name}"
             if not self._exists(rel):
-                if _is_required_path(ctx, dotted):
+                if name not in DERIVED and _is_required_path(ctx, dotted):
                     raise BadTree("missing file", path=self._p(rel))
                 continue
             value = self._read(rel, codec)
@@ -736,11 +741,13 @@ class TreeSource(Source):
                 start, end = (int(x, 16) for x in name.split("-"))
             except ValueError:
                 raise BadTree(f"map directory name {name!r} is not <start>-<end>", path=self._p(base, name)) from None
-            if start >= end or start % PAGE_SIZE or end % PAGE_SIZE or end > 1 << 57:
+            if start >= end or start % PAGE_SIZE or end % PAGE_SIZE or end > 1 << 64:
                 raise BadTree(f"bad address range {name!r}", path=self._p(base, name))
             vma = pb.vma_entry(start=start, end=end, shmid=0, fd=-1)
             ctx = _Ctx(vma=vma, names={})
             self._fill(ctx, f"{base}/{name}", VMA_FIELDS)
+            if vma.status & SHMEM_STATUS and not self._exists(f"{base}/{name}/shmid"):
+                raise BadTree("shared anonymous map without shmid", path=self._p(base, name, "shmid"))
             file_bits = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
             if vma.status & file_bits:
                 vma.shmid = self._reg_id(ctx.names.get("path", ""), vma.fdflags if vma.HasField("fdflags") else 0)
