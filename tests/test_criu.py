@@ -489,3 +489,48 @@ def test_export_sorts_vmas_and_wants_shmid(tmp_path):
     src._mm[101].vmas[1].shmid = 0           # the shared map (second highest), now second
     with pytest.raises(BadImage, match="mm-101.img.*no shmid"):
         criu.export(src, tmp_path / "b")
+
+
+@needs_crit
+def test_live_unlinked_file_becomes_ghost(zdtm_bin, procs, tmp_path):
+    from helpers import zdtm
+    from ckptfs.capture.linux import LiveSource
+
+    run = zdtm.start(zdtm_bin, "unlinked_file", tmp_path / "work", procs.spawn)
+    out = tmp_path / "img"
+    with LiveSource(run.pid) as src:
+        src.freeze()
+        try:
+            criu.export(src, out)
+            fid = next(fd.id for fd in src.fdinfo(run.pid)
+                       if src.file(fd.id).reg.name.endswith("unlinked.dat"))
+            want = src.file_contents(fid)
+        finally:
+            src.thaw()
+    assert len(want) == 10000
+    remap = criu.read_image(out / "remap-fpath.img")[1]
+    assert [(r.orig_id, r.remap_type) for r in remap] == [(fid, pb.GHOST)]
+    assert os.path.exists(out / "ghost-file-1.img")
+    img = criu.ImageSource(out)
+    assert img.file_deleted(fid) and img.file_contents(fid) == want
+    assert not img.file_deleted(img.mm(run.pid).exe_file_id)
+    for name in ("remap-fpath.img", "ghost-file-1.img"):
+        again = tmp_path / name
+        crit("encode", "-o", again, data=crit("decode", "-i", out / name))
+        assert again.read_bytes() == (out / name).read_bytes()
+    assert zdtm.check(run.pid, run.result, proc=run.proc) == "PASS"
+
+
+def test_chunked_ghost(exported, tmp_path):
+    _, out = exported
+    for name in os.listdir(out):
+        os.link(out / name, tmp_path / name)
+    criu.write_image(tmp_path / "remap-fpath.img", "REMAP_FPATH",
+                     [pb.remap_file_path_entry(orig_id=5, remap_id=3 | 1 << 31,
+                                               remap_type=pb.GHOST)])
+    head = pb.ghost_file_entry(uid=0, gid=0, mode=0o100644, chunks=True, size=12)
+    criu.write_image(tmp_path / "ghost-file-3.img", "GHOST_FILE",
+                     [head, pb.ghost_chunk_entry(len=2, off=1), pb.ghost_chunk_entry(len=3, off=9)],
+                     [None, b"ab", b"xyz"])
+    img = criu.ImageSource(tmp_path)
+    assert img.file_contents(5) == b"\0ab\0\0\0\0\0\0xyz" and not img.file_deleted(6)

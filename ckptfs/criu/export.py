@@ -27,6 +27,7 @@ NOT_FILE_MAP = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_SYSVIPC"]
 # object), once per object however many tasks map it.
 SHMEM = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_MEMFD"]
 COPY_CHUNK = 1 << 20        # bytes of memory held at once while writing pages
+REMAP_GHOST = 1 << 31       # remap_id bit: the id names a ghost file, not a file entry
 
 # Fields newer than crit/CRIU 3.17 that CRIU 4.2 reads as "nothing special" when absent. Left
 # out when they hold that neutral value, so every image crit 3.17 reads round-trips byte for
@@ -84,6 +85,7 @@ class _Export:
         for pages_id, shmid in enumerate(sorted(shmem), start=len(self.ids) + 1):
             self.shmem(shmid, shmem[shmid], pages_id)
         self.pipes(files)
+        self.ghosts(files)
         self.utsns()
         self.img("seccomp.img", "SECCOMP", [pb.seccomp_entry()])
 
@@ -195,6 +197,34 @@ class _Export:
                     extras.append(data)
             if entries or sub == "pipe":
                 self.img(name, kind, entries, extras)
+
+    def ghosts(self, files) -> None:
+        """Files unlinked while open: remap-fpath.img says "ghost", ghost-file-<id>.img holds
+        the contents restore recreates them from. Only sources that can tell (the optional
+        file_deleted/file_contents methods, LiveSource and ImageSource) have any."""
+        deleted = getattr(self.src, "file_deleted", None)
+        if deleted is None:
+            return
+        remaps = []
+        for fid in sorted(files):
+            f = files[fid]
+            if not f.HasField("reg") or not deleted(fid):
+                continue
+            ghost_id = len(remaps) + 1
+            data = self.src.file_contents(fid)
+            creds = self.root_creds()
+            head = pb.ghost_file_entry(uid=creds.euid, gid=creds.egid,
+                                       mode=f.reg.mode if f.reg.HasField("mode") else 0o100600,
+                                       size=len(data))
+            self.img(f"ghost-file-{ghost_id:x}.img", "GHOST_FILE", [head], [data])
+            remaps.append(pb.remap_file_path_entry(orig_id=fid, remap_id=ghost_id | REMAP_GHOST,
+                                                   remap_type=pb.GHOST))
+        if remaps:
+            self.img("remap-fpath.img", "REMAP_FPATH", remaps)
+
+    def root_creds(self):
+        """Owner given to recreated ghost files: the file's own owner is not in the model."""
+        return self.src.core(self.root).thread_core.creds
 
     def utsns(self) -> None:
         task = self.ids[self.root]

@@ -21,6 +21,7 @@ from ..model import PAGE_SIZE, PageRange
 from . import cgroups
 from .framing import PE_PARENT, PE_PRESENT, read_image
 
+REMAP_GHOST = 1 << 31
 NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
 ANON_SHARED, MEMFD = VMA_STATUS["VMA_ANON_SHARED"], VMA_STATUS["VMA_AREA_MEMFD"]
@@ -150,6 +151,22 @@ class ImageSource(model.Source):
                     return bytes(data)
         return b""
 
+    # Optional Source methods (LiveSource has them too): files unlinked while open.
+    def file_deleted(self, file_id: int) -> bool:
+        return self._remap(file_id) is not None
+
+    def file_contents(self, file_id: int) -> bytes:
+        """Contents of a deleted file: its ghost image (whole or chunked), or for a LINKED
+        remap the file the dump linked it to."""
+        remap = self._remap(file_id)
+        if remap is None:
+            raise BadImage(f"file {file_id} is not a deleted file", path=self.path("remap-fpath.img"),
+                           step="read images")
+        if remap.remap_type == pb.GHOST or remap.remap_id & REMAP_GHOST:
+            return self._ghost(remap.remap_id & ~REMAP_GHOST)
+        with open(self.file(remap.remap_id).reg.name, "rb") as f:
+            return f.read()
+
     def page_ranges(self, pid: int, vma) -> list[PageRange]:
         """Saved pages inside `vma`, adjacent entries joined (CRIU may split a run of pages
         over several entries, or let one entry span two VMAs)."""
@@ -202,6 +219,28 @@ class ImageSource(model.Source):
                 msgs = self.image(name, kind, required=True)[0]
                 self._images[cache_key] = {key(m): m for m in msgs}
             return self._images[cache_key]
+
+    def _remap(self, file_id: int):
+        msgs, _ = self.image("remap-fpath.img", "REMAP_FPATH", required=False)
+        for m in msgs:
+            if m.orig_id == file_id and m.remap_type in (pb.GHOST, pb.LINKED):
+                return m
+        return None
+
+    def _ghost(self, ghost_id: int) -> bytes:
+        name = f"ghost-file-{ghost_id:x}.img"
+        msgs, extras = self.image(name, "GHOST_FILE", required=True)
+        head = msgs[0]
+        if not head.chunks:
+            return bytes(extras[0])
+        data = bytearray(head.size)       # chunked: holes stay zero
+        for chunk, payload in zip(msgs[1:], extras[1:]):
+            end = chunk.off + chunk.len
+            if end > head.size:
+                raise BadImage(f"ghost chunk {chunk.off}+{chunk.len} beyond size {head.size}",
+                               path=self.path(name), step="read images")
+            data[chunk.off:end] = payload
+        return bytes(data)
 
     def _utsns(self):
         ids = self.ids(self.pstree()[0].pid)
