@@ -217,6 +217,14 @@ class Injector:
         """Hand out scratch from an existing rw area of the tracee (close() leaves it)."""
         self._scratch, self._scratch_used = (addr, size), 0
 
+    def reset_scratch(self) -> None:
+        """Hand out scratch from the start again (earlier addresses become free for reuse)."""
+        self._scratch_used = 0
+
+    def use_syscall_at(self, addr: int) -> None:
+        """Execute calls from the `syscall` instruction at `addr` from now on."""
+        self._insn = addr
+
     def read(self, addr: int, n: int) -> bytes:
         return mem_read(self.tid, addr, n)
 

@@ -1,0 +1,100 @@
+"""Restore: a checkpoint becomes running processes again.
+
+    restore(path_or_source, *, pidns=False, same_pids=False, dry_run=False, os_name="linux",
+            log=None) -> RestoreResult
+
+`path_or_source` is a tree directory (ckptfs.tree.TreeSource), a CRIU image directory
+(recognised by its inventory.img; ckptfs.criu.ImageSource) or any model.Source.
+
+All or nothing: the whole checkpoint is validated first (plan.make_plan: addresses, prots,
+chunks, files and their sizes, registers, xsave features, vDSO, descriptor kinds); a problem
+there raises RestoreFailed listing every problem before anything is created. A failure later
+kills and reaps every task created. `dry_run=True` only validates and returns the problems.
+
+The FreeBSD restore lives in restore/freebsd.py (driven by the FreeBSD translation's plan).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from ..errors import CkptError, RestoreFailed, Unsupported
+from ..model import Source
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    pids: dict[int, int] = dataclasses.field(default_factory=dict)   # old pid -> new host pid
+    problems: list[str] = dataclasses.field(default_factory=list)    # dry run: what would fail
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def root(self) -> int | None:
+        return next(iter(self.pids.values()), None)
+
+
+def open_source(path_or_source) -> Source:
+    """A Source for a tree directory, a CRIU image directory, or the Source itself."""
+    if isinstance(path_or_source, Source):
+        return path_or_source
+    path = os.fspath(path_or_source)
+    if not os.path.isdir(path):
+        raise RestoreFailed("not a directory", path=path, step="open checkpoint")
+    if os.path.exists(os.path.join(path, "inventory.img")):
+        from ..criu import ImageSource
+        return ImageSource(path)
+    from ..tree import TreeSource
+    return TreeSource(path)
+
+
+def tree_problems(source: Source) -> list[str]:
+    """A tree must be frozen and every file its manifest lists present with its size.
+    (Checksums are the target daemon's gate, manifest.check; here only what is cheap.)"""
+    doc = getattr(source, "manifest", None)
+    root = getattr(source, "root", None)
+    if not isinstance(doc, dict) or not isinstance(root, str):
+        return []
+    if doc.get("state") != "frozen":
+        return [f"{root}/manifest: state is {doc.get('state')!r}: only a frozen tree restores"]
+    out = []
+    for rel, entry in doc.get("files", {}).items():
+        path = os.path.join(root, rel)
+        try:
+            size = os.lstat(path).st_size
+        except FileNotFoundError:
+            out.append(f"{path}: missing (listed in the manifest)")
+            continue
+        if size != entry.get("size"):
+            out.append(f"{path}: {size} bytes, the manifest says {entry.get('size')}")
+    return out
+
+
+def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
+            dry_run: bool = False, os_name: str = "linux", log=None) -> RestoreResult:
+    if os_name != "linux":
+        raise Unsupported(f"restore on {os_name} runs through its translation plan "
+                          "(ckptfs restore --os freebsd)", step="restore")
+    if pidns and same_pids:
+        raise RestoreFailed("pidns and same_pids exclude each other", step="restore")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    from .plan import make_plan
+    try:
+        source = open_source(path_or_source)
+    except CkptError as e:
+        if dry_run:
+            return RestoreResult(problems=[str(e)])
+        raise
+    problems = tree_problems(source)
+    plan = make_plan(source, same_pids=same_pids, pidns=pidns)
+    plan.problems[:0] = problems
+    if dry_run:
+        return RestoreResult(problems=plan.problems, warnings=plan.warnings)
+    if plan.problems:
+        raise RestoreFailed("the checkpoint cannot be restored:\n  " + "\n  ".join(plan.problems),
+                            step="validate")
+    from .linux import LinuxRestorer
+    r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log)
+    pids = r.run()
+    return RestoreResult(pids=pids, warnings=plan.warnings, timing=r.timing)

@@ -1,0 +1,128 @@
+"""Open file descriptions, made in the restorer and handed to the restored tasks.
+
+The restorer opens every file object of the checkpoint itself (one open file description per
+file id, so descriptors that shared a description — dup'ed, or inherited over fork — share
+one again, offset and flags included), fills pipes with their queued bytes, and makes memfds
+for shared anonymous memory. A helper takes a description with pidfd_getfd(2) on a pidfd of
+the restorer and dup3s it to its number. Everything here is closed when the restore ends.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+
+from .. import flags as F
+from ..errors import KernelError, RestoreFailed
+
+O_ACCMODE = 3
+OPEN_DROP = os.O_CREAT | os.O_TRUNC | os.O_EXCL | F.O_CLOEXEC   # meaningful at open time only
+F_SETPIPE_SZ = 1031
+PIPE_MAX = 1 << 20          # the most an unprivileged pipe may hold here
+EFD_FLAGS = os.O_NONBLOCK | 0o2000000 | 1     # EFD_NONBLOCK | EFD_CLOEXEC | EFD_SEMAPHORE
+
+
+class FileTable:
+    """Restorer-side descriptors, keyed by what they stand for; close() ends them all."""
+
+    def __init__(self, source, log):
+        self.source, self.log = source, log
+        self._by_key: dict[tuple, int] = {}
+        self._pipes: dict[int, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        fds = list(self._by_key.values()) + [fd for pair in self._pipes.values() for fd in pair]
+        self._by_key.clear()
+        self._pipes.clear()
+        for fd in fds:
+            os.close(fd)
+
+    def _cached(self, key: tuple, make) -> int:
+        if key not in self._by_key:
+            self._by_key[key] = make()
+        return self._by_key[key]
+
+    # -- paths ------------------------------------------------------------------------------
+    def path(self, path: str, flags: int, *, where: str, step: str) -> int:
+        """A description of `path` opened with `flags` (shared by every caller asking the same)."""
+        return self._cached(("path", path, flags), lambda: _open(path, flags, where, step))
+
+    def description(self, file_id: int, *, where: str) -> int:
+        """The open file description of a descriptor's file id."""
+        return self._cached(("id", file_id), lambda: self._make(file_id, where))
+
+    def _make(self, file_id: int, where: str) -> int:
+        fe = self.source.file(file_id)
+        kind = F.FD_TYPES
+        if fe.type == kind["REG"]:
+            return self._reg(fe.reg, where)
+        if fe.type == kind["PIPE"]:
+            return self._pipe_end(fe.pipe.pipe_id, fe.pipe.flags, where)
+        if fe.type == kind["FIFO"]:
+            reg = self.source.file(fe.fifo.regf_id).reg
+            return self._fifo(reg, fe.fifo.pipe_id, where)
+        if fe.type == kind["EVENTFD"]:
+            return os.eventfd(fe.efd.counter, (fe.efd.flags & EFD_FLAGS) | os.EFD_CLOEXEC)
+        raise RestoreFailed(f"file type {fe.type} is not supported", path=where, step="open files")
+
+    def _reg(self, reg, where: str) -> int:
+        fd = _open(reg.name, (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC | os.O_NOCTTY, where,
+                   "open files")
+        if reg.pos:
+            os.lseek(fd, reg.pos, os.SEEK_SET)
+        return fd
+
+    # -- pipes ------------------------------------------------------------------------------
+    def _pipe(self, pipe_id: int, where: str) -> tuple[int, int]:
+        """The pipe standing for `pipe_id`, holding its saved bytes."""
+        if pipe_id not in self._pipes:
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._pipes[pipe_id] = (r, w)
+            self._fill(w, self.source.pipe_data(pipe_id), where)
+        return self._pipes[pipe_id]
+
+    def _fill(self, w: int, data: bytes, where: str) -> None:
+        if not data:
+            return
+        if len(data) > 65536:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, min(PIPE_MAX, len(data)))
+            except OSError as e:
+                raise KernelError(f"pipe holds {len(data)} bytes; cannot grow it", e.errno,
+                                  path=where, step="pipe data") from None
+        n = os.write(w, data)
+        if n != len(data):
+            raise RestoreFailed(f"pipe took {n} of {len(data)} queued bytes", path=where,
+                                step="pipe data")
+
+    def _pipe_end(self, pipe_id: int, flags: int, where: str) -> int:
+        """A new description of one end of the pipe, with the descriptor's own flags."""
+        r, w = self._pipe(pipe_id, where)
+        end = w if flags & O_ACCMODE == os.O_WRONLY else r
+        return _open(f"/proc/self/fd/{end}", (flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
+                     "open pipe")
+
+    def _fifo(self, reg, pipe_id: int, where: str) -> int:
+        # O_RDWR never blocks on a FIFO; it keeps both ends alive while the real one is opened.
+        keep = self._cached(("fifo", reg.name), lambda: _open(reg.name, os.O_RDWR | os.O_CLOEXEC
+                                                              | os.O_NONBLOCK, where, "open fifo"))
+        if ("fifo-data", pipe_id) not in self._by_key:
+            self._by_key[("fifo-data", pipe_id)] = os.dup(keep)
+            self._fill(keep, self.source.pipe_data(pipe_id), where)
+        return _open(f"/proc/self/fd/{keep}", (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
+                     "open fifo")
+
+    # -- shared anonymous memory ------------------------------------------------------------
+    def shmem(self, key: tuple, size: int, where: str) -> tuple[int, bool]:
+        """A memfd standing for one shared anonymous object; (fd, made_now)."""
+        made = key not in self._by_key
+        fd = self._cached(key, lambda: os.memfd_create("ckptfs-shmem", os.MFD_CLOEXEC))
+        if made or os.fstat(fd).st_size < size:
+            os.ftruncate(fd, max(size, os.fstat(fd).st_size))
+        return fd, made
+
+
+def _open(path: str, flags: int, where: str, step: str) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        raise KernelError(f"open {path}", e.errno, path=where, step=step) from None

@@ -1,0 +1,623 @@
+"""Restore on Linux: helper processes are made to become the checkpointed ones.
+
+How (no kernel help, no CRIU):
+
+1. A helper (`sleep infinity`) is started with posix_spawn — never fork() from this possibly
+   multi-threaded process — and seized with PTRACE_O_TRACEFORK/TRACECLONE/EXITKILL, so every
+   task it is later made to create is traced from birth and everything dies with us if we die.
+2. The helper gets a scratch page at an address free in every checkpointed layout; a
+   `syscall` instruction there serves every injected call (ckptfs.inject) from then on,
+   through all the unmapping that follows. It closes its descriptors, unregisters glibc's
+   rseq area and takes a pidfd of this process (at a descriptor number no task uses), through
+   which every task later pulls the files the restorer opened for it (pidfd_getfd).
+3. The process tree is forked in shape from the helpers with injected clone3 (set_tid keeps
+   the old pids with `same_pids`, or inside a new PID namespace with `pidns`, whose init is
+   a 40-byte reaper loop written into a helper); sessions and groups follow.
+4. Each task: unmap everything but the scratch page, place the vDSO (arch_prctl
+   ARCH_MAP_VDSO_64), PR_SET_MM_MAP (mm fields, auxv, exe), map every VMA (MAP_FIXED), fill
+   the saved pages (process_vm_writev, memory.py), set final protections, install its
+   descriptors, cwd/root/umask, rlimits, signal handlers, itimers, names; clone its threads;
+   per thread the robust list, clear_tid, rseq, sigaltstack, credentials.
+5. Last, registers, xsave state and signal mask of every thread; a thread that was inside a
+   system call is resumed through the kernel's own restart logic (inject.park_with_regs),
+   and everything is detached at once.
+
+Any failure kills every task created so far (and the namespace's init) and reaps them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import signal
+import struct
+import time
+
+from .. import flags as F
+from .. import inject, ptrace, xsave
+from ..errors import CkptError, KernelError, RestoreFailed
+from ..inject import NR, Injector
+from . import memory
+from .files import FileTable
+from .plan import SCRATCH_SIZE, SPECIAL, TASK_END, Plan, TaskPlan, V, vdso_layout, where
+
+PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK, PTRACE_O_TRACECLONE = 2, 4, 8
+PTRACE_O_EXITKILL = 1 << 20
+OPTIONS = PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL
+
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM, CLONE_NEWPID = 0x10000, 0x40000, 0x20000000
+THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+SIGCHLD = 17
+
+PROT_WRITE, PROT_RWX = 2, 7
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+MAP_KEEP = F.MAP_FLAGS["MAP_GROWSDOWN"] | F.MAP_FLAGS["MAP_NORESERVE"] | F.MAP_FLAGS["MAP_STACK"]
+ARCH_MAP_VDSO_64 = 0x2003
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM = 1, 4, 15, 35
+PR_SET_MM_MAP, PR_SET_CHILD_SUBREAPER = 14, 36
+RSEQ_FLAG_UNREGISTER = 1
+F_SETFD = 2
+O_CLOEXEC = F.O_CLOEXEC
+CLOSE_ALL = 0xFFFFFFFF
+DATA_OFF = 0x1000          # scratch page: the syscall insn at +0, init code at +0x40, data above
+
+# The init of a new PID namespace: reap every child; leave when there are none.
+#   top: wait4(-1, NULL, __WALL, NULL); if (rax != -ECHILD) goto top; exit_group(0)
+INIT_CODE = bytes.fromhex(
+    "bfffffffff" "31f6" "ba00000040" "4531d2" "b83d000000" "0f05"
+    "4883f8f6" "75e6" "31ff" "b8e7000000" "0f05")
+
+ERESTARTNOHAND, ERESTART_RESTARTBLOCK, EINTR = 514, 516, 4
+NR_NANOSLEEP, NR_CLOCK_NANOSLEEP, TIMER_ABSTIME = 35, 230, 1
+
+
+@dataclasses.dataclass
+class Live:
+    """A task being built: its checkpoint plan and the helper becoming it."""
+    plan: TaskPlan
+    pid: int                                 # host pid
+    ns_pid: int                              # pid as its own namespace sees it
+    tids: dict[int, int] = dataclasses.field(default_factory=dict)      # old tid -> host tid
+    injs: dict[int, Injector] = dataclasses.field(default_factory=dict)  # host tid -> injector
+
+    @property
+    def inj(self) -> Injector:
+        return self.injs[self.pid]
+
+
+def regs_of(core) -> dict[str, int]:
+    gp = core.thread_info.gpregs
+    return {name: getattr(gp, field) for name, field in F.GP_REGS}
+
+
+def restart_regs(regs: dict[str, int]) -> dict[str, int]:
+    """Registers of a thread interrupted in a system call, made resumable in a new task.
+
+    -ERESTARTSYS/NOINTR/NOHAND stay: the kernel restarts them (park_with_regs). The restart
+    block behind -ERESTART_RESTARTBLOCK belonged to the old task, so that one is rewritten:
+    a relative (clock_)nanosleep sleeps on with the time that was left, which the kernel
+    wrote to the `rem` argument when it was interrupted; an absolute one simply restarts;
+    any other such call (poll, futex with timeout ...) returns EINTR, which callers handle."""
+    r = dict(regs)
+    nr = r["orig_rax"]
+    if nr >= 2**63 or r["rax"] != 2**64 - ERESTART_RESTARTBLOCK:
+        return r
+    if nr == NR_NANOSLEEP and r["rsi"]:
+        r["rdi"], r["rax"] = r["rsi"], 2**64 - ERESTARTNOHAND
+    elif nr == NR_CLOCK_NANOSLEEP and r["rsi"] & TIMER_ABSTIME:
+        r["rax"] = 2**64 - ERESTARTNOHAND
+    elif nr == NR_CLOCK_NANOSLEEP and r["r10"]:
+        r["rdx"], r["rax"] = r["r10"], 2**64 - ERESTARTNOHAND
+    else:
+        r["rax"], r["orig_rax"] = 2**64 - EINTR, 2**64 - 1
+    return r
+
+
+class LinuxRestorer:
+    def __init__(self, plan: Plan, *, pidns: bool = False, same_pids: bool = False, log=None):
+        self.plan, self.src = plan, plan.source
+        self.pidns, self.same_pids = pidns, same_pids
+        self.keep_pids = pidns or same_pids
+        self.log = log or (lambda msg: None)
+        self.scratch = plan.scratch
+        self.files = FileTable(self.src, self.log)
+        self.live: dict[int, Live] = {}
+        self.created: list[int] = []          # host pids, creation order (for cleanup)
+        self.traced: list[int] = []           # host tids we still trace
+        self.helper = 0                       # the spawned helper, when it is not a task
+        self.init = 0                         # the new PID namespace's init, if any
+        self.pidfd_slot = self._free_fd()
+        self.xcr0 = 0
+        self.xsize = 0
+        self.timing: dict[str, float] = {}
+
+    # -- driver -------------------------------------------------------------------------
+    def run(self) -> dict[int, int]:
+        tracer = ptrace.Tracer("ckptfs-restore")
+        try:
+            return tracer.call(self._run)
+        except BaseException:
+            tracer.call(self._cleanup)
+            raise
+        finally:
+            self.files.close()
+            tracer.close()
+
+    def _run(self) -> dict[int, int]:
+        t0 = time.monotonic()
+        self._create_tree()
+        self.timing["create"] = time.monotonic() - t0
+        for live in self.live.values():
+            if not live.plan.zombie:
+                self._restore_task(live)
+        self.timing["tasks"] = time.monotonic() - t0
+        self._release_all()
+        self.timing["total"] = time.monotonic() - t0
+        return {old: live.pid for old, live in self.live.items()}
+
+    def _cleanup(self) -> None:
+        """Kill and reap everything made so far; never raises."""
+        for pid in [self.init, *reversed(self.created), self.helper]:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for tid in {*self.traced, *self.created, self.helper, self.init} - {0}:
+            _reap(tid)
+
+    def _where(self, pid: int, rel: str = "") -> str:
+        return where(self.src, pid, rel)
+
+    # -- helpers and the process tree ---------------------------------------------------
+    def _spawn_helper(self, session: bool, group: bool) -> int:
+        exe = shutil.which("sleep") or "/bin/sleep"
+        kw = {"setsid": True} if session else {"setpgroup": 0} if group else {}
+        try:
+            pid = os.posix_spawn(exe, [exe, "infinity"], os.environ, **kw)
+        except OSError as e:
+            raise KernelError(f"spawn helper {exe}", e.errno, step="spawn helper") from None
+        try:
+            ptrace.seize(pid, OPTIONS)
+            ptrace.interrupt(pid)
+            ptrace.wait(pid)
+        except CkptError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        self.traced.append(pid)
+        return pid
+
+    def _prepare_helper(self, pid: int) -> Injector:
+        """Scratch page with our syscall insn, no descriptors, no rseq, a pidfd of us."""
+        inj = Injector(pid)
+        conf = ptrace.get_rseq(pid)
+        if conf.rseq_abi_pointer:
+            inj.call(NR["rseq"], conf.rseq_abi_pointer, conf.rseq_abi_size,
+                     RSEQ_FLAG_UNREGISTER, conf.signature, step="unregister helper rseq")
+        s = self.scratch
+        got = inj.call(NR["mmap"], s, SCRATCH_SIZE, PROT_RWX,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, 2**64 - 1, 0,
+                       step="map scratch page")
+        if got != s:
+            raise RestoreFailed(f"scratch page landed at {got:#x}, not {s:#x}", step="map scratch page")
+        inj.write(s, inject.SYSCALL_INSN)
+        inj.use_syscall_at(s)
+        inj.use_scratch(s + DATA_OFF, SCRATCH_SIZE - DATA_OFF)
+        inj.call(NR["close_range"], 0, CLOSE_ALL, 0, step="close helper descriptors")
+        fd = inj.call(NR["pidfd_open"], os.getpid(), 0, step="pidfd_open restorer")
+        if fd != self.pidfd_slot:
+            inj.call(NR["dup3"], fd, self.pidfd_slot, O_CLOEXEC, step="place pidfd")
+            inj.call(NR["close"], fd, step="place pidfd")
+        xs = ptrace.get_xstate(pid)
+        self.xcr0, self.xsize = xsave.sw_bytes(xs)[0], len(xs)
+        return inj
+
+    def _free_fd(self) -> int:
+        used = {fdi.fd for t in self.plan.tasks for fdi in t.fdinfo}
+        return next(n for n in range(len(used) + 1) if n not in used)
+
+    def _create_tree(self) -> None:
+        root = self.plan.tasks[0]
+        default = not self.keep_pids
+        session = default and root.sid == root.pid
+        group = default and not session and root.pgid == root.pid
+        self.helper = self._spawn_helper(session, group)
+        hinj = self._prepare_helper(self.helper)
+        if default:
+            self.live[root.pid] = self._adopt(root, self.helper, self.helper, hinj)
+            self.created.append(self.helper)
+            self.helper = 0
+        elif self.pidns and root.pid == 1:
+            self._fork(root, hinj, CLONE_NEWPID, set_tid=False)
+        else:
+            parent = hinj
+            if self.pidns:
+                self.init, parent = self._make_init(hinj)
+            self._fork(root, parent, 0, set_tid=True)
+        for t in self.plan.tasks[1:]:
+            parent = self.live.get(t.ppid)
+            if parent is None:
+                raise RestoreFailed(f"parent {t.ppid} of task {t.pid} is not in the checkpoint",
+                                    path=self._where(t.pid, "ppid"), step="create tasks")
+            self._fork(t, parent.inj, 0, set_tid=self.keep_pids)
+        if self.helper:     # the spawned helper only gave birth: it goes
+            self._drop_helper(hinj)
+        for t in self.plan.tasks:
+            if t.zombie:
+                self._make_zombie(self.live[t.pid])
+
+    def _clone3(self, inj: Injector, flags: int, exit_signal: int, tid: int | None,
+                step: str, path: str) -> int:
+        inj.reset_scratch()
+        set_tid = inj.put(struct.pack("<i", tid)) if tid else 0
+        args = struct.pack("<11Q", flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid,
+                           1 if tid else 0, 0)
+        try:
+            inj.call(NR["clone3"], inj.put(args), len(args), step=step, path=path)
+        except KernelError as e:
+            if e.errno == errno.EEXIST:
+                raise RestoreFailed(f"pid {tid} is taken on this machine", path=path, step=step,
+                                    err=e.errno) from None
+            raise
+        child = inj.last_child
+        self.traced.append(child)
+        _wait_new(child)
+        return child
+
+    def _fork(self, t: TaskPlan, parent: Injector, flags: int, set_tid: bool) -> None:
+        path = self._where(t.pid)
+        child = self._clone3(parent, flags, SIGCHLD, t.pid if set_tid else None,
+                             "create task", path)
+        self.created.append(child)
+        inj = self._injector(child)
+        live = self._adopt(t, child, t.pid if self.keep_pids else child, inj)
+        self.live[t.pid] = live
+        if t.sid == t.pid:
+            inj.call(NR["setsid"], step="setsid", path=self._where(t.pid, "sid"))
+        elif t.pgid == t.pid:
+            inj.call(NR["setpgid"], 0, 0, step="setpgid", path=self._where(t.pid, "pgid"))
+        elif t.pgid in self.live and t.pgid != self.plan.task(t.ppid).pgid:
+            inj.call(NR["setpgid"], 0, self.live[t.pgid].ns_pid, step="setpgid",
+                     path=self._where(t.pid, "pgid"))
+
+    def _adopt(self, t: TaskPlan, host: int, ns_pid: int, inj: Injector) -> Live:
+        live = Live(plan=t, pid=host, ns_pid=ns_pid)
+        live.tids[t.pid] = host
+        live.injs[host] = inj
+        return live
+
+    def _injector(self, tid: int) -> Injector:
+        inj = Injector(tid, syscall_addr=self.scratch)
+        inj.use_scratch(self.scratch + DATA_OFF, SCRATCH_SIZE - DATA_OFF)
+        return inj
+
+    def _make_init(self, hinj: Injector) -> tuple[int, Injector]:
+        init = self._clone3(hinj, CLONE_NEWPID, SIGCHLD, None, "create pid namespace", "pidns")
+        self.created.append(init)
+        return init, self._injector(init)
+
+    def _drop_helper(self, hinj: Injector) -> None:
+        pid = self.helper
+        ptrace.detach(pid)
+        self.traced.remove(pid)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        self.helper = 0
+
+    def _make_zombie(self, live: Live) -> None:
+        """A task that had exited: it exits again with the same status, unreaped."""
+        code = live.plan.core.tc.exit_code
+        inj = live.inj
+        regs = dict(ptrace.get_regs(live.pid))
+        if code & 0x7F:
+            sig = code & 0x7F
+            inj.reset_scratch()
+            inj.call(NR["rt_sigaction"], sig, inj.put(bytes(32)), 0, 8, step="zombie signal")
+            tid = inj.call(NR["gettid"], step="zombie")
+            regs.update(rax=NR["tkill"], rdi=tid, rsi=sig)
+        else:
+            regs.update(rax=NR["exit_group"], rdi=(code >> 8) & 0xFF)
+        regs.update(rip=self.scratch, orig_rax=2**64 - 1)
+        ptrace.set_regs(live.pid, regs)
+        ptrace.detach(live.pid)
+        self.traced.remove(live.pid)
+
+    # -- one task -------------------------------------------------------------------------
+    def _restore_task(self, live: Live) -> None:
+        t, inj = live.plan, live.inj
+        self._rlimits(live)
+        self._memory(live)
+        self._fds(live)
+        self._fs(live)
+        self._signals(live)
+        self._task_misc(live)
+        self._threads(live)
+        for old_tid, tid in live.tids.items():
+            self._thread_state(live, old_tid, live.injs[tid])
+        inj.reset_scratch()
+        inj.call(NR["close"], self.pidfd_slot, step="close restorer pidfd")
+        if self.init and t.pid == self.plan.tasks[0].pid:
+            self._start_init()
+        inj.call(NR["munmap"], self.scratch, SCRATCH_SIZE, step="unmap scratch page",
+                 path=self._where(t.pid))
+
+    def _memory(self, live: Live) -> None:
+        t, inj, s = live.plan, live.inj, self.scratch
+        step = "unmap helper"
+        inj.call(NR["munmap"], 0, s, step=step)
+        inj.call(NR["munmap"], s + SCRATCH_SIZE, TASK_END - s - SCRATCH_SIZE, step=step)
+        self._vdso(live)
+        self._mm_map(live)
+        added_write, fill, task_fds = [], [], {}
+        for vma in t.vmas:
+            if vma.status & SPECIAL:
+                continue
+            if self._map(live, vma, task_fds):
+                fill.append(vma)
+                if not vma.prot & PROT_WRITE:
+                    added_write.append(vma)
+        for fd in task_fds.values():
+            inj.call(NR["close"], fd, step="close map files")
+        t0 = time.monotonic()
+        n = memory.fill(self.src, t.pid, live.pid, fill,
+                        lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"))
+        self.timing["fill"] = self.timing.get("fill", 0) + time.monotonic() - t0
+        self.timing["bytes"] = self.timing.get("bytes", 0) + n
+        for vma in added_write:
+            inj.call(NR["mprotect"], vma.start, vma.end - vma.start, vma.prot, step="mprotect",
+                     path=self._where(t.pid, f"maps/{vma.start:x}-{vma.end:x}/prot"))
+
+    def _vdso(self, live: Live) -> None:
+        kinds = vdso_layout(live.plan)
+        if "[vdso]" not in kinds:
+            return
+        base = min(lo for lo, _ in kinds.values())
+        path = self._where(live.plan.pid, "maps")
+        live.inj.call(NR["arch_prctl"], ARCH_MAP_VDSO_64, base, step="place vDSO", path=path)
+        got = inject._vdso_range(live.pid)
+        if not got or got[0] != kinds["[vdso]"][0]:
+            raise RestoreFailed(f"the vDSO landed at {got and hex(got[0])}, the checkpoint had it "
+                                f"at {kinds['[vdso]'][0]:#x}", path=path, step="place vDSO")
+
+    def _mm_map(self, live: Live) -> None:
+        """mm fields, auxv and /proc/PID/exe in one prctl(PR_SET_MM_MAP). Done while no file
+        is mapped: the kernel refuses to change exe while the old one is still mapped."""
+        t, inj, mm = live.plan, live.inj, live.plan.mm
+        inj.reset_scratch()
+        exe = self.src.file(mm.exe_file_id).reg.name
+        efd = self._take(inj, self.files.path(exe, os.O_RDONLY | os.O_CLOEXEC,
+                                              where=self._where(t.pid, "exe"), step="exe"))
+        auxv = struct.pack(f"<{len(mm.mm_saved_auxv)}Q", *mm.mm_saved_auxv)
+        auxv_addr = inj.put(auxv) if auxv else 0
+        fields = (mm.mm_start_code, mm.mm_end_code, mm.mm_start_data, mm.mm_end_data,
+                  mm.mm_start_brk, mm.mm_brk, mm.mm_start_stack, mm.mm_arg_start, mm.mm_arg_end,
+                  mm.mm_env_start, mm.mm_env_end, auxv_addr)
+        arg = inj.put(struct.pack("<12QII", *fields, len(auxv), efd))
+        inj.call(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP, arg, 104, 0, step="PR_SET_MM_MAP",
+                 path=self._where(t.pid, "mm"))
+        inj.call(NR["close"], efd, step="PR_SET_MM_MAP")
+
+    def _map(self, live: Live, vma, task_fds: dict) -> bool:
+        """mmap one VMA at its place; True if its saved pages are to be written into it (it is
+        then mapped writable until they are in). Shared file maps keep their data in the file;
+        a shared anonymous object is filled once, by the first task that maps it."""
+        t, inj = live.plan, live.inj
+        path = self._where(t.pid, f"maps/{vma.start:x}-{vma.end:x}")
+        flags = MAP_FIXED | (vma.flags & MAP_KEEP)
+        fd, off, fill = 2**64 - 1, 0, True
+        if vma.status & (V["VMA_FILE_PRIVATE"] | V["VMA_FILE_SHARED"]):
+            shared = vma.status & V["VMA_FILE_SHARED"]
+            wr = vma.prot & PROT_WRITE or (vma.HasField("fdflags") and vma.fdflags & 3 == os.O_RDWR)
+            mode = os.O_RDWR if shared and wr else os.O_RDONLY
+            name = self.src.file(vma.shmid).reg.name
+            local = self.files.path(name, mode | os.O_CLOEXEC, where=path + "/path",
+                                    step="open mapped file")
+            flags |= MAP_SHARED if shared else MAP_PRIVATE
+            fd, off, fill = self._task_fd(inj, local, task_fds), vma.pgoff, not shared
+        elif vma.status & V["VMA_ANON_SHARED"]:
+            key = ("shm", vma.shmid) if vma.shmid else ("shm", t.pid, vma.start)
+            local, fill = self.files.shmem(key, vma.pgoff + vma.end - vma.start, path)
+            flags |= MAP_SHARED
+            fd, off = self._task_fd(inj, local, task_fds), vma.pgoff
+        else:
+            flags |= MAP_PRIVATE | MAP_ANONYMOUS
+        fill = fill and bool(self.src.page_ranges(t.pid, vma))
+        prot = vma.prot | (PROT_WRITE if fill else 0)
+        inj.call(NR["mmap"], vma.start, vma.end - vma.start, prot, flags, fd, off, step="mmap",
+                 path=path)
+        for name, bit in F.MADV_BITS.items():
+            if vma.madv & bit:
+                inj.call(NR["madvise"], vma.start, vma.end - vma.start, F.MADV[name],
+                         step=f"madvise {name}", path=path + "/madv")
+        return fill
+
+    def _task_fd(self, inj: Injector, local: int, task_fds: dict) -> int:
+        if local not in task_fds:
+            task_fds[local] = self._take(inj, local)
+        return task_fds[local]
+
+    def _take(self, inj: Injector, local: int) -> int:
+        """The restorer's descriptor `local` as a new descriptor of the task (close-on-exec)."""
+        return inj.call(NR["pidfd_getfd"], self.pidfd_slot, local, 0, step="pidfd_getfd")
+
+    def _fds(self, live: Live) -> None:
+        t, inj = live.plan, live.inj
+        for fdi in t.fdinfo:
+            path = self._where(t.pid, f"fds/{fdi.fd}")
+            x = self._take(inj, self.files.description(fdi.id, where=path))
+            cloexec = fdi.flags & F.FD_CLOEXEC
+            if x == fdi.fd:
+                inj.call(NR["fcntl"], x, F_SETFD, cloexec, step="install descriptor", path=path)
+            else:
+                inj.call(NR["dup3"], x, fdi.fd, O_CLOEXEC if cloexec else 0,
+                         step="install descriptor", path=path)
+                inj.call(NR["close"], x, step="install descriptor", path=path)
+
+    def _fs(self, live: Live) -> None:
+        t, inj = live.plan, live.inj
+        inj.reset_scratch()
+        cwd = self.src.file(t.fs.cwd_id).reg.name
+        root = self.src.file(t.fs.root_id).reg.name
+        x = self._take(inj, self.files.path(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                            where=self._where(t.pid, "cwd"), step="cwd"))
+        inj.call(NR["fchdir"], x, step="chdir", path=self._where(t.pid, "cwd"))
+        inj.call(NR["close"], x, step="chdir")
+        if root != "/":
+            inj.call(NR["chroot"], inj.put(root.encode() + b"\0"), step="chroot",
+                     path=self._where(t.pid, "root"))
+        if t.fs.HasField("umask"):
+            inj.call(NR["umask"], t.fs.umask, step="umask", path=self._where(t.pid, "umask"))
+
+    def _rlimits(self, live: Live) -> None:
+        t, inj = live.plan, live.inj
+        import resource
+        for i, lim in enumerate(t.core.tc.rlimits.rlimits):
+            name = F.RLIMITS[i]
+            cur, mx = lim.cur, lim.max
+            now_max = resource.prlimit(live.pid, i)[1]
+            now_max = F.RLIM_INFINITY if now_max == resource.RLIM_INFINITY else now_max
+            if mx > now_max:
+                self.log(f"warning: {self._where(t.pid, 'rlimits/' + name)}: hard limit {mx} "
+                         f"above this machine's {now_max}: kept at {now_max}")
+                mx, cur = now_max, min(cur, now_max)
+            inj.reset_scratch()
+            ret = inj.syscall(NR["prlimit64"], 0, i, inj.put(struct.pack("<QQ", cur, mx)), 0)
+            if ret < 0:
+                self.log(f"warning: {self._where(t.pid, 'rlimits/' + name)}: prlimit failed "
+                         f"({errno.errorcode.get(-ret, -ret)}): left as is")
+
+    def _signals(self, live: Live) -> None:
+        t, inj = live.plan, live.inj
+        acts = list(t.core.tc.sigactions)
+        if len(acts) != len(F.SIGACTION_SIGNALS):
+            raise RestoreFailed(f"{len(acts)} sigactions, want {len(F.SIGACTION_SIGNALS)}",
+                                path=self._where(t.pid, "sigactions"), step="sigactions")
+        inj.reset_scratch()
+        blob = b"".join(struct.pack("<4Q", a.sigaction, a.flags, a.restorer, a.mask) for a in acts)
+        base = inj.put(blob)
+        for i, (sig, a) in enumerate(zip(F.SIGACTION_SIGNALS, acts)):
+            inj.call(NR["rt_sigaction"], sig, base + 32 * i, 0, 8, step="rt_sigaction",
+                     path=self._where(t.pid, f"sigactions/{F.SIGNAL_NAMES[sig]}"))
+        timers = t.core.tc.timers
+        for which, name in enumerate(("real", "virt", "prof")):
+            if t.core.tc.HasField("timers") and timers.HasField(name):
+                it = getattr(timers, name)
+                if it.isec or it.iusec or it.vsec or it.vusec:
+                    arg = inj.put(struct.pack("<4q", it.isec, it.iusec, it.vsec, it.vusec))
+                    inj.call(NR["setitimer"], which, arg, 0, step="setitimer",
+                             path=self._where(t.pid, f"itimers/{name}"))
+
+    def _task_misc(self, live: Live) -> None:
+        t, inj, tc = live.plan, live.inj, live.plan.core.tc
+        path = self._where(t.pid)
+        inj.call(NR["personality"], tc.personality, step="personality", path=path)
+        if t.mm.HasField("dumpable"):
+            inj.call(NR["prctl"], PR_SET_DUMPABLE, t.mm.dumpable, 0, 0, 0, step="dumpable",
+                     path=self._where(t.pid, "mm/dumpable"))
+        if tc.child_subreaper:
+            inj.call(NR["prctl"], PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, step="subreaper", path=path)
+
+    def _threads(self, live: Live) -> None:
+        t = live.plan
+        for old in t.threads:
+            if old == t.pid:
+                continue
+            tid = self._clone3(live.inj, THREAD_FLAGS, 0, old if self.keep_pids else None,
+                               "create thread", self._where(t.pid, f"threads/{old}"))
+            live.tids[old] = tid
+            live.injs[tid] = self._injector(tid)
+
+    def _thread_state(self, live: Live, old: int, inj: Injector) -> None:
+        t = live.plan
+        core = t.cores[old]
+        tcore = core.thread_core
+        path = self._where(t.pid, f"threads/{old}")
+        inj.reset_scratch()
+        if tcore.futex_rla:
+            inj.call(NR["set_robust_list"], tcore.futex_rla, tcore.futex_rla_len,
+                     step="set_robust_list", path=path + "/futex_rla")
+        inj.call(NR["set_tid_address"], core.thread_info.clear_tid_addr, step="set_tid_address",
+                 path=path + "/clear_tid_addr")
+        if tcore.HasField("rseq_entry") and tcore.rseq_entry.rseq_abi_pointer:
+            r = tcore.rseq_entry
+            inj.call(NR["rseq"], r.rseq_abi_pointer, r.rseq_abi_size, 0, r.signature,
+                     step="rseq", path=path + "/rseq")
+        if tcore.HasField("sas") and not tcore.sas.ss_flags & F.SS_FLAGS["SS_DISABLE"]:
+            ss = inj.put(struct.pack("<QI4xQ", tcore.sas.ss_sp, tcore.sas.ss_flags
+                                     & ~F.SS_FLAGS["SS_ONSTACK"], tcore.sas.ss_size))
+            inj.call(NR["sigaltstack"], ss, 0, step="sigaltstack", path=path + "/sigaltstack")
+        comm = (t.core.tc.comm if old == t.pid else tcore.comm) or t.core.tc.comm
+        inj.call(NR["prctl"], PR_SET_NAME, inj.put(comm.encode()[:15] + b"\0"), 0, 0, 0,
+                 step="comm", path=path + "/comm")
+        if tcore.pdeath_sig:
+            inj.call(NR["prctl"], PR_SET_PDEATHSIG, tcore.pdeath_sig, 0, 0, 0,
+                     step="pdeath_sig", path=path)
+        self._creds(inj, t.core.thread_core.creds if old == t.pid or not tcore.HasField("creds")
+                    else tcore.creds, path)
+
+    def _creds(self, inj: Injector, c, path: str) -> None:
+        """Groups, gids, uids: last, since dropping root ends what we may do."""
+        groups = list(c.groups)
+        arg = inj.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0
+        inj.call(NR["setgroups"], len(groups), arg, step="setgroups", path=path + "/creds/groups")
+        inj.call(NR["setresgid"], c.gid, c.egid, c.sgid, step="setresgid", path=path + "/creds")
+        inj.call(NR["setfsgid"], c.fsgid)
+        inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=path + "/creds")
+        inj.call(NR["setfsuid"], c.fsuid)
+
+    def _start_init(self) -> None:
+        """The namespace's init (a copy of the helper) runs the reaper loop from now on."""
+        inj = self._injector(self.init)
+        inj.call(NR["close"], self.pidfd_slot, step="init")
+        inj.call(NR["prctl"], PR_SET_NAME, inj.put(b"ckptfs-init\0"), 0, 0, 0, step="init")
+        inj.write(self.scratch + 0x40, INIT_CODE)
+        regs = ptrace.get_regs(self.init)
+        regs.update(rip=self.scratch + 0x40, orig_rax=2**64 - 1)
+        ptrace.set_regs(self.init, regs)
+
+    # -- last: registers, then everyone runs --------------------------------------------
+    def _release_all(self) -> None:
+        stops = []
+        for live in self.live.values():
+            if live.plan.zombie:
+                continue
+            for old, tid in live.tids.items():
+                core = live.plan.cores[old]
+                fp = xsave.join(core.thread_info.fpregs, self.xcr0, self.xsize)
+                ptrace.set_xstate(tid, fp)
+                mask = core.tc.blk_sigset if old == live.plan.pid else core.thread_core.blk_sigset
+                ptrace.set_sigmask(tid, mask)
+                pending: list[int] = []
+                inject.park_with_regs(tid, restart_regs(regs_of(core)), pending)
+                if pending:
+                    self.log(f"note: signals {pending} arrived during restore of {tid}: dropped")
+            if live.plan.core.tc.task_state == F.TASK_STATES["stopped"]:
+                stops.append((live.pid, live.plan.core.tc.stop_signo or signal.SIGSTOP))
+        order = list(reversed(self.traced))
+        for tid in order:
+            ptrace.detach(tid)
+        self.traced.clear()
+        for pid, sig in stops:
+            os.kill(pid, sig)
+
+
+def _wait_new(tid: int) -> None:
+    """The first stop of an auto-attached new task."""
+    _, status = ptrace.wait(tid)
+    if not os.WIFSTOPPED(status):
+        raise RestoreFailed(f"new task {tid} died at birth (status {status:#x})", step="create tasks")
+
+
+def _reap(tid: int) -> None:
+    for _ in range(100):
+        try:
+            got, status = os.waitpid(tid, 0x40000000 | os.WNOHANG)   # __WALL
+        except ChildProcessError:
+            return
+        if got and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+            return
+        time.sleep(0.005)
