@@ -6,6 +6,7 @@ crit's explorers must follow the cross-file references, and ImageSource must giv
 exactly what the exporting source gave.
 """
 import base64
+import errno
 import glob
 import json
 import os
@@ -534,3 +535,11 @@ def test_chunked_ghost(exported, tmp_path):
                      [None, b"ab", b"xyz"])
     img = criu.ImageSource(tmp_path)
     assert img.file_contents(5) == b"\0ab\0\0\0\0\0\0xyz" and not img.file_deleted(6)
+
+
+def test_export_refuses_directory_with_images(exported):
+    from ckptfs.errors import CkptError
+    _, out = exported
+    with pytest.raises(CkptError, match="already holds CRIU images") as e:
+        criu.export(FakeSource(), out)
+    assert e.value.errno == errno.EEXIST

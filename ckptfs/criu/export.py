@@ -7,10 +7,11 @@ not dump. Memory streams from the source into pages-N.img in bounded chunks.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 from .. import pb
-from ..errors import BadImage
+from ..errors import BadImage, CkptError
 from ..flags import SIGACTION_SIGNALS, VMA_STATUS
 from ..model import PAGE_SIZE
 from .framing import PE_PRESENT, write_image
@@ -43,8 +44,14 @@ NEUTRAL_4X = [
 
 
 def export(source, out_dir) -> None:
-    """Write every image of `source` into `out_dir` (created if needed)."""
+    """Write every image of `source` into `out_dir` (created if needed). A directory that
+    already holds images is refused: restore would also read stale ones (a leftover
+    remap-fpath.img or cgroup.img changes what it does)."""
     os.makedirs(out_dir, exist_ok=True)
+    stale = sorted(n for n in os.listdir(out_dir) if n.endswith(".img"))
+    if stale:
+        raise CkptError(f"already holds CRIU images ({', '.join(stale[:3])} ...)",
+                        path=str(out_dir), step="export", err=errno.EEXIST)
     _Export(source, str(out_dir)).run()
 
 
