@@ -200,7 +200,7 @@ def _try(extras: Extras, what: str, fn):
 
 def _int_out(inj: "inject.Injector", option: int) -> int:
     buf = inj.scratch(8)
-    inj.prctl(option, buf)
+    inj.prctl(option, buf, 0, 0, 0)
     return struct.unpack("<i", inj.read(buf, 4))[0]
 
 
@@ -211,17 +211,17 @@ def _inject_extras(tid: int, leader: bool) -> tuple[Extras, list[int]]:
     try:
         ex.clear_tid_addr = _try(ex, "clear_tid_addr", inj.get_tid_address) or 0
         ex.sas = _try(ex, "sigaltstack", inj.sigaltstack)
-        ex.secbits = _try(ex, "secbits", lambda: inj.prctl(PR_GET_SECUREBITS)) or 0
+        ex.secbits = _try(ex, "secbits", lambda: inj.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0)) or 0
         ex.pdeath_sig = _try(ex, "pdeath_sig", lambda: _int_out(inj, PR_GET_PDEATHSIG)) or 0
         if leader:
             ex.sigactions = [_try(ex, f"sigaction {sig}", lambda s=sig: inj.sigaction(s))
                              or (0, 0, 0, 0) for sig in lf.SIGACTION_SIGNALS]
             ex.itimers = [_try(ex, f"itimer {n}", lambda w=w: inj.getitimer(w)) or (0, 0, 0, 0)
                           for w, n in enumerate(ITIMERS)]
-            ex.dumpable = _try(ex, "dumpable", lambda: inj.prctl(PR_GET_DUMPABLE))
+            ex.dumpable = _try(ex, "dumpable", lambda: inj.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
             sub = _try(ex, "child_subreaper", lambda: _int_out(inj, PR_GET_CHILD_SUBREAPER))
             ex.child_subreaper = None if sub is None else bool(sub)
-            thp = _try(ex, "thp_disabled", lambda: inj.prctl(PR_GET_THP_DISABLE))
+            thp = _try(ex, "thp_disabled", lambda: inj.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0))
             ex.thp_disabled = None if thp is None else bool(thp)
     finally:
         inj.close()
