@@ -35,6 +35,17 @@ def _under(mnts, root: Path):
     return [render_mount(m) for m in mnts if m.target.startswith(str(root))]
 
 
+def _captured(ct, tmp_path: Path) -> ContainerIsolation:
+    """The test container's isolation, mounts limited to its own under tmp_path.
+
+    A host mount that goes away after the container was made (other suites mount and unmount
+    FUSE trees concurrently) stays in the container's copy and looks like one of its own: the
+    mountinfo diff cannot tell (see mounts.py). Re-creating such a mount would fail."""
+    iso = capture_isolation(ct.init_pid)
+    iso.mounts = [m for m in iso.mounts if m.target.startswith(str(tmp_path))]
+    return iso
+
+
 def _inside(c: Container, argv: list[str]) -> str:
     return subprocess.run(c.nsenter(argv), capture_output=True, text=True, check=True).stdout
 
@@ -99,7 +110,7 @@ def test_capture_plain_process_has_no_own_namespaces(procs):
 
 # -- create -> capture round trip ---------------------------------------------------------
 def test_create_round_trip(ct, tmp_path):
-    iso = capture_isolation(ct.init_pid)
+    iso = _captured(ct, tmp_path)
     out = tmp_path / "out2"
     loop = f"i=0; while :; do i=$((i+1)); echo $i >> {out}; sleep 0.02; done"
     with Container.create(iso, ["sh", "-c", loop]) as c:
@@ -126,7 +137,7 @@ def test_create_round_trip(ct, tmp_path):
 
 
 def test_cleanup_leaves_nothing(ct, tmp_path):
-    iso = capture_isolation(ct.init_pid)
+    iso = _captured(ct, tmp_path)
     c = Container.start(iso, ["sleep", "60"], name="ckptfs-cleanup-test")
     try:
         dirs, inode = list(c.cgroups.dirs), int(os.readlink(f"/proc/{c.init_pid}/ns/net")[5:-1])

@@ -4,6 +4,9 @@ A new mount namespace starts as a copy of its creator's, so most lines of a cont
 mountinfo are inherited. Its own mounts are the lines that its reference namespace (the host
 the capture runs in) does not have: same mount point, device, root and type means inherited.
 A proc at /proc is left out: it belongs to the pid namespace, and re-creating that mounts it.
+Limitation: a host mount removed after the container was made survives in the container's
+copy and is then taken for one of its own (mountinfo alone cannot tell a stale copy from a
+new mount; statx's STATX_MNT_ID_UNIQUE on Linux 6.8+ could, by creation order).
 
 Each own mount becomes an fstab line (`Mount`). A mount that shows a filesystem some other
 mount also shows (same device) is a bind mount: its source is the other mount's path plus the
