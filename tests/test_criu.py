@@ -420,6 +420,8 @@ def test_live_export(name, zdtm_bin, procs, tmp_path, crit_fields):
         # lossless: what the images say is what the live source said (CRIU's ppid-0 root
         # and the neutral 4.x fields left out are the only normalisations)
         assert img.pstree() == criu.root_pstree(src.pstree())
+        m, want = img.meta(), src.meta()
+        assert (m.arch, m.xfeatures, m.xsave_size) == (want.arch, want.xfeatures, want.xsave_size)
         for pid, threads in src.tasks():
             assert [img.core(t) for t in threads] == [criu.trim_core(src.core(t)) for t in threads]
             for what in ("ids", "mm", "fs", "fdinfo"):

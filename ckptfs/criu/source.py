@@ -14,7 +14,7 @@ import bisect
 import os
 import threading
 
-from .. import model, pb
+from .. import model, pb, xsave
 from ..errors import BadImage
 from ..flags import VMA_STATUS
 from ..model import PAGE_SIZE, PageRange
@@ -40,6 +40,7 @@ def entry_flags(e) -> int:
 
 
 class ImageSource(model.Source):
+    """Messages returned are the cached ones: callers copy before changing them."""
     frozen = True
 
     def __init__(self, directory):
@@ -104,12 +105,17 @@ class ImageSource(model.Source):
         return self.single("inventory.img", "INVENTORY")
 
     def meta(self) -> model.Meta:
+        """What images can tell: the arch, the hostname (if the UTS namespace was dumped) and
+        the XSAVE features the root thread's registers carry (kernel and CPU flags are not
+        recorded by CRIU)."""
         core = self.core(self.pstree()[0].pid)
-        xsave = core.thread_info.fpregs.xsave
         uts = self._utsns()
+        xfeatures = xsave.features_of(core.thread_info.fpregs) \
+            if core.HasField("thread_info") else 0
         return model.Meta(arch=pb.core_entry.march.Name(core.mtype).lower(),
                           hostname=uts.nodename if uts else "",
-                          xfeatures=xsave.xstate_bv if xsave.HasField("xstate_bv") else 0)
+                          xfeatures=xfeatures,
+                          xsave_size=xsave.size_of(xfeatures) if xfeatures else 0)
 
     def pstree(self) -> list:
         return list(self.image("pstree.img", "PSTREE", required=True)[0])
