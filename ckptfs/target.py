@@ -535,6 +535,14 @@ class TargetCore:
         self.completion.touch(job)
         os.unlink(self.real(path))
 
+    def mknod(self, path: str, mode: int, dev: int) -> None:
+        """Regular files and fifos only: a checkpoint tree has no device nodes."""
+        job, _ = self._inside(path, "mknod")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise _err(errno.EPERM, f"mknod {path}: only regular files and fifos")
+        self.completion.touch(job)
+        os.mknod(self.real(path), mode)
+
     def symlink(self, path: str, target: str) -> None:
         job, _ = self._inside(path, "symlink")
         self.completion.touch(job)
@@ -597,24 +605,39 @@ class TargetCore:
         writing = bool(flags & os.O_ACCMODE) or bool(flags & os.O_TRUNC)
         if writing:
             self.completion.touch(job)
-        fd = os.open(self.real(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        # O_TRUNC waits until we know no other handle is writing this file
+        fd = os.open(self.real(path), (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         handle = Handle(job, fd=fd, writing=writing)
         if writing:
-            st = os.fstat(fd)
-            handle.key = (st.st_dev, st.st_ino)
-            with self._lock:
-                other = handle.key in self._writing
-                if not other:
-                    self._writing[handle.key] = fd
-            if other:
+            try:
+                self._claim(handle, path)
+                if flags & os.O_TRUNC:
+                    os.ftruncate(fd, 0)
+            except BaseException:
+                self._unclaim(handle)
                 os.close(fd)
-                log.warning("%s: refused a second writer: is the job being copied twice at once?",
-                            path)
-                raise _err(errno.EBUSY, f"{path} is already open for writing")
+                raise
             self.completion.writer(job, +1)
         with self._lock:
             self._handles[fd] = handle
         return fd
+
+    def _claim(self, handle: Handle, path: str) -> None:
+        """One writer per file: a second one means two copies race (EBUSY, logged)."""
+        st = os.fstat(handle.fd)
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            if key in self._writing:
+                log.warning("%s: refused a second writer: is the job being copied twice at "
+                            "once?", path)
+                raise _err(errno.EBUSY, f"{path} is already open for writing")
+            self._writing[key] = handle.fd
+            handle.key = key
+
+    def _unclaim(self, handle: Handle) -> None:
+        with self._lock:
+            if handle.key:
+                self._writing.pop(handle.key, None)
 
     def _open_virtual(self, job: str, name: str) -> int:
         self._unhide(job, name)

@@ -106,6 +106,11 @@ def _operations_class():
             return 0
 
         @_boundary
+        def mknod(self, path, mode, dev):
+            self.core.mknod(path, mode, dev)
+            return 0
+
+        @_boundary
         def symlink(self, target, source):
             self.core.symlink(target, source)
             return 0

@@ -389,6 +389,12 @@ def test_top_level_accepts_only_directories(mnt):
     with pytest.raises(OSError) as e:
         os.rename(os.path.join(mnt.mnt, "a/f"), os.path.join(mnt.mnt, "b/f"))
     assert e.value.errno == errno.EXDEV
+    os.mkfifo(os.path.join(mnt.mnt, "a/fifo"))
+    with pytest.raises(OSError) as e:
+        os.mknod(os.path.join(mnt.mnt, "a/null"), 0o600 | 0o020000, os.makedev(1, 3))
+    assert e.value.errno == errno.EPERM
+    os.link(os.path.join(mnt.mnt, "a/f"), os.path.join(mnt.mnt, "a/hard"))
+    assert os.stat(os.path.join(mnt.mnt, "a/hard")).st_nlink == 2
     os.symlink("../f", os.path.join(mnt.mnt, "a/l"))
     assert os.readlink(os.path.join(mnt.mnt, "a/l")) == "../f"
     st = os.statvfs(mnt.mnt)
@@ -541,3 +547,18 @@ def test_boundary_maps_exceptions_to_errnos(tmp_path):
         with pytest.raises(mfusepy.FuseOSError) as e:
             ops.getattr(path)
         assert e.value.errno == want
+
+
+def test_core_second_writer_neither_opens_nor_truncates(core):
+    core.mkdir("/j", 0o755)
+    fh = core.create("/j/f", 0o644, os.O_WRONLY)
+    core.write(fh, b"data", 0)
+    with pytest.raises(OSError) as e:
+        core.open("/j/f", os.O_WRONLY | os.O_TRUNC)
+    assert e.value.errno == errno.EBUSY
+    assert os.path.getsize(core.real("/j/f")) == 4
+    core.release(fh)
+    fh = core.open("/j/f", os.O_WRONLY | os.O_TRUNC)
+    assert os.path.getsize(core.real("/j/f")) == 0
+    core.release(fh)
+    assert core.completion._jobs["j"].writers == 0
