@@ -13,6 +13,7 @@ The daemon never dies from one bad request.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -140,11 +141,13 @@ class CheckpointFS(fuse.Operations):
                  "manifest": tree.File(self._manifest_bytes)}
         if control is not None:
             extra["ctl"] = Control(control)
-        self.root = tree.Renderer(self.source, chunk_size).root(extra)
+        self.renderer = tree.Renderer(self.source, chunk_size)
+        self.root = self.renderer.root(extra)
 
     def changed(self) -> None:
         """State moved (freeze, thaw): forget everything cached."""
         self.source.invalidate()
+        self.renderer.epoch.bump()
         self._manifest = None
         self.stamp = time.time_ns()
 
@@ -218,6 +221,20 @@ class CheckpointFS(fuse.Operations):
         return node.read(offset, size)
 
     @_boundary
+    def read_into(self, buf_addr: int, size: int, offset: int, fi) -> int:
+        """Memory chunks go straight from the process into FUSE's buffer (no copy in Python)."""
+        node, snapshot = self._handles[fi.fh]
+        into = getattr(self.source.inner, "read_memory_into", None)
+        if snapshot is not None or not isinstance(node, tree.Chunk) or into is None:
+            data = self.read(None, size, offset, fi)
+            ctypes.memmove(buf_addr, data, len(data))
+            return len(data)
+        size = max(0, min(size, node.length - offset))
+        if size:
+            into(node.pid, node.addr + offset, (ctypes.c_char * size).from_address(buf_addr))
+        return size
+
+    @_boundary
     def write(self, path, data, offset, fi):
         node, _ = self._handles[fi.fh]
         if not isinstance(node, Control):
@@ -243,7 +260,17 @@ class CheckpointFS(fuse.Operations):
                 "f_files": 0, "f_ffree": 0, "f_namemax": 255}
 
 
+class _FUSE(fuse.FUSE):
+    """mfusepy, with reads that fill libfuse's buffer in place when the operations can."""
+
+    def read(self, path, buf, size, offset, fip):
+        into = getattr(self.operations, "read_into", None)
+        if into is None:
+            return super().read(path, buf, size, offset, fip)
+        return into(ctypes.cast(buf, ctypes.c_void_p).value, size, offset, fip.contents)
+
+
 def serve(ops: fuse.Operations, mountpoint: str, *, foreground: bool = True, **options) -> None:
     """Mount and serve until unmounted. libfuse3 (1 MiB requests with direct_io)."""
-    fuse.FUSE(ops, mountpoint, foreground=foreground, raw_fi=True, nothreads=False,
+    _FUSE(ops, mountpoint, foreground=foreground, raw_fi=True, nothreads=False,
               fsname="ckptfs", subtype="ckptfs", default_permissions=True, **options)

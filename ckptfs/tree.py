@@ -251,14 +251,42 @@ class Chunk(Node):
         return self.source.read_memory(self.pid, self.addr + offset, size) if size else b""
 
 
+class Epoch:
+    """When cached listings go stale: at every state change (`bump`), and after `ttl` seconds
+    while the source runs."""
+
+    def __init__(self, source: Source, ttl: float = 1.0):
+        self.source, self.ttl, self.n = source, ttl, 0
+
+    def bump(self) -> None:
+        self.n += 1
+
+    def stamp(self) -> tuple[int, float]:
+        return self.n, time.monotonic()
+
+    def fresh(self, stamp: tuple[int, float]) -> bool:
+        n, t = stamp
+        return n == self.n and (self.source.frozen or time.monotonic() - t < self.ttl)
+
+
 class Dir(Node):
     mode = 0o555
 
-    def __init__(self, entries: Callable[[], dict[str, Node]], mode: int = 0o555):
-        self._entries, self.mode = entries, mode
+    def __init__(self, entries: Callable[[], dict[str, Node]], mode: int = 0o555,
+                 epoch: Epoch | None = None):
+        self._entries, self.mode, self.epoch = entries, mode, epoch
+        self._cached: tuple | None = None
 
     def entries(self) -> dict[str, Node]:
-        return self._entries()
+        if self.epoch is None:
+            return self._entries()
+        cached = self._cached
+        if cached is not None and self.epoch.fresh(cached[0]):
+            return cached[1]
+        stamp = self.epoch.stamp()
+        value = self._entries()
+        self._cached = (stamp, value)
+        return value
 
 
 def _dir_from_paths(files: dict[str, Node], mode: int = 0o555) -> Dir:
@@ -280,16 +308,20 @@ def _dir_from_paths(files: dict[str, Node], mode: int = 0o555) -> Dir:
 class Renderer:
     """Builds the node tree of a Source. Directory listings are computed when asked."""
 
-    def __init__(self, source: Source, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, source: Source, chunk_size: int = DEFAULT_CHUNK, epoch: Epoch | None = None):
         self.source, self.chunk_size = source, chunk_size
+        self.epoch = epoch or Epoch(source)
+
+    def dir(self, entries, mode: int = 0o555) -> Dir:
+        return Dir(entries, mode, self.epoch)
 
     def root(self, extra: dict[str, Node] | None = None) -> Dir:
         def entries():
-            e = {"isolation": Dir(self.isolation_entries),
-                 "tasks": Dir(lambda: {str(p): Dir(self._task_lazy(p)) for p in self.source.pids()})}
+            e = {"isolation": self.dir(self.isolation_entries),
+                 "tasks": self.dir(lambda: {str(p): self.dir(self._task_lazy(p)) for p in self.source.pids()})}
             e.update(extra or {})
             return e
-        return Dir(entries)
+        return self.dir(entries)
 
     # isolation/
     def isolation_entries(self) -> dict[str, Node]:
@@ -316,11 +348,11 @@ class Renderer:
         for i, rname in enumerate(F.RLIMITS):
             files[f"rlimits/{rname}"] = File(self._rlimit(pid, i))
         top = _dir_from_paths(files).entries()
-        top["sigactions"] = Dir(lambda: self.sigaction_entries(pid))
-        top["threads"] = Dir(lambda: {str(t): Dir(self._thread_lazy(pid, t))
+        top["sigactions"] = self.dir(lambda: self.sigaction_entries(pid))
+        top["threads"] = self.dir(lambda: {str(t): self.dir(self._thread_lazy(pid, t))
                                       for t in self.source.threads(pid)})
-        top["maps"] = Dir(lambda: self.map_entries(pid))
-        top["fds"] = Dir(lambda: self.fd_entries(pid))
+        top["maps"] = self.dir(lambda: self.map_entries(pid))
+        top["fds"] = self.dir(lambda: self.fd_entries(pid))
         return top
 
     def _field_node(self, ctx_fn, dotted: str, codec: Codec) -> Node | None:
@@ -376,7 +408,7 @@ class Renderer:
     # maps/<start>-<end>/
     def map_entries(self, pid: int) -> dict[str, Node]:
         mm = self.source.mm(pid)
-        return {f"{v.start:x}-{v.end:x}": Dir(self._vma_lazy(pid, v)) for v in mm.vmas}
+        return {f"{v.start:x}-{v.end:x}": self.dir(self._vma_lazy(pid, v)) for v in mm.vmas}
 
     def _vma_lazy(self, pid: int, vma):
         return lambda: self.vma_entries(pid, vma)
@@ -390,7 +422,7 @@ class Renderer:
             if has_path(ctx, dotted) and not (name in ("madv", "fdflags") and not get_path(ctx, dotted)):
                 files[name] = File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
         entries = _dir_from_paths(files).entries()
-        entries["pages"] = Dir(lambda: self.chunk_entries(pid, vma), mode=0o700)
+        entries["pages"] = self.dir(lambda: self.chunk_entries(pid, vma), mode=0o700)
         return entries
 
     def chunk_entries(self, pid: int, vma) -> dict[str, Node]:
