@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 from google.protobuf import json_format
+from hypothesis import given, settings, strategies as st
 
 from ckptfs import criu, pb
 from ckptfs.errors import BadImage
@@ -545,3 +546,23 @@ def test_export_refuses_directory_with_images(exported):
     with pytest.raises(CkptError, match="already holds CRIU images") as e:
         criu.export(FakeSource(), out)
     assert e.value.errno == errno.EEXIST
+
+
+_u32 = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_u32, st.binary(max_size=300)), max_size=6),
+       st.lists(st.tuples(_u32, _u32, st.lists(_u32, max_size=4)), max_size=5))
+def test_framing_round_trip_property(tmp_path_factory, pipes, tasks):
+    """Whatever we write reads back as the same messages and extras, and the same bytes."""
+    d = tmp_path_factory.mktemp("prop")
+    msgs = [pb.pipe_data_entry(pipe_id=i, bytes=len(b)) for i, b in pipes]
+    extras = [b for _, b in pipes]
+    criu.write_image(d / "pipes-data.img", "PIPES_DATA", msgs, extras)
+    assert criu.read_image(d / "pipes-data.img") == ("PIPES_DATA", msgs, extras)
+    ps = [pb.pstree_entry(pid=p, ppid=q, pgid=p, sid=q, threads=t) for p, q, t in tasks]
+    criu.write_image(d / "pstree.img", "PSTREE", ps)
+    kind, got, _ = criu.read_image(d / "pstree.img")
+    assert got == ps
+    assert criu.image_bytes(kind, got) == (d / "pstree.img").read_bytes()
