@@ -333,3 +333,13 @@ def test_cleanup_after_the_program_ended_by_itself():
     finally:
         c.cleanup()
     assert _cgroup_dirs("ckptfs-ended-test") == []
+
+
+def test_time_namespace_offsets(tmp_path):
+    out = tmp_path / "uptime"
+    iso = ContainerIsolation(own_namespaces=("time",), limits={})
+    with Container.create(iso, ["sh", "-c", f"cut -d. -f1 /proc/uptime > {out}; sleep 30"],
+                          time_offsets={"boottime": (86400, 0)}) as c:
+        ours = float(Path("/proc/uptime").read_text().split()[0])
+        assert abs(int(_wait_lines(out, 1)[0]) - (ours + 86400)) < 5
+        assert "boottime" in Path(f"/proc/{c.init_pid}/timens_offsets").read_text()

@@ -21,7 +21,9 @@ The socket is close-on-exec, so end-of-file after "ready" means the exec happene
 in the init comes back as the error it raised (class, file, message) and everything is torn
 down: the pid namespace dies with its init, the net and mount namespaces with their last task
 (nothing is bind-mounted under /run/netns), and the cgroups are removed after their tasks are
-gone. User namespaces are refused: the uid/gid maps are not part of the tree.
+gone. User namespaces are refused: the uid/gid maps are not part of the tree. A new time
+namespace starts with the offsets the caller gives (`time_offsets`; default zero): the tree does
+not record the source's, and the right ones depend on when the restore happens.
 """
 from __future__ import annotations
 
@@ -86,10 +88,15 @@ class Container:
         self.init_pid: int | None = None
         self.links: dict[str, str] = {}     # interface -> kind actually created
         self._pidfd: int | None = None
+        self.time_offsets: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def start(cls, iso, argv: list[str], *, name: str | None = None, **popen_kw) -> "Container":
+    def start(cls, iso, argv: list[str], *, name: str | None = None,
+              time_offsets: dict[str, tuple[int, int]] | None = None, **popen_kw) -> "Container":
+        """`time_offsets`: {"monotonic"|"boottime": (seconds, nanoseconds)} for a new time
+        namespace (so a restored task's clocks continue from the checkpoint's values)."""
         c = cls(iso, name)
+        c.time_offsets = dict(time_offsets or {})
         try:
             validate(iso)
             if iso.limits:
@@ -119,6 +126,7 @@ class Container:
                 "net": dataclasses.asdict(net) if net is not None and "net" in own else None,
                 "lo": "net" in own,
                 "mounts": [dataclasses.asdict(m) for m in mounts or []],
+                "time_offsets": self.time_offsets if "time" in own else {},
                 "argv": argv}
 
     def _spawn(self, argv: list[str], popen_kw: dict) -> None:
@@ -257,6 +265,7 @@ def _nsinit(fd: int) -> None:
         flags = sum(CLONE[k] for k in cfg["unshare"])
         if flags:
             _libc_call("unshare", ctypes.c_int(flags))
+        _set_time_offsets(cfg["time_offsets"])
         if any(k in FORKING for k in cfg["unshare"]):
             child = os.fork()
             if child:
@@ -275,6 +284,20 @@ def _nsinit(fd: int) -> None:
     except BaseException as e:  # report everything: the parent raises it and cleans up
         _send(sock, {"error": _error_msg(e, step)})
         os._exit(127)
+
+
+def _set_time_offsets(offsets: dict) -> None:
+    """Only possible between unshare(CLONE_NEWTIME) and the first task entering it (the fork)."""
+    if not offsets:
+        return
+    path = "/proc/self/timens_offsets"
+    text = "".join(f"{clock} {sec} {nsec}\n" for clock, (sec, nsec) in offsets.items())
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise Unsupported(f"time offsets {text.strip()!r} refused: {os.strerror(e.errno)}",
+                          path=path, step="time namespace") from e
 
 
 def _outer(sock: socket.socket, child: int) -> None:
