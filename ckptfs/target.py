@@ -68,7 +68,7 @@ class Job:
     name: str
     tree: str
     state: dict = field(default_factory=dict)   # persisted: attempted, restored, aborted, pids
-    status: str = "waiting: nothing copied yet"
+    status: str = "waiting: not checked yet"
     gen: int = 0           # bumped by every change to the tree
     writers: int = 0       # handles open for writing
     due: float | None = None
