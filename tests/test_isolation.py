@@ -343,3 +343,12 @@ def test_time_namespace_offsets(tmp_path):
         ours = float(Path("/proc/uptime").read_text().split()[0])
         assert abs(int(_wait_lines(out, 1)[0]) - (ours + 86400)) < 5
         assert "boottime" in Path(f"/proc/{c.init_pid}/timens_offsets").read_text()
+
+
+def test_without_leaves_a_kind_to_the_caller(tmp_path):
+    out = tmp_path / "pid"
+    iso = _iso(limits={})
+    with Container.create(iso, ["sh", "-c", f"echo $$ > {out}; sleep 30"], without=("pid",)) as c:
+        assert c.init_pid == c.popen.pid and int(_wait_lines(out, 1)[0]) == c.init_pid
+        assert _inside(c, ["hostname"]).strip() == "x"
+        assert "pid" not in c.iso.own_namespaces and "pid" in iso.own_namespaces

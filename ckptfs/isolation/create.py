@@ -92,9 +92,15 @@ class Container:
 
     @classmethod
     def start(cls, iso, argv: list[str], *, name: str | None = None,
-              time_offsets: dict[str, tuple[int, int]] | None = None, **popen_kw) -> "Container":
+              time_offsets: dict[str, tuple[int, int]] | None = None,
+              without: tuple[str, ...] = (), **popen_kw) -> "Container":
         """`time_offsets`: {"monotonic"|"boottime": (seconds, nanoseconds)} for a new time
-        namespace (so a restored task's clocks continue from the checkpoint's values)."""
+        namespace (so a restored task's clocks continue from the checkpoint's values).
+        `without`: own namespace kinds the caller creates itself (e.g. ("pid",) for a restorer
+        that clones the pid namespace's init; it must then mount that namespace's /proc)."""
+        if without:
+            iso = dataclasses.replace(iso, own_namespaces=tuple(
+                k for k in iso.own_namespaces if k not in without))
         c = cls(iso, name)
         c.time_offsets = dict(time_offsets or {})
         try:
