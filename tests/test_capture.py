@@ -426,3 +426,32 @@ def test_frozen_fields_from_injection(procs, tmp_path):
     assert untraced_and_running(pid)
     with LiveSource(pid) as src:                                   # and it still runs the same code
         assert src.core(pid).thread_info.gpregs.sp == regs.sp
+
+
+def test_fifo_eventfd_and_memfd(procs, tmp_path):
+    body = """
+d = sys.argv[2]
+os.mkfifo(d + "/ff")
+ff = os.open(d + "/ff", os.O_RDWR | os.O_NONBLOCK)
+os.write(ff, b"in the fifo")
+ev = os.eventfd(7, os.EFD_SEMAPHORE | os.EFD_NONBLOCK)
+mf = os.memfd_create("blob")
+os.write(mf, b"memfd!")
+FACTS = {"ff": ff, "ev": ev, "mf": mf}
+"""
+    proc, fx = py_child(procs, tmp_path, body, str(tmp_path))
+    pid = proc.pid
+    with LiveSource(pid) as src:
+        infos = {e.fd: e for e in src.fdinfo(pid)}
+        fifo = src.file(infos[fx["ff"]].id)
+        assert fifo.type == pb.FIFO and fifo.fifo.pipe_id == os.stat(tmp_path / "ff").st_ino
+        reg = src.file(fifo.fifo.regf_id)
+        assert reg.type == pb.REG and reg.reg.name == str(tmp_path / "ff")
+        assert reg.reg.flags & lf.O_ACCMODE == os.O_RDWR and reg.reg.flags & os.O_NONBLOCK
+        assert src.pipe_data(fifo.fifo.pipe_id) == b"in the fifo"
+        ev = src.file(infos[fx["ev"]].id)
+        assert ev.type == pb.EVENTFD and ev.efd.counter == 7
+        assert ev.efd.flags & 1 and ev.efd.flags & os.O_NONBLOCK      # EFD_SEMAPHORE kept
+        mf = src.file(infos[fx["mf"]].id)
+        assert mf.type == pb.MEMFD and mf.memfd.inode_id == os.stat(f"/proc/{pid}/fd/{fx['mf']}").st_ino
+        assert mf.memfd.pos == 6

@@ -33,6 +33,7 @@ SYS_KCMP, SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 312, 434, 438
 KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND = 0, 1, 2, 3, 4
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 SPLICE_F_NONBLOCK = 2
+EFD_SEMAPHORE = 1
 TTY_MAJORS = {4, 5, 136}          # vt/serial, /dev/tty + console, pty slaves
 NS_CFLAGS = {"mnt": 0x00020000, "uts": 0x04000000, "ipc": 0x08000000, "user": 0x10000000,
              "pid": 0x20000000, "net": 0x40000000, "cgroup": 0x02000000, "time": 0x00000080}
@@ -64,6 +65,7 @@ class Ref:
     fd: int | None        # an open descriptor, or None for a path entry
     path: str             # /proc path that opens or stats the file
     name: str = ""        # for path entries: the name to record
+    as_reg: bool = False  # a FIFO's companion REG entry (fifo_entry.regf_id): path, flags, pos
 
 
 def fd_path(pid: int, fd: int) -> str:
@@ -124,6 +126,15 @@ class Files:
                 self._by_path[key] = self._new(Ref(pid, None, proc_path, name))
             return self._by_path[key]
 
+    def companion_id(self, fid: int) -> int:
+        """Id of the REG entry that names the file of descriptor entry `fid` (for a FIFO)."""
+        with self._lock:
+            key = ("companion", fid)
+            if key not in self._by_path:
+                ref = self.refs[fid]
+                self._by_path[key] = self._new(Ref(ref.pid, ref.fd, ref.path, as_reg=True))
+            return self._by_path[key]
+
     def any_fd_of(self, inode: int, kinds=("pipe",)) -> Ref | None:
         """A remembered descriptor whose link names `kind:[inode]` (pipes), or a fifo path."""
         with self._lock:
@@ -157,13 +168,20 @@ def path_entry(fid: int, ref: Ref):
     return pb.file_entry(type=pb.REG, id=fid, reg=_reg(fid, ref.name, 0, 0, s))
 
 
-def fd_entry(fid: int, ref: Ref, ns_ids=None):
-    """file_entry for the descriptor `ref` points at."""
+def fd_entry(fid: int, ref: Ref, ns_ids=None, regf_id=None):
+    """file_entry for the descriptor `ref` points at. `regf_id(fid)` gives a FIFO's
+    companion REG entry id."""
     link = procfs.readlink(ref.path)
     info = procfs.parse_fdinfo(procfs.read_text(f"/proc/{ref.pid}/fdinfo/{ref.fd}"))
     flags = procfs.fdinfo_flags(info) & ~lf.O_CLOEXEC
     s = procfs.stat(ref.path)
     parsed = procfs.parse_fd_link(link)
+    if ref.as_reg:
+        return pb.file_entry(type=pb.REG, id=fid,
+                             reg=_reg(fid, link, flags, int(info.get("pos", 0)), s))
+    if parsed is None and st.S_ISFIFO(s.st_mode):
+        return pb.file_entry(type=pb.FIFO, id=fid, fifo=pb.fifo_entry(
+            id=fid, pipe_id=s.st_ino, regf_id=regf_id(fid) if regf_id else 0))
     if parsed is None:
         return _path_fd(fid, link, flags, int(info.get("pos", 0)), s)
     kind, ino = parsed
@@ -179,9 +197,6 @@ def fd_entry(fid: int, ref: Ref, ns_ids=None):
 
 
 def _path_fd(fid: int, link: str, flags: int, pos: int, s: os.stat_result):
-    if st.S_ISFIFO(s.st_mode):
-        return pb.file_entry(type=pb.FIFO, id=fid,
-                             fifo=pb.fifo_entry(id=fid, pipe_id=s.st_ino))
     if link.startswith("/memfd:"):
         return pb.file_entry(type=pb.MEMFD, id=fid, memfd=pb.memfd_file_entry(
             id=fid, flags=flags, pos=pos, fown=fown(), inode_id=s.st_ino))
@@ -194,7 +209,10 @@ def _path_fd(fid: int, link: str, flags: int, pos: int, s: os.stat_result):
 def _anon(fid: int, kind: str, flags: int, info: dict, s: os.stat_result):
     e = pb.file_entry(type=getattr(pb, kind), id=fid)
     if kind == "EVENTFD":
-        e.efd.CopyFrom(pb.eventfd_file_entry(id=fid, flags=flags, fown=fown(),
+        # EFD_SEMAPHORE (1) is not an open flag; CRIU's entry has no field for it, and bit 0
+        # is free here (eventfds are always O_RDWR), so it travels in `flags`.
+        sem = EFD_SEMAPHORE if info.get("eventfd-semaphore", "0").strip() == "1" else 0
+        e.efd.CopyFrom(pb.eventfd_file_entry(id=fid, flags=flags | sem, fown=fown(),
                                              counter=int(info.get("eventfd-count", "0"), 16)))
     elif kind == "EVENTPOLL":
         e.epfd.CopyFrom(pb.eventpoll_file_entry(id=fid, flags=flags, fown=fown()))

@@ -782,7 +782,7 @@ class LiveSource(Source):
         self._check(ref.pid)
         if ref.fd is None:
             return files.path_entry(file_id, ref)
-        return files.fd_entry(file_id, ref, self._ns_ids)
+        return files.fd_entry(file_id, ref, self._ns_ids, self._files.companion_id)
 
     def file_deleted(self, file_id: int) -> bool:
         """The file was unlinked while open (/proc shows ' (deleted)' and no links remain)."""
