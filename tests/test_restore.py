@@ -261,3 +261,97 @@ def test_socket_descriptor_is_refused_by_name(procs, tmp_path):
     assert any("socket" in line and "fds/3" in line for line in res.problems), res.problems
     with pytest.raises(RestoreFailed):
         restore(str(d))
+
+
+# -- bad input: refused before anything runs, named by file; the corrected tree restores -------
+def reseal(d: Path) -> None:
+    """Rewrite the manifest to match the edited tree (so the edit reaches the parser)."""
+    from ckptfs import manifest
+    doc = manifest.load(str(d / "manifest"))
+    files = manifest.scan_tree(str(d))
+    (d / "manifest").write_bytes(manifest.build(doc["source"], doc["root"], doc["tasks"],
+                                                doc["chunk_size"], "frozen", files))
+
+
+def _heap(d: Path, pid: int) -> Path:
+    for m in (d / "tasks" / str(pid) / "maps").iterdir():
+        if (m / "path").read_text() == "[heap]\n":
+            return m
+    raise AssertionError("no heap map")
+
+
+def _file_map(d: Path, pid: int) -> Path:
+    for m in sorted((d / "tasks" / str(pid) / "maps").iterdir()):
+        if (m / "path").read_text().startswith("/usr/"):
+            return m
+    raise AssertionError("no file map")
+
+
+def _rename(a: Path, b: Path):
+    a.rename(b)
+    return lambda: b.rename(a)
+
+
+def _write(path: Path, text: bytes):
+    old = path.read_bytes()
+    path.write_bytes(text)
+    return lambda: path.write_bytes(old)
+
+
+def _edits(d: Path, pid: int, log: Path):
+    heap = _heap(d, pid)
+    lo, hi = (int(x, 16) for x in heap.name.split("-"))
+    far = heap.with_name(f"{lo + (1 << 47):x}-{hi + (1 << 47):x}")
+    chunk = sorted((heap / "pages").iterdir())[0]
+    t = d / "tasks" / str(pid)
+    return {
+        "address out of range": (lambda: _rename(heap, far), far.name, True),
+        "prot rwz": (lambda: _write(heap / "prot", b"rwz\n"), "prot", True),
+        "missing chunk": (lambda: _rename(chunk, chunk.with_name("gone")), chunk.name, False),
+        "chunk of wrong size": (lambda: _write(chunk, chunk.read_bytes() + b"x" * 4096),
+                                chunk.name, True),
+        "file path gone": (lambda: _rename(log, log.with_name("moved")), str(log), False),
+        "file size changed": (lambda: _write(log, b"grown\n"), str(log), False),
+        "register holds text": (lambda: _write(t / "threads" / str(pid) / "regs" / "rip",
+                                               b"hello\n"), "regs/rip", True),
+        "file map of /dev/null (fails late, at mmap)": (
+            lambda: _write(_file_map(d, pid) / "path", b"/dev/null\n"), "mmap", True),
+    }
+
+
+def test_bad_trees_are_refused_and_leave_nothing(procs, restored, tmp_path):
+    p = procs.spawn(["sleep", "60"])
+    log = Path(f"/proc/{p.pid}/fd/1").resolve()
+    d = dump(p.pid, tmp_path / "tree")
+    p.popen.wait()
+    ours = set(_procs.children(os.getpid()))
+    for what, (edit, name, needs_reseal) in _edits(d, p.pid, log).items():
+        undo = edit()
+        if needs_reseal:
+            reseal(d)
+        try:
+            if "late" not in what:
+                problems = restore(str(d), dry_run=True).problems
+                assert any(name in line for line in problems), (what, problems)
+            with pytest.raises(Exception) as e:
+                restored(restore(str(d)))
+            assert name in str(e.value), (what, str(e.value))
+            assert set(_procs.children(os.getpid())) <= ours, what    # nothing left running
+        finally:
+            undo()
+            reseal(d)
+    r = restored(restore(str(d)))                          # the corrected tree restores
+    assert _procs.alive(r.pids[p.pid])
+    assert restore(str(d), dry_run=True).problems == []
+
+
+def test_restore_from_criu_images(procs, restored, tmp_path, zdtm_bin):
+    from ckptfs import criu
+    run = zdtm.start(zdtm_bin, "sleeping", tmp_path / "work", procs.spawn)
+    with LiveSource(run.pid) as src:
+        src.freeze()
+        criu.export(src, str(tmp_path / "img"))
+        os.kill(run.pid, signal.SIGKILL)
+    run.proc.wait()
+    r = restored(restore(str(tmp_path / "img")))
+    assert zdtm.check(r.pids[run.pid], run.result) == "PASS"

@@ -139,6 +139,13 @@ class LinuxRestorer:
         tracer = ptrace.Tracer("ckptfs-restore")
         try:
             return tracer.call(self._run)
+        except CkptError as e:
+            tracer.call(self._cleanup)
+            if isinstance(e, RestoreFailed):
+                raise
+            err = RestoreFailed(f"{e} (undone: every task it created was killed)", err=e.errno)
+            err.path, err.step = e.path, e.step
+            raise err from e
         except BaseException:
             tracer.call(self._cleanup)
             raise

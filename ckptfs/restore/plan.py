@@ -134,6 +134,7 @@ def make_plan(source: Source, *, same_pids: bool = False, pidns: bool = False) -
             check(plan)
         except CkptError as e:
             plan.problems.append(str(e))
+    plan.problems = list(dict.fromkeys(plan.problems))    # one line per distinct problem
     if not plan.problems:
         plan.scratch = find_scratch(plan)
     return plan
