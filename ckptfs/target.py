@@ -368,7 +368,7 @@ class TargetCore:
         """caller() -> pid of the process making the current request (0 if unknown)."""
         self.store = os.path.abspath(store)
         self.caller = caller or (lambda: 0)
-        self._hidden: set[tuple[str, str, int]] = set()   # (job, control file, pid)
+        self._hidden: dict[tuple[str, str, int], int | None] = {}  # (job, name, pid) -> start
         self.jobs_dir = os.path.join(self.store, "jobs")
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
         self.completion = Completion(os.path.join(self.store, "state"), auto=auto,
@@ -417,19 +417,24 @@ class TargetCore:
 
     def _hide(self, job: str, names: tuple[str, ...]) -> None:
         pid = self.caller()
+        start = _start_time(pid)
         with self._lock:
             if len(self._hidden) > 256:
-                self._hidden = {h for h in self._hidden if os.path.exists(f"/proc/{h[2]}")}
-            self._hidden.update((job, n, pid) for n in names)
+                self._hidden = {k: v for k, v in self._hidden.items() if _start_time(k[2]) == v}
+            self._hidden.update(((job, n, pid), start) for n in names)
 
     def _unhide(self, job: str, name: str) -> None:
         with self._lock:
-            self._hidden.discard((job, name, self.caller()))
+            self._hidden.pop((job, name, self.caller()), None)
         if not os.path.isdir(os.path.join(self.jobs_dir, job)):
             raise _err(errno.ENOENT, f"{job}/{name}: no such job")
 
     def _is_hidden(self, job: str, name: str) -> bool:
-        return (job, name, self.caller()) in self._hidden
+        key = (job, name, self.caller())
+        if key not in self._hidden:
+            return False
+        # the pid may have been reused by another process since
+        return self._hidden.get(key) == _start_time(key[2])
 
     # -- attributes and directories
 
@@ -714,6 +719,15 @@ class TargetCore:
         if h is None:
             raise _err(errno.EBADF, f"file handle {fh}")
         return h
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): tells a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _stat_dict(st: os.stat_result) -> dict:
