@@ -455,3 +455,84 @@ FACTS = {"ff": ff, "ev": ev, "mf": mf}
         mf = src.file(infos[fx["mf"]].id)
         assert mf.type == pb.MEMFD and mf.memfd.inode_id == os.stat(f"/proc/{pid}/fd/{fx['mf']}").st_ino
         assert mf.memfd.pos == 6
+
+
+def test_zombie_child_in_tree(procs, tmp_path):
+    ready = tmp_path / "z"
+    # The shell's child exits; the shell (exec'd into sleep by python) never reaps it.
+    parent = procs.spawn([PY, "-c", "import os, sys, time\npid = os.fork()\nif pid == 0: os._exit(3)\n"
+                          f"open({str(ready)!r}, 'w').write(str(pid))\ntime.sleep(1000)"])
+    child = int(wait_file(ready, proc=parent))
+    wait_gone(child, 5)
+    with LiveSource(parent.pid) as src:
+        assert [e.pid for e in src.pstree()] == [parent.pid, child]
+        core = src.core(child)
+        assert core.tc.task_state == 2 and core.tc.exit_code == 3 << 8
+        assert not core.HasField("thread_info") and src.fdinfo(child) == []
+        with pytest.raises(NotCapturable, match="zombie"):
+            src.mm(child)
+        src.freeze()                   # the zombie is not seized; the parent is
+        assert traced_by_us(parent.pid) and src.core(child).tc.task_state == 2
+        src.thaw()
+    assert untraced_and_running(parent.pid)
+
+
+def test_pagemap_file_fallback_matches_scan(procs, tmp_path):
+    from ckptfs.capture import pages
+    from ckptfs.capture.linux import page_mode
+    proc, facts = py_child(procs, tmp_path, MEM_CHILD)
+    pm = pages.Pagemap(proc.pid)
+    try:
+        with LiveSource(proc.pid) as src:
+            vmas = src.mm(proc.pid).vmas
+        checked = 0
+        for v in vmas:
+            mode = page_mode(v.status)
+            if mode in (pages.ANON, pages.FILE_PRIVATE, pages.SHARED):
+                scan = set(_pages_of(pm.ranges(v.start, v.end, mode)))
+                slow = set(_pages_of(pm._read(v.start, v.end, mode)))
+                # the pagemap file cannot tell the zero page: it may list more, never fewer
+                assert scan <= slow and len(slow - scan) <= 4
+                checked += len(scan)
+        assert checked > 3
+        assert pages.Pagemap.scan_works    # this kernel has PAGEMAP_SCAN (6.7+)
+    finally:
+        pm.close()
+
+
+def _pages_of(ranges):
+    return [a for r in ranges for a in range(r.start, r.end, 4096)]
+
+
+def test_cgroup_v1_limits(procs, tmp_path):
+    from ckptfs.capture import cgroups
+    mounts = cgroups.mounts(procfs.parse_mountinfo(Path("/proc/self/mountinfo").read_text()))
+    if "memory" not in mounts or "cpu" not in mounts or "pids" not in mounts:
+        pytest.skip("no v1 memory/cpu/pids hierarchies here")
+    proc = procs.spawn(["sleep", "1000"])
+    made = []
+    try:
+        for ctrl, files in (("memory", {"memory.limit_in_bytes": "268435456"}),
+                            ("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000"}),
+                            ("pids", {"pids.max": "77"})):
+            d = Path(mounts[ctrl].mount_point) / f"ckptfs-test-{proc.pid}"
+            d.mkdir()
+            made.append(d)
+            for name, value in files.items():
+                (d / name).write_text(value)
+            (d / "cgroup.procs").write_text(str(proc.pid))
+        with LiveSource(proc.pid) as src:
+            iso = src.isolation()
+        assert iso.cgroup == f"/ckptfs-test-{proc.pid}"
+        assert iso.limits["memory.max"] == "268435456"
+        assert iso.limits["cpu.max"] == "50000 100000"
+        assert iso.limits["pids.max"] == "77"
+    finally:
+        proc.kill()
+        for d in made:
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.02)

@@ -644,8 +644,17 @@ class LiveSource(Source):
     def mm(self, pid: int):
         return self._cached(("mm", pid), lambda: self._mm(pid))
 
+    def _alive(self, pid: int, what: str) -> list[str]:
+        """stat of a live process; a zombie in the tree has no memory, files or fs (CRIU
+        keeps only its core: task_state 2 and exit_code)."""
+        stat = self._stat(pid)
+        if stat[3] in ("Z", "X"):
+            raise NotCapturable(f"{pid} is a zombie: it has no {what} (its core says task_state 2)",
+                                path=f"/proc/{pid}", step=what)
+        return stat
+
     def _mm(self, pid: int):
-        s = [int(x) for x in self._stat(pid)[25:52]]   # s[i] = field i + 25
+        s = [int(x) for x in self._alive(pid, "mm")[25:52]]   # s[i] = field i + 25
         f = lambda n: s[n - 25]  # noqa: E731
         maps = self.maps(pid)
         heap = next((m for m in maps if m.path == "[heap]"), None)
@@ -749,7 +758,7 @@ class LiveSource(Source):
         return self._cached(("fs", pid), lambda: self._fs(pid))
 
     def _fs(self, pid: int):
-        self._check(pid)
+        self._alive(pid, "fs")
         return pb.fs_entry(cwd_id=self._path_file(pid, f"/proc/{pid}/cwd"),
                            root_id=self._path_file(pid, f"/proc/{pid}/root"),
                            umask=int(self._status(pid).get("Umask", "0022"), 8))
@@ -758,7 +767,8 @@ class LiveSource(Source):
         return self._cached(("fdinfo", pid), lambda: self._fdinfo(pid))
 
     def _fdinfo(self, pid: int) -> list:
-        self._check(pid)
+        if self._stat(pid)[3] in ("Z", "X"):
+            return []       # a zombie holds no descriptors
         out = []
         for fd in sorted(int(n) for n in procfs.listdir(f"/proc/{pid}/fd")):
             try:
@@ -859,19 +869,8 @@ class LiveSource(Source):
         return self._cached("isolation", self._isolation)
 
     def _isolation(self) -> Isolation:
-        pid = self.root
-        ns = self._namespaces(pid)
-        ppid = int(self._stat(pid)[4])
-        try:
-            parent = self._namespaces_plain(ppid) if ppid else {}
-        except ProcessGone:
-            parent = {}
-        own = tuple(k for k in NS_KINDS if k in parent and parent[k] != ns.get(k))
-        lines = procfs.parse_cgroup(procfs.read_text(f"/proc/{pid}/cgroup"))
-        mounts = procfs.parse_mountinfo(procfs.read_text("/proc/self/mountinfo"))
-        host, domain = self._uts(pid, ns.get("uts"))
-        return Isolation(hostname=host, domainname=domain, namespaces=ns, own_namespaces=own,
-                         cgroup=cgroups.main_path(lines), limits=cgroups.limits(lines, mounts))
+        from ..isolation.capture import capture_isolation
+        return capture_isolation(self.root, container=getattr(self, "container", False))
 
     @staticmethod
     def _namespaces_plain(pid: int) -> dict[str, int]:
