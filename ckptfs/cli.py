@@ -64,11 +64,18 @@ def close_source(source, *, leave_frozen: bool = False) -> None:
 
 
 # -- daemonizing ---------------------------------------------------------------------------------
+LOG_DIR = "/run/ckptfs"
+
+
 def daemonize(argv: list[str], mnt: str, timeout: float = 30.0) -> int:
     """Run this command again with -f in a new session; return once the mount is up (0) or the
     child failed (its exit status, its message on our stderr). The child never forks itself:
-    forking a Python process that already has threads is unsafe."""
-    with tempfile.TemporaryFile() as errlog:
+    forking a Python process that already has threads is unsafe. The daemon's later messages
+    go to /run/ckptfs/<mountpoint>.log."""
+    os.makedirs(LOG_DIR, exist_ok=True)
+    log_path = os.path.join(LOG_DIR, mnt.strip("/").replace("/", "_") + ".log")
+    with open(log_path, "ab+") as errlog:
+        start = errlog.tell()
         child = subprocess.Popen([sys.executable, "-m", "ckptfs.cli", *argv], stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=errlog, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -77,13 +84,14 @@ def daemonize(argv: list[str], mnt: str, timeout: float = 30.0) -> int:
                 return 0
             rc = child.poll()
             if rc is not None:
-                errlog.seek(0)
+                errlog.seek(start)
                 sys.stderr.write(errlog.read().decode(errors="replace"))
                 return rc or 1
             time.sleep(0.02)
         child.kill()
         child.wait()
-        print(f"ckptfs: {mnt}: mount did not come up within {timeout:.0f} s", file=sys.stderr)
+        print(f"ckptfs: {mnt}: mount did not come up within {timeout:.0f} s (log: {log_path})",
+              file=sys.stderr)
         return 1
 
 
@@ -117,6 +125,7 @@ def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool):
     from . import fs
     from .capture.linux import LiveSource
     source = LiveSource(pid)
+    source.container = container  # isolation/ is compared with the host, not the parent
     holder: dict = {}
 
     def act(fn):
@@ -150,6 +159,7 @@ def cmd_dump(a) -> int:
     if os.path.exists(out) and os.listdir(out):
         raise CkptError("directory is not empty", path=out, step="dump")
     source = LiveSource(a.pid)
+    source.container = a.container
     t0 = time.monotonic()
     try:
         source.freeze()

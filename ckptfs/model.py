@@ -54,6 +54,8 @@ class Isolation:
     own_namespaces: tuple[str, ...] = ()   # kinds the root task does not share with its parent
     cgroup: str | None = None              # path of the root task's cgroup
     limits: dict[str, str] = dataclasses.field(default_factory=dict)  # "memory.max" -> "max"
+    net: object | None = None      # isolation.NetConfig when the tree has its own net namespace
+    mounts: list | None = None     # [isolation.Mount] when it has its own mount namespace
 
 
 class Source:

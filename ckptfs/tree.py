@@ -539,6 +539,9 @@ def render_isolation(iso: Isolation) -> dict[str, Node]:
         files["cgroup/path"] = text(iso.cgroup)
     for name, value in sorted(iso.limits.items()):
         files[f"limits/{name}"] = text(value)
+    from .isolation import render_extra
+    for rel, content in render_extra(iso).items():
+        files[rel] = File(lambda c=content: c.encode())
     return files
 
 
@@ -965,6 +968,15 @@ class TreeSource(Source):
         for name in LIMIT_NAMES:
             if self._exists(f"isolation/limits/{name}"):
                 iso.limits[name] = rd(f"limits/{name}")
+        from .isolation import parse_extra
+
+        def read(rel):
+            path = self._p("isolation", rel)
+            return open(path).read() if os.path.isfile(path) else None
+        def listdir(rel):
+            path = self._p("isolation", rel)
+            return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        iso.net, iso.mounts = parse_extra(read, listdir)
         return iso
 
 

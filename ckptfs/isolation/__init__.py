@@ -71,11 +71,7 @@ class Mount:
         return "bind" in self.options.split(",")
 
 
-@dataclasses.dataclass
-class ContainerIsolation(Isolation):
-    net: NetConfig | None = None          # None: no net namespace of its own
-    mounts: list[Mount] | None = None     # None: no mount namespace of its own
-
+ContainerIsolation = Isolation  # model.Isolation carries net and mounts itself now
 
 # -- fstab escapes ---------------------------------------------------------------------------
 _ESCAPES = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}

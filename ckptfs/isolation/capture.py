@@ -11,6 +11,7 @@ process, never by joining the namespace from one of the caller's threads.
 """
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -83,7 +84,13 @@ def capture_isolation(pid: int, reference: int | str | None = None, *,
     if reference is None:
         reference = "self" if container else reference_task(pid)
     ref = reference
-    ns, outside = namespaces(pid), namespaces(ref)
+    ns = namespaces(pid)
+    try:
+        outside = namespaces(ref)
+    except KernelError as e:
+        if e.errno != errno.EACCES:
+            raise
+        ref, outside = "self", namespaces("self")  # a parent we may not look at (a sandbox's init)
     own = tuple(k for k in NS_KINDS if k in ns and ns[k] != outside.get(k))
     hostname, domainname = uts_names(pid, ns.get("uts") != namespaces("self").get("uts"))
     cgroup, limits = _cgroups.task_limits(pid)
