@@ -176,6 +176,32 @@ def _runs(flags: bytes, base: int):
         i = e
 
 
+# -- memory: reading into a fresh bytes object ------------------------------------------------
+# CPython lets C code fill a bytes object between creating it and handing it out (os.read
+# does exactly that); ctypes reaches the same API. The data starts at the end of the fixed
+# part of the object (bytes.__basicsize__ counts the trailing NUL, hence - 1).
+_PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
+_PyBytes_FromStringAndSize.restype = ctypes.py_object
+_PyBytes_FromStringAndSize.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+_BYTES_DATA = bytes.__basicsize__ - 1
+
+
+def _new_bytes(size: int) -> bytes:
+    return _PyBytes_FromStringAndSize(None, size)
+
+
+def _bytes_address(b: bytes) -> int:
+    return id(b) + _BYTES_DATA
+
+
+def _writable(view: memoryview) -> memoryview:
+    """A writable view of the same memory (our own fresh bytes object is read-only)."""
+    if not view.readonly:
+        return view
+    return memoryview((ctypes.c_char * len(view)).from_address(
+        _bytes_address(view.obj))).cast("B")
+
+
 # -- memory ------------------------------------------------------------------------------
 class Memory:
     """Reads another process's memory; any thread, in parallel, no ptrace stop needed."""
@@ -193,9 +219,11 @@ class Memory:
                 self._mem_fd = -1
 
     def read(self, addr: int, size: int) -> bytes:
-        buf = bytearray(size)
-        self.read_into(addr, buf)
-        return bytes(buf)
+        """`size` bytes at `addr`, read straight into a new bytes object (no zeroing, no copy)."""
+        out = _new_bytes(size)
+        if size:
+            self._fill(addr, _bytes_address(out), memoryview(out).cast("B"), size)
+        return out
 
     def read_into(self, addr: int, buf) -> int:
         """Fill the writable buffer `buf` with memory at `addr`; returns its length."""
@@ -203,11 +231,13 @@ class Memory:
         size = len(view)
         if size == 0:
             return 0
-        base = ctypes.addressof((ctypes.c_char * size).from_buffer(view))
+        self._fill(addr, ctypes.addressof((ctypes.c_char * size).from_buffer(view)), view, size)
+        return size
+
+    def _fill(self, addr: int, base: int, view: memoryview, size: int) -> None:
         done = self._vm_readv(addr, base, size)
         while done < size:          # the rest, from the first page process_vm_readv refused
-            done += self._mem_read(addr + done, view[done:], size - done)
-        return size
+            done += self._mem_read(addr + done, view, done, size - done)
 
     def _vm_readv(self, addr: int, base: int, size: int) -> int:
         local, remote = _IoVec(base, size), _IoVec(addr, size)
@@ -230,9 +260,10 @@ class Memory:
                     raise _oserror("open", self.path, e.errno) from None
             return self._mem_fd
 
-    def _mem_read(self, addr: int, view: memoryview, size: int) -> int:
+    def _mem_read(self, addr: int, whole: memoryview, off: int, size: int) -> int:
         """Read from /proc/PID/mem up to the end of the page that fails; zero that page."""
         fd = self._fd()
+        view = _writable(whole)[off:]
         try:
             n = os.preadv(fd, [view[:size]], addr)
         except OSError as e:
