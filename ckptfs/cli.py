@@ -163,14 +163,15 @@ def cmd_dump(a) -> int:
     t0 = time.monotonic()
     try:
         source.freeze()
+        pids = source.pids()
         files = tree.write_tree(source, out, a.chunk_size)
         if a.kill:
-            for p in reversed(source.pids()):
+            for p in reversed(pids):
                 os.kill(p, signal.SIGKILL)
     finally:
         close_source(source, leave_frozen=a.leave_frozen)
     size = sum(s for s, _ in files.values())
-    print(f"dumped {len(source.pids())} task(s), {len(files)} files, {size / 1e6:.1f} MB "
+    print(f"dumped {len(pids)} task(s), {len(files)} files, {size / 1e6:.1f} MB "
           f"in {time.monotonic() - t0:.2f} s to {out}", file=sys.stderr)
     return 0
 
