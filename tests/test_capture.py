@@ -536,3 +536,23 @@ def test_cgroup_v1_limits(procs, tmp_path):
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+def test_inet_sockets(procs, tmp_path):
+    body = """
+import socket
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(3)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.bind(("::1", 0))
+FACTS = {"l": l.fileno(), "lport": l.getsockname()[1], "u": u.fileno(), "uport": u.getsockname()[1]}
+"""
+    proc, fx = py_child(procs, tmp_path, body)
+    with LiveSource(proc.pid) as src:
+        infos = {e.fd: e for e in src.fdinfo(proc.pid)}
+        tcp = src.file(infos[fx["l"]].id)
+        assert tcp.type == pb.INETSK and infos[fx["l"]].type == pb.INETSK
+        assert (tcp.isk.family, tcp.isk.type, tcp.isk.proto) == (socket.AF_INET, socket.SOCK_STREAM, 6)
+        assert tcp.isk.state == 10 and tcp.isk.src_port == fx["lport"]     # TCP_LISTEN
+        assert list(tcp.isk.src_addr) == [0x0100007F]
+        udp = src.file(infos[fx["u"]].id).isk
+        assert (udp.family, udp.proto, udp.src_port) == (socket.AF_INET6, 17, fx["uport"])
+        assert list(udp.src_addr) == [0, 0, 0, 0x01000000]

@@ -282,7 +282,7 @@ def _socket(fid: int, ref: Ref, ino: int, flags: int):
         if family == socket.AF_UNIX:
             return pb.file_entry(type=pb.UNIXSK, id=fid, usk=_unix(fid, ref, ino, flags, sk))
         if family in (socket.AF_INET, socket.AF_INET6):
-            return pb.file_entry(type=pb.INETSK, id=fid, isk=_inet(fid, ino, flags, sk))
+            return pb.file_entry(type=pb.INETSK, id=fid, isk=_inet(fid, ref, ino, flags, sk))
         kind = {socket.AF_NETLINK: pb.NETLINKSK, socket.AF_PACKET: pb.PACKETSK}.get(family, pb.UND)
         return pb.file_entry(type=kind, id=fid)
     finally:
@@ -302,14 +302,28 @@ def _unix(fid: int, ref: Ref, ino: int, flags: int, sk: socket.socket):
                             name=name)
 
 
-def _inet(fid: int, ino: int, flags: int, sk: socket.socket):
+_INET_TABLES = {(socket.AF_INET, socket.IPPROTO_TCP): "tcp", (socket.AF_INET6, socket.IPPROTO_TCP): "tcp6",
+                (socket.AF_INET, socket.IPPROTO_UDP): "udp", (socket.AF_INET6, socket.IPPROTO_UDP): "udp6"}
+TCP_CLOSE = 7
+
+
+def _inet_state(pid: int, sk: socket.socket, ino: int) -> int:
+    """TCP_* state from /proc/PID/net/{tcp,udp}[6] (the socket's network namespace)."""
+    table = _INET_TABLES.get((sk.family, sk.proto))
+    if table is None:
+        return TCP_CLOSE
+    row = procfs.parse_net_inet(procfs.read_text(f"/proc/{pid}/net/{table}")).get(ino)
+    return row.state if row else TCP_CLOSE
+
+
+def _inet(fid: int, ref: Ref, ino: int, flags: int, sk: socket.socket):
     src = sk.getsockname()
     try:
         dst = sk.getpeername()
     except OSError:
         dst = ("0.0.0.0" if sk.family == socket.AF_INET else "::", 0)
     e = pb.inet_sk_entry(id=fid, ino=ino, family=int(sk.family), type=int(sk.type),
-                         proto=sk.proto, state=7 if dst[1] == 0 else 1, src_port=src[1],
+                         proto=sk.proto, state=_inet_state(ref.pid, sk, ino), src_port=src[1],
                          dst_port=dst[1], flags=flags, backlog=0, fown=fown(),
                          opts=_sk_opts(sk))
     e.src_addr.extend(_addr_words(sk.family, src[0]))
