@@ -11,6 +11,7 @@ import pytest
 from helpers import hosts as H
 from helpers import mounts
 from helpers import procs as P
+from helpers import zdtm
 
 pytestmark = pytest.mark.two_hosts
 
@@ -199,3 +200,18 @@ def test_two_hosts_cleans_up_when_setup_fails(monkeypatch, tmp_path):
     assert not P.alive(h.a.holder.pid) and h.b.holder is None
     assert not any(os.path.exists(f"/run/netns/{x.ns}") for x in h.hosts)
     assert not os.path.exists(f"/sys/class/net/{h.veth[0]}") and not h.base.exists()
+
+
+def test_zdtm_program_runs_on_a_host_disk(two_hosts, zdtm_bin, procs):
+    a, b = two_hosts.a, two_hosts.b
+    tmpdir = os.path.join(two_hosts.disk, "zdtm-half-read")
+    seen = {}
+
+    def move(pid, tmp):  # stays put: proves where it runs and where its files are
+        seen["netns"] = netns_of(pid)
+        seen["on_a"] = os.path.exists(os.path.join(a.path(str(tmp)), "work", "half_read.dat"))
+        seen["on_b"] = os.path.exists(os.path.join(b.path(str(tmp)), "work", "half_read.dat"))
+        return pid
+
+    assert zdtm.run_case(zdtm_bin, "half_read_file", tmpdir, procs, move, src=a) == "PASS"
+    assert seen == {"netns": netns_of(a.holder.pid), "on_a": True, "on_b": False}

@@ -98,8 +98,11 @@ class Host:
 
     # -- running things on the host --------------------------------------------------------
     def wrap(self, argv: list, cwd: str | os.PathLike | None = None) -> list[str]:
-        """`argv` as a command line that runs inside this host's namespaces."""
-        wd = [f"--wd={os.fspath(cwd)}"] if cwd else []
+        """`argv` as a command line that runs inside this host's namespaces.
+
+        nsenter opens --wd before it enters the namespaces, so `cwd` is given as seen through
+        the holder's root: the directory then is the one of this host's mount namespace."""
+        wd = [f"--wd={self.path(cwd)}"] if cwd else []
         return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", *wd, "--", *map(str, argv)]
 
     def run(self, argv: list, *, cwd=None, check: bool = False, **kw) -> subprocess.CompletedProcess:

@@ -16,12 +16,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from . import procs as _procs
 
 FUSERMOUNT = "fusermount3"
+
+
+def ckptfs_cmd(*args) -> list[str]:
+    """The ckptfs CLI as a command line, e.g. `ckptfs_cmd("mount", "-f", pid, mnt)`."""
+    return [sys.executable, "-m", "ckptfs.cli", *map(str, args)]
 
 
 class Local:

@@ -80,6 +80,15 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def reap_if_child(pid: int) -> None:
+    """Collect the exit status of a dead `pid` if it is a child of this process (a restored
+    process usually is: the restorer forks it), so no zombie is left; else do nothing."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 def wait_file(path: str | os.PathLike, want: str | None = None, timeout: float = 10.0,
               proc: "Proc | None" = None) -> str:
     """Poll until `path` exists and is non-empty (and equals `want`, if given); return its text.
@@ -170,6 +179,8 @@ class Proc:
             self.popen.wait(10)
         for pid in pids:
             wait_gone(pid, 5)
+            if pid != self.pid or self.popen is None:
+                reap_if_child(pid)
 
 
 def spawn(argv: list, *, logdir: str | os.PathLike | None = None, **kw) -> Proc:

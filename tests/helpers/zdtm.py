@@ -13,6 +13,9 @@ pid it runs under afterwards (the same pid if it never moved):
     def test_dump_restore(name, zdtm_bin, procs, tmp_path):
         assert zdtm.run_case(zdtm_bin, name, tmp_path, procs, move=my_dump_restore) == "PASS"
 
+Across hosts: `run_case(..., tmpdir=Path(two_hosts.disk) / name, move=..., src=two_hosts.a,
+dst=two_hosts.b)` starts it on hosta (cwd on hosta's private disk) and checks it on hostb.
+
 The programs are built once per test session into tests/zdtm/bin/ (git-ignored), only when a
 source is newer than its binary; each binary is written under a temporary name and renamed,
 so concurrent sessions never run a half-written file.
@@ -20,6 +23,7 @@ so concurrent sessions never run a half-written file.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -151,22 +155,24 @@ def check(pid: int, result: str | os.PathLike, *, timeout: float = 15.0,
 
 
 def run_case(bindir: Path, name: str, tmpdir: str | os.PathLike, procs: _procs.ProcSet,
-             move: Callable[[int, Path], int] | None = None, *,
-             spawn: Callable[..., _procs.Proc] | None = None,
-             view: Callable[[str], str] = os.fspath) -> str:
+             move: Callable[[int, Path], int] | None = None, *, src=None, dst=None) -> str:
     """Start `name` in tmpdir/work, move it with `move(pid, tmpdir)`, check it; return the verdict.
 
-    A new pid returned by `move` is registered in `procs` (killed at teardown). `view` maps the
-    result file to where this process sees it after the move (e.g. `hosts.b.path`).
+    `src` is the host (helpers.hosts.Host) it starts on, `dst` the host it runs on after the
+    move (default: `src`); None means this machine's own namespaces. A new pid returned by
+    `move` is registered in `procs` (killed at teardown).
     """
     tmpdir = Path(tmpdir)
-    run = start(bindir, name, tmpdir / "work", spawn or procs.spawn)
+    spawn = functools.partial(src.spawn, procs=procs) if src else procs.spawn
+    run = start(bindir, name, tmpdir / "work", spawn, view=src.path if src else os.fspath)
     pid = run.pid
     if move is not None:
         pid = move(pid, tmpdir)
         if pid != run.pid:
             procs.adopt(pid)
-    return check(pid, view(str(run.result)), proc=run.proc if pid == run.pid else None)
+    dst = dst or src
+    result = dst.path(str(run.result)) if dst else str(run.result)
+    return check(pid, result, proc=run.proc if pid == run.pid else None)
 
 
 # -- poking at a running program (for negative self-checks) ------------------------------------
