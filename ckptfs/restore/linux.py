@@ -53,7 +53,7 @@ SIGCHLD = 17
 
 PROT_WRITE, PROT_RWX = 2, 7
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
-MAP_FIXED_NOREPLACE = 0x100000
+MAP_FIXED_NOREPLACE, MAP_POPULATE = 0x100000, 0x8000
 MAP_KEEP = F.MAP_FLAGS["MAP_GROWSDOWN"] | F.MAP_FLAGS["MAP_NORESERVE"] | F.MAP_FLAGS["MAP_STACK"]
 ARCH_MAP_VDSO_64 = 0x2003
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM = 1, 4, 15, 35
@@ -432,8 +432,13 @@ class LinuxRestorer:
             fd, off = self._task_fd(inj, local, task_fds), vma.pgoff
         else:
             flags |= MAP_PRIVATE | MAP_ANONYMOUS
-        fill = fill and bool(self.src.page_ranges(t.pid, vma))
+        ranges = self.src.page_ranges(t.pid, vma) if fill else []
+        fill = bool(ranges)
         prot = vma.prot | (PROT_WRITE if fill else 0)
+        if 2 * sum(r.end - r.start for r in ranges) >= vma.end - vma.start:
+            # Mostly filled anyway: faulting all pages in here, at once, costs a quarter of
+            # faulting them one by one inside process_vm_writev later.
+            flags |= MAP_POPULATE
         inj.call(NR["mmap"], vma.start, vma.end - vma.start, prot, flags, fd, off, step="mmap",
                  path=path)
         for name, bit in F.MADV_BITS.items():

@@ -12,11 +12,19 @@ import mmap
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import KernelError, RestoreFailed
 from ..inject import IOV_MAX, vm_writev
 
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 16 << 20
+WRITERS = max(1, min(4, os.cpu_count() or 1))
+MAP_FAILED = 2**64 - 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def fill(source, pid: int, new_pid: int, vmas, where) -> int:
@@ -29,48 +37,56 @@ def fill(source, pid: int, new_pid: int, vmas, where) -> int:
 
 
 def _fill_from_chunks(source, pid, new_pid, pieces, where) -> int:
-    total, local, remote, held, size = 0, [], [], [], 0
+    """Batches of chunk files, written by WRITERS threads at once: most of the cost is the
+    target's page faults (zeroing fresh pages) inside process_vm_writev, which run on the
+    calling thread's CPU, so two writers use two cores (ctypes drops the GIL)."""
+    batches, batch, size = [], [], 0
     for addr, n, vma in pieces:
-        path = source.chunk_path(pid, vma, addr - vma.start)
-        m = _map_file(path, n, where(vma))
-        held.append(m)
-        local.append((ctypes.addressof(ctypes.c_char.from_buffer(m)), n))
-        remote.append((addr, n))
+        batch.append((source.chunk_path(pid, vma, addr - vma.start), addr, n, where(vma)))
         size += n
-        if len(local) == IOV_MAX or size >= BATCH_BYTES:
-            total += _write(new_pid, local, remote, where(vma))
-            _release(held)
-            local, remote, held, size = [], [], [], 0
-    if local:
-        total += _write(new_pid, local, remote, "memory")
-        _release(held)
-    return total
+        if len(batch) == IOV_MAX or size >= BATCH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+
+    def write(batch) -> int:
+        held = []
+        try:
+            for path, _addr, n, _ in batch:
+                held.append((_map_file(path, n), n))
+            return _write(new_pid, held, [(a, n) for _, a, n, _ in batch], batch[0][3])
+        finally:
+            _unmap(held)
+    if len(batches) < 2:
+        return sum(map(write, batches))
+    with ThreadPoolExecutor(WRITERS, thread_name_prefix="ckptfs-fill") as pool:
+        return sum(pool.map(write, batches))
 
 
-def _map_file(path: str, n: int, where: str) -> mmap.mmap:
+def _map_file(path: str, n: int) -> int:
+    """The chunk file mapped read-only and shared with the page cache (MAP_POPULATE: one
+    fault-in for the whole file); its address. A private or writable map would copy it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise KernelError(f"open chunk {path}", e.errno, path=path, step="fill memory") from None
     try:
-        if os.fstat(fd).st_size != n:
-            raise RestoreFailed(f"chunk is {os.fstat(fd).st_size} bytes, want {n}", path=path,
-                                step="fill memory")
-        # A private writable view lets ctypes take its address; nothing is ever written to it.
-        return mmap.mmap(fd, n, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
-                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        size = os.fstat(fd).st_size
+        if size != n:
+            raise RestoreFailed(f"chunk is {size} bytes, want {n}", path=path, step="fill memory")
+        addr = _libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
+        if addr in (None, MAP_FAILED):
+            raise KernelError(f"mmap chunk {path}", ctypes.get_errno(), path=path,
+                              step="fill memory")
+        return addr
     finally:
         os.close(fd)
 
 
-def _release(held: list) -> None:
-    # ctypes views pin the buffers; drop them before closing.
-    for m in held:
-        try:
-            m.close()
-        except BufferError:
-            pass
-    held.clear()
+def _unmap(held: list) -> None:
+    while held:
+        _libc.munmap(*held.pop())
 
 
 def _fill_pipelined(source, pid, new_pid, pieces, where) -> int:
