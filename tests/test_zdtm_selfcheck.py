@@ -145,7 +145,6 @@ def flip_xmm_byte(pid, reg, byte):
 
 def test_avx_regs_fails_when_a_register_changes(zdtm_bin, procs, tmp_path):
     run = started(zdtm_bin, procs, tmp_path, "avx_regs")
-    time.sleep(0.05)  # let it get from "ready" into its register-holding loop
     flip_xmm_byte(run.pid, 3, 7)
     assert verdict(run).startswith("FAIL: ymm3 byte 7 is")
 

@@ -67,6 +67,9 @@ Host *
   BatchMode yes
   ConnectTimeout 5
   LogLevel ERROR
+  # Cheap key exchange and cipher: these hosts share a machine, tests make many connections.
+  KexAlgorithms curve25519-sha256
+  Ciphers aes128-gcm@openssh.com
 """
 
 

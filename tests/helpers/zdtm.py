@@ -118,7 +118,7 @@ def start(bindir: Path, name: str, workdir: str | os.PathLike, spawn: Callable[.
     """
     if name not in PROGRAMS_FLAGS:
         raise KeyError(f"no ZDTM program {name!r}; known: {', '.join(PROGRAMS)}")
-    workdir = Path(workdir)
+    workdir = Path(os.path.abspath(workdir))  # programs may chdir: their paths must not move
     Path(view(str(workdir))).mkdir(parents=True, exist_ok=True)
     ready, result = workdir / "ready", workdir / "result"
     proc = spawn([str(Path(bindir) / name), str(ready), str(result)], cwd=str(workdir))
