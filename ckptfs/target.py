@@ -85,7 +85,8 @@ class Completion:
     """Decides when a job's tree is complete and restores it, once, in one worker thread.
 
     restore(tree_dir, **restore_opts) -> object with .pids {old: new}; raises CkptError on
-    failure. None means ckptfs.restore.restore, imported when first needed. on_status is called
+    failure. A result with a true `.dry_run` (a one-line summary) started nothing: the status
+    becomes `dry run: <summary>` and the job is not restored again automatically. None means ckptfs.restore.restore, imported when first needed. on_status is called
     (job name, status) after every status change, outside the lock."""
 
     def __init__(self, state_dir: str, *, auto: bool = True, restore=None,
@@ -105,7 +106,7 @@ class Completion:
         job = Job(name, tree, state=self._load_state(name))
         if job.state.get("restored"):
             job.status = f"restored pid={job.state.get('root_pid')}"
-        elif job.state.get("status", "").startswith("failed:"):
+        elif job.state.get("status", "").startswith(("failed:", "dry run:")):
             job.status = job.state["status"]
         elif job.state.get("attempted"):
             job.status = "failed: daemon stopped while restoring; not retried"
@@ -270,8 +271,14 @@ class Completion:
         except Exception as e:
             log.exception("job %s: restore raised", job.name)
             return self._fail(job, f"{type(e).__name__}: {e}")
+        if getattr(result, "dry_run", None):
+            job.state["status"] = f"dry run: {result.dry_run}"
+            self._save(job)
+            return self._set(job, job.state["status"])
         pids = {int(k): int(v) for k, v in dict(result.pids).items()}
         root = pids.get(doc["root"], next(iter(pids.values()), None))
+        if root is None:
+            return self._fail(job, "restore started no process")
         job.state.update(restored=True, pids=pids, root_pid=root, status=f"restored pid={root}")
         self._save(job)
         self._set(job, f"restored pid={root}")

@@ -272,26 +272,68 @@ def _restore_from(spec: str):
     return getattr(importlib.import_module(mod), fn)
 
 
-def main_target(argv: list[str] | None = None) -> int:
-    """`ckptfs target [--store DIR] [--no-auto] [-f] MOUNTPOINT`."""
+class DryRun:
+    """What a dry-run restore returns: nothing started, the plan written next to the state."""
+
+    def __init__(self, summary: str):
+        self.pids, self.dry_run = {}, summary
+
+
+def dry_run_restore(os_name: str):
+    """A restore callable that only plans: the plan (or the problems) go to
+    STORE/state/<job>.plan, the status says `dry run: ...`."""
+    def plan(tree_dir, **opts):
+        store, job = os.path.dirname(os.path.dirname(tree_dir)), os.path.basename(tree_dir)
+        out = os.path.join(store, "state", f"{job}.plan")
+        if os_name == "freebsd":
+            from .translate import freebsd
+            from .tree import TreeSource
+            text = freebsd.dry_run(TreeSource(tree_dir), tree_dir, strict=False)
+            summary = f"FreeBSD plan in {out}"
+        else:
+            from .restore import restore
+            problems = restore(tree_dir, dry_run=True).problems
+            text = "\n".join(problems) or "no problems: the tree would restore"
+            summary = f"{len(problems)} problems, see {out}" if problems else "would restore"
+        with open(out, "w") as f:
+            f.write(text.rstrip("\n") + "\n")
+        return DryRun(summary)
+    return plan
+
+
+def main_target(argv=None) -> int:
+    """`ckptfs target [--store DIR] [--no-auto] [-f] [--os linux|freebsd] [--dry-run] MOUNTPOINT`.
+
+    argv: a list of arguments, or the lead CLI's argparse Namespace with the same fields."""
+    a = argv if isinstance(argv, argparse.Namespace) else _parser().parse_args(argv)
+    restore = None
+    if getattr(a, "restore_with", None):
+        restore = _restore_from(a.restore_with)
+    elif getattr(a, "dry_run", False) or getattr(a, "os", "linux") != "linux":
+        restore = dry_run_restore(getattr(a, "os", "linux"))
+    opts = {} if restore else {"log": lambda msg: log.info("restore: %s", msg)}
+    try:
+        run_target(a.mountpoint, a.store, not a.no_auto, a.foreground, restore=restore,
+                   restore_opts=opts, debounce=getattr(a, "debounce", DEBOUNCE))
+    except CkptError as e:
+        print(f"ckptfs target: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckptfs target",
                                 description="Mount a target: each top-level directory is a "
                                             "job that restores once its tree is complete.")
     p.add_argument("--store", default=DEFAULT_STORE, help="where jobs are staged (%(default)s)")
     p.add_argument("--no-auto", action="store_true", help="restore only on `restore` > JOB/ctl")
     p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    p.add_argument("--os", choices=("linux", "freebsd"), default="linux")
+    p.add_argument("--dry-run", action="store_true", help="plan only, start nothing")
     p.add_argument("--debounce", type=float, default=DEBOUNCE, help=argparse.SUPPRESS)
     p.add_argument("--restore-with", help=argparse.SUPPRESS)   # module:function, for tests
     p.add_argument("mountpoint")
-    a = p.parse_args(argv)
-    restore = _restore_from(a.restore_with) if a.restore_with else None
-    try:
-        run_target(a.mountpoint, a.store, not a.no_auto, a.foreground, restore=restore,
-                   debounce=a.debounce)
-    except CkptError as e:
-        print(f"ckptfs target: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return p
 
 
 if __name__ == "__main__":

@@ -71,20 +71,22 @@ def make_src(d, chunks=3, **extra):
 # a real mount
 
 class Mount:
-    def __init__(self, tmp, restore="recording_restore", auto=True, name="mnt"):
+    def __init__(self, tmp, restore="recording_restore", auto=True, name="mnt", extra=()):
         self.mnt, self.store = str(tmp / name), str(tmp / f"{name}-store")
         self.record = str(tmp / f"{name}-record")
-        self.restore, self.auto = restore, auto
+        self.restore, self.auto, self.extra = restore, auto, list(extra)
         self.proc = None
         os.makedirs(self.mnt, exist_ok=True)
 
     def start(self):
         env = dict(os.environ, FUSE_LIBRARY_NAME="fuse3", CKPTFS_TEST_RECORD=self.record,
                    PYTHONPATH=os.pathsep.join([TOP, TESTS]))
-        args = [PY, "-m", "ckptfs.targetfs", "-f", "--store", self.store,
-                "--restore-with", f"test_target:{self.restore}", self.mnt]
+        args = [PY, "-m", "ckptfs.targetfs", "-f", "--store", self.store, self.mnt]
+        if self.restore:
+            args[-1:-1] = ["--restore-with", f"test_target:{self.restore}"]
         if not self.auto:
             args.insert(-1, "--no-auto")
+        args[-1:-1] = self.extra
         self.proc = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not os.path.ismount(self.mnt) or _dead_mount(self.mnt):
@@ -563,3 +565,30 @@ def test_core_second_writer_neither_opens_nor_truncates(core):
     assert os.path.getsize(core.real("/j/f")) == 0
     core.release(fh)
     assert core.completion._jobs["j"].writers == 0
+
+
+def test_real_dump_copied_with_rsync_runs_again(tmp_path, procs):
+    """End to end: a dumped shell loop, rsync'ed into a target with the real restore."""
+    from ckptfs import tree
+    from ckptfs.capture.linux import LiveSource
+    out = tmp_path / "count"
+    p = procs.spawn(["sh", "-c", f'while :; do echo x >> {out}; sleep 0.05; done'])
+    time.sleep(0.3)
+    with LiveSource(p.pid) as live:
+        live.freeze()
+        tree.write_tree(live, str(tmp_path / "tree"))
+        os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    with mounted(tmp_path, restore=None) as m:
+        run("rsync", "-a", str(tmp_path / "tree") + "/", os.path.join(m.mnt, "job") + "/")
+        st = m.wait_status("job", "restored pid=", timeout=20)
+        new = int(st.split("=")[1])
+        procs.adopt(new)
+        before = out.stat().st_size
+        time.sleep(0.5)
+        assert out.stat().st_size > before, "the restored loop does not run"
+    with mounted(tmp_path, restore=None, name="dry", extra=["--dry-run"]) as m:
+        run("cp", "-a", str(tmp_path / "tree"), os.path.join(m.mnt, "job"))
+        assert m.wait_status("job", "dry run:", timeout=20) == "dry run: would restore"
+        with open(os.path.join(m.store, "state/job.plan")) as f:
+            assert f.read() == "no problems: the tree would restore\n"
