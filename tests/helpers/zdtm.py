@@ -227,3 +227,7 @@ def poke(pid: int, addr: int, data: bytes) -> None:
             raise AssertionError(f"short write to pid {pid} at {addr:#x}")
     finally:
         os.close(fd)
+
+
+if __name__ == "__main__":  # `cd tests && python -m helpers.zdtm`: build by hand
+    print(build())
