@@ -32,7 +32,7 @@ def traced_by_us(pid: int, tid: int | None = None) -> bool:
 
 def untraced_and_running(pid: int) -> bool:
     st = status(pid)
-    return st["TracerPid"] == "0" and st["State"][0] in "RS"
+    return st["TracerPid"] == "0" and st["State"][0] not in "tTZX"
 
 
 def py_child(procs, tmp_path, body: str, *args) -> tuple:
@@ -556,3 +556,27 @@ FACTS = {"l": l.fileno(), "lport": l.getsockname()[1], "u": u.fileno(), "uport":
         udp = src.file(infos[fx["u"]].id).isk
         assert (udp.family, udp.proto, udp.src_port) == (socket.AF_INET6, 17, fx["uport"])
         assert list(udp.src_addr) == [0, 0, 0, 0x01000000]
+
+
+def test_freeze_a_tree_that_keeps_forking_and_spawning_threads(procs, tmp_path):
+    forker = procs.spawn(["sh", "-c", "while :; do /bin/true; done"])
+    spawner, _ = py_child(procs, tmp_path, """
+import threading
+def spin():
+    while True:
+        t = threading.Thread(target=lambda: None); t.start(); t.join()
+threading.Thread(target=spin, daemon=True).start()
+FACTS = {}
+""")
+    time.sleep(0.1)
+    for proc in (forker, spawner):
+        with LiveSource(proc.pid) as src:
+            for _ in range(3):
+                src.freeze()
+                tree = src.pstree()
+                for e in tree:
+                    if procfs.parse_stat(Path(f"/proc/{e.pid}/stat").read_text())[3] != "Z":
+                        assert all(traced_by_us(e.pid, t) for t in e.threads)
+                assert src.core(proc.pid).tc.task_state == 1
+                src.thaw()
+            assert untraced_and_running(proc.pid)

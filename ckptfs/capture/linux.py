@@ -44,6 +44,7 @@ SYS_GET_ROBUST_LIST, SYS_TGKILL = 274, 234
 NS_KINDS = ("pid", "net", "ipc", "uts", "time", "mnt", "user", "cgroup")   # CRIU's id order
 _NS_FIELD = {k: f"{k}_ns_id" for k in NS_KINDS}
 STOP_TIMEOUT = 10.0
+FREEZE_PASSES = 50      # a tree that still grows after this many rounds is refused
 V = lf.VMA_STATUS
 M = lf.MAP_FLAGS
 
@@ -107,11 +108,18 @@ def _seize(tid: int) -> None:
     try:
         ptrace.seize(tid)
     except KernelError as e:
-        if e.errno == errno.EPERM:
-            raise AlreadyTraced(f"PTRACE_SEIZE of thread {tid} refused (EPERM): traced by "
-                                "another process or not permitted", path=f"/proc/{tid}",
-                                step="PTRACE_SEIZE", err=errno.EPERM) from None
-        raise
+        if e.errno != errno.EPERM:
+            raise
+        # EPERM: another tracer, no permission -- or a thread already on its way out.
+        try:
+            st = procfs.parse_status(procfs.read_text(f"/proc/{tid}/status"))
+        except ProcessGone:
+            raise ProcessGone(f"thread {tid} exited", step="PTRACE_SEIZE", path=f"/proc/{tid}") from None
+        if st.get("State", "?")[0] in "ZX" and st.get("TracerPid", "0") == "0":
+            raise ProcessGone(f"thread {tid} is exiting", step="PTRACE_SEIZE", path=f"/proc/{tid}") from None
+        raise AlreadyTraced(f"PTRACE_SEIZE of thread {tid} refused (EPERM): traced by "
+                            f"{st.get('TracerPid', '?')} or not permitted", path=f"/proc/{tid}",
+                            step="PTRACE_SEIZE", err=errno.EPERM) from None
 
 
 def _stop_threads(todo: list[tuple[int, int]]) -> dict[int, Stopped]:
@@ -450,7 +458,7 @@ class LiveSource(Source):
                 return
             self._check_tracer(self.root)
             try:
-                while True:
+                for _ in range(FREEZE_PASSES):
                     todo = [(pid, tid) for pid, tids in self._walk(live_only=True)
                             for tid in tids if tid not in self._stops]
                     if not todo:
@@ -459,6 +467,10 @@ class LiveSource(Source):
                     if self.root not in self._stops:
                         raise ProcessGone(f"process {self.root} is gone", step="freeze",
                                           path=f"/proc/{self.root}")
+                else:
+                    raise KernelError(f"the tree of {self.root} kept growing or threads refused "
+                                      f"to stop after {FREEZE_PASSES} passes: {todo[:5]}",
+                                      errno.EAGAIN, step="freeze", path=f"/proc/{self.root}")
                 self._cache.clear()
                 self._files.forget_fds()
                 self.frozen = True
