@@ -392,3 +392,30 @@ def test_zombie_child_stays_a_zombie_with_its_status(procs, restored, tmp_path):
     while "reaped" not in out.read_text() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert f"reaped {child} 7" in out.read_text()
+
+
+def test_restore_straight_from_a_live_source_with_a_zombie(procs, restored, tmp_path):
+    """Any Source restores, here the frozen process itself (memory via process_vm_readv),
+    including a child that has exited and was not reaped: it comes back as a zombie. The
+    parent remembers its child's pid, so the copy runs in a new PID namespace (pidns)."""
+    script, out = tmp_path / "z.py", tmp_path / "log"
+    script.write_text(ZOMBIE_PARENT)
+    p = procs.spawn([sys.executable, str(script), str(out)])
+    _procs.wait_file(out, timeout=10)
+    child = int(out.read_text().split()[1])
+    for _ in range(100):
+        if _procs.state(child) == "Z":
+            break
+        time.sleep(0.02)
+    with LiveSource(p.pid) as src:
+        src.freeze()
+        r = restored(restore(src, pidns=True))
+        os.kill(p.pid, signal.SIGKILL)
+    new_child = r.pids[child]
+    assert _procs.state(new_child) == "Z"
+    out.write_text("")
+    Path(f"{out}.go").write_text("")
+    deadline = time.monotonic() + 5
+    while "reaped" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f"reaped {child} 7" in out.read_text()
