@@ -580,3 +580,27 @@ FACTS = {}
                 assert src.core(proc.pid).tc.task_state == 1
                 src.thaw()
             assert untraced_and_running(proc.pid)
+
+
+def test_pending_signals_are_captured_and_stay_pending(procs, tmp_path):
+    body = """
+import signal, threading
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+signal.signal(signal.SIGUSR1, lambda *a: open(OUT + ".usr1", "w").write("1"))
+os.kill(os.getpid(), signal.SIGUSR1)                                   # process-wide queue
+signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)     # this thread's queue
+FACTS = {}
+"""
+    proc, _ = py_child(procs, tmp_path, body)
+    with LiveSource(proc.pid) as src:
+        src.freeze()
+        core = src.core(proc.pid)
+        shared = [int.from_bytes(e.siginfo[:4], "little") for e in core.tc.signals_s.signals]
+        private = [int.from_bytes(e.siginfo[:4], "little") for e in core.thread_core.signals_p.signals]
+        assert shared == [signal.SIGUSR1] and private == [signal.SIGUSR2]
+        assert len(core.tc.signals_s.signals[0].siginfo) == 128
+        assert core.tc.blk_sigset & (1 << (signal.SIGUSR1 - 1))
+        src.thaw()
+    st = status(proc.pid)
+    assert int(st["ShdPnd"], 16) == 1 << (signal.SIGUSR1 - 1)      # still pending after thaw
+    assert int(st["SigPnd"], 16) == 1 << (signal.SIGUSR2 - 1)

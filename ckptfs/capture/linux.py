@@ -67,6 +67,7 @@ class Stopped:
     pid: int
     group_sig: int = 0          # job-control stop signal if the thread was stopped (state T)
     signals: list = dataclasses.field(default_factory=list)   # swallowed, re-sent on release
+    siginfos: list = dataclasses.field(default_factory=list)  # their 128-byte siginfo_t
 
 
 @dataclasses.dataclass
@@ -101,7 +102,38 @@ def _wait_stop(tid: int, pid: int) -> Stopped:
             stop.group_sig = 0 if sig == SIGTRAP else sig
             return stop
         stop.signals.append(sig)
+        stop.siginfos.append(_getsiginfo(tid))
         ptrace.cont(tid, 0)
+
+
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_PEEKSIGINFO_SHARED = 1
+SIGINFO_SIZE = 128
+
+
+class _PeekArgs(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+def _getsiginfo(tid: int) -> bytes:
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    ptrace._call(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf), step="PTRACE_GETSIGINFO")
+    return buf.raw
+
+
+def peek_siginfo(tid: int, shared: bool) -> list[bytes]:
+    """Pending signals (siginfo_t each) of a stopped thread, or of its process (`shared`),
+    left queued (PTRACE_PEEKSIGINFO)."""
+    out: list[bytes] = []
+    batch = 32
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+    while True:
+        args = _PeekArgs(len(out), PTRACE_PEEKSIGINFO_SHARED if shared else 0, batch)
+        n = ptrace._call(ptrace.PTRACE_PEEKSIGINFO, tid, ctypes.addressof(args),
+                         ctypes.addressof(buf), step="PTRACE_PEEKSIGINFO")
+        if n <= 0:
+            return out
+        out += [buf.raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n)]
 
 
 def _seize(tid: int) -> None:
@@ -194,6 +226,8 @@ class Extras:
     dumpable: int | None = None
     child_subreaper: bool | None = None
     thp_disabled: bool | None = None
+    pending_thread: list = dataclasses.field(default_factory=list)   # siginfo_t bytes
+    pending_shared: list = dataclasses.field(default_factory=list)   # leader only
     warnings: list = dataclasses.field(default_factory=list)
 
 
@@ -212,9 +246,14 @@ def _int_out(inj: "inject.Injector", option: int) -> int:
     return struct.unpack("<i", inj.read(buf, 4))[0]
 
 
+def _pending_only(tid: int, leader: bool) -> Extras:
+    return Extras(pending_thread=peek_siginfo(tid, False),
+                  pending_shared=peek_siginfo(tid, True) if leader else [])
+
+
 def _inject_extras(tid: int, leader: bool) -> tuple[Extras, list[int]]:
     """Run the queries in a stopped thread (tracer thread); (extras, signals that arrived)."""
-    ex = Extras()
+    ex = _pending_only(tid, leader)
     inj = inject.Injector(tid)
     try:
         ex.clear_tid_addr = _try(ex, "clear_tid_addr", inj.get_tid_address) or 0
@@ -489,8 +528,11 @@ class LiveSource(Source):
             if stop.group_sig:
                 self.warnings.append(f"thread {tid} is stopped by signal {stop.group_sig}: "
                                      "injected fields left at their defaults")
+                self._extras[tid] = self._tracer.call(_pending_only, tid, tid == stop.pid)
+                self._extras[tid].pending_thread[:0] = stop.siginfos
                 continue
             ex, pending = self._tracer.call(_inject_extras, tid, tid == stop.pid)
+            ex.pending_thread = stop.siginfos + ex.pending_thread   # dequeued by our stop
             stop.signals += pending
             self._extras[tid] = ex
             self.warnings += [f"thread {tid}: {w}" for w in ex.warnings]
@@ -619,6 +661,8 @@ class LiveSource(Source):
             tc.sigactions.extend(sigactions_from_status(status))
         if ex and ex.child_subreaper is not None:
             tc.child_subreaper = ex.child_subreaper
+        if ex and ex.pending_shared:
+            tc.signals_s.signals.extend(pb.siginfo_entry(siginfo=b) for b in ex.pending_shared)
         return tc
 
     def _thread_core(self, pid: int, tid: int, tr: ThreadRegs):
@@ -636,6 +680,8 @@ class LiveSource(Source):
             t.creds.secbits = ex.secbits
             if ex.pdeath_sig:
                 t.pdeath_sig = ex.pdeath_sig
+            if ex.pending_thread:
+                t.signals_p.signals.extend(pb.siginfo_entry(siginfo=b) for b in ex.pending_thread)
             if ex.sas:
                 sp, flags, size = ex.sas
                 t.sas.CopyFrom(pb.thread_sas_entry(ss_sp=sp, ss_size=size, ss_flags=flags))
