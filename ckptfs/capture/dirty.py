@@ -594,6 +594,12 @@ class ChunkClockMixin:
             self.clock.new_pass()
         return super().readdir(path, fh)
 
+    def init_with_config(self, conn, config):
+        """No kernel attribute cache: a chunk's mtime may move at any pass, and a cached
+        older mtime could equal the one a previous copy recorded (a lost write)."""
+        if config is not None:
+            config.attr_timeout = 0.0
+
 
 def tracked_fs(source, clock: ChunkClock, **kw):
     """A CheckpointFS whose chunk mtimes follow `clock`; `status` reads e.g.

@@ -1,0 +1,358 @@
+"""`ckptfs migrate [--keep-source] PID [USER@]HOST:PATH/JOB`: live migration by rsync pre-copy.
+
+The whole dance, with ordinary tools:
+  1. mount the process (`ckptfs mount`, chunk mtimes from capture.dirty.ChunkClock);
+  2. `rsync -a --delete` the mount to the job directory while the process runs, again and
+     again: each run copies only the chunks written since the previous one (quick check on
+     size + mtime), until the amount stops shrinking or MAX_PASSES;
+  3. `echo freeze > ctl`, one final pass (small files unconditionally, chunks by mtime);
+  4. wait until the target's `JOB/status` says `restored pid=N` (the target restores by itself
+     once the copied tree is complete per its manifest);
+  5. `echo kill > ctl` (or, with --keep-source, leave the source frozen under its mount).
+Any failure before the target reports `restored` thaws the source: it keeps running here.
+
+Remote destinations go through ssh (`rsync -e`, `ssh HOST cat JOB/status`); the remote shell
+command comes from $CKPTFS_RSH (default "ssh"), e.g. "ssh -F /tmp/cfg" in tests.
+
+Figures go to stderr: per pass the bytes and chunk files sent and the time taken; at the end
+the downtime (freeze until the target said `restored`), bytes per pass and the total time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from .errors import CkptError
+
+MAX_PASSES = 8
+SHRINK = 0.9            # a pass must send < 90% of the previous one to be worth another
+SMALL = 1 << 20         # below this, another pre-copy pass cannot shorten the final one
+RESTORE_TIMEOUT = 120.0
+RSYNC_OK = (0, 24)      # 24: files vanished while copying (a running process unmapped some)
+COMMON = ["-a", "--delete", "--modify-window=-1", "--exclude=/ctl", "--exclude=/status"]
+
+
+@dataclasses.dataclass
+class Dest:
+    """Where the job directory is: `host` (None = this machine) and `path` (JOB itself)."""
+    host: str | None
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Dest":
+        m = re.match(r"^([^:/]+):(.+)$", text)
+        host, path = (m[1], m[2]) if m else (None, text)
+        path = path.rstrip("/")
+        if not path or os.path.basename(path) in ("", ".", ".."):
+            raise CkptError(f"destination {text!r} does not name a job directory",
+                            step="migrate", path=text)
+        return cls(host, path)
+
+    def rsync_arg(self) -> str:
+        return f"{self.host}:{self.path}/" if self.host else self.path + "/"
+
+    def __str__(self) -> str:
+        return self.rsync_arg()
+
+
+def rsh() -> list[str]:
+    return shlex.split(os.environ.get("CKPTFS_RSH", "ssh"))
+
+
+def _run(argv: list[str], *, step: str, ok=(0,), timeout: float | None = None
+         ) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CkptError(f"{argv[0]} did not finish within {timeout:.0f} s", step=step) from None
+    if r.returncode not in ok:
+        raise CkptError(f"{shlex.join(argv)} exited {r.returncode}: {r.stderr.strip()[-2000:]}",
+                        step=step)
+    return r
+
+
+def target_status(dest: Dest) -> str:
+    """The first line of the target's JOB/status ("" while it does not exist yet)."""
+    path = f"{dest.path}/status"
+    if dest.host is None:
+        try:
+            with open(path) as f:
+                return f.readline().strip()
+        except FileNotFoundError:
+            return ""
+    r = _run(rsh() + [dest.host, "cat", shlex.quote(path)], step="read target status",
+             ok=(0, 1), timeout=30)
+    return r.stdout.splitlines()[0].strip() if r.returncode == 0 and r.stdout else ""
+
+
+# -- rsync passes --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Pass:
+    name: str
+    bytes: int          # file data sent (rsync's "Total transferred file size")
+    files: int
+    chunks: int         # chunk files among them
+    seconds: float
+
+
+_TOTAL = re.compile(r"Total transferred file size: ([\d,]+)")
+
+
+def rsync_pass(mnt: str, dest: Dest, name: str, extra: list[str] = ()) -> Pass:
+    argv = ["rsync", *COMMON, "--stats", "--out-format=%n", *extra]
+    if dest.host:
+        argv += ["-e", shlex.join(rsh())]
+    argv += [mnt.rstrip("/") + "/", dest.rsync_arg()]
+    t0 = time.monotonic()
+    r = _run(argv, step=f"rsync ({name})", ok=RSYNC_OK)
+    seconds = time.monotonic() - t0
+    names = [line for line in r.stdout.splitlines() if line and not line.endswith("/")
+             and not line.startswith(("Number of", "Total", "Literal", "Matched", "File list",
+                                      "sent ", "total size", "Unmatched"))]
+    m = _TOTAL.search(r.stdout)
+    if not m:
+        raise CkptError(f"rsync printed no statistics: {r.stdout[-500:]}", step=f"rsync ({name})")
+    return Pass(name, int(m[1].replace(",", "")), len(names),
+                sum("/pages/" in n for n in names), seconds)
+
+
+def final_pass(mnt: str, dest: Dest, tracked: bool) -> Pass:
+    """After the freeze. A tracking mount answers attributes uncached and stamps its state
+    files anew at the freeze (compared to the nanosecond), so the quick check is exact;
+    without tracking every file is sent again (-I)."""
+    return rsync_pass(mnt, dest, "final pass", [] if tracked else ["-I"])
+
+
+# -- the source mount ------------------------------------------------------------------------
+class SourceMount:
+    """The source mounted in a fresh temporary directory; unmounted by `close()`.
+    The mount command may daemonize itself (`ckptfs mount`) or stay in the foreground."""
+
+    def __init__(self, pid: int, command: list[str] | None = None, timeout: float = 30.0):
+        self.pid = pid
+        self.dir = tempfile.mkdtemp(prefix=f"ckptfs-migrate-{pid}-")
+        self._err = tempfile.TemporaryFile()
+        argv = (command or mount_command()) + [str(pid), self.dir]
+        self.daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=self._err, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(self.dir):
+            rc = self.daemon.poll()
+            if rc is not None and rc != 0 or time.monotonic() > deadline:
+                self._fail(f"could not mount process {pid} ({shlex.join(argv)})")
+            time.sleep(0.02)
+
+    def _fail(self, what: str):
+        if self.daemon.poll() is None:
+            self.daemon.kill()
+        self.daemon.wait()
+        self._err.seek(0)
+        os.rmdir(self.dir)
+        raise CkptError(f"{what}: {self._err.read().decode(errors='replace').strip()}",
+                        step="mount", path=self.dir)
+
+    def ctl(self, word: str) -> None:
+        try:
+            with open(os.path.join(self.dir, "ctl"), "w") as f:
+                f.write(word + "\n")
+        except OSError as e:
+            raise CkptError(f"echo {word} > ctl: {e.strerror}", step=word,
+                            path=os.path.join(self.dir, "ctl"), err=e.errno) from None
+
+    def status(self) -> list[str]:
+        with open(os.path.join(self.dir, "status")) as f:
+            return f.read().splitlines()
+
+    @property
+    def tracking(self) -> str | None:
+        for line in self.status()[1:]:
+            if line.startswith("tracking: "):
+                return line.split(": ", 1)[1]
+        return None
+
+    def close(self) -> None:
+        if os.path.ismount(self.dir):
+            r = subprocess.run(["fusermount3", "-u", self.dir], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise CkptError(f"unmount failed: {r.stderr.strip()}", step="unmount",
+                                path=self.dir)
+        try:
+            self.daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            self.daemon.wait()
+        os.rmdir(self.dir)
+
+
+def mount_command() -> list[str]:
+    """The source mount; $CKPTFS_MOUNT overrides (e.g. to try another daemon)."""
+    if os.environ.get("CKPTFS_MOUNT"):
+        return shlex.split(os.environ["CKPTFS_MOUNT"])
+    return [sys.executable, "-m", "ckptfs.migrate", "mount"]
+
+
+# -- the migration -------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"ckptfs migrate: {msg}", file=sys.stderr, flush=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def precopy(mnt: str, dest: Dest, max_passes: int = MAX_PASSES) -> list[Pass]:
+    passes: list[Pass] = []
+    for i in range(1, max_passes + 1):
+        p = rsync_pass(mnt, dest, f"pass {i}")
+        passes.append(p)
+        log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} dirty chunks), "
+            f"{p.seconds:.2f} s")
+        if p.bytes < SMALL or (len(passes) > 1 and p.bytes >= SHRINK * passes[-2].bytes):
+            break
+    return passes
+
+
+def wait_restored(dest: Dest, timeout: float = RESTORE_TIMEOUT, poll: float = 0.01) -> str:
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = target_status(dest)
+        if status.startswith("restored"):
+            return status
+        if status.startswith(("failed", "dry run")):
+            raise CkptError(f"target says: {status}", step="restore", path=f"{dest}status")
+        time.sleep(poll)
+    raise CkptError(f"target not restored after {timeout:.0f} s (status: {status or 'none'})",
+                    step="restore", path=f"{dest}status")
+
+
+@dataclasses.dataclass
+class Result:
+    passes: list[Pass]
+    downtime: float
+    total: float
+    status: str
+    tracking: str | None
+
+
+def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int = MAX_PASSES,
+            mount_cmd: list[str] | None = None, restore_timeout: float = RESTORE_TIMEOUT) -> Result:
+    t0 = time.monotonic()
+    src = SourceMount(pid, mount_cmd)
+    frozen = restored = False
+    try:
+        tracking = src.tracking
+        log(f"process {pid} mounted at {src.dir}; written pages tracked by "
+            f"{tracking or 'nothing (every chunk is sent again after the freeze)'}")
+        passes = precopy(src.dir, dest, max_passes) if max_passes else []
+        t_freeze = time.monotonic()
+        src.ctl("freeze")
+        frozen = True
+        p = final_pass(src.dir, dest, tracking is not None)
+        passes.append(p)
+        log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} chunks), {p.seconds:.2f} s")
+        status = wait_restored(dest, restore_timeout)
+        restored = True
+        downtime = time.monotonic() - t_freeze
+        if keep_source:
+            log(f"source {pid} stays frozen under {src.dir} (echo thaw or kill > {src.dir}/ctl)")
+        else:
+            src.ctl("kill")
+    except BaseException:
+        if frozen and not restored:
+            log(f"migration failed: thawing process {pid}, it keeps running here")
+            src.ctl("thaw")
+        if not (restored and keep_source):
+            src.close()
+        raise
+    if not keep_source:
+        src.close()
+    result = Result(passes, downtime, time.monotonic() - t0, status, tracking)
+    log(f"target: {status}; downtime {downtime * 1000:.0f} ms; total {result.total:.2f} s; "
+        f"bytes per pass: {', '.join(_mb(p.bytes) for p in passes)}")
+    return result
+
+
+def run(args) -> int:
+    migrate(args.pid, Dest.parse(args.dest), keep_source=args.keep_source,
+            max_passes=getattr(args, "passes", MAX_PASSES))
+    return 0
+
+
+# -- a tracking source mount (until `ckptfs mount` builds one itself) --------------------------
+def serve_tracked(pid: int, mnt: str, chunk_size: int) -> None:
+    """`ckptfs mount PID MNT` in the foreground, with chunk mtimes from written-page tracking.
+    The trackers exist before anything else stops the process; unmounting thaws it."""
+    import signal
+
+    from . import cli, fs
+    from .capture import dirty
+    from .capture.linux import LiveSource
+    cli.check_mountpoint(mnt)
+    cli.check_pid(pid)
+    source = LiveSource(pid)
+    clock = dirty.clock_for(source.pids(), chunk_size)
+    holder: dict = {}
+
+    def act(fn):
+        def run():
+            fn()
+            holder["fs"].changed()
+        return run
+
+    def kill():
+        for p in reversed(source.pids()):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        source.thaw()
+
+    control = {"freeze": act(source.freeze), "thaw": act(source.thaw), "kill": act(kill)}
+    st = os.stat(f"/proc/{pid}")
+    ops = dirty.tracked_fs(source, clock, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid),
+                           control=control)
+    holder["fs"] = ops
+    try:
+        fs.serve(ops, mnt, foreground=True)
+    finally:
+        try:
+            clock.close()
+        finally:
+            cli.close_source(source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .model import DEFAULT_CHUNK
+    p = argparse.ArgumentParser(prog="python -m ckptfs.migrate")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mount", help="tracking source mount, in the foreground")
+    m.add_argument("pid", type=int)
+    m.add_argument("mountpoint")
+    m.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
+    g = sub.add_parser("run", help="same as `ckptfs migrate`")
+    g.add_argument("--keep-source", action="store_true")
+    g.add_argument("--passes", type=int, default=MAX_PASSES)
+    g.add_argument("pid", type=int)
+    g.add_argument("dest")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "mount":
+            serve_tracked(a.pid, os.path.abspath(a.mountpoint), a.chunk_size)
+            return 0
+        return run(a)
+    except CkptError as e:
+        print(f"ckptfs migrate: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
