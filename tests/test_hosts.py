@@ -2,6 +2,7 @@
 FUSE mount helper mounts, reports and always cleans up."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import textwrap
@@ -131,22 +132,44 @@ def test_spawned_process_runs_in_the_host_namespaces(two_hosts, procs, tmp_path)
     assert os.getsid(proc.pid) == proc.pid
 
 
-def test_fuse_mount_on_b_is_seen_by_later_processes_on_b_only(two_hosts, hello_fs, tmp_path):
+def test_fuse_mount_on_b_is_seen_by_later_processes_on_b_only(two_hosts, hello_fs):
     a, b = two_hosts.a, two_hosts.b
-    mnt = tmp_path / "mnt"
+    mnt = os.path.join(two_hosts.disk, "fuse-on-b")  # on b's private tmpfs
     with mounts.fuse_mount(hello_cmd(hello_fs, mnt, "b"), mnt, runner=b, env=FUSE_ENV) as m:
         assert b.run(["cat", f"{mnt}/hello"], check=True).stdout == "hello from b\n"
         assert open(os.path.join(m.view, "hello")).read() == "hello from b\n"
         assert a.run(["test", "-e", f"{mnt}/hello"]).returncode == 1
-        assert not os.path.ismount(mnt)
+        assert mounts.is_mounted(m.view) and not mounts.is_mounted(a.path(mnt))
         daemon = m.daemon
-    assert not os.path.ismount(b.path(mnt)) and not daemon.alive()
+    assert not mounts.is_mounted(b.path(mnt)) and not daemon.alive()
+    assert mnt not in [p for p, _ in H.mountinfo(b.holder.pid)]
+
+
+def test_fuse_mount_unmounts_after_the_daemon_was_killed(two_hosts, hello_fs):
+    b = two_hosts.b
+    mnt = os.path.join(two_hosts.disk, "fuse-killed")
+    with mounts.fuse_mount(hello_cmd(hello_fs, mnt, "b"), mnt, runner=b, env=FUSE_ENV) as m:
+        m.daemon.kill()
+        with pytest.raises(OSError) as e:
+            os.stat(os.path.join(m.view, "hello"))
+        assert e.value.errno == errno.ENOTCONN and mounts.is_mounted(m.view)
+    assert mnt not in [p for p, _ in H.mountinfo(b.holder.pid)]
+
+
+def test_hosts_do_not_hold_copies_of_fuse_mounts_made_before(tmp_mount, hello_fs, tmp_path):
+    mnt = tmp_path / "outside"
+    m = tmp_mount(hello_cmd(hello_fs, mnt, "outside"), mnt, env=FUSE_ENV)
+    with H.two_hosts() as h:
+        for host in h.hosts:
+            assert str(mnt) not in [p for p, _ in H.mountinfo(host.holder.pid)]
+        assert mounts.unmount(mounts.Local(P.ProcSet()), str(mnt), str(mnt))
+        assert P.wait_gone(m.daemon.pid, 5), "a copy of the mount kept the daemon alive"
 
 
 def test_tmp_mount_fixture_mounts_here(tmp_mount, hello_fs, tmp_path):
     mnt = tmp_path / "here"
     m = tmp_mount(hello_cmd(hello_fs, mnt, "here"), mnt, env=FUSE_ENV)
-    assert (mnt / "hello").read_text() == "hello from here\n" and os.path.ismount(mnt)
+    assert (mnt / "hello").read_text() == "hello from here\n" and mounts.is_mounted(m.view)
 
 
 def test_fuse_mount_unmounts_when_the_body_fails(hello_fs, tmp_path, procs):
@@ -154,9 +177,9 @@ def test_fuse_mount_unmounts_when_the_body_fails(hello_fs, tmp_path, procs):
     with pytest.raises(ZeroDivisionError):
         with mounts.fuse_mount(hello_cmd(hello_fs, mnt, "x"), mnt, runner=mounts.Local(procs),
                                env=FUSE_ENV) as m:
-            assert os.path.ismount(mnt)
+            assert mounts.is_mounted(m.view)
             1 / 0
-    assert not os.path.ismount(mnt) and not m.daemon.alive()
+    assert not mounts.is_mounted(m.view) and not m.daemon.alive()
 
 
 def test_fuse_mount_timeout_shows_daemon_stderr(tmp_path, procs):

@@ -144,6 +144,17 @@ class Host:
         root_mnt = os.readlink("/proc/self/ns/mnt")
         _wait(lambda: _readlink(f"/proc/{self.holder.pid}/ns/mnt") not in (None, root_mnt)
               and _comm(self.holder.pid) == "sleep", f"holder of {self.name}", self.holder)
+        self.drop_foreign_fuse_mounts()
+
+    def drop_foreign_fuse_mounts(self) -> None:
+        """Detach the copies of FUSE mounts that existed when this mount ns was made.
+
+        A copy would keep another test's FUSE connection alive after that test unmounts its
+        own (the daemon would never see the unmount and exit)."""
+        points = [m for m, fstype in mountinfo(self.holder.pid)
+                  if fstype.startswith("fuse") and fstype != "fusectl"]
+        for point in sorted(points, key=len, reverse=True):  # nested ones first
+            self.run(["umount", "-l", point], check=True)
 
     def mount_disk(self, path: Path) -> None:
         """A private tmpfs at `path`, the same path on every host (like a local disk)."""
@@ -247,6 +258,16 @@ def two_hosts(base: str | os.PathLike | None = None):
         yield hosts
     finally:
         hosts.teardown()
+
+
+def mountinfo(pid: int) -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount in the mount namespace of `pid`."""
+    out = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        point = left.split()[4].encode().decode("unicode_escape")  # \040 for a space ...
+        out.append((point, right.split()[0]))
+    return out
 
 
 def _readlink(path: str) -> str | None:

@@ -14,6 +14,7 @@ path under which the test process itself sees the runner's file `p`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -49,6 +50,24 @@ class Local:
         return os.fspath(p)
 
 
+def is_mounted(view: str) -> bool:
+    """True if `view` is a mount point.
+
+    Not os.path.ismount: that one resolves ".." with realpath, which leaves a host's namespace
+    (/proc/HOLDER/root/... becomes /...), and it calls a dead FUSE mount (ENOTCONN) unmounted.
+    """
+    try:
+        here = os.lstat(view)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # the daemon is gone but the mount is still there
+            return True
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    up = os.lstat(os.path.join(view, ".."))
+    return here.st_dev != up.st_dev or here.st_ino == up.st_ino
+
+
 class Mount:
     """A live FUSE mount: `mnt` as the runner names it, `view` as this process sees it."""
 
@@ -61,7 +80,7 @@ class Mount:
 
 def wait_mounted(view: str, daemon: _procs.Proc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not os.path.ismount(view):
+    while not is_mounted(view):
         if not daemon.alive():
             raise AssertionError(f"FUSE daemon died before {view} was mounted: "
                                  f"{daemon.describe()}\n{daemon.stderr_text()}")
@@ -75,13 +94,13 @@ def unmount(runner, mnt: str, view: str) -> bool:
     """Unmount `mnt`; lazily if a plain unmount fails. Raises if it stays mounted.
 
     Returns False if it was not mounted (nothing to do)."""
-    if not os.path.ismount(view):
+    if not is_mounted(view):
         return False
     first = runner.run([FUSERMOUNT, "-u", mnt])
     if first.returncode == 0:
         return True
     lazy = runner.run([FUSERMOUNT, "-uz", mnt])
-    if lazy.returncode != 0 or os.path.ismount(view):
+    if lazy.returncode != 0 or is_mounted(view):
         raise AssertionError(f"could not unmount {mnt}: {first.stderr.strip()} / {lazy.stderr.strip()}")
     return True
 
@@ -105,7 +124,7 @@ def fuse_mount(cmd: list, mnt: str | os.PathLike, *, runner=None, timeout: float
     mnt = os.fspath(mnt)
     view = runner.path(mnt)
     Path(view).mkdir(parents=True, exist_ok=True)
-    if os.path.ismount(view):
+    if is_mounted(view):
         raise AssertionError(f"{mnt} is already a mount point")
     daemon = runner.spawn(cmd, **spawn_kw)
     try:
