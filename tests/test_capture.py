@@ -604,3 +604,35 @@ FACTS = {}
     st = status(proc.pid)
     assert int(st["ShdPnd"], 16) == 1 << (signal.SIGUSR1 - 1)      # still pending after thaw
     assert int(st["SigPnd"], 16) == 1 << (signal.SIGUSR2 - 1)
+
+
+def test_shared_maps(procs, tmp_path):
+    body = """
+import mmap, ctypes
+d = sys.argv[2]
+with open(d + "/shared.bin", "wb") as f:
+    f.write(b"F" * 8192)
+fd = os.open(d + "/shared.bin", os.O_RDWR)
+fm = mmap.mmap(fd, 8192, flags=mmap.MAP_SHARED)
+fm[0:5] = b"hello"
+am = mmap.mmap(-1, 16384, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+am[4096:4100] = b"shan"
+addr = lambda m: ctypes.addressof(ctypes.c_char.from_buffer(m))
+FACTS = {"file": addr(fm), "anon": addr(am)}
+"""
+    proc, fx = py_child(procs, tmp_path, body, str(tmp_path))
+    pid = proc.pid
+    V = lf.VMA_STATUS
+    with LiveSource(pid) as src:
+        vmas = {v.start: v for v in src.mm(pid).vmas}
+        fv, av = vmas[fx["file"]], vmas[fx["anon"]]
+        assert fv.status == V["VMA_AREA_REGULAR"] | V["VMA_FILE_SHARED"]
+        assert fv.flags & lf.MAP_FLAGS["MAP_SHARED"] and fv.fdflags == os.O_RDWR
+        assert src.file(fv.shmid).reg.name == str(tmp_path / "shared.bin")
+        assert src.page_ranges(pid, fv) == []            # its data lives in the file
+        assert av.status == V["VMA_AREA_REGULAR"] | V["VMA_ANON_SHARED"]
+        assert av.flags == lf.MAP_FLAGS["MAP_SHARED"] | lf.MAP_FLAGS["MAP_ANONYMOUS"]
+        assert av.shmid == os.stat(f"/proc/{pid}/map_files/{av.start:x}-{av.end:x}").st_ino
+        ranges = src.page_ranges(pid, av)
+        assert [(r.start - av.start, r.end - av.start) for r in ranges] == [(4096, 8192)]
+        assert src.read_memory(pid, av.start + 4096, 4) == b"shan"

@@ -117,11 +117,14 @@ class Files:
                 continue   # that holder closed it or exited: not the same description
         return None
 
-    def path_id(self, pid: int, proc_path: str, name: str) -> int:
-        """Id of a REG entry for the file behind `proc_path` (exe, cwd, root, map_files)."""
-        s = procfs.stat(proc_path)
+    def path_id(self, pid: int, proc_path: str, name: str, inode: tuple | None = None) -> int:
+        """Id of a REG entry for the file behind `proc_path` (exe, cwd, root, map_files).
+        `inode` = (st_dev, st_ino) when already known (a maps line): no stat needed."""
+        if inode is None:
+            s = procfs.stat(proc_path)
+            inode = (s.st_dev, s.st_ino)
         with self._lock:
-            key = (s.st_dev, s.st_ino)
+            key = inode
             if key not in self._by_path:
                 self._by_path[key] = self._new(Ref(pid, None, proc_path, name))
             return self._by_path[key]

@@ -759,8 +759,11 @@ class LiveSource(Source):
         if status & V["VMA_AREA_VVAR"]:
             v.madv |= lf.MADV_BITS["MADV_DONTDUMP"]
         if status & (V["VMA_FILE_PRIVATE"] | V["VMA_FILE_SHARED"]):
+            # map_files links open the mapped file even when it was deleted or is out of
+            # our mount namespace (needs CAP_CHECKPOINT_RESTORE); the inode comes from maps.
             link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-            v.shmid = self._files.path_id(pid, link, procfs.strip_deleted(m.path)[0])
+            v.shmid = self._files.path_id(pid, link, procfs.strip_deleted(m.path)[0],
+                                          inode=(os.makedev(*m.dev), m.inode))
             if status & V["VMA_FILE_SHARED"]:
                 mode = procfs.stat(link, follow=False).st_mode & 0o777
                 v.fdflags = _LINK_MODE_FLAGS.get(mode, os.O_RDONLY)
