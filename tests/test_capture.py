@@ -636,3 +636,40 @@ FACTS = {"file": addr(fm), "anon": addr(am)}
         ranges = src.page_ranges(pid, av)
         assert [(r.start - av.start, r.end - av.start) for r in ranges] == [(4096, 8192)]
         assert src.read_memory(pid, av.start + 4096, 4) == b"shan"
+
+
+# -- pure parsers on recorded text ------------------------------------------------------------
+def test_parsers_on_recorded_text(tmp_path):
+    stat = procfs.parse_stat("42 (a) b (c)) S 1 42 42 0 -1 4194560 " + " ".join(["0"] * 44))
+    assert stat[1] == "42" and stat[2] == "a) b (c)" and stat[3] == "S" and stat[9] == "4194560"
+    mi = procfs.parse_mountinfo(
+        "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    assert mi[0].mount_point == "/mnt/with space" and mi[0].dev == (98, 0) and mi[0].fstype == "ext3"
+    inet = procfs.parse_net_inet(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1\n")
+    assert inet[12345].src == (bytes([127, 0, 0, 1]), 8080) and inet[12345].state == 10
+    assert procfs.parse_fd_link("pipe:[77]") == ("pipe", 77)
+    assert procfs.parse_fd_link("anon_inode:[eventfd]") == ("anon_inode:[eventfd]", 0)
+    assert procfs.parse_fd_link("/tmp/x (deleted)") is None
+    assert procfs.strip_deleted("/tmp/x (deleted)") == ("/tmp/x", True)
+    maps = procfs.parse_maps("7f00-7f01 rw-s 00001000 08:01 99   /a b (deleted)\n"
+                             "Size: 4 kB\nVmFlags: rd wr sh mr mw me ms gd\n")
+    assert maps[0].path == "/a b (deleted)" and maps[0].shared and "gd" in maps[0].vmflags
+    assert maps[0].pgoff == 0x1000 and maps[0].prot == 3
+
+
+def test_cgroup_v2_files(tmp_path):
+    from ckptfs.capture import cgroups
+    d = tmp_path / "job"
+    d.mkdir()
+    for name, value in {"memory.max": "1048576", "memory.swap.max": "0", "pids.max": "max",
+                        "cpu.max": "25000 100000", "cpuset.cpus": "", "cpuset.cpus.effective": "1"}.items():
+        (d / name).write_text(value + "\n")
+    mount = procfs.Mount(1, 0, (0, 1), "/", str(tmp_path), "rw", "cgroup2", "cgroup2", "rw")
+    lines = procfs.parse_cgroup("0::/job\n")
+    assert cgroups.main_path(lines) == "/job"
+    assert cgroups.limits(lines, [mount]) == {"memory.max": "1048576", "memory.swap.max": "0",
+                                               "pids.max": "max", "cpu.max": "25000 100000",
+                                               "cpuset.cpus": "1"}
