@@ -280,6 +280,10 @@ class Injector:
         return self.tracer.call(fn, *args) if self.tracer else fn(*args)
 
     def _syscall(self, nr: int, args: tuple[int, ...]) -> int:
+        self._launch(nr, args)
+        return self._step_through_call()
+
+    def _launch(self, nr: int, args: tuple[int, ...]) -> None:
         if self._saved is None:
             self._saved = ptrace.get_regs(self.tid)
         regs = dict(self._saved)
@@ -287,7 +291,15 @@ class Injector:
         for reg, val in zip(ARG_REGS, args):
             regs[reg] = val & (2**64 - 1)
         ptrace.set_regs(self.tid, regs)
-        return self._step_through_call()
+
+    def start(self, nr: int, *args: int) -> None:
+        """Launch a call and return while the tracee runs it (on its own CPU); finish() waits.
+        Only from the thread that traces (no `tracer=` funnel), one call at a time."""
+        self._launch(nr, args)
+        self._step_through_call(until_entry=True)
+
+    def finish(self) -> int:
+        return self._step_through_call(resume=False, in_call=True)
 
     def _insn_addr(self) -> int:
         if self._insn is None:
@@ -303,15 +315,16 @@ class Injector:
                 self._insn = rip
         return self._insn
 
-    def _step_through_call(self) -> int:
+    def _step_through_call(self, *, resume: bool = True, in_call: bool = False,
+                           until_entry: bool = False) -> int | None:
         """PTRACE_SYSCALL until the exit stop of our call; its return value.
 
         Syscall stops are told from real SIGTRAPs by their si_code (SIGTRAP, or SIGTRAP|0x80
         with PTRACE_O_TRACESYSGOOD), so the tracer's options do not matter; entry and exit
         stops alternate. A call interrupted by a signal (-ERESTART* at its exit) is let run
         on: the kernel restarts it once the (suppressed) signal is out of the way."""
-        ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")
-        in_call = False
+        if resume:
+            ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")
         while True:
             _, status = ptrace.wait(self.tid)
             if not os.WIFSTOPPED(status):
@@ -326,6 +339,9 @@ class Injector:
                     if -ret not in RESTART_CODES:
                         return ret
                 in_call = not in_call
+                if in_call and until_entry:     # let it run the call; finish() collects
+                    ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")
+                    return None
             elif not event:
                 self.pending.append(sig)
             ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")

@@ -133,6 +133,7 @@ class LinuxRestorer:
         self.xcr0 = 0
         self.xsize = 0
         self.timing: dict[str, float] = {}
+        self.populate: set[int] = set()        # maps of the current task to fault in ahead
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> dict[int, int]:
@@ -371,7 +372,9 @@ class LinuxRestorer:
             inj.call(NR["close"], fd, step="close map files")
         t0 = time.monotonic()
         n = memory.fill(self.src, t.pid, live.pid, fill,
-                        lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"))
+                        lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"),
+                        inj=inj, populate=self.populate)
+        self.populate.clear()
         self.timing["fill"] = self.timing.get("fill", 0) + time.monotonic() - t0
         self.timing["bytes"] = self.timing.get("bytes", 0) + n
         for vma in added_write:
@@ -436,9 +439,9 @@ class LinuxRestorer:
         fill = bool(ranges)
         prot = vma.prot | (PROT_WRITE if fill else 0)
         if 2 * sum(r.end - r.start for r in ranges) >= vma.end - vma.start:
-            # Mostly filled anyway: faulting all pages in here, at once, costs a quarter of
-            # faulting them one by one inside process_vm_writev later.
-            flags |= MAP_POPULATE
+            # Mostly filled anyway: the task faults its pages in itself, ahead of the copy
+            # (memory.fill); one by one inside process_vm_writev they cost four times more.
+            self.populate.add(vma.start)
         inj.call(NR["mmap"], vma.start, vma.end - vma.start, prot, flags, fd, off, step="mmap",
                  path=path)
         for name, bit in F.MADV_BITS.items():

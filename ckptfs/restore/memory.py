@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import KernelError, RestoreFailed
 from ..inject import IOV_MAX, vm_writev
 
-BATCH_BYTES = 16 << 20
+BATCH_BYTES = 32 << 20
+NR_MADVISE, MADV_POPULATE_WRITE = 28, 23
 WRITERS = max(1, min(4, os.cpu_count() or 1))
 MAP_FAILED = 2**64 - 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -27,10 +28,17 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
-def fill(source, pid: int, new_pid: int, vmas, where) -> int:
-    """Write every saved page of `vmas` (of checkpoint task `pid`) into `new_pid`; bytes."""
+def fill(source, pid: int, new_pid: int, vmas, where, *, inj=None, populate=()) -> int:
+    """Write every saved page of `vmas` (of checkpoint task `pid`) into `new_pid`; bytes.
+
+    With `inj` (the task's injector), maps listed in `populate` (by start address) are
+    faulted in by the task itself with madvise(MADV_POPULATE_WRITE), one batch ahead, on its
+    own CPU, while this thread copies the previous batch into pages already present:
+    fresh-page faults inside process_vm_writev would cost four times as much."""
     pieces = [(r.start, r.end - r.start, vma) for vma in vmas
               for r in source.page_ranges(pid, vma)]
+    if hasattr(source, "chunk_path") and inj is not None:
+        return _fill_populating(source, pid, new_pid, pieces, where, inj, set(populate))
     if hasattr(source, "chunk_path"):
         return _fill_from_chunks(source, pid, new_pid, pieces, where)
     return _fill_pipelined(source, pid, new_pid, pieces, where)
@@ -62,6 +70,68 @@ def _fill_from_chunks(source, pid, new_pid, pieces, where) -> int:
         return sum(map(write, batches))
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="ckptfs-fill") as pool:
         return sum(pool.map(write, batches))
+
+
+def _batches(source, pid, pieces, where) -> list[list]:
+    batches, batch, size = [], [], 0
+    for addr, n, vma in pieces:
+        batch.append((source.chunk_path(pid, vma, addr - vma.start), addr, n, where(vma), vma))
+        size += n
+        if len(batch) == IOV_MAX or size >= BATCH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _write_batch(new_pid: int, batch) -> int:
+    held = []
+    try:
+        for path, _addr, n, _, _ in batch:
+            held.append((_map_file(path, n), n))
+        return _write(new_pid, held, [(a, n) for _, a, n, _, _ in batch], batch[0][3])
+    finally:
+        _unmap(held)
+
+
+def _runs(batch, populate: set) -> list[tuple[int, int]]:
+    """Contiguous address runs of a batch that lie in maps to populate."""
+    runs: list[list[int]] = []
+    for _, addr, n, _, vma in batch:
+        if vma.start not in populate:
+            continue
+        if runs and runs[-1][1] == addr:
+            runs[-1][1] = addr + n
+        else:
+            runs.append([addr, addr + n])
+    return [(a, b - a) for a, b in runs]
+
+
+def _fill_populating(source, pid, new_pid, pieces, where, inj, populate) -> int:
+    batches = _batches(source, pid, pieces, where)
+    todo = [_runs(b, populate) for b in batches]
+    for addr, n in todo[0] if todo else []:
+        inj.syscall(NR_MADVISE, addr, n, MADV_POPULATE_WRITE)
+    total = 0
+    for i, batch in enumerate(batches):
+        ahead = todo[i + 1] if i + 1 < len(todo) else []
+        if ahead:
+            inj.start(NR_MADVISE, ahead[0][0], ahead[0][1], MADV_POPULATE_WRITE)
+        try:
+            half = (len(batch) + 1) // 2
+            if half and len(batch) > 1:
+                with ThreadPoolExecutor(2) as pool:
+                    total += sum(pool.map(lambda b: _write_batch(new_pid, b),
+                                          (batch[:half], batch[half:])))
+            else:
+                total += _write_batch(new_pid, batch)
+        finally:
+            if ahead:
+                inj.finish()       # a failed populate only means slower faults later
+        for addr, n in ahead[1:]:
+            inj.syscall(NR_MADVISE, addr, n, MADV_POPULATE_WRITE)
+    return total
 
 
 def _map_file(path: str, n: int) -> int:
