@@ -26,7 +26,6 @@ import dataclasses
 import errno
 import os
 import resource
-import subprocess
 import threading
 import struct
 import time
@@ -34,9 +33,9 @@ import ctypes
 
 from .. import flags as lf
 from .. import inject, pb, ptrace, xsave
-from ..errors import NoAccess, CkptError, KernelError, ProcessGone, Unsupported
+from ..errors import CkptError, KernelError, ProcessGone, Unsupported
 from ..model import Isolation, Meta, PageRange, Source
-from . import cgroups, files, pages, procfs
+from . import files, pages, procfs
 
 PF_KTHREAD = 0x00200000
 SIGTRAP = 5
@@ -930,35 +929,9 @@ class LiveSource(Source):
         return self._cached("isolation", self._isolation)
 
     def _isolation(self) -> Isolation:
+        """uts names, namespaces, cgroup and limits: ckptfs.isolation.capture owns that."""
         from ..isolation.capture import capture_isolation
         return capture_isolation(self.root, container=getattr(self, "container", False))
-
-    @staticmethod
-    def _namespaces_plain(pid: int) -> dict[str, int]:
-        out = {}
-        for kind in NS_KINDS:
-            try:
-                out[kind] = procfs.parse_ns_link(procfs.readlink(f"/proc/{pid}/ns/{kind}"))[1]
-            except (ProcessGone, NoAccess):  # a parent we may not inspect (e.g. the sandbox's init)
-                continue
-        return out
-
-    def _uts(self, pid: int, uts_inode: int | None) -> tuple[str, str]:
-        """Host and domain name of the task's UTS namespace. Ours: read directly. Another:
-        `nsenter -t PID -u` runs cat inside it (setns cannot be done by one thread of a
-        multi-threaded program for the uts namespace safely, a short child process can)."""
-        mine = procfs.parse_ns_link(os.readlink("/proc/self/ns/uts"))[1]
-        names = ("/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname")
-        if uts_inode == mine:
-            return tuple(procfs.read_text(p).strip() for p in names)
-        out = subprocess.run(["nsenter", "-t", str(pid), "-u", "cat", *names],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            self._check(pid)
-            raise KernelError(f"nsenter -t {pid} -u: {out.stderr.strip()}", errno.EIO,
-                              step="setns uts", path=f"/proc/{pid}/ns/uts")
-        host, domain = (out.stdout.splitlines() + ["", ""])[:2]
-        return host, domain
 
     def meta(self) -> Meta:
         return self._cached("meta", self._meta)
