@@ -179,11 +179,12 @@ class Completion:
                 raise _err(errno.EBUSY, f"{name}/ctl: {word}: job is {job.status}")
             job.wanted = word == "restore"
         if word == "abort":
-            job.state["aborted"] = True
+            status = "failed: aborted (write restore to ctl to try again)"
+            job.state.update(aborted=True, status=status)
             self._save(job)
-            self._set(job, "failed: aborted (write restore to ctl to try again)")
+            self._set(job, status)
         else:
-            job.state["aborted"] = False
+            job.state.update(aborted=False, status="")
             self._save(job)
             self.poke(name)
 

@@ -325,6 +325,13 @@ def test_failed_restore_is_reported_and_not_retried(tmp_path, src):
         with open(os.path.join(m.mnt, "j/ctl"), "w") as f:
             f.write("abort\n")
         assert m.status("j").startswith("failed: aborted")
+        m.stop()
+        m.start()
+        time.sleep(0.4)
+        assert m.status("j").startswith("failed: aborted")
+        with open(os.path.join(m.mnt, "j/ctl"), "w") as f:
+            f.write("restore\n")          # an explicit restore tries again
+        m.wait_status("j", "failed: tasks/10")
 
 
 def test_killed_rsync_then_rerun_restores_once(tmp_path):

@@ -4,7 +4,8 @@
 Builds a 1 GiB tree (512 x 2 MiB chunk files plus a manifest) on /dev/shm, then times, in the
 same run: plain `cp -r` and `rsync -a` from /dev/shm to /dev/shm, and the same two commands into
 a target mount whose store is on /dev/shm. Also times how long the target takes to find the
-copied job complete (checksumming 1 GiB). Prints MiB/s and target/plain ratios.
+copied job complete (checksumming 1 GiB) and the daemon's CPU time per GiB written, which does
+not depend on what else the machine is doing. Prints MiB/s and target/plain ratios.
 
 Usage: .venv/bin/python tools/bench_target.py [--files 512] [--size-mib 2] [--dir /dev/shm]
 """
@@ -44,6 +45,12 @@ def timed(cmd: list[str]) -> float:
     t = time.monotonic()
     subprocess.run(cmd, check=True)
     return time.monotonic() - t
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_status(path: str, prefix: str, timeout: float = 120) -> float:
@@ -101,16 +108,19 @@ def main() -> None:
                 ("rsync -a", ["rsync", "-a", src + "/", os.path.join(base, "plain-rsync") + "/"],
                  ["rsync", "-a", src + "/", os.path.join(mount.mnt, "rsync") + "/"], "rsync")):
             plain = timed(plain_cmd)
+            cpu = cpu_seconds(mount.proc.pid)
             target = timed(target_cmd)
+            cpu = cpu_seconds(mount.proc.pid) - cpu
             verify = wait_status(os.path.join(mount.mnt, job, "status"), "waiting: complete")
-            rows.append((name, plain, target, verify))
+            rows.append((name, plain, target, verify, cpu / (total_mib / 1024)))
         print(f"tree: {a.files} x {a.size_mib} MiB = {total_mib:.0f} MiB in {a.dir}; "
               f"target store in {a.dir}")
         print(f"{'copy':10} {'plain MiB/s':>12} {'target MiB/s':>13} {'ratio':>6} "
-              f"{'complete after':>15}")
-        for name, plain, target, verify in rows:
+              f"{'complete after':>15} {'daemon CPU s/GiB':>17}")
+        for name, plain, target, verify, cpu in rows:
             print(f"{name:10} {total_mib / plain:12.0f} {total_mib / target:13.0f} "
-                  f"{plain / target:6.2f} {verify:14.2f}s")
+                  f"{plain / target:6.2f} {verify:14.2f}s {cpu:17.2f}")
+        print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     finally:
         if mount:
             mount.close()
