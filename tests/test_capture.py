@@ -673,3 +673,13 @@ def test_cgroup_v2_files(tmp_path):
     assert cgroups.limits(lines, [mount]) == {"memory.max": "1048576", "memory.swap.max": "0",
                                                "pids.max": "max", "cpu.max": "25000 100000",
                                                "cpuset.cpus": "1"}
+
+
+def test_our_own_process_is_left_out_of_the_tree():
+    with pytest.raises(NotCapturable, match="itself"):
+        LiveSource(os.getpid())
+    parent = os.getppid()          # pytest's parent holds us: a tree with ckptfs inside
+    if not untraced_and_running(parent) or parent == 1:
+        pytest.skip("parent not capturable here")
+    with LiveSource(parent) as src:
+        assert os.getpid() not in src.pids() and parent in src.pids()

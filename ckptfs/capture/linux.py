@@ -429,6 +429,8 @@ class LiveSource(Source):
             raise
 
     def _refuse_uncapturable(self, pid: int) -> None:
+        if pid == os.getpid():
+            raise NotCapturable(f"{pid} is this ckptfs process itself", path=f"/proc/{pid}")
         stat = self._stat(pid)
         if int(stat[9]) & PF_KTHREAD:
             raise NotCapturable(f"{pid} is a kernel thread", path=f"/proc/{pid}")
@@ -563,10 +565,13 @@ class LiveSource(Source):
         return out
 
     def _walk(self, live_only: bool = False) -> list[tuple[int, list[int]]]:
-        """(pid, threads) of the root and every descendant, parents first."""
+        """(pid, threads) of the root and every descendant, parents first. Our own process
+        (and what it started) is left out: `ckptfs mount $$` runs below the shell it shows."""
         out, queue = [], [self.root]
         while queue:
             pid = queue.pop(0)
+            if pid == os.getpid():
+                continue
             try:
                 stat = self._stat(pid)
                 tids = self._threads(pid)
