@@ -391,6 +391,10 @@ stack = ctypes.create_string_buffer(65536)
 class SS(ctypes.Structure):
     _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
 assert libc.sigaltstack(ctypes.byref(SS(ctypes.addressof(stack), 0, 65536)), None) == 0
+timer = ctypes.c_void_p()
+assert libc.timer_create(1, None, ctypes.byref(timer)) == 0          # CLOCK_MONOTONIC, SIGALRM
+spec = (ctypes.c_long * 4)(2, 0, 100, 0)                              # every 2 s, first in 100 s
+assert libc.timer_settime(timer, 0, spec, None) == 0
 FACTS = {"stack": ctypes.addressof(stack)}
 """
 
@@ -416,6 +420,9 @@ def test_frozen_fields_from_injection(procs, tmp_path):
         real = core.tc.timers.real
         assert real.isec == 1000 and 4000 < real.vsec <= 5000
         assert core.tc.child_subreaper
+        (pt,) = core.tc.timers.posix
+        assert (pt.clock_id, pt.si_signo, pt.it_sigev_notify, pt.isec) == (1, signal.SIGALRM, 0, 2)
+        assert 90 < pt.vsec <= 100
         tcore = core.thread_core
         assert tcore.pdeath_sig == signal.SIGUSR1
         assert (tcore.sas.ss_sp, tcore.sas.ss_size, tcore.sas.ss_flags) == (fx["stack"], 65536, 0)

@@ -225,6 +225,7 @@ class Extras:
     dumpable: int | None = None
     child_subreaper: bool | None = None
     thp_disabled: bool | None = None
+    posix_timers: list | None = None         # (PosixTimer, overrun, isec, insec, vsec, vnsec)
     pending_thread: list = dataclasses.field(default_factory=list)   # siginfo_t bytes
     pending_shared: list = dataclasses.field(default_factory=list)   # leader only
     warnings: list = dataclasses.field(default_factory=list)
@@ -250,7 +251,23 @@ def _pending_only(tid: int, leader: bool) -> Extras:
                   pending_shared=peek_siginfo(tid, True) if leader else [])
 
 
-def _inject_extras(tid: int, leader: bool) -> tuple[Extras, list[int]]:
+SYS_TIMER_GETTIME, SYS_TIMER_GETOVERRUN = 224, 225
+
+
+def _timer_values(ex: Extras, inj: "inject.Injector", timers) -> list:
+    out = []
+    for t in timers:
+        buf = inj.scratch(32)
+        got = _try(ex, f"timer {t.it_id}", lambda: inj.call(SYS_TIMER_GETTIME, t.it_id, buf))
+        isec, insec, vsec, vnsec = struct.unpack("<4q", inj.read(buf, 32)) if got is not None \
+            else (0, 0, 0, 0)
+        overrun = _try(ex, f"timer {t.it_id} overrun",
+                       lambda: inj.call(SYS_TIMER_GETOVERRUN, t.it_id)) or 0
+        out.append((t, overrun, isec, insec, vsec, vnsec))
+    return out
+
+
+def _inject_extras(tid: int, leader: bool, timers=()) -> tuple[Extras, list[int]]:
     """Run the queries in a stopped thread (tracer thread); (extras, signals that arrived)."""
     ex = _pending_only(tid, leader)
     inj = inject.Injector(tid)
@@ -269,6 +286,7 @@ def _inject_extras(tid: int, leader: bool) -> tuple[Extras, list[int]]:
             ex.child_subreaper = None if sub is None else bool(sub)
             thp = _try(ex, "thp_disabled", lambda: inj.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0))
             ex.thp_disabled = None if thp is None else bool(thp)
+            ex.posix_timers = _timer_values(ex, inj, timers)
     finally:
         inj.close()
     return ex, list(inj.pending)
@@ -532,7 +550,9 @@ class LiveSource(Source):
                 self._extras[tid] = self._tracer.call(_pending_only, tid, tid == stop.pid)
                 self._extras[tid].pending_thread[:0] = stop.siginfos
                 continue
-            ex, pending = self._tracer.call(_inject_extras, tid, tid == stop.pid)
+            leader = tid == stop.pid
+            timers = procfs.parse_timers(procfs.read_text(f"/proc/{tid}/timers")) if leader else ()
+            ex, pending = self._tracer.call(_inject_extras, tid, leader, timers)
             ex.pending_thread = stop.siginfos + ex.pending_thread   # dequeued by our stop
             stop.signals += pending
             self._extras[tid] = ex
@@ -657,6 +677,14 @@ class LiveSource(Source):
             return tc
         ex = self._extras.get(pid)
         tc.timers.CopyFrom(_itimers(ex.itimers if ex and ex.itimers else None))
+        timers = ex.posix_timers if ex and ex.posix_timers else []
+        for t, overrun, isec, insec, vsec, vnsec in timers:
+            p = tc.timers.posix.add(it_id=t.it_id, clock_id=t.clock_id, si_signo=t.signo,
+                                    it_sigev_notify=t.sigev_notify, sival_ptr=t.sival_ptr,
+                                    overrun=overrun, isec=isec, insec=insec, vsec=vsec,
+                                    vnsec=vnsec)
+            if t.sigev_notify & procfs.SIGEV_THREAD_ID:
+                p.notify_thread_id = t.notify_pid
         tc.rlimits.rlimits.extend(pb.rlimit_entry(cur=c, max=m) for c, m in rlimits(pid))
         if ex and ex.sigactions:
             tc.sigactions.extend(pb.sa_entry(sigaction=h, flags=f, restorer=r, mask=m)

@@ -324,3 +324,36 @@ def parse_net_inodes(text: str, column: int) -> set[int]:
         if len(f) > column and f[column].isdigit():
             out.add(int(f[column]))
     return out
+
+
+# -- /proc/PID/timers (POSIX timers: identity, not values) --------------------------------
+SIGEV_KINDS = {"signal": 0, "none": 1, "thread": 2}
+SIGEV_THREAD_ID = 4
+
+
+@dataclasses.dataclass
+class PosixTimer:
+    it_id: int
+    signo: int
+    sival_ptr: int
+    sigev_notify: int        # SIGEV_* (SIGEV_THREAD_ID when aimed at one thread)
+    notify_pid: int
+    clock_id: int
+
+
+def parse_timers(text: str) -> list[PosixTimer]:
+    out, cur = [], {}
+    for line in text.splitlines() + ["ID: end"]:
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "ID" and cur:
+            signo, ptr = cur["signal"].split("/")
+            kind, _, who = cur["notify"].partition("/")
+            whom, _, pid = who.partition(".")
+            notify = SIGEV_KINDS.get(kind, 0) | (SIGEV_THREAD_ID if whom == "tid" else 0)
+            out.append(PosixTimer(int(cur["ID"]), int(signo), int(ptr, 16), notify,
+                                  int(pid or 0), int(cur["ClockID"])))
+            cur = {}
+        if key:
+            cur[key] = value
+    return out
