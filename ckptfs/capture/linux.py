@@ -12,11 +12,13 @@ A process is held as (pid, starttime): a pid reused by another process reads as 
 
 Fields procfs cannot show (CRIU gets them from its parasite) are read at freeze() by making
 each stopped thread execute system calls (ckptfs.inject): prctl(PR_GET_TID_ADDRESS),
-sigaltstack, rt_sigaction for the 62 signals, getitimer, prctl(PR_GET_SECUREBITS /
-PR_GET_DUMPABLE / PR_GET_PDEATHSIG / PR_GET_CHILD_SUBREAPER / PR_GET_THP_DISABLE). A running
-(unfrozen) tree is never injected into; there these fields keep CRIU's defaults:
-clear_tid_addr 0, itimers 0, handlers of caught signals 0 (ignored ones are SIG_IGN, from
-/proc status SigIgn), no sigaltstack, secbits 0, dumpable guessed from /proc ownership.
+sigaltstack, rt_sigaction for the 62 signals, getitimer, timer_gettime/timer_getoverrun for
+the POSIX timers /proc/PID/timers lists, prctl(PR_GET_SECUREBITS / PR_GET_DUMPABLE /
+PR_GET_PDEATHSIG / PR_GET_CHILD_SUBREAPER / PR_GET_THP_DISABLE); pending signals are peeked
+(PTRACE_PEEKSIGINFO). A running (unfrozen) tree is never injected into; there these fields
+keep CRIU's defaults: clear_tid_addr 0, itimers 0, no POSIX timers, no pending signals,
+handlers of caught signals 0 (ignored ones are SIG_IGN, from /proc status SigIgn), no
+sigaltstack, secbits 0, dumpable guessed from /proc ownership.
 A thread stopped by job control (SIGSTOP) is not injected into either (running injected
 calls would end its stop); `warnings` lists every field left at its default while frozen.
 """
@@ -25,11 +27,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import resource
-import threading
-import struct
-import time
 import ctypes
+import resource
+import struct
+import threading
+import time
 
 from .. import flags as lf
 from .. import inject, pb, ptrace, xsave
