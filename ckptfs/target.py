@@ -86,8 +86,11 @@ class Completion:
 
     restore(tree_dir, **restore_opts) -> object with .pids {old: new}; raises CkptError on
     failure. A result with a true `.dry_run` (a one-line summary) started nothing: the status
-    becomes `dry run: <summary>` and the job is not restored again automatically. None means ckptfs.restore.restore, imported when first needed. on_status is called
-    (job name, status) after every status change, outside the lock."""
+    becomes `dry run: <summary>` and the job is not restored again automatically. restore=None
+    means ckptfs.restore.restore, imported when first needed.
+
+    Each status change is also written to STATE_DIR/<job>.status; persisted state goes to
+    STATE_DIR/<job>.json (fsynced before a restore starts: a job restores at most once)."""
 
     def __init__(self, state_dir: str, *, auto: bool = True, restore=None,
                  restore_opts: dict | None = None, debounce: float = DEBOUNCE):
