@@ -47,6 +47,7 @@ import ctypes
 import errno
 import os
 import re
+import stat
 import threading
 import time
 from typing import Callable
@@ -577,17 +578,58 @@ def clock_for(pids: list[int], chunk_size: int = DEFAULT_CHUNK, **kw) -> ChunkCl
     return ChunkClock(trackers, chunk_size)
 
 
+class ContentStamps:
+    """mtimes for small state files that move only when their content does.
+
+    Every time the mount renders a file (for a stat, or the snapshot an open takes) its
+    xxh3 is compared with the last one seen for that path; a difference gives the path a new
+    stamp, strictly greater (whole seconds) than any it had. A copy records the stamp of its
+    stat and the bytes of its later open; if those bytes differed, the open already moved
+    the stamp; anything that changes after is seen by the next stat. So an unchanged stamp
+    means the copy holds the current bytes, and after a freeze only the files whose content
+    really changed (registers, the manifest) are sent again."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._now = clock
+        self._seen: dict[str, tuple[int, int]] = {}     # path -> (xxh3, stamp in s)
+        self._lock = threading.Lock()
+
+    def observe(self, path: str, content: bytes) -> int:
+        """The path's mtime in ns after seeing `content`."""
+        digest = xxhash.xxh3_64_intdigest(content)
+        with self._lock:
+            old = self._seen.get(path)
+            if old is None or old[0] != digest:
+                stamp = max(int(self._now()), old[1] + 1) if old else int(self._now())
+                old = self._seen[path] = (digest, stamp)
+            return old[1] * 10**9
+
+
 class ChunkClockMixin:
-    """Mixed in before fs.CheckpointFS (see `tracked_fs`): chunk mtimes from the clock, a
-    pass on every readdir of the root, and the tracking method in `status`."""
+    """Mixed in before fs.CheckpointFS (see `tracked_fs`): chunk mtimes from the clock, small
+    files' mtimes from their content, a pass on every readdir of the root, no kernel
+    attribute cache, and the tracking method in `status`."""
     clock: ChunkClock
+    contents: ContentStamps
 
     def getattr(self, path, fh=None):
         st = super().getattr(path, fh)
         key = chunk_key(path)
         if key is not None:
             st["st_mtime"] = self.clock.mtime(*key)
+        elif path not in NO_STAMP and not stat.S_ISDIR(st["st_mode"]):
+            node = self._handles[fh][0] if fh in self._handles else self._node(path)
+            content = getattr(node, "content", None)
+            if content is not None:
+                st["st_mtime"] = self.contents.observe(path, content())
         return st
+
+    def open(self, path, fi):
+        ret = super().open(path, fi)
+        snapshot = self._handles.get(fi.fh, (None, None))[1]
+        if snapshot is not None and path not in NO_STAMP:
+            self.contents.observe(path, snapshot)
+        return ret
 
     def readdir(self, path, fh):
         if path == "/":
@@ -599,6 +641,9 @@ class ChunkClockMixin:
         older mtime could equal the one a previous copy recorded (a lost write)."""
         if config is not None:
             config.attr_timeout = 0.0
+
+
+NO_STAMP = ("/ctl", "/status")      # the mount's own files keep the mount's stamp
 
 
 def tracked_fs(source, clock: ChunkClock, **kw):
@@ -615,5 +660,5 @@ def tracked_fs(source, clock: ChunkClock, **kw):
         word = state() if state else ("frozen" if source.frozen else "running")
         return f"{word}\ntracking: {clock.method}"
     ops = TrackedFS(source, status=status, **kw)
-    ops.clock = clock
+    ops.clock, ops.contents = clock, ContentStamps()
     return ops

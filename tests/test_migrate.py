@@ -1,0 +1,121 @@
+"""`ckptfs migrate` on real processes: rsync pre-copy into a real `ckptfs target`, locally and
+between two simulated hosts over ssh; the source thaws when the target never restores."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptfs import migrate
+from ckptfs.errors import CkptError
+from helpers import procs as P
+from test_dirty import build_workload
+
+CLI = [sys.executable, "-m", "ckptfs.cli"]
+TOTAL, WSET, WOFF = 64, 4, 16          # MiB: region, working set rewritten continuously, offset
+
+
+@pytest.fixture(scope="module")
+def wset_bin(tmp_path_factory):
+    return build_workload(tmp_path_factory.mktemp("wset"))
+
+
+def start_workload(procs, wset_bin, logdir: Path):
+    """The workload rewriting its working set; its answers go to logdir/stdout."""
+    p = procs.spawn([wset_bin, TOTAL, WSET, WOFF, "loop", "1000"], logdir=logdir)
+    P.wait_file(logdir / "stdout", None, proc=p)
+    return p, logdir / "stdout"
+
+
+def verify(pid: int, out: str, timeout: float = 10.0) -> str:
+    """Ask the (possibly restored) workload to check all its memory; its answer line."""
+    before = Path(out).read_text().count("\n")
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = Path(out).read_text().splitlines()
+        if len(lines) > before:
+            return lines[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} did not answer the memory check in {out}")
+
+
+def restored_pid(status: str) -> int:
+    assert status.startswith("restored pid="), status
+    return int(status.split("=", 1)[1])
+
+
+def test_dest_parsing():
+    assert migrate.Dest.parse("root@hostb:/in/job") == migrate.Dest("root@hostb", "/in/job")
+    assert migrate.Dest.parse("hostb:/in/job/") == migrate.Dest("hostb", "/in/job")
+    assert migrate.Dest.parse("/mnt/in/job") == migrate.Dest(None, "/mnt/in/job")
+    with pytest.raises(CkptError):
+        migrate.Dest.parse("hostb:/in/")
+        migrate.Dest.parse("hostb:/")
+
+
+def test_migrate_locally_with_shrinking_passes(wset_bin, procs, tmp_path, tmp_mount):
+    dst, store = tmp_path / "in", tmp_path / "store"
+    dst.mkdir()
+    tmp_mount([*CLI, "target", "-f", "--store", str(store), str(dst)], dst)
+    src, out = start_workload(procs, wset_bin, tmp_path / "wl")
+    result = migrate.migrate(src.pid, migrate.Dest(None, str(dst / "job")))
+    new = restored_pid(result.status)
+    procs.adopt(new)
+    assert result.tracking == "uffd-wp+pagemap-scan"
+    first, *rest = result.passes
+    assert first.bytes >= TOTAL << 20
+    # every later pass (pre-copy and final) carries about the working set, not the region
+    assert rest and all(p.bytes < (WSET + 4) << 20 for p in rest), result.passes
+    assert rest[-1].name == "final pass" and rest[-1].chunks <= WSET // 2 + 3
+    assert P.wait_gone(src.pid, 10)                       # the source was killed
+    assert verify(new, str(out)).startswith("ok round=")  # every page as it was, still running
+    assert 0 < result.downtime < result.total
+
+
+def test_failure_thaws_the_source(wset_bin, procs, tmp_path):
+    src, out = start_workload(procs, wset_bin, tmp_path / "wl")
+    plain = tmp_path / "nobody-restores-here" / "job"     # a plain directory: no target
+    plain.parent.mkdir()
+    with pytest.raises(CkptError, match="not restored"):
+        migrate.migrate(src.pid, migrate.Dest(None, str(plain)), max_passes=1,
+                        restore_timeout=1.0)
+    assert src.alive()
+    status = Path(f"/proc/{src.pid}/status").read_text()
+    assert "TracerPid:\t0" in status and "State:\tT" not in status
+    assert not [l for l in Path("/proc/self/mountinfo").read_text().splitlines()
+                if f"ckptfs-migrate-{src.pid}-" in l]     # the source mount is gone
+    assert verify(src.pid, str(out)).startswith("ok round=")
+    line1 = verify(src.pid, str(out))
+    time.sleep(0.05)
+    assert verify(src.pid, str(out)) != line1              # rounds go on: it runs
+
+
+@pytest.mark.two_hosts
+def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount, two_hosts):
+    a, b, disk = two_hosts.a, two_hosts.b, two_hosts.disk
+    dst, store = f"{disk}/in-{tmp_path.name}", f"{disk}/store-{tmp_path.name}"
+    os.makedirs(b.path(dst))
+    tmp_mount([*CLI, "target", "-f", "--store", store, dst], dst, runner=b, timeout=30)
+    logdir = tmp_path / "wl"
+    src = a.spawn([wset_bin, TOTAL, WSET, WOFF, "loop", "1000"], procs=procs, logdir=logdir)
+    out = logdir / "stdout"
+    P.wait_file(out, None, proc=src)
+    if not os.path.exists(b.path(str(out))):              # no shared /tmp: the log travels too
+        b.run(["mkdir", "-p", str(logdir)], check=True)
+        a.run(["rsync", "-a", "-e", a.ssh_cmd(), f"{logdir}/", f"{b.name}:{logdir}/"], check=True)
+    env = dict(os.environ, CKPTFS_RSH=a.ssh_cmd(), PYTHONPATH=str(Path(__file__).parents[1]))
+    r = a.run([sys.executable, "-m", "ckptfs.migrate", "run", str(src.pid),
+               f"{b.name}:{dst}/job"], env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    status = open(b.path(f"{dst}/job/status")).read().strip()
+    new = restored_pid(status)
+    procs.adopt(new)
+    assert "pass 2:" in r.stderr and "downtime" in r.stderr, r.stderr
+    assert P.wait_gone(src.pid, 10)
+    assert verify(new, b.path(str(out))).startswith("ok round=")
