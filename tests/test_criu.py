@@ -195,6 +195,7 @@ def test_export_restore_rules(exported):
     assert all(c.thread_core.HasField("creds") for c in cores.values())
     files = {f.id for f in criu.read_image(out / "files.img")[1]}
     assert files == {1, 2, 3, 4, 5, 6}
+    assert criu.problems(out) == []
 
 
 @needs_crit
@@ -442,6 +443,7 @@ def test_live_export(name, zdtm_bin, procs, tmp_path, crit_fields):
         src.close()
     # the process did not notice
     assert zdtm.check(run.pid, run.result, proc=run.proc) == "PASS"
+    assert criu.problems(out) == []
 
     differ = []
     for path, (_, again) in crit_round_trips(pb_images(out), tmp_path).items():
@@ -566,3 +568,32 @@ def test_framing_round_trip_property(tmp_path_factory, pipes, tasks):
     kind, got, _ = criu.read_image(d / "pstree.img")
     assert got == ps
     assert criu.image_bytes(kind, got) == (d / "pstree.img").read_bytes()
+
+
+def _corrupt(out, tmp_path, name, change):
+    for n in os.listdir(out):
+        if n != name:
+            os.link(out / n, tmp_path / n)
+    kind, msgs, extras = criu.read_image(out / name)
+    change(msgs)
+    criu.write_image(tmp_path / name, kind, msgs, extras)
+    return criu.problems(tmp_path)
+
+
+@pytest.mark.parametrize("name,change,want", [
+    ("core-102.img", lambda m: m[0].thread_core.ClearField("creds"), "core-102.img: no thread_core.creds"),
+    ("core-100.img", lambda m: m[0].tc.sigactions.pop(), "core-100.img: 61 sigactions, want 62"),
+    ("core-101.img", lambda m: setattr(m[0].thread_core, "cg_set", 5), "cg_set 5"),
+    ("ids-100.img", lambda m: setattr(m[0], "files_id", 1), "files_id 1 equals root_ids.files_id"),
+    ("ids-100.img", lambda m: setattr(m[0], "net_ns_id", 42), "own net namespace 42"),
+    ("fdinfo-3.img", lambda m: setattr(m[0], "id", 99), "no entry 99 for task 101 fd 0"),
+    ("pagemap-101.img", lambda m: setattr(m[1], "nr_pages", 3), "pages-2.img: 8192 bytes, pagemap wants 12288"),
+    ("pagemap-100.img", lambda m: setattr(m[1], "vaddr", 0x1000), "entry 0x1000+1 pages is outside every VMA"),
+    ("mm-101.img", lambda m: m[0].vmas.reverse(), "mm-101.img: VMAs not in ascending order"),
+])
+def test_check_finds_what_restore_refuses(exported, tmp_path, name, change, want):
+    _, out = exported
+    found = _corrupt(out, tmp_path, name, change)
+    assert any(want in p for p in found), found
+    with pytest.raises(BadImage, match="not restorable"):
+        criu.check(tmp_path)
