@@ -597,3 +597,18 @@ def test_check_finds_what_restore_refuses(exported, tmp_path, name, change, want
     assert any(want in p for p in found), found
     with pytest.raises(BadImage, match="not restorable"):
         criu.check(tmp_path)
+
+
+def test_zombie_keeps_only_its_core(tmp_path):
+    src = FakeSource()
+    src._pstree.append(pb.pstree_entry(pid=103, ppid=100, pgid=100, sid=100, threads=[103]))
+    zombie = pb.core_entry(mtype=pb.core_entry.X86_64)
+    zombie.tc.CopyFrom(src.core(101).tc)
+    zombie.tc.task_state, zombie.tc.exit_code = 2, 7
+    src._cores[103] = zombie       # src.ids/mm/fs(103) would raise KeyError: must not be asked
+    criu.export(src, tmp_path)
+    assert [n for n in os.listdir(tmp_path) if "103" in n] == ["core-103.img"]
+    assert criu.read_image(tmp_path / "core-103.img")[1][0].tc.exit_code == 7
+    assert criu.problems(tmp_path) == []
+    if os.path.exists(CRIT):
+        assert "103" in crit("x", tmp_path, "ps").decode()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BadImage, CkptError
-from ..flags import SIGACTION_SIGNALS, VMA_STATUS
+from ..flags import SIGACTION_SIGNALS, TASK_STATES, VMA_STATUS
 from ..model import PAGE_SIZE
 from .source import ImageSource, entry_flags, entry_pages
 from .framing import PE_PRESENT
@@ -20,6 +20,12 @@ KOBJ_IDS = ("vm_id", "files_id", "fs_id", "sighand_id")
 NS_IMAGES = {"uts": "utsns-{}.img"}
 FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
 NOT_FILE_MAP = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_SYSVIPC"]
+
+
+def live_pids(img: ImageSource) -> list[int]:
+    """Tasks that are not zombies (a zombie has only its core image)."""
+    return [pid for pid in img.pids()
+            if img.core(pid).tc.task_state != TASK_STATES["dead"]]
 
 
 def _inventory(img: ImageSource):
@@ -44,9 +50,12 @@ def _inventory(img: ImageSource):
 
 
 def _cores(img: ImageSource):
+    live = set(live_pids(img))
     for pid, threads in img.tasks():
         if pid not in threads:
             yield f"pstree.img: task {pid} is not among its own threads {threads}"
+        if pid not in live:
+            continue
         for tid in threads:
             core = img.core(tid)
             name = f"core-{tid}.img"
@@ -68,7 +77,7 @@ def _tc(tc, name):
 
 
 def _files(img: ImageSource):
-    for pid in img.pids():
+    for pid in live_pids(img):
         mm, fs = img.mm(pid), img.fs(pid)
         refs = [("mm exe_file_id", mm.exe_file_id), ("fs cwd_id", fs.cwd_id),
                 ("fs root_id", fs.root_id)]
@@ -83,7 +92,7 @@ def _files(img: ImageSource):
 
 
 def _memory(img: ImageSource):
-    for pid in img.pids():
+    for pid in live_pids(img):
         vmas = img.mm(pid).vmas
         if [v.start for v in vmas] != sorted(v.start for v in vmas):
             yield f"mm-{pid}.img: VMAs not in ascending order"

@@ -12,7 +12,7 @@ import os
 
 from .. import pb
 from ..errors import BadImage, CkptError
-from ..flags import SIGACTION_SIGNALS, VMA_STATUS
+from ..flags import SIGACTION_SIGNALS, TASK_STATES, VMA_STATUS
 from ..model import PAGE_SIZE
 from .framing import PE_PRESENT, write_image
 
@@ -63,9 +63,16 @@ class _Export:
             raise BadImage("the source has no processes", path=self.path("pstree.img"),
                            step="export")
         self.root = self.pstree[0].pid
-        self.ids = {e.pid: source.ids(e.pid) for e in self.pstree}
-        self.mms = {e.pid: self.mm(e.pid) for e in self.pstree}
-        self.fss = {e.pid: source.fs(e.pid) for e in self.pstree}
+        # A zombie keeps only its core (task_state DEAD, exit_code): it has no memory, files
+        # or kernel objects, and CRIU writes nothing else for it.
+        self.zombies = {e.pid for e in self.pstree if _is_zombie(source.core(e.pid))}
+        if self.root in self.zombies:
+            raise BadImage(f"the root task {self.root} is a zombie", path=self.path("pstree.img"),
+                           step="export")
+        live = [e.pid for e in self.pstree if e.pid not in self.zombies]
+        self.ids = {pid: source.ids(pid) for pid in live}      # every live task, tree order
+        self.mms = {pid: self.mm(pid) for pid in live}
+        self.fss = {pid: source.fs(pid) for pid in live}
         self.iso = source.isolation()
 
     def path(self, name: str) -> str:
@@ -100,6 +107,9 @@ class _Export:
     def cores(self) -> dict:
         out = {}
         for e in self.pstree:
+            if e.pid in self.zombies:
+                out[e.pid] = self.src.core(e.pid)
+                continue
             for tid in e.threads:
                 out[tid] = self.core(e.pid, tid)
         return out
@@ -290,6 +300,10 @@ class _Export:
                 raise BadImage(f"pid {pid}: read {len(data)} of {size} bytes at {addr:#x}",
                                path=where, step="export")
             out.write(data)
+
+
+def _is_zombie(core) -> bool:
+    return core.HasField("tc") and core.tc.task_state == TASK_STATES["dead"]
 
 
 def root_pstree(pstree) -> list:
