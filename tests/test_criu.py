@@ -293,7 +293,8 @@ def test_shared_memory_goes_to_shmem_pagemap(exported):
 
 def test_memory_streams_in_chunks(exported):
     src, _ = exported
-    assert 0 < src.max_read <= criu.export.__globals__["COPY_CHUNK"]
+    from ckptfs.criu.memory import COPY_CHUNK
+    assert 0 < src.max_read <= COPY_CHUNK
 
 
 # -- ImageSource --------------------------------------------------------------------------

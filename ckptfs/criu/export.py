@@ -13,8 +13,9 @@ import os
 from .. import pb
 from ..errors import BadImage, CkptError
 from ..flags import SIGACTION_SIGNALS, TASK_STATES, VMA_STATUS
-from ..model import PAGE_SIZE
-from .framing import PE_PRESENT, write_image
+from . import memory
+from .framing import write_image
+from .memory import SHMEM
 
 KOBJ_IDS = ("vm_id", "files_id", "fs_id", "sighand_id")
 NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
@@ -24,10 +25,6 @@ NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 EXPORTED_OWN_NS = ("uts",)
 FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
 NOT_FILE_MAP = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_SYSVIPC"]
-# Shared memory objects: their pages go to pagemap-shmem-<shmid>.img (vaddr = offset in the
-# object), once per object however many tasks map it.
-SHMEM = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_MEMFD"]
-COPY_CHUNK = 1 << 20        # bytes of memory held at once while writing pages
 REMAP_GHOST = 1 << 31       # remap_id bit: the id names a ghost file, not a file entry
 
 # Fields newer than crit/CRIU 3.17 that CRIU 4.2 reads as "nothing special" when absent. Left
@@ -93,11 +90,7 @@ class _Export:
             self.img(f"fs-{pid}.img", "FS", [self.fss[pid]])
         files = self.files(self.fdinfos())
         self.img("files.img", "FILES", [files[i] for i in sorted(files)])
-        shmem: dict[int, dict] = {}
-        for pages_id, pid in enumerate(self.ids, start=1):
-            self.memory(pid, pages_id, shmem)
-        for pages_id, shmid in enumerate(sorted(shmem), start=len(self.ids) + 1):
-            self.shmem(shmid, shmem[shmid], pages_id)
+        memory.write_all(self.src, self.out, self.mms, self.img)
         self.pipes(files)
         self.ghosts(files)
         self.utsns()
@@ -251,56 +244,6 @@ class _Export:
                              domainname=self.iso.domainname or "(none)")
         self.img(f"utsns-{task.uts_ns_id}.img", "UTSNS", [uts])
 
-    # -- memory ---------------------------------------------------------------------------
-    def memory(self, pid: int, pages_id: int, shmem: dict) -> None:
-        """pagemap-<pid>.img and pages-<pages_id>.img, the data streamed chunk by chunk.
-        Pages of shared objects are collected in `shmem` (shmid -> {offset: (pid, addr)})."""
-        runs = []
-        for vma in self.mms[pid].vmas:
-            for r in sorted(self.src.page_ranges(pid, vma), key=lambda r: r.start):
-                _check_range(r, vma, self.path(f"pagemap-{pid}.img"))
-                if vma.status & SHMEM:
-                    pages = shmem.setdefault(vma.shmid, {})
-                    for addr in range(r.start, r.end, PAGE_SIZE):
-                        pages.setdefault(vma.pgoff + addr - vma.start, (pid, addr))
-                else:
-                    runs.append((r.start, pid, r.start, r.nr_pages))
-        self.pagemap(f"pagemap-{pid}.img", pages_id, runs)
-
-    def shmem(self, shmid: int, pages: dict, pages_id: int) -> None:
-        """pagemap-shmem-<shmid>.img: runs of object offsets whose source pages are adjacent."""
-        runs = []
-        for off in sorted(pages):
-            pid, addr = pages[off]
-            last = runs[-1] if runs else None
-            if last and last[0] + last[3] * PAGE_SIZE == off and last[1] == pid \
-                    and last[2] + last[3] * PAGE_SIZE == addr:
-                runs[-1] = (last[0], pid, last[2], last[3] + 1)
-            else:
-                runs.append((off, pid, addr, 1))
-        self.pagemap(f"pagemap-shmem-{shmid}.img", pages_id, runs)
-
-    def pagemap(self, name: str, pages_id: int, runs) -> None:
-        """Write a pagemap and its pages file; runs are (vaddr, pid, source addr, pages)."""
-        entries = [pb.pagemap_head(pages_id=pages_id)]
-        pages_path = self.path(f"pages-{pages_id}.img")
-        with open(pages_path + ".tmp", "wb") as pages:
-            for vaddr, pid, addr, n in runs:
-                entries.append(pb.pagemap_entry(vaddr=vaddr, compat_nr_pages=n,
-                                                flags=PE_PRESENT, nr_pages=n))
-                self.copy(pid, addr, addr + n * PAGE_SIZE, pages, pages_path)
-        os.replace(pages_path + ".tmp", pages_path)
-        self.img(name, "PAGEMAP", entries)
-
-    def copy(self, pid, start, end, out, where) -> None:
-        for addr in range(start, end, COPY_CHUNK):
-            size = min(COPY_CHUNK, end - addr)
-            data = self.src.read_memory(pid, addr, size)
-            if len(data) != size:
-                raise BadImage(f"pid {pid}: read {len(data)} of {size} bytes at {addr:#x}",
-                               path=where, step="export")
-            out.write(data)
-
 
 def _is_zombie(core) -> bool:
     return core.HasField("tc") and core.tc.task_state == TASK_STATES["dead"]
@@ -387,9 +330,3 @@ def _nested_file_ids(f) -> list[int]:
         if f.HasField(sub) and getattr(f, sub).HasField("regf_id"):
             refs.append(getattr(f, sub).regf_id)
     return refs
-
-
-def _check_range(r, vma, where) -> None:
-    if r.start % PAGE_SIZE or r.end % PAGE_SIZE or not vma.start <= r.start < r.end <= vma.end:
-        raise BadImage(f"page range {r.start:#x}-{r.end:#x} outside or misaligned in VMA "
-                       f"{vma.start:#x}-{vma.end:#x}", path=where, step="export")
