@@ -98,6 +98,14 @@ class Source:
         """Bytes queued in a pipe (empty if none)."""
         raise NotImplementedError
 
+    def file_deleted(self, file_id: int) -> bool:
+        """A regular file unlinked while open: only the process still reaches it."""
+        return False
+
+    def file_contents(self, file_id: int) -> bytes:
+        """The whole contents of a deleted file (CRIU's ghost file)."""
+        raise NotImplementedError
+
     def page_ranges(self, pid: int, vma) -> list[PageRange]:
         """Ranges of `vma` whose contents must be saved (CRIU's rule: private anon or COWed
         pages, shared-anon pages; never vvar/vsyscall; the vDSO whole)."""

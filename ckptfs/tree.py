@@ -341,6 +341,8 @@ class Renderer:
         return _Ctx(ps=ps, core=src.core(pid), mm=mm, fs=fs, names=names)
 
     def task_entries(self, pid: int) -> dict[str, Node]:
+        if self.source.core(pid).tc.task_state in DEAD_STATES:
+            return self.zombie_entries(pid)
         files: dict[str, Node] = {}
         for name, dotted, codec in TASK_FIELDS:
             files[name] = self._field_node(lambda: self._task_ctx(pid), dotted, codec)
@@ -353,7 +355,15 @@ class Renderer:
                                       for t in self.source.threads(pid)})
         top["maps"] = self.dir(lambda: self.map_entries(pid))
         top["fds"] = self.dir(lambda: self.fd_entries(pid))
+        top["timers"] = self.dir(lambda: _dir_from_paths(timer_files(self.source.core(pid).tc)).entries())
+        top["pending"] = self.dir(lambda: pending_files(self.source.core(pid).tc.signals_s))
         return top
+
+    def zombie_entries(self, pid: int) -> dict[str, Node]:
+        """A zombie is only its identity and exit status: no memory, files or threads."""
+        ctx = _Ctx(ps=next(e for e in self.source.pstree() if e.pid == pid), core=self.source.core(pid))
+        return {name: File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
+                for name, dotted, codec in TASK_FIELDS if name in ZOMBIE_FILES}
 
     def _field_node(self, ctx_fn, dotted: str, codec: Codec) -> Node | None:
         """A file for a field; None (no file) if the field is an unset optional."""
@@ -400,6 +410,7 @@ class Renderer:
                 files[name] = node
         files["fpu"] = File(lambda: _fpu_bytes(self.source.core(tid)), mode=0o600)
         entries = _dir_from_paths(files).entries()
+        entries["pending"] = self.dir(lambda: pending_files(self.source.core(tid).thread_core.signals_p))
         entries["regs"].mode = 0o700
         for node in entries["regs"].entries().values():
             node.mode = 0o600
@@ -497,6 +508,9 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
             out["mode"] = f"0{r.mode:o}"
         if r.HasField("size"):
             out["size"] = r.size
+        if src.file_deleted(fdi.id):
+            out["deleted"] = 1
+            out["contents"] = src.file_contents(fdi.id)
         return out
     out["type"] = FD_TYPE_WORDS.get(tname, "other")
     if tname in ("PIPE", "FIFO") and sub is not None:
@@ -543,6 +557,49 @@ def render_isolation(iso: Isolation) -> dict[str, Node]:
     for rel, content in render_extra(iso).items():
         files[rel] = File(lambda c=content: c.encode())
     return files
+
+
+# -- timers and pending signals ------------------------------------------------------------------
+DEAD_STATES = (F.TASK_STATES["dead"], F.TASK_STATES["zombie"])
+ZOMBIE_FILES = ("comm", "ppid", "pgid", "sid", "state", "exit_code")
+SIGEV = {"SIGEV_SIGNAL": 0, "SIGEV_NONE": 1, "SIGEV_THREAD": 2, "SIGEV_THREAD_ID": 4}
+CLOCKS = {"CLOCK_REALTIME": 0, "CLOCK_MONOTONIC": 1, "CLOCK_PROCESS_CPUTIME_ID": 2,
+          "CLOCK_THREAD_CPUTIME_ID": 3, "CLOCK_BOOTTIME": 7, "CLOCK_REALTIME_ALARM": 8,
+          "CLOCK_BOOTTIME_ALARM": 9, "CLOCK_TAI": 11}
+USEC = Codec(lambda v: f"{v[0]}.{v[1]:06d}", lambda t: [int(x) for x in (t.strip() + ".0").split(".")[:2]])
+NSEC = Codec(lambda v: f"{v[0]}.{v[1]:09d}", lambda t: [int(x) for x in (t.strip() + ".0").split(".")[:2]])
+ITIMERS = ("real", "virt", "prof")
+# posix_timer_entry: file -> (field, codec); interval/value are pairs of fields
+POSIX_FIELDS = [("clock", "clock_id", names(CLOCKS)), ("signal", "si_signo", names(F.SIGNALS)),
+                ("notify", "it_sigev_notify", names(SIGEV)), ("sival", "sival_ptr", HEX),
+                ("overrun", "overrun", DEC), ("notify_thread", "notify_thread_id", DEC)]
+
+
+def _text(codec: Codec, value) -> File:
+    return File(lambda: encode(codec, value))
+
+
+def timer_files(tc) -> dict[str, Node]:
+    """timers/{real,virt,prof}/{interval,value} (only armed ones) and timers/posix/<id>/..."""
+    files: dict[str, Node] = {}
+    for kind in ITIMERS:
+        it = getattr(tc.timers, kind)
+        if it.isec or it.iusec or it.vsec or it.vusec:
+            files[f"{kind}/interval"] = _text(USEC, (it.isec, it.iusec))
+            files[f"{kind}/value"] = _text(USEC, (it.vsec, it.vusec))
+    for pt in tc.timers.posix:
+        base = f"posix/{pt.it_id}/"
+        for name, field, codec in POSIX_FIELDS:
+            if field != "notify_thread_id" or pt.HasField(field):
+                files[base + name] = _text(codec, getattr(pt, field))
+        files[base + "interval"] = _text(NSEC, (pt.isec, pt.insec))
+        files[base + "value"] = _text(NSEC, (pt.vsec, pt.vnsec))
+    return files
+
+
+def pending_files(queue) -> dict[str, Node]:
+    """pending/<n>: each queued signal as its raw 128-byte siginfo, in queue order."""
+    return {str(i): File(lambda b=e.siginfo: bytes(b)) for i, e in enumerate(queue.signals)}
 
 
 # -- walking and writing ---------------------------------------------------------------------
@@ -635,6 +692,7 @@ class TreeSource(Source):
         self._files: dict[int, object] = {}
         self._file_ids: dict[tuple, int] = {}
         self._pipes: dict[int, bytes] = {}
+        self._ghosts: dict[int, str] = {}   # file id of a deleted file -> its contents file
         self._lock = threading.Lock()
         self._tasks = {pid: self._load_task(pid) for pid in self._task_pids()}
         self._pstree = self._order_pstree()
@@ -692,15 +750,17 @@ class TreeSource(Source):
         base = f"tasks/{pid}"
         ctx = _Ctx(ps=pb.pstree_entry(pid=pid), core=pb.core_entry(mtype=pb.march.Value("X86_64")),
                    mm=pb.mm_entry(), fs=pb.fs_entry(), names={})
+        state = self._read(f"{base}/state", names(F.TASK_STATES))
+        if state in DEAD_STATES:
+            return self._load_zombie(ctx, base)
         self._fill(ctx, base, TASK_FIELDS)
         ctx.core.tc.rlimits.SetInParent()
         for name in F.RLIMITS:
             cur, mx = self._read(f"{base}/rlimits/{name}", RLIMIT)
             ctx.core.tc.rlimits.rlimits.add(cur=cur, max=mx)
         self._load_sigactions(ctx.core.tc, f"{base}/sigactions")
-        ctx.core.tc.timers.SetInParent()
-        for t in ("real", "virt", "prof"):
-            getattr(ctx.core.tc.timers, t).SetInParent()
+        self._load_timers(ctx.core.tc.timers, f"{base}/timers")
+        self._load_pending(ctx.core.tc.signals_s, f"{base}/pending")
         ctx.mm.exe_file_id = self._reg_id(ctx.names["exe"])
         ctx.fs.cwd_id = self._reg_id(ctx.names["cwd"])
         ctx.fs.root_id = self._reg_id(ctx.names["root"])
@@ -709,6 +769,43 @@ class TreeSource(Source):
         ctx.vmas = self._load_maps(pid, ctx.mm)
         ctx.fdinfo = self._load_fds(pid)
         return ctx
+
+    def _load_zombie(self, ctx: _Ctx, base: str) -> _Ctx:
+        for name, dotted, codec in TASK_FIELDS:
+            if name in ZOMBIE_FILES:
+                set_path(ctx, dotted, self._read(f"{base}/{name}", codec))
+        tc = ctx.core.tc
+        tc.personality, tc.flags, tc.blk_sigset = 0, 0, 0
+        ctx.ps.threads.append(ctx.ps.pid)
+        ctx.threads, ctx.vmas, ctx.fdinfo = {ctx.ps.pid: ctx.core}, [], []
+        return ctx
+
+    def _load_timers(self, timers, base: str) -> None:
+        for kind in ITIMERS:
+            it = getattr(timers, kind)
+            it.isec = it.iusec = it.vsec = it.vusec = 0
+            if self._exists(f"{base}/{kind}"):
+                it.isec, it.iusec = self._read(f"{base}/{kind}/interval", USEC)
+                it.vsec, it.vusec = self._read(f"{base}/{kind}/value", USEC)
+        posix = self._p(f"{base}/posix")
+        for name in sorted(os.listdir(posix), key=_int_or_name) if os.path.isdir(posix) else []:
+            tb = f"{base}/posix/{name}"
+            if not name.isdigit():
+                raise BadTree(f"timer id {name!r} is not a number", path=self._p(tb))
+            pt = timers.posix.add(it_id=int(name))
+            for fname, field, codec in POSIX_FIELDS:
+                if fname != "notify_thread" or self._exists(f"{tb}/{fname}"):
+                    setattr(pt, field, self._read(f"{tb}/{fname}", codec))
+            pt.isec, pt.insec = self._read(f"{tb}/interval", NSEC)
+            pt.vsec, pt.vnsec = self._read(f"{tb}/value", NSEC)
+
+    def _load_pending(self, queue, base: str) -> None:
+        path = self._p(base)
+        for name in sorted(os.listdir(path), key=_int_or_name) if os.path.isdir(path) else []:
+            data = self._read(f"{base}/{name}", BLOB)
+            if len(data) != 128:
+                raise BadTree(f"siginfo is {len(data)} bytes, not 128", path=self._p(base, name))
+            queue.signals.add(siginfo=data)
 
     def _fill(self, ctx, base: str, table) -> None:
         for name, dotted, codec in table:
@@ -752,6 +849,7 @@ class TreeSource(Source):
                 core.thread_core.creds.CopyFrom(task.core.thread_core.creds)
             ctx = _Ctx(core=core, sigmask=0)
             self._fill(ctx, f"{base}/{tid}", THREAD_FIELDS)
+            self._load_pending(core.thread_core.signals_p, f"{base}/{tid}/pending")
             core.thread_info.gpregs.mode = pb.user_x86_regs_mode.Value("NATIVE")
             if tid == pid:
                 core.tc.blk_sigset = ctx.sigmask
@@ -812,6 +910,10 @@ class TreeSource(Source):
             fdi.id = self._reg_id(self._read(f"{base}/path", STR), flags, self._read(f"{base}/pos", DEC),
                                   key=("fd", pid, fd), mode=mode, size=size)
             fdi.type = pb.fd_types.Value("REG")
+            if self._exists(f"{base}/deleted") and self._read(f"{base}/deleted", DEC):
+                self._ghosts[fdi.id] = self._p(f"{base}/contents")
+                if not self._exists(f"{base}/contents"):
+                    raise BadTree("a deleted file needs its contents", path=self._ghosts[fdi.id])
         elif word in ("pipe", "fifo"):
             pipe_id = self._read(f"{base}/pipe_id", DEC)
             if self._exists(f"{base}/data"):
@@ -903,6 +1005,13 @@ class TreeSource(Source):
     def pipe_data(self, pipe_id: int) -> bytes:
         return self._pipes.get(pipe_id, b"")
 
+    def file_deleted(self, file_id: int) -> bool:
+        return file_id in self._ghosts
+
+    def file_contents(self, file_id: int) -> bytes:
+        with open(self._ghosts[file_id], "rb") as f:
+            return f.read()
+
     def unsupported(self) -> list[tuple[str, str]]:
         """(fd directory, type) of descriptors restore cannot handle."""
         return list(getattr(self, "_unsupported", []))
@@ -978,6 +1087,10 @@ class TreeSource(Source):
             return sorted(os.listdir(path)) if os.path.isdir(path) else []
         iso.net, iso.mounts = parse_extra(read, listdir)
         return iso
+
+
+def _int_or_name(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 _OCTMODE = Codec(lambda v: f"0{v:o}", _int(8))
