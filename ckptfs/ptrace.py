@@ -23,6 +23,9 @@ from .flags import GP_REGS
 
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
@@ -70,6 +73,11 @@ def _call(request: int, tid: int, addr: int = 0, data: int = 0, *, step: str) ->
                           path=f"/proc/{tid}") from None
 
 
+def request(req: int, tid: int, addr: int = 0, data: int = 0, *, step: str) -> int:
+    """Any other ptrace request, with this module's error handling (errno kept, step named)."""
+    return _call(req, tid, addr, data, step=step)
+
+
 def seize(tid: int, options: int = 0) -> None:
     """Attach without stopping: invisible to the tracee's parent and job control."""
     _call(PTRACE_SEIZE, tid, 0, options, step="PTRACE_SEIZE")
@@ -81,6 +89,24 @@ def interrupt(tid: int) -> None:
 
 def cont(tid: int, sig: int = 0) -> None:
     _call(PTRACE_CONT, tid, 0, sig, step="PTRACE_CONT")
+
+
+def syscall_step(tid: int, sig: int = 0) -> None:
+    """Resume until the next system-call entry or exit (PTRACE_SYSCALL)."""
+    _call(PTRACE_SYSCALL, tid, 0, sig, step="PTRACE_SYSCALL")
+
+
+def get_siginfo(tid: int) -> bytes:
+    """The 128-byte siginfo of the signal that caused the current stop."""
+    buf = ctypes.create_string_buffer(128)
+    _call(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf), step="PTRACE_GETSIGINFO")
+    return buf.raw
+
+
+def get_event_msg(tid: int) -> int:
+    msg = ctypes.c_ulong()
+    _call(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg), step="PTRACE_GETEVENTMSG")
+    return msg.value
 
 
 def listen(tid: int) -> None:
