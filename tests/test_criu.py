@@ -613,3 +613,12 @@ def test_zombie_keeps_only_its_core(tmp_path):
     assert criu.problems(tmp_path) == []
     if os.path.exists(CRIT):
         assert "103" in crit("x", tmp_path, "ps").decode()
+
+
+def test_export_refuses_running_source(tmp_path):
+    from ckptfs.errors import NotStopped
+    src = FakeSource()
+    src.frozen = False
+    with pytest.raises(NotStopped, match="freeze it first"):
+        criu.export(src, tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")

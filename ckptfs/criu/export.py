@@ -11,7 +11,7 @@ import errno
 import os
 
 from .. import pb
-from ..errors import BadImage, CkptError
+from ..errors import BadImage, CkptError, NotStopped
 from ..flags import SIGACTION_SIGNALS, TASK_STATES, VMA_STATUS
 from . import memory
 from .framing import write_image
@@ -41,9 +41,12 @@ NEUTRAL_4X = [
 
 
 def export(source, out_dir) -> None:
-    """Write every image of `source` into `out_dir` (created if needed). A directory that
+    """Write every image of `source` (frozen) into `out_dir` (created if needed). A directory that
     already holds images is refused: restore would also read stale ones (a leftover
     remap-fpath.img or cgroup.img changes what it does)."""
+    if not getattr(source, "frozen", True):
+        raise NotStopped("a running source would give images of no single moment: freeze it "
+                         "first", path=str(out_dir), step="export")
     os.makedirs(out_dir, exist_ok=True)
     stale = sorted(n for n in os.listdir(out_dir) if n.endswith(".img"))
     if stale:
