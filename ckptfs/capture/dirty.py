@@ -629,7 +629,39 @@ class ChunkClockMixin:
         snapshot = self._handles.get(fi.fh, (None, None))[1]
         if snapshot is not None and path not in NO_STAMP:
             self.contents.observe(path, snapshot)
+        key = chunk_key(path)
+        if key is not None:
+            self.sums.opened(fi.fh, path, self.clock.mtime(*key))
         return ret
+
+    def read_into(self, buf_addr, size, offset, fi):
+        n = super().read_into(buf_addr, size, offset, fi)
+        self.sums.data(fi.fh, offset, buf_addr, n)
+        return n
+
+    def release(self, path, fi):
+        node = self._handles.get(fi.fh, (None, None))[0]
+        self.sums.released(fi.fh, getattr(node, "length", -1))
+        return super().release(path, fi)
+
+    def changed(self):
+        """After a freeze, one more pass: writes up to the freeze get their stamps before
+        anything (the manifest's checksums) relies on them."""
+        super().changed()
+        if self.source.frozen:
+            self.clock.new_pass()
+
+    def _manifest_bytes(self):
+        if not self.source.frozen:
+            return super()._manifest_bytes()
+        cached = self._manifest
+        if cached and cached[0] == self.stamp:
+            return cached[1]
+        from .. import tree
+        files = self.sums.checksummed(self.root, self.clock)
+        data = tree.manifest_bytes(self.source, self.source.pids()[0], self.chunk_size, files)
+        self._manifest = (self.stamp, data)
+        return data
 
     def readdir(self, path, fh):
         if path == "/":
@@ -646,6 +678,61 @@ class ChunkClockMixin:
 NO_STAMP = ("/ctl", "/status")      # the mount's own files keep the mount's stamp
 
 
+class ChunkSums:
+    """xxh3 of chunk files, taken while a copy tool reads them whole and in order, and reused
+    by the frozen manifest when the chunk's stamp has not moved since the read was opened.
+
+    Why that is exact: the stamp seen at open came from a pass before the open, so the bytes
+    read include every write before that pass; any write after it is found by a later pass
+    (the mount makes one right after the freeze) and moves the stamp. Same stamp after the
+    freeze = no write since = the bytes read are the bytes now. Saves hashing all of memory
+    while the process is frozen (about 0.4 s per GiB)."""
+
+    def __init__(self):
+        self._open: dict[int, list] = {}         # fh -> [path, stamp, hasher, next offset]
+        self._done: dict[str, tuple[int, int, str]] = {}   # path -> (stamp, size, hex)
+        self._lock = threading.Lock()
+
+    def opened(self, fh: int, path: str, stamp: int) -> None:
+        with self._lock:
+            self._open[fh] = [path, stamp, xxhash.xxh3_64(), 0]
+
+    def data(self, fh: int, offset: int, addr: int, n: int) -> None:
+        with self._lock:
+            st = self._open.get(fh)
+            if st is not None and offset != st[3]:
+                del self._open[fh]               # not one sequential read: no checksum
+                return
+        if st is not None:                      # one reader per handle: no lock needed
+            st[2].update(ctypes.string_at(addr, n))
+            st[3] += n
+
+    def released(self, fh: int, length: int) -> None:
+        with self._lock:
+            st = self._open.pop(fh, None)
+            if st is not None and st[3] == length:
+                self._done[st[0]] = (st[1], length, st[2].hexdigest())
+
+    def checksummed(self, top, clock: ChunkClock) -> dict[str, tuple[int, str]]:
+        """tree.checksummed_files(top), with chunks whose stamp did not move taken from here."""
+        from .. import tree
+        out = {}
+        for path, node in tree.walk(top):
+            if isinstance(node, tree.Dir) or path in tree.CTL_FILES or path == "manifest":
+                continue
+            key = chunk_key("/" + path)
+            hit = self._done.get("/" + path) if key else None
+            if hit and hit[0] == clock.mtime(*key) and hit[1] == node.size():
+                out[path] = hit[1:]
+                continue
+            h, size = xxhash.xxh3_64(), 0
+            for piece in tree._pieces(node):
+                h.update(piece)
+                size += len(piece)
+            out[path] = (size, h.hexdigest())
+        return out
+
+
 def tracked_fs(source, clock: ChunkClock, **kw):
     """A CheckpointFS whose chunk mtimes follow `clock`; `status` reads e.g.
     "running\\ntracking: uffd-wp+pagemap-scan"."""
@@ -660,5 +747,5 @@ def tracked_fs(source, clock: ChunkClock, **kw):
         word = state() if state else ("frozen" if source.frozen else "running")
         return f"{word}\ntracking: {clock.method}"
     ops = TrackedFS(source, status=status, **kw)
-    ops.clock, ops.contents = clock, ContentStamps()
+    ops.clock, ops.contents, ops.sums = clock, ContentStamps(), ChunkSums()
     return ops

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Stop-and-copy against pre-copy migration of one busy process, in the same run.
+
+The workload holds SIZE MiB (default 1024), every page touched, and rewrites a WSET MiB
+working set (default 16) continuously. Each way moves it into a `ckptfs target` on this
+machine through `ckptfs migrate` (rsync into the target's FUSE mount), and the restored
+process then checks all of its memory:
+  (a) stop-and-copy: freeze, one rsync pass of everything, restore (migrate with 0 pre-copy
+      passes);
+  (b) pre-copy: rsync passes while it runs until they stop shrinking, freeze, final pass.
+Figures: downtime (freeze until the target says `restored`), total time, bytes per pass and
+in the final pass. Goal: (b)'s downtime <= 0.2 x (a)'s and under 250 ms.
+
+Usage: .venv/bin/python tools/bench_migrate.py [--size MIB] [--wset MIB] [--runs N]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TOP))
+
+from ckptfs import migrate  # noqa: E402
+
+
+def workload_binary(d: Path) -> str:
+    spec = importlib.util.spec_from_file_location("wl", TOP / "tests" / "test_dirty.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build_workload(d)
+
+
+def wait_line(path: Path, n: int, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines()
+        if len(lines) >= n:
+            return lines[n - 1]
+        time.sleep(0.02)
+    raise SystemExit(f"no answer in {path}")
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def one(binary: str, work: Path, target: Path, job: str, size: int, wset: int,
+        passes: int) -> migrate.Result:
+    out = work / f"{job}.out"
+    with open(out, "w") as f:
+        p = subprocess.Popen([binary, str(size), str(wset), str(size // 4), "loop", "1000"],
+                             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    new = None
+    try:
+        wait_line(out, 1)
+        time.sleep(0.5)                        # let it settle into its rewriting loop
+        result = migrate.migrate(p.pid, migrate.Dest(None, str(target / job)), max_passes=passes)
+        new = int(result.status.split("=", 1)[1])
+        os.kill(new, signal.SIGUSR1)
+        verdict = wait_line(out, 2)
+        if not verdict.startswith("ok"):
+            raise SystemExit(f"{job}: restored process reports {verdict!r}")
+        return result
+    finally:
+        kill(p.pid)
+        p.wait()
+        if new:
+            kill(new)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=1024, help="MiB held by the workload")
+    ap.add_argument("--wset", type=int, default=16, help="MiB rewritten continuously")
+    ap.add_argument("--runs", type=int, default=1)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ckptfs-bench-migrate-"))
+    binary = workload_binary(work / "bin")
+    target, store = work / "in", work / "store"
+    target.mkdir()
+    r = subprocess.run([sys.executable, "-m", "ckptfs.cli", "target", "--store", str(store),
+                        str(target)], cwd=TOP)
+    if r.returncode:
+        return r.returncode
+    rows = {"a": [], "b": []}
+    try:
+        for i in range(a.runs):
+            for way, passes in (("a", 0), ("b", migrate.MAX_PASSES)):
+                rows[way].append(one(binary, work, target, f"{way}{i}", a.size, a.wset, passes))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(target)])
+    print(f"\nworkload: {a.size} MiB touched, {a.wset} MiB rewritten continuously; "
+          f"{a.runs} run(s), medians")
+    med = {w: {k: statistics.median(getattr(x, k) for x in rs) for k in ("downtime", "total")}
+           for w, rs in rows.items()}
+    for way, name in (("a", "stop-and-copy"), ("b", "pre-copy")):
+        last = rows[way][-1]
+        print(f"({way}) {name:14s} downtime {med[way]['downtime'] * 1000:7.0f} ms   total "
+              f"{med[way]['total']:6.2f} s   final pass {last.passes[-1].bytes / 1e6:7.1f} MB "
+              f"in {last.passes[-1].seconds * 1000:.0f} ms   passes (MB): "
+              + ", ".join(f"{p.bytes / 1e6:.1f}" for p in last.passes))
+    ratio = med["b"]["downtime"] / med["a"]["downtime"]
+    print(f"pre-copy downtime / stop-and-copy downtime = {ratio:.2f} (goal <= 0.20); "
+          f"pre-copy downtime {med['b']['downtime'] * 1000:.0f} ms (goal < 250 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
