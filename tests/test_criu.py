@@ -366,10 +366,18 @@ def test_image_source_old_pagemap_and_parent(tmp_path):
     criu.write_image(child / "pagemap-101.img", "PAGEMAP", msgs)
     os.truncate(child / "pages-2.img", 0)
     os.symlink("../p", child / "parent")
+    for name in os.listdir(parent):      # the parent as a pre-dump leaves it: memory only
+        if not name.startswith(("pagemap-", "pages-", "inventory")):
+            os.unlink(parent / name)
     img = criu.ImageSource(child)
     assert img.read_memory(101, e.vaddr, 2 * PAGE_SIZE) == \
         FakeSource().read_memory(101, e.vaddr, 2 * PAGE_SIZE)
     img.close()
+    # a PE_PARENT range the parent does not hold is an error, not zeros
+    _, pmsgs, _ = criu.read_image(parent / "pagemap-101.img")
+    criu.write_image(parent / "pagemap-101.img", "PAGEMAP", pmsgs[:1])
+    with pytest.raises(BadImage, match="no saved pages at"):
+        criu.ImageSource(child).read_memory(101, e.vaddr, PAGE_SIZE)
 
 
 def test_image_source_cgroup_path_and_limits(exported, tmp_path):

@@ -188,6 +188,10 @@ class ImageSource(model.Source):
         return out
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        return self._read(pid, addr, size, self._unsaved)
+
+    def _read(self, pid: int, addr: int, size: int, unsaved) -> bytes:
+        """Saved pages from the pages files (or the parent), `unsaved(pid, addr, n)` between."""
         index, starts = self._page_index(pid), self._starts[pid]
         out, pos, end = [], addr, addr + size
         while pos < end:
@@ -199,9 +203,14 @@ class ImageSource(model.Source):
             else:
                 nxt = starts[i + 1] if i + 1 < len(starts) else end
                 n = min(nxt, end) - pos
-                out.append(self._unsaved(pid, pos, n))
+                out.append(unsaved(pid, pos, n))
             pos += n
         return b"".join(out)
+
+    def _saved_only(self, pid: int, addr: int, n: int) -> bytes:
+        raise BadImage(f"task {pid}: no saved pages at {addr:#x} (+{n} bytes), which a child "
+                       "image marks PE_PARENT", path=self.path(f"pagemap-{pid}.img"),
+                       step="read memory")
 
     def isolation(self) -> model.Isolation:
         root_pid = self.pstree()[0].pid
@@ -283,7 +292,9 @@ class ImageSource(model.Source):
         """The task's private pagemap plus, for each shared-memory VMA, the part of its
         object's pagemap-shmem image that the VMA maps."""
         index = self._pagemap(f"pagemap-{pid}.img")
-        for vma in self.mm(pid).vmas:
+        # a pre-dump directory (a `parent`) holds pagemaps without mm images
+        vmas = self.mm(pid).vmas if os.path.exists(self.path(f"mm-{pid}.img")) else []
+        for vma in vmas:
             if vma.status & (ANON_SHARED | MEMFD):
                 lo, hi = vma.pgoff, vma.pgoff + vma.end - vma.start
                 for start, end, flags, pages, off in self._pagemap(
@@ -329,8 +340,8 @@ class ImageSource(model.Source):
         return vma.shmid
 
     def _pages_data(self, pid: int, flags: int, pages: str, off: int, addr: int, n: int) -> bytes:
-        if flags == PE_PARENT:
-            return self._parent_source().read_memory(pid, addr, n)
+        if flags == PE_PARENT:   # must be saved there (or further up), never guessed
+            return self._parent_source()._read(pid, addr, n, self._parent_source()._saved_only)
         data = os.pread(self._pages_fd(pages), n, off)
         if len(data) != n:
             raise BadImage(f"truncated: {n} bytes wanted at offset {off}, got {len(data)}",
