@@ -630,3 +630,19 @@ def test_export_refuses_running_source(tmp_path):
     with pytest.raises(NotStopped, match="freeze it first"):
         criu.export(src, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_own_uts_without_namespace_ids(tmp_path):
+    """A source without ns ids (a tree) that says "own uts" still gets a UTS namespace."""
+    src = FakeSource()
+    for ids in src._ids.values():
+        for f in [d.name for d, _ in ids.ListFields() if d.name.endswith("_ns_id")]:
+            ids.ClearField(f)
+    criu.export(src, tmp_path)
+    img = criu.ImageSource(tmp_path)
+    assert img.ids(100).uts_ns_id == img.ids(101).uts_ns_id
+    assert img.inventory().root_ids.uts_ns_id != img.ids(100).uts_ns_id
+    iso = img.isolation()
+    assert (iso.hostname, iso.own_namespaces) == ("ckpt-test", ("uts",))
+    assert criu.problems(tmp_path) == []
+    assert not src._ids[100].HasField("uts_ns_id")      # the source's messages are untouched

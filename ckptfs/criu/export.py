@@ -74,6 +74,22 @@ class _Export:
         self.mms = {pid: self.mm(pid) for pid in live}
         self.fss = {pid: source.fs(pid) for pid in live}
         self.iso = source.isolation()
+        self._name_own_uts()
+
+    def _name_own_uts(self) -> None:
+        """A source that knows the root task has its own UTS namespace (and its hostname)
+        but gives no namespace ids (a tree) gets one, shared by every task without one, so
+        restore creates the namespace from utsns-<id>.img."""
+        if "uts" not in self.iso.own_namespaces or self.iso.hostname is None or \
+                self.ids[self.root].HasField("uts_ns_id"):
+            return
+        used = [getattr(i, f"{k}_ns_id") for i in self.ids.values() for k in NS_KINDS]
+        fresh = max(used, default=0) + 1
+        for pid, ids in list(self.ids.items()):
+            if not ids.HasField("uts_ns_id"):
+                self.ids[pid] = copy = pb.task_kobj_ids_entry()
+                copy.CopyFrom(ids)
+                copy.uts_ns_id = fresh
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
