@@ -26,6 +26,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from .errors import CkptError
@@ -35,7 +36,10 @@ SHRINK = 0.9            # a pass must send < 90% of the previous one to be worth
 SMALL = 1 << 20         # below this, another pre-copy pass cannot shorten the final one
 RESTORE_TIMEOUT = 120.0
 RSYNC_OK = (0, 24)      # 24: files vanished while copying (a running process unmapped some)
-COMMON = ["-a", "--delete", "--modify-window=-1", "--exclude=/ctl", "--exclude=/status"]
+# -W: a changed chunk is sent whole; rsync's delta algorithm would read the target's old copy
+# back through its FUSE mount to save little (rewritten pages are spread over the chunk).
+# --modify-window=-1: compare mtimes to the nanosecond (the default compares seconds only).
+COMMON = ["-a", "-W", "--delete", "--modify-window=-1", "--exclude=/ctl", "--exclude=/status"]
 
 
 @dataclasses.dataclass
@@ -75,20 +79,6 @@ def _run(argv: list[str], *, step: str, ok=(0,), timeout: float | None = None
         raise CkptError(f"{shlex.join(argv)} exited {r.returncode}: {r.stderr.strip()[-2000:]}",
                         step=step)
     return r
-
-
-def target_status(dest: Dest) -> str:
-    """The first line of the target's JOB/status ("" while it does not exist yet)."""
-    path = f"{dest.path}/status"
-    if dest.host is None:
-        try:
-            with open(path) as f:
-                return f.readline().strip()
-        except FileNotFoundError:
-            return ""
-    r = _run(rsh() + [dest.host, "cat", shlex.quote(path)], step="read target status",
-             ok=(0, 1), timeout=30)
-    return r.stdout.splitlines()[0].strip() if r.returncode == 0 and r.stdout else ""
 
 
 # -- rsync passes --------------------------------------------------------------------------
@@ -218,18 +208,46 @@ def precopy(mnt: str, dest: Dest, max_passes: int = MAX_PASSES) -> list[Pass]:
     return passes
 
 
-def wait_restored(dest: Dest, timeout: float = RESTORE_TIMEOUT, poll: float = 0.01) -> str:
-    deadline = time.monotonic() + timeout
-    status = ""
-    while time.monotonic() < deadline:
-        status = target_status(dest)
-        if status.startswith("restored"):
-            return status
-        if status.startswith(("failed", "dry run")):
-            raise CkptError(f"target says: {status}", step="restore", path=f"{dest}status")
-        time.sleep(poll)
-    raise CkptError(f"target not restored after {timeout:.0f} s (status: {status or 'none'})",
-                    step="restore", path=f"{dest}status")
+WATCH = """s=; while :; do n=$(head -n 1 {path} 2>/dev/null); if [ "$n" != "$s" ]; then
+echo "$n"; s=$n; fi; case $n in restored*|failed*|"dry run"*) exit 0;; esac; sleep 0.01; done"""
+
+
+class StatusWatch:
+    """Follows the target's JOB/status with one long-running shell loop (over one ssh
+    connection for a remote job, started before the final pass so its setup overlaps it):
+    every change arrives as a line, with the moment it was seen."""
+
+    def __init__(self, dest: Dest):
+        script = WATCH.format(path=shlex.quote(f"{dest.path}/status"))
+        argv = rsh() + [dest.host, script] if dest.host else ["sh", "-c", script]
+        self.dest = dest
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.seen: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.seen.append((time.monotonic(), line.strip()))
+
+    def wait(self, timeout: float) -> str:
+        """The final status line, once it says restored; CkptError if it failed or timed out."""
+        self._thread.join(timeout)
+        self.close()
+        last = self.seen[-1][1] if self.seen else ""
+        if last.startswith("restored"):
+            return last
+        if last.startswith(("failed", "dry run")):
+            raise CkptError(f"target says: {last}", step="restore", path=f"{self.dest}status")
+        err = self.proc.stderr.read().strip() if self.proc.stderr else ""
+        raise CkptError(f"target not restored after {timeout:.0f} s (status: {last or 'none'})"
+                        + (f"; {err}" if err else ""), step="restore", path=f"{self.dest}status")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 @dataclasses.dataclass
@@ -239,6 +257,7 @@ class Result:
     total: float
     status: str
     tracking: str | None
+    timeline: list[tuple[float, str]]     # (seconds after the freeze, what happened)
 
 
 def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int = MAX_PASSES,
@@ -254,12 +273,21 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
         t_freeze = time.monotonic()
         src.ctl("freeze")
         frozen = True
-        p = final_pass(src.dir, dest, tracking is not None)
-        passes.append(p)
-        log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} chunks), {p.seconds:.2f} s")
-        status = wait_restored(dest, restore_timeout)
+        watch = StatusWatch(dest)
+        try:
+            p = final_pass(src.dir, dest, tracking is not None)
+            passes.append(p)
+            t_copied = time.monotonic()
+            log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} chunks), "
+                f"{p.seconds:.2f} s")
+            status = watch.wait(restore_timeout)
+        finally:
+            watch.close()
         restored = True
-        downtime = time.monotonic() - t_freeze
+        downtime = watch.seen[-1][0] - t_freeze
+        timeline = sorted([(t_copied - t_freeze, "final pass copied")] +
+                          [(t - t_freeze, line) for t, line in watch.seen])
+        log("after the freeze: " + "; ".join(f"+{t * 1000:.0f} ms {what}" for t, what in timeline))
         if keep_source:
             log(f"source {pid} stays frozen under {src.dir} (echo thaw or kill > {src.dir}/ctl)")
         else:
@@ -273,7 +301,7 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
         raise
     if not keep_source:
         src.close()
-    result = Result(passes, downtime, time.monotonic() - t0, status, tracking)
+    result = Result(passes, downtime, time.monotonic() - t0, status, tracking, timeline)
     log(f"target: {status}; downtime {downtime * 1000:.0f} ms; total {result.total:.2f} s; "
         f"bytes per pass: {', '.join(_mb(p.bytes) for p in passes)}")
     return result
