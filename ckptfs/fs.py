@@ -176,6 +176,7 @@ class CheckpointFS(fuse.Operations):
 
     @_boundary
     def getattr(self, path, fh=None):
+        fh = getattr(fh, "fh", fh)  # raw_fi: libfuse3 passes the file info of an open file
         node = self._handles[fh][0] if fh in self._handles else self._node(path)
         st = {"st_uid": self.uid, "st_gid": self.gid, "st_mtime": self.stamp,
               "st_ctime": self.stamp, "st_atime": self.stamp}
@@ -244,6 +245,7 @@ class CheckpointFS(fuse.Operations):
 
     @_boundary
     def truncate(self, path, length, fh=None):
+        fh = getattr(fh, "fh", fh)
         if not isinstance(self._node(path), Control):
             raise fuse.FuseOSError(errno.EROFS)
         return 0
