@@ -100,8 +100,10 @@ def cmd_mount(a) -> int:
     mnt = os.path.abspath(a.mountpoint)
     check_mountpoint(mnt)
     if a.images:
-        from .criu import ImageSource
-        ImageSource(a.images)  # a bad directory fails here, before anything is mounted
+        from . import criu
+        bad = criu.problems(a.images)  # a bad directory fails here, before anything is mounted
+        if bad:
+            raise CkptError("; ".join(bad), path=a.images, step="mount --images")
     else:
         check_pid(a.pid)
     if not a.foreground:
@@ -109,7 +111,8 @@ def cmd_mount(a) -> int:
     from . import fs
     if a.images:
         from .criu import ImageSource
-        ops = fs.CheckpointFS(ImageSource(a.images), chunk_size=a.chunk_size)
+        # no commands: a checkpoint on disk neither freezes nor thaws
+        ops = fs.CheckpointFS(ImageSource(a.images), chunk_size=a.chunk_size, control={})
     else:
         ops = live_fs(a.pid, a.chunk_size, freeze=a.freeze, container=a.container)
     try:

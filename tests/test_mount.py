@@ -236,3 +236,46 @@ def test_bad_input_mounts_nothing(case, procs, tmp_path):
         assert "traced" in r.stderr
     if case == "nopid":
         assert "no such process" in r.stderr
+
+
+def test_images_mount_shows_the_same_tree(tmp_mount, procs, tmp_path):
+    reader = procs.spawn(["taskset", "-c", "0", "cat"], stdin=subprocess.PIPE)
+    time.sleep(0.2)
+    ckptfs("dump", reader.pid, tmp_path / "dump")
+    ckptfs("criu", "export", tmp_path / "dump", tmp_path / "images")
+    ckptfs("criu", "import", tmp_path / "images", tmp_path / "imported")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = os.fspath(tmp_mount([*CLI, "mount", "-f", "--images", str(tmp_path / "images"), str(mnt)], mnt))
+    diff = subprocess.run(["diff", "-r", m, str(tmp_path / "imported")], capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout[:2000]
+    with pytest.raises(OSError) as e:
+        open(f"{m}/tasks/{reader.pid}/comm", "w")
+    assert e.value.errno in (errno.EROFS, errno.EACCES)
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated"])
+def test_bad_images_mount_nothing(procs, tmp_path, damage):
+    reader = procs.spawn(["cat"], stdin=subprocess.PIPE)
+    time.sleep(0.2)
+    ckptfs("dump", reader.pid, tmp_path / "dump")
+    images = tmp_path / "images"
+    ckptfs("criu", "export", tmp_path / "dump", images)
+    core = next(images.glob("core-*.img"))
+    data = core.read_bytes()
+    core.write_bytes(b"\xde\xad\xbe\xef" + data[4:] if damage == "magic" else data[:-7])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = ckptfs("mount", "--images", images, mnt, check=False)
+    assert r.returncode != 0 and core.name in r.stderr, r.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_other_users_cannot_read(live_mount, procs):
+    sleeper = procs.spawn(["sleep", "1000"])
+    mnt = live_mount(sleeper.pid)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "cat", f"{mnt}/tasks/{sleeper.pid}/comm"], capture_output=True, text=True)
+    assert r.returncode != 0 and "denied" in r.stderr.lower(), r.stderr
+    mode = stat.S_IMODE(os.stat(f"{mnt}/tasks/{sleeper.pid}/threads/{sleeper.pid}/regs/rip").st_mode)
+    assert mode == 0o600
