@@ -495,6 +495,7 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
     """The files of fds/<n>/ as name -> value (str/int rendered as a line, bytes raw)."""
     fe = src.file(fdi.id)
     tname = pb.fd_types.Name(fdi.type)
+    shared = {"open_file": fdi.id}  # descriptors (of any task) with one number share an open file
     cloexec = F.O_CLOEXEC if fdi.flags & F.FD_CLOEXEC else 0
     sub = getattr(fe, FD_SUBMSG[tname]) if tname in FD_SUBMSG and fe.HasField(FD_SUBMSG[tname]) else None
     out: dict[str, object] = {}
@@ -511,7 +512,7 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
         if src.file_deleted(fdi.id):
             out["deleted"] = 1
             out["contents"] = src.file_contents(fdi.id)
-        return out
+        return {**out, **shared}
     out["type"] = FD_TYPE_WORDS.get(tname, "other")
     if tname in ("PIPE", "FIFO") and sub is not None:
         out["path"] = f"pipe:[{sub.pipe_id}]" if tname == "PIPE" else _file_name(src, sub.regf_id)
@@ -529,7 +530,7 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
             out["family"] = {"UNIXSK": "unix", "INETSK": {2: "inet", 10: "inet6"}.get(sub.family, sub.family)}[tname] \
                 if tname == "UNIXSK" else {2: "inet", 10: "inet6"}.get(sub.family, str(sub.family))
             out["sock_type"] = {1: "stream", 2: "dgram", 5: "seqpacket", 3: "raw"}.get(sub.type, str(sub.type))
-    return out
+    return {**out, **shared}
 
 
 def _reg_flags(src: Source, file_id: int) -> int:
@@ -900,6 +901,8 @@ class TreeSource(Source):
 
     def _load_fd(self, pid: int, base: str, fd: int):
         word = self._read(f"{base}/type", STR)
+        key = ("open", self._read(f"{base}/open_file", DEC)) if self._exists(f"{base}/open_file") \
+            else ("fd", pid, fd)
         flags = self._read(f"{base}/flags", OPEN)
         fdflags = F.FD_CLOEXEC if flags & F.O_CLOEXEC else 0
         flags &= ~F.O_CLOEXEC
@@ -908,7 +911,7 @@ class TreeSource(Source):
             mode = self._read(f"{base}/mode", _OCTMODE) if self._exists(f"{base}/mode") else None
             size = self._read(f"{base}/size", DEC) if self._exists(f"{base}/size") else None
             fdi.id = self._reg_id(self._read(f"{base}/path", STR), flags, self._read(f"{base}/pos", DEC),
-                                  key=("fd", pid, fd), mode=mode, size=size)
+                                  key=key, mode=mode, size=size)
             fdi.type = pb.fd_types.Value("REG")
             if self._exists(f"{base}/deleted") and self._read(f"{base}/deleted", DEC):
                 self._ghosts[fdi.id] = self._p(f"{base}/contents")
@@ -919,7 +922,7 @@ class TreeSource(Source):
             if self._exists(f"{base}/data"):
                 self._pipes.setdefault(pipe_id, self._read(f"{base}/data", BLOB))
             fdi.type = pb.fd_types.Value(word.upper())
-            fdi.id = self._pipe_file(word, pid, fd, pipe_id, flags, base)
+            fdi.id = self._pipe_file(word, pid, fd, pipe_id, flags, base, key)
         elif word == "eventfd":
             count = self._read(f"{base}/count", DEC)
 
@@ -928,15 +931,15 @@ class TreeSource(Source):
                 fe.efd.id, fe.efd.flags, fe.efd.counter = fid, flags, count
                 fe.efd.fown.SetInParent()
                 return fe
-            fdi.type, fdi.id = pb.fd_types.Value("EVENTFD"), self._file_id(("fd", pid, fd), make)
+            fdi.type, fdi.id = pb.fd_types.Value("EVENTFD"), self._file_id(key, make)
         else:
             kind = {"socket": "UNIXSK"}.get(word, "UND")
             fdi.type = pb.fd_types.Value(kind)
-            fdi.id = self._file_id(("fd", pid, fd), lambda fid: pb.file_entry(type=fdi.type, id=fid))
+            fdi.id = self._file_id(key, lambda fid: pb.file_entry(type=fdi.type, id=fid))
             self._unsupported = getattr(self, "_unsupported", []) + [(self._p(base), word)]
         return fdi
 
-    def _pipe_file(self, word, pid, fd, pipe_id, flags, base) -> int:
+    def _pipe_file(self, word, pid, fd, pipe_id, flags, base, key) -> int:
         def make(fid):
             fe = pb.file_entry(type=pb.fd_types.Value(word.upper()), id=fid)
             sub = fe.pipe if word == "pipe" else fe.fifo
@@ -947,7 +950,7 @@ class TreeSource(Source):
             else:
                 sub.regf_id = self._reg_id(self._read(f"{base}/path", STR), flags, key=("fifo", pid, fd))
             return fe
-        return self._file_id(("fd", pid, fd), make)
+        return self._file_id(key, make)
 
     def _order_pstree(self) -> list:
         by_pid = {pid: t.ps for pid, t in self._tasks.items()}
