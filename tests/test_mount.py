@@ -224,6 +224,8 @@ def test_bad_input_mounts_nothing(case, procs, tmp_path):
             time.sleep(0.05)
         pid = target.pid
     r = ckptfs("mount", pid, mnt, check=False)
+    if os.path.ismount(mnt):  # a wrong success must not leave a mount behind
+        subprocess.run(["fusermount3", "-uz", str(mnt)])
     assert r.returncode != 0
     assert r.stderr.strip(), "a refusal says why"
     assert not os.path.ismount(mnt)
@@ -267,8 +269,12 @@ def test_bad_images_mount_nothing(procs, tmp_path, damage):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     r = ckptfs("mount", "--images", images, mnt, check=False)
-    assert r.returncode != 0 and core.name in r.stderr, r.stderr
-    assert not os.path.ismount(mnt)
+    try:
+        assert r.returncode != 0 and core.name in r.stderr, r.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):  # a wrong success must not leave a mount behind
+            subprocess.run(["fusermount3", "-uz", str(mnt)])
 
 
 def test_other_users_cannot_read(live_mount, procs):
