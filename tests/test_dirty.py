@@ -308,3 +308,62 @@ def test_chunk_paths_are_recognised():
     assert dirty.chunk_key("/tasks/42/maps/7f00-7f80/pages/0x200000") == (42, 0x7f00, 0x200000)
     assert dirty.chunk_key("/tasks/42/maps/7f00-7f80/prot") is None
     assert dirty.chunk_key("/manifest") is None
+
+
+# -- the tracking mount: rsync's quick check does the pre-copy ----------------------------------
+def rsync(src, dst) -> list[str]:
+    """rsync -a the mount to dst; the names of the files it sent."""
+    r = subprocess.run(["rsync", "-a", "-W", "--delete", "--modify-window=-1", "--exclude=/ctl",
+                        "--exclude=/status", "--out-format=%n", f"{src}/", f"{dst}/"],
+                       capture_output=True, text=True, check=True)
+    return [n for n in r.stdout.splitlines() if n and not n.endswith("/")]
+
+
+def test_tracked_mount_sends_only_written_chunks_and_an_exact_frozen_manifest(
+        workload, tmp_path, tmp_mount):
+    import json
+    import sys
+    import xxhash
+    w = workload(total=64, wset=4, woff=16)
+    mnt, copy = tmp_path / "mnt", tmp_path / "copy"
+    mnt.mkdir()
+    tmp_mount([sys.executable, "-m", "ckptfs.migrate", "mount", str(w.pid), str(mnt)], mnt)
+    assert (mnt / "status").read_text() == "running\ntracking: uffd-wp+pagemap-scan\n"
+    first = rsync(mnt, copy)
+    assert sum("/pages/" in n for n in first) >= 32
+    vma = next(d for d in os.listdir(mnt / "tasks" / str(w.pid) / "maps")
+               if int(d.split("-")[0], 16) <= w.addr < int(d.split("-")[1], 16))
+    start = int(vma.split("-")[0], 16)
+    # idle process: nothing of its region; at most the page where the kernel updates the
+    # thread's rseq area each time the mount's register reads stopped it
+    idle = rsync(mnt, copy)
+    assert not [n for n in idle if vma in n] and len(idle) <= 2, idle
+    assert w.cmd(b"w") == b"k"
+    sent = rsync(mnt, copy)
+    cells = {f"tasks/{w.pid}/maps/{vma}/pages/{c:#x}"
+             for c in range((w.wset[0] - start) // (2 * MiB) * 2 * MiB, w.wset[1] - start, 2 * MiB)}
+    chunks = {n for n in sent if "/pages/" in n}
+    # exactly the working set's cells of the region; elsewhere only what the command loop
+    # itself wrote (stdio buffers, stack, libc data: small maps, one chunk each)
+    assert {n for n in chunks if vma in n} == cells, sorted(chunks)
+    assert len(chunks - cells) <= 10, sorted(chunks - cells)
+    assert w.cmd(b"w") == b"k"                    # written after the last copy: only the freeze's
+    (mnt / "ctl").write_text("freeze\n")          # pass can catch it
+    sent = rsync(mnt, copy)
+    assert cells <= set(sent) and "manifest" in sent
+    doc = json.loads((copy / "manifest").read_text())
+    assert doc["state"] == "frozen"
+    for path, entry in doc["files"].items():      # the copy is exactly what the manifest says
+        data = (copy / path).read_bytes()
+        assert (len(data), xxhash.xxh3_64_hexdigest(data)) == (entry["size"], entry["xxh3_64"]), path
+    (mnt / "ctl").write_text("thaw\n")
+
+
+def test_content_stamps_move_only_when_content_does():
+    now = FakeTime()
+    c = dirty.ContentStamps(now)
+    a = c.observe("/x", b"1")
+    assert c.observe("/x", b"1") == a
+    b = c.observe("/x", b"2")                    # same second, still a new stamp
+    assert b > a and b % 10**9 == 0
+    assert c.observe("/x", b"1") > b             # back to old bytes: newer again, never reused
