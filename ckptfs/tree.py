@@ -200,6 +200,8 @@ FD_TYPE_WORDS = {"PIPE": "pipe", "FIFO": "fifo", "INETSK": "socket", "UNIXSK": "
                  "EVENTPOLL": "eventpoll", "SIGNALFD": "signalfd", "TIMERFD": "timerfd",
                  "INOTIFY": "inotify", "FANOTIFY": "fanotify", "MEMFD": "memfd",
                  "PIDFD": "pidfd", "NS": "ns"}
+SOCK_FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
+SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 REG_MODE_WORDS = {stat.S_IFDIR: "dir", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk"}
 # file_entry sub-message that carries each fd type
 FD_SUBMSG = {"REG": "reg", "PIPE": "pipe", "FIFO": "fifo", "EVENTFD": "efd", "INETSK": "isk",
@@ -527,9 +529,8 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
         out["flags"] = F.render_open_flags((getattr(sub, "flags", 0) if sub is not None else 0) | cloexec)
         if tname in ("UNIXSK", "INETSK") and sub is not None:
             out["inode"] = sub.ino
-            out["family"] = {"UNIXSK": "unix", "INETSK": {2: "inet", 10: "inet6"}.get(sub.family, sub.family)}[tname] \
-                if tname == "UNIXSK" else {2: "inet", 10: "inet6"}.get(sub.family, str(sub.family))
-            out["sock_type"] = {1: "stream", 2: "dgram", 5: "seqpacket", 3: "raw"}.get(sub.type, str(sub.type))
+            out["family"] = "unix" if tname == "UNIXSK" else SOCK_FAMILIES.get(sub.family, str(sub.family))
+            out["sock_type"] = SOCK_TYPES.get(sub.type, str(sub.type))
     return {**out, **shared}
 
 
