@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ckptfs import tree
-from ckptfs.capture.linux import LiveSource, NotCapturable
+from ckptfs.capture.linux import LiveSource
 from ckptfs.errors import RestoreFailed
 from ckptfs.restore import restore
 from helpers import procs as _procs
@@ -62,17 +62,7 @@ def mover(restored, **opts):
 
 
 # -- ZDTM workloads: each keeps one kernel object, then checks itself after the move ----------
-WORKING = ["sleeping", "pipe_data", "half_read_file", "mmap_pattern", "shared_anon", "avx_regs",
-           "sigaltstack", "threads", "cwd_umask", "fork_tree", "eventfd", "fifo"]
-# What the tree does not carry yet (capture/tree side), so no restore can bring it back.
-NOT_IN_TREE = {
-    "sighandlers": "pending signals are not part of the tree",
-    "itimer": "itimers are not part of the tree",
-}
-
-
-@pytest.mark.parametrize("name", WORKING + [
-    pytest.param(n, marks=pytest.mark.xfail(reason=why)) for n, why in NOT_IN_TREE.items()])
+@pytest.mark.parametrize("name", zdtm.PROGRAMS)
 def test_zdtm_dump_restore(name, zdtm_bin, procs, restored, tmp_path):
     assert zdtm.run_case(zdtm_bin, name, tmp_path, procs, move=mover(restored)) == "PASS"
 
@@ -370,8 +360,6 @@ ZOMBIE_PARENT = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.xfail(reason="write_tree asks a zombie for its mm (NotCapturable): tree/capture side",
-                   raises=NotCapturable)
 def test_zombie_child_stays_a_zombie_with_its_status(procs, restored, tmp_path):
     script, out = tmp_path / "z.py", tmp_path / "log"
     script.write_text(ZOMBIE_PARENT)
@@ -383,6 +371,11 @@ def test_zombie_child_stays_a_zombie_with_its_status(procs, restored, tmp_path):
             break
         time.sleep(0.02)
     d = dump(p.pid, tmp_path / "tree")
+    p.popen.wait()                              # both pids free again: the parent reaped by us,
+    assert _procs.wait_gone(child, 5)           # the orphaned zombie by whoever inherited it
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.02)
     r = restored(restore(str(d), same_pids=True))
     assert r.pids == {p.pid: p.pid, child: child}
     assert _procs.state(child) == "Z"

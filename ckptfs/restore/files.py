@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 
 from .. import flags as F
 from ..errors import KernelError, RestoreFailed
@@ -53,6 +54,8 @@ class FileTable:
     def _make(self, file_id: int, where: str) -> int:
         fe = self.source.file(file_id)
         kind = F.FD_TYPES
+        if fe.type == kind["REG"] and self.source.file_deleted(file_id):
+            return self._ghost(file_id, fe.reg, where)
         if fe.type == kind["REG"]:
             return self._reg(fe.reg, where)
         if fe.type == kind["PIPE"]:
@@ -65,7 +68,40 @@ class FileTable:
         raise RestoreFailed(f"file type {fe.type} is not supported", path=where, step="open files")
 
     def _reg(self, reg, where: str) -> int:
-        fd = _open(reg.name, (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC | os.O_NOCTTY, where,
+        return self._reg_at(reg.name, reg, where)
+
+    # -- deleted files --------------------------------------------------------------------
+    def _ghost(self, file_id: int, reg, where: str) -> int:
+        """A file that was unlinked while open: its saved contents go into a new file, which
+        is opened with the recorded flags and offset and unlinked again, so the task holds
+        an unlinked file once more ("/path (deleted)" in /proc/PID/fd, no link left).
+
+        The new file is made at the recorded path when that name is free (the /proc link then
+        reads exactly as before), else under a hidden name in the same directory, else in the
+        temporary directory if that directory is gone. One file per file id: two separate
+        opens of one deleted file come back as two files (the tree keeps no inode)."""
+        data = self.source.file_contents(file_id)
+        if reg.HasField("size") and len(data) != reg.size:
+            raise RestoreFailed(f"deleted file's contents are {len(data)} bytes, the checkpoint "
+                                f"recorded {reg.size}", path=where + "/contents",
+                                step="deleted file")
+        path, wfd = _create_ghost(reg.name, reg.mode & 0o7777 if reg.HasField("mode") else 0o600,
+                                  where)
+        try:
+            try:
+                os.fchmod(wfd, reg.mode & 0o7777 if reg.HasField("mode") else 0o600)
+                _write_all(wfd, data)
+            except OSError as e:
+                raise KernelError(f"write deleted file's contents to {path}", e.errno,
+                                  path=where, step="deleted file") from None
+            fd = self._reg_at(path, reg, where)
+        finally:
+            os.close(wfd)
+            os.unlink(path)
+        return fd
+
+    def _reg_at(self, path: str, reg, where: str) -> int:
+        fd = _open(path, (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC | os.O_NOCTTY, where,
                    "open files")
         if reg.pos:
             os.lseek(fd, reg.pos, os.SEEK_SET)
@@ -126,3 +162,32 @@ def _open(path: str, flags: int, where: str, step: str) -> int:
         return os.open(path, flags)
     except OSError as e:
         raise KernelError(f"open {path}", e.errno, path=where, step=step) from None
+
+
+GHOST_TRIES = 100
+
+
+def _create_ghost(name: str, mode: int, where: str) -> tuple[str, int]:
+    """A new, empty file for a deleted file's contents; (path, descriptor open for writing)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    folder, base = os.path.split(name)
+    if not os.path.isdir(folder):
+        folder = tempfile.gettempdir()
+    names = [name] + [os.path.join(folder, f".{base}.ckptfs-ghost-{os.getpid()}-{i}")
+                      for i in range(GHOST_TRIES)]
+    for path in names:
+        try:
+            return path, os.open(path, flags, mode)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise KernelError(f"create {path} for a deleted file", e.errno, path=where,
+                              step="deleted file") from None
+    raise RestoreFailed(f"no free name for a deleted file near {name}", path=where,
+                        step="deleted file")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

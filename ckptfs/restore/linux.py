@@ -38,7 +38,7 @@ from .. import flags as F
 from .. import inject, ptrace, xsave
 from ..errors import CkptError, KernelError, RestoreFailed
 from ..inject import NR, Injector
-from . import memory
+from . import memory, signals
 from .files import FileTable
 from .plan import SCRATCH_SIZE, SPECIAL, TASK_END, Plan, TaskPlan, V, vdso_layout, where
 
@@ -350,8 +350,6 @@ class LinuxRestorer:
         inj.call(NR["close"], self.pidfd_slot, step="close restorer pidfd")
         if self.init and t.pid == self.plan.tasks[0].pid:
             self._start_init()
-        inj.call(NR["munmap"], self.scratch, SCRATCH_SIZE, step="unmap scratch page",
-                 path=self._where(t.pid))
 
     def _memory(self, live: Live) -> None:
         t, inj, s = live.plan, live.inj, self.scratch
@@ -600,16 +598,19 @@ class LinuxRestorer:
         for live in self.live.values():
             if live.plan.zombie:
                 continue
+            self._queue_and_time(live)
             for old, tid in live.tids.items():
                 core = live.plan.cores[old]
                 fp = xsave.join(core.thread_info.fpregs, self.xcr0, self.xsize)
                 ptrace.set_xstate(tid, fp)
-                mask = core.tc.blk_sigset if old == live.plan.pid else core.thread_core.blk_sigset
-                ptrace.set_sigmask(tid, mask)
                 pending: list[int] = []
                 inject.park_with_regs(tid, restart_regs(regs_of(core)), pending)
                 if pending:
                     self.log(f"note: signals {pending} arrived during restore of {tid}: dropped")
+                # The real mask only now: parking runs the thread, which would otherwise
+                # meet the signals just queued (and the tracer would have to drop them).
+                mask = core.tc.blk_sigset if old == live.plan.pid else core.thread_core.blk_sigset
+                ptrace.set_sigmask(tid, mask)
             if live.plan.core.tc.task_state == F.TASK_STATES["stopped"]:
                 stops.append((live.pid, live.plan.core.tc.stop_signo or signal.SIGSTOP))
         order = list(reversed(self.traced))
@@ -618,6 +619,31 @@ class LinuxRestorer:
         self.traced.clear()
         for pid, sig in stops:
             os.kill(pid, sig)
+
+    def _queue_and_time(self, live: Live) -> None:
+        """With every thread blocking every signal: POSIX timers, pending signals (restore/
+        signals.py), then the scratch page goes (the last injected call of the task)."""
+        t, inj, tc = live.plan, live.inj, live.plan.core.tc
+        for tid in live.tids.values():
+            ptrace.set_sigmask(tid, signals.ALL_SIGNALS)
+        if tc.HasField("timers"):
+            signals.create_timers(inj, tc.timers.posix, lambda old: self._ns_tid(live, old),
+                                  self._where(t.pid, "timers"))
+        signals.queue_pending(inj, [e.siginfo for e in tc.signals_s.signals], shared=True,
+                              where=self._where(t.pid, "pending"), log=self.log)
+        for old, tid in live.tids.items():
+            queue = t.cores[old].thread_core.signals_p.signals
+            signals.queue_pending(live.injs[tid], [e.siginfo for e in queue], shared=False,
+                                  where=self._where(t.pid, f"threads/{old}/pending"), log=self.log)
+        inj.reset_scratch()
+        inj.call(NR["munmap"], self.scratch, SCRATCH_SIZE, step="unmap scratch page",
+                 path=self._where(t.pid))
+
+    def _ns_tid(self, live: Live, old: int) -> int | None:
+        """Thread `old` of the checkpoint as its restored task sees it."""
+        if old not in live.tids:
+            return None
+        return old if self.keep_pids else live.tids[old]
 
 
 def _wait_new(tid: int) -> None:

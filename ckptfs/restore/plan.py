@@ -280,6 +280,8 @@ def check_files(plan: Plan) -> None:
                                      "does not support yet")
                 continue
             fe = src.file(fdi.id)
+            if fdi.type == F.FD_TYPES["REG"] and src.file_deleted(fdi.id):
+                continue          # no path to check: restore makes it from its saved contents
             if fdi.type == F.FD_TYPES["REG"]:
                 plan.problems.extend(f"{name}: {p}" for p in reg_problems(fe.reg, check_size=True))
         for file_id, what in ((t.mm.exe_file_id, "exe"), (t.fs.cwd_id, "cwd"),
