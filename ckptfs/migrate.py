@@ -258,6 +258,7 @@ class Result:
     status: str
     tracking: str | None
     timeline: list[tuple[float, str]]     # (seconds after the freeze, what happened)
+    source_mount: str | None = None       # --keep-source: where the frozen source still is
 
 
 def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int = MAX_PASSES,
@@ -301,7 +302,8 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
         raise
     if not keep_source:
         src.close()
-    result = Result(passes, downtime, time.monotonic() - t0, status, tracking, timeline)
+    result = Result(passes, downtime, time.monotonic() - t0, status, tracking, timeline,
+                    src.dir if keep_source else None)
     log(f"target: {status}; downtime {downtime * 1000:.0f} ms; total {result.total:.2f} s; "
         f"bytes per pass: {', '.join(_mb(p.bytes) for p in passes)}")
     return result

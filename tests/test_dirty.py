@@ -67,11 +67,11 @@ int main(int argc, char **argv) {
     mem = mmap(0, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) return 3;
     for (size_t p = 0; p < pages; p++) { mem[p * 512] = p; mem[p * 512 + 511] = ~(uint64_t)p; }
+    signal(SIGUSR1, on_usr1);          /* before "addr=": a check may follow at once */
     printf("addr=%p size=%zu\n", (void *)mem, total);
     fflush(stdout);
     if (!strcmp(argv[4], "loop")) {
         useconds_t pause_us = argc > 5 ? (useconds_t)strtoul(argv[5], 0, 0) : 1000;
-        signal(SIGUSR1, on_usr1);
         for (;;) {
             rewrite();
             if (verify_req) { verify_req = 0; report(); }

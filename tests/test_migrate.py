@@ -119,3 +119,26 @@ def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount
     assert "pass 2:" in r.stderr and "downtime" in r.stderr, r.stderr
     assert P.wait_gone(src.pid, 10)
     assert verify(new, b.path(str(out))).startswith("ok round=")
+
+
+def test_keep_source_leaves_it_frozen_under_its_mount(wset_bin, procs, tmp_path, tmp_mount):
+    dst, store = tmp_path / "in", tmp_path / "store"
+    dst.mkdir()
+    tmp_mount([*CLI, "target", "-f", "--store", str(store), str(dst)], dst)
+    src, out = start_workload(procs, wset_bin, tmp_path / "wl")
+    result = migrate.migrate(src.pid, migrate.Dest(None, str(dst / "job")), keep_source=True,
+                             max_passes=1)
+    procs.adopt(restored_pid(result.status))
+    mnt = result.source_mount
+    try:
+        assert Path(mnt, "status").read_text().startswith("frozen\n")
+        assert src.alive()
+        os.kill(src.pid, signal.SIGUSR1)        # a frozen source does not answer
+        time.sleep(0.2)
+        assert "ok" not in Path(out).read_text()
+        assert verify(restored_pid(result.status), str(out)).startswith("ok round=")
+        Path(mnt, "ctl").write_text("kill\n")
+        assert P.wait_gone(src.pid, 10)
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt])
+        os.rmdir(mnt)
