@@ -58,7 +58,9 @@ NR = {
     "tgkill": 234, "openat": 257, "set_robust_list": 273, "get_robust_list": 274,
     "dup3": 292, "prlimit64": 302, "rseq": 334, "pidfd_open": 434, "clone3": 435,
     "close_range": 436, "pidfd_getfd": 438, "clock_nanosleep": 230, "memfd_create": 319,
-    "ftruncate": 77, "getpgrp": 111, "tkill": 200,
+    "ftruncate": 77, "getpgrp": 111, "tkill": 200, "rt_sigqueueinfo": 129,
+    "rt_tgsigqueueinfo": 297, "timer_create": 222, "timer_settime": 223, "timer_gettime": 224,
+    "timer_getoverrun": 225, "timer_delete": 226,
 }
 NR_NAMES = {v: k for k, v in NR.items()}
 

@@ -412,3 +412,135 @@ def test_restore_straight_from_a_live_source_with_a_zombie(procs, restored, tmp_
     while "reaped" not in out.read_text() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert f"reaped {child} 7" in out.read_text()
+
+
+# -- pending signals with their siginfo, a timer aimed at one thread ------------------------
+# Everything is blocked: SIGRTMIN queued twice (values 1, 2) and SIGUSR1 from the test in the
+# process queue, SIGRTMIN+1 (value 7) in the main thread's own queue; thread B takes the
+# ticks of a 10 ms SIGEV_THREAD_ID timer. After the move each pending signal must come out in
+# order with its code, value and sender, and the timer keep its id, interval and thread.
+SIGQUEUE_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile pid_t b_tid;
+static volatile long b_ticks, b_bad;
+static char msg[512];
+
+static void *thread_b(void *arg)
+{
+	sigset_t s;
+	(void)arg;
+	sigemptyset(&s);
+	sigaddset(&s, SIGRTMIN + 2);
+	b_tid = syscall(SYS_gettid);
+	for (;;) {
+		siginfo_t si;
+		if (sigwaitinfo(&s, &si) != SIGRTMIN + 2)
+			continue;
+		b_bad += si.si_code != SI_TIMER || si.si_value.sival_int != 99;
+		b_ticks++;
+	}
+	return NULL;
+}
+
+static void put(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+	fputs(text, f);
+	fclose(f);
+}
+
+/* The next queued instance of `sig` must have this code, value (or sender) */
+static int take(int sig, int code, int value, int pid)
+{
+	sigset_t s;
+	struct timespec zero = {0, 0};
+	siginfo_t si;
+	sigemptyset(&s);
+	sigaddset(&s, sig);
+	if (sigtimedwait(&s, &si, &zero) != sig)
+		return snprintf(msg, sizeof msg, "signal %d not pending", sig), 1;
+	if (si.si_code != code || (value >= 0 && si.si_value.sival_int != value) ||
+	    (pid >= 0 && si.si_pid != pid))
+		return snprintf(msg, sizeof msg, "signal %d: code %d value %d pid %d, want %d %d %d",
+				sig, si.si_code, si.si_value.sival_int, si.si_pid, code, value, pid), 1;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	const char *out = argv[1], *go = argv[2];
+	int sender = atoi(argv[3]);
+	sigset_t block;
+	pthread_t b;
+	timer_t tmr;
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR1);
+	sigaddset(&block, SIGRTMIN);
+	sigaddset(&block, SIGRTMIN + 1);
+	sigaddset(&block, SIGRTMIN + 2);
+	pthread_sigmask(SIG_BLOCK, &block, NULL);
+	pthread_create(&b, NULL, thread_b, NULL);
+	while (!b_tid)
+		usleep(1000);
+	struct sigevent ev = { .sigev_notify = SIGEV_THREAD_ID, .sigev_signo = SIGRTMIN + 2 };
+	ev.sigev_value.sival_int = 99;
+	ev._sigev_un._tid = b_tid;
+	struct itimerspec its = { {0, 10000000}, {0, 10000000} };
+	if (timer_create(CLOCK_MONOTONIC, &ev, &tmr) || timer_settime(tmr, 0, &its, NULL))
+		return 2;
+	union sigval v1 = { .sival_int = 1 }, v2 = { .sival_int = 2 }, v7 = { .sival_int = 7 };
+	sigqueue(getpid(), SIGRTMIN, v1);
+	sigqueue(getpid(), SIGRTMIN, v2);
+	pthread_sigqueue(pthread_self(), SIGRTMIN + 1, v7);
+	put(out, "ready\n");
+	while (access(go, F_OK))
+		usleep(10000);
+	int bad = take(SIGRTMIN, SI_QUEUE, 1, -1) || take(SIGRTMIN, SI_QUEUE, 2, -1) ||
+		  take(SIGRTMIN + 1, SI_QUEUE, 7, -1) || take(SIGUSR1, SI_USER, -1, sender);
+	struct itimerspec cur;
+	if (!bad && (timer_gettime(tmr, &cur) || cur.it_interval.tv_nsec != 10000000))
+		bad = snprintf(msg, sizeof msg, "timer %ld lost its interval", (long)tmr);
+	long t0 = b_ticks;
+	usleep(300000);
+	if (!bad && (b_ticks - t0 < 5 || b_bad))
+		bad = snprintf(msg, sizeof msg, "thread timer: %ld ticks in 300 ms, %ld bad",
+			       b_ticks - t0, b_bad);
+	put(out, bad ? msg : "PASS");
+	return bad;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def sigqueue_bin(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sigqueue")
+    (d / "sq.c").write_text(SIGQUEUE_C)
+    subprocess.run(["gcc", "-O1", "-Wall", "-pthread", "-o", str(d / "sq"), str(d / "sq.c"),
+                    "-lrt"], check=True)
+    return str(d / "sq")
+
+
+@pytest.mark.parametrize("opts", [{}, {"pidns": True}], ids=["new-pids", "pidns"])
+def test_pending_signals_keep_siginfo_and_thread_timer(opts, sigqueue_bin, procs, restored,
+                                                       tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    p = procs.spawn([sigqueue_bin, str(out), str(go), str(os.getpid())])
+    _procs.wait_file(out, "ready\n", timeout=10)
+    os.kill(p.pid, signal.SIGUSR1)
+    d = dump(p.pid, tmp_path / "tree")
+    pending = [f.name for f in (d / "tasks" / str(p.pid)).glob("**/pending/*")]
+    assert len(pending) >= 4, pending
+    assert (d / "tasks" / str(p.pid) / "timers" / "posix").is_dir()
+    r = restored(restore(str(d), **opts))
+    out.write_text("")
+    go.write_text("")
+    assert _procs.wait_file(out, timeout=10) == "PASS"

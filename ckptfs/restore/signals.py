@@ -25,11 +25,11 @@ from __future__ import annotations
 import struct
 
 from ..errors import KernelError, RestoreFailed
-from ..inject import Injector
+from ..inject import NR, Injector
 
-NR_RT_SIGQUEUEINFO, NR_RT_TGSIGQUEUEINFO = 129, 297
-NR_TIMER_CREATE, NR_TIMER_SETTIME = 222, 223
-NR_GETPID, NR_GETTID, NR_PRCTL = 39, 186, 157
+NR_RT_SIGQUEUEINFO, NR_RT_TGSIGQUEUEINFO = NR["rt_sigqueueinfo"], NR["rt_tgsigqueueinfo"]
+NR_TIMER_CREATE, NR_TIMER_SETTIME = NR["timer_create"], NR["timer_settime"]
+NR_GETPID, NR_GETTID, NR_PRCTL = NR["getpid"], NR["gettid"], NR["prctl"]
 PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_OFF, RESTORE_IDS_ON = 77, 0, 1
 SIGKILL, SIGSTOP = 9, 19
 NOT_QUEUED = {SIGKILL: "SIGKILL", SIGSTOP: "SIGSTOP"}
