@@ -295,9 +295,8 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
             src.ctl("kill")
     except BaseException:
         if frozen and not restored:
-            log(f"migration failed: thawing process {pid}, it keeps running here")
-            src.ctl("thaw")
-        if not (restored and keep_source):
+            restored = back_out(src, dest)
+        if not (restored and keep_source) and not (frozen and restored):
             src.close()
         raise
     if not keep_source:
@@ -307,6 +306,31 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
     log(f"target: {status}; downtime {downtime * 1000:.0f} ms; total {result.total:.2f} s; "
         f"bytes per pass: {', '.join(_mb(p.bytes) for p in passes)}")
     return result
+
+
+ABORT = """echo abort > {ctl} 2>/dev/null; while :; do s=$(head -n 1 {status} 2>/dev/null)
+case $s in restoring*|verifying*) sleep 0.05;; *) echo "$s"; exit 0;; esac; done"""
+
+
+def back_out(src: SourceMount, dest: Dest) -> bool:
+    """After a failure past the freeze: tell the target to drop the job, wait until it is not
+    in the middle of a restore, then thaw the source, unless the target did restore it after
+    all (then the source stays frozen: never two running copies). True in that case."""
+    script = ABORT.format(ctl=shlex.quote(f"{dest.path}/ctl"),
+                          status=shlex.quote(f"{dest.path}/status"))
+    argv = rsh() + [dest.host, script] if dest.host else ["sh", "-c", script]
+    try:
+        status = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout.strip()
+    except subprocess.TimeoutExpired:
+        status = "restoring (still, after 120 s)"
+    if status.startswith(("restored", "restoring")):
+        log(f"migration failed, but the target says {status!r}: process {src.pid} stays frozen "
+            f"under {src.dir} (echo thaw or kill > {src.dir}/ctl)")
+        return True
+    log(f"migration failed (target: {status or 'no status'}): thawing process {src.pid}, "
+        "it keeps running here")
+    src.ctl("thaw")
+    return False
 
 
 def run(args) -> int:
