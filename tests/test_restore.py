@@ -544,3 +544,35 @@ def test_pending_signals_keep_siginfo_and_thread_timer(opts, sigqueue_bin, procs
     out.write_text("")
     go.write_text("")
     assert _procs.wait_file(out, timeout=10) == "PASS"
+
+
+DELETED_TWICE = textwrap.dedent("""\
+    import os, sys, time
+    os.chdir(sys.argv[1])
+    fd = os.open("data", os.O_RDWR | os.O_CREAT, 0o640)
+    os.write(fd, b"saved contents " * 100)
+    os.lseek(fd, 7, os.SEEK_SET)
+    os.unlink("data")
+    open("data", "w").write("another file now\\n")     # the name is taken again
+    open("ready", "w").write(f"{fd}\\n")
+    time.sleep(60)
+""")
+
+
+def test_deleted_file_comes_back_deleted_when_its_name_is_taken(procs, restored, tmp_path):
+    script, work = tmp_path / "d.py", tmp_path / "work"
+    work.mkdir()
+    script.write_text(DELETED_TWICE)
+    p = procs.spawn([sys.executable, str(script), str(work)])
+    fd = int(_procs.wait_file(work / "ready", timeout=10))
+    d = dump(p.pid, tmp_path / "tree")
+    assert (d / "tasks" / str(p.pid) / "fds" / str(fd) / "deleted").read_text() == "1\n"
+    new = restored(restore(str(d))).pids[p.pid]
+    link = os.readlink(f"/proc/{new}/fd/{fd}")
+    assert link.startswith(str(work) + "/") and link.endswith(" (deleted)"), link
+    assert os.stat(f"/proc/{new}/fd/{fd}").st_nlink == 0
+    assert os.stat(f"/proc/{new}/fd/{fd}").st_mode & 0o777 == 0o640
+    assert Path(f"/proc/{new}/fd/{fd}").read_bytes() == b"saved contents " * 100
+    assert int(Path(f"/proc/{new}/fdinfo/{fd}").read_text().split()[1]) == 7     # pos
+    assert (work / "data").read_text() == "another file now\n"
+    assert sorted(os.listdir(work)) == ["data", "ready"]          # no ghost left behind
