@@ -457,6 +457,11 @@ def page_count(ranges: list[Range]) -> int:
 
 
 # -- chunk mtimes for the mount ----------------------------------------------------------------
+def _salt() -> int:
+    """Nanoseconds shared by every stamp of one mount: 1 .. 999999999, random."""
+    return int.from_bytes(os.urandom(4), "little") % (10**9 - 1) + 1
+
+
 CHUNK_PATH = re.compile(r"^/tasks/(\d+)/maps/([0-9a-f]+)-([0-9a-f]+)/pages/0x([0-9a-f]+)$")
 
 
@@ -483,6 +488,11 @@ class ChunkClock:
     (a VMA or process the trackers do not know) gets a fresh stamp of its own, memoized until
     the next pass, so it cannot collide with a stamp given before.
 
+    Stamps may run ahead of the clock when passes come faster than one a second. So that a
+    later mount of the same process cannot hand out a second some earlier copy carries, the
+    nanoseconds of every stamp are a number drawn per mount (`salt`); `ckptfs migrate` has
+    rsync compare nanoseconds (--modify-window=-1).
+
     The mount calls `new_pass()` on every readdir of its root: every rsync, cp or tar run
     starts there, so each run is one pass, with no command needed; the scan costs well
     under a millisecond per VMA.
@@ -493,7 +503,8 @@ class ChunkClock:
         self.trackers, self.chunk_size, self._now = dict(trackers), chunk_size, clock
         self._lock = threading.Lock()
         self._last = int(self._now())
-        self.base = self._last * 10**9
+        self.salt = _salt()
+        self.base = self._last * 10**9 + self.salt
         self._cells: dict[tuple[int, int, int], int] = {}
         self._vmas: dict[tuple[int, int], int] = {}
         self._known: dict[int, set[int]] = {pid: set() for pid in trackers}
@@ -506,7 +517,7 @@ class ChunkClock:
 
     def _fresh(self) -> int:
         self._last = max(int(self._now()), self._last + 1)
-        return self._last * 10**9
+        return self._last * 10**9 + self.salt
 
     def mtime(self, pid: int, vma_start: int, offset: int) -> int:
         """The chunk's mtime in ns."""
@@ -591,6 +602,7 @@ class ContentStamps:
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self._now = clock
+        self.salt = _salt()
         self._seen: dict[str, tuple[int, int]] = {}     # path -> (xxh3, stamp in s)
         self._lock = threading.Lock()
 
@@ -602,7 +614,7 @@ class ContentStamps:
             if old is None or old[0] != digest:
                 stamp = max(int(self._now()), old[1] + 1) if old else int(self._now())
                 old = self._seen[path] = (digest, stamp)
-            return old[1] * 10**9
+            return old[1] * 10**9 + self.salt
 
 
 class ChunkClockMixin:
