@@ -367,3 +367,20 @@ def test_content_stamps_move_only_when_content_does():
     b = c.observe("/x", b"2")                    # same second, still a new stamp
     assert b > a and b % 10**9 == c.salt and a // 10**9 == 1000
     assert c.observe("/x", b"1") > b             # back to old bytes: newer again, never reused
+
+
+def test_falls_back_to_checksums_when_the_process_is_already_traced(workload):
+    from ckptfs import ptrace
+    w = workload(total=16, wset=2, woff=4)
+    ptrace.seize(w.pid)                         # someone else's tracer: no injection possible
+    try:
+        with DirtyTracker(w.pid) as t:
+            assert t.method == "checksum" and "userfaultfd" in t.reason
+            t.reset()
+            with pytest.raises(dirty.TrackingUnavailable):
+                DirtyTracker(w.pid, method=dirty.UFFD_METHOD)
+    finally:
+        ptrace.interrupt(w.pid)                 # detaching needs a stopped tracee
+        dirty._wait_interrupt_stop(w.pid)
+        ptrace.detach(w.pid)
+    assert w.cmd(b"w") == b"k"
