@@ -752,6 +752,8 @@ def tracked_fs(source, clock: ChunkClock, **kw):
 
     class TrackedFS(ChunkClockMixin, fs.CheckpointFS):
         pass
+    for name in ("getattr", "open", "read_into", "release", "readdir"):   # one errno boundary
+        setattr(TrackedFS, name, fs._boundary(getattr(ChunkClockMixin, name)))
 
     state = kw.pop("status", None)
 
