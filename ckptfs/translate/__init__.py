@@ -7,6 +7,7 @@ it becomes a `Lossy` record, or, in strict mode, an `errors.Unsupported`.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ..errors import Unsupported
 
@@ -38,3 +39,18 @@ class LossLog:
             raise Unsupported(f"{rec.value}: {reason} (strict mode)", path=path, step=self.step)
         if rec not in self.records:
             self.records.append(rec)
+
+
+def check_binary_os(source, here: str = "linux") -> None:
+    """Refuse a checkpoint whose program is a native binary of another OS (model.Meta.binary_os,
+    the manifest's `source.binary_os`): only Linux binaries move between Linux and FreeBSD (the
+    Linuxulator runs them there); a FreeBSD binary cannot run on Linux. Raises Unsupported
+    naming the manifest and the value; a tree without the field is a Linux one."""
+    value = source.meta().binary_os or "linux"
+    if value in (here, "linux"):
+        return
+    root = getattr(source, "root", None)
+    path = os.path.join(root, "manifest") if isinstance(root, str) else "manifest"
+    raise Unsupported(f'"binary_os": "{value}": the checkpoint is a native {value} program; '
+                      f"it cannot run on {here} (only Linux binaries move, and only to "
+                      "FreeBSD's Linux emulation and back)", path=path, step=f"restore on {here}")
