@@ -67,6 +67,22 @@ def test_zdtm_dump_restore(name, zdtm_bin, procs, restored, tmp_path):
     assert zdtm.run_case(zdtm_bin, name, tmp_path, procs, move=mover(restored)) == "PASS"
 
 
+def test_memory_filled_by_userfaultfd_leaves_no_trace(zdtm_bin, procs, restored, tmp_path):
+    """Private anonymous maps are filled through a userfaultfd of the task (restore/memory.py):
+    afterwards the task holds no such descriptor and no map is still registered."""
+    run = zdtm.start(zdtm_bin, "mmap_pattern", tmp_path / "work", procs.spawn)
+    d = dump(run.pid, tmp_path / "tree")
+    r = restored(restore(str(d)))
+    new = r.pids[run.pid]
+    assert r.timing["bytes"] >= 48 << 20
+    links = zdtm.fd_links(new).values()
+    assert not any("userfaultfd" in link for link in links), links
+    flags = [line for line in Path(f"/proc/{new}/smaps").read_text().splitlines()
+             if line.startswith("VmFlags:")]
+    assert flags and not any(" um" in line or " uw" in line for line in flags)
+    assert zdtm.check(new, run.result) == "PASS"
+
+
 def test_sleep_keeps_its_remaining_time(procs, restored, tmp_path):
     p = procs.spawn(["sleep", "2"])
     time.sleep(0.5)

@@ -134,6 +134,7 @@ class LinuxRestorer:
         self.xsize = 0
         self.timing: dict[str, float] = {}
         self.populate: set[int] = set()        # maps of the current task to fault in ahead
+        self.uffd: set[int] = set()            # maps of the current task to fill by userfaultfd
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> dict[int, int]:
@@ -371,8 +372,9 @@ class LinuxRestorer:
         t0 = time.monotonic()
         n = memory.fill(self.src, t.pid, live.pid, fill,
                         lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"),
-                        inj=inj, populate=self.populate)
+                        inj=inj, populate=self.populate, uffd=self.uffd)
         self.populate.clear()
+        self.uffd.clear()
         self.timing["fill"] = self.timing.get("fill", 0) + time.monotonic() - t0
         self.timing["bytes"] = self.timing.get("bytes", 0) + n
         for vma in added_write:
@@ -436,7 +438,9 @@ class LinuxRestorer:
         ranges = self.src.page_ranges(t.pid, vma) if fill else []
         fill = bool(ranges)
         prot = vma.prot | (PROT_WRITE if fill else 0)
-        if 2 * sum(r.end - r.start for r in ranges) >= vma.end - vma.start:
+        if fill and flags & MAP_ANONYMOUS and memory.USE_UFFD:
+            self.uffd.add(vma.start)     # fresh and private: UFFDIO_COPY (memory.fill)
+        elif 2 * sum(r.end - r.start for r in ranges) >= vma.end - vma.start:
             # Mostly filled anyway: the task faults its pages in itself, ahead of the copy
             # (memory.fill); one by one inside process_vm_writev they cost four times more.
             self.populate.add(vma.start)
