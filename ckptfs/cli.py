@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 from .errors import CkptError
@@ -114,21 +113,28 @@ def cmd_mount(a) -> int:
         # no commands: a checkpoint on disk neither freezes nor thaws
         ops = fs.CheckpointFS(ImageSource(a.images), chunk_size=a.chunk_size, control={})
     else:
-        ops = live_fs(a.pid, a.chunk_size, freeze=a.freeze, container=a.container)
+        ops = live_fs(a.pid, a.chunk_size, freeze=a.freeze, container=a.container,
+                      track=not a.no_track)
     try:
         fs.serve(ops, mnt, foreground=True)
     finally:
+        if ops.clock:
+            ops.clock.close()  # trackers unregistered: no trace of them is left in the process
         source = getattr(ops.source, "inner", None)
         if source is not None and hasattr(source, "thaw"):
             close_source(source)  # the process goes on exactly as before
     return 0
 
 
-def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool):
+def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool, track: bool = True):
+    """The live view of PID's tree. With `track`, written-page trackers are set up first (before
+    anything else traces the process) and chunk mtimes follow them (rsync pre-copy)."""
     from . import fs
+    from .capture import dirty
     from .capture.linux import LiveSource
     source = LiveSource(pid)
     source.container = container  # isolation/ is compared with the host, not the parent
+    clock = dirty.clock_for(source.pids(), chunk_size) if track else None
     holder: dict = {}
 
     def act(fn):
@@ -147,7 +153,8 @@ def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool):
 
     control = {"freeze": act(source.freeze), "thaw": act(source.thaw), "kill": act(kill)}
     st = os.stat(f"/proc/{pid}")
-    ops = fs.CheckpointFS(source, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid), control=control)
+    ops = fs.CheckpointFS(source, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid),
+                          control=control, clock=clock)
     holder["fs"] = ops
     if freeze:
         control["freeze"]()
@@ -247,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--container", action="store_true", help="PID is a container's init")
     m.add_argument("--images", metavar="CRIUDIR", help="show a CRIU image directory instead of a process")
     m.add_argument("--chunk-size", type=_chunk, default=DEFAULT_CHUNK)
+    m.add_argument("--no-track", action="store_true",
+                   help="no written-page tracking (chunk mtimes stay the mount's)")
     m.add_argument("pid", type=int, nargs="?")
     m.add_argument("mountpoint")
     m.set_defaults(fn=cmd_mount)

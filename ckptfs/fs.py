@@ -25,8 +25,8 @@ import time
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # 1 MiB requests; libfuse2 caps at 128 KiB
 import mfusepy as fuse  # noqa: E402
 
-from . import tree
-from .errors import CkptError, ProcessGone
+from . import stamps, tree
+from .errors import CkptError
 from .model import Source
 
 log = logging.getLogger("ckptfs.fs")
@@ -34,6 +34,7 @@ log = logging.getLogger("ckptfs.fs")
 CACHED = ("meta", "pstree", "core", "ids", "mm", "fs", "fdinfo", "file", "pipe_data",
           "page_ranges", "isolation")
 PRIVATE = 0o600  # memory and register files
+NO_STAMP = ("/ctl", "/status")  # the mount's own files keep the mount's stamp
 
 
 class CachedSource(Source):
@@ -126,8 +127,12 @@ class CheckpointFS(fuse.Operations):
     use_ns = True
 
     def __init__(self, source: Source, *, chunk_size: int, owner: tuple[int, int] = (0, 0),
-                 control: dict | None = None, status=None):
+                 control: dict | None = None, status=None, clock=None):
         self.source = CachedSource(source)
+        # written-page tracking (capture.dirty.ChunkClock): chunk mtimes move only when written
+        self.clock = clock
+        self.contents = stamps.ContentStamps() if clock else None
+        self.sums = stamps.ChunkSums() if clock else None
         self.chunk_size = chunk_size
         self.uid, self.gid = owner
         self.started = time.time_ns()
@@ -136,20 +141,30 @@ class CheckpointFS(fuse.Operations):
         self._handles: dict[int, tuple[tree.Node, bytes | None]] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
-        extra = {"status": tree.File(lambda: ((status() if status else
-                                                ("frozen" if self.source.frozen else "running")) + "\n").encode()),
+        extra = {"status": tree.File(lambda: (self._status(status) + "\n").encode()),
                  "manifest": tree.File(self._manifest_bytes)}
         if control is not None:
             extra["ctl"] = Control(control)
         self.renderer = tree.Renderer(self.source, chunk_size)
         self.root = self.renderer.root(extra)
 
+    def _status(self, status) -> str:
+        """`running` plus, while it runs with tracking, how written pages are found. A frozen
+        tree says just `frozen`, as a dump does (a frozen copy and a dump are diff -r equal)."""
+        word = status() if status else ("frozen" if self.source.frozen else "running")
+        tracked = self.clock and not self.source.frozen
+        return f"{word}\ntracking: {self.clock.method}" if tracked else word
+
     def changed(self) -> None:
-        """State moved (freeze, thaw): forget everything cached."""
+        """State moved (freeze, thaw): forget everything cached. After a freeze, one more
+        tracking pass, so writes up to the freeze have their stamps before the manifest's
+        checksums rely on them."""
         self.source.invalidate()
         self.renderer.epoch.bump()
         self._manifest = None
         self.stamp = time.time_ns()
+        if self.clock and self.source.frozen:
+            self.clock.new_pass()
 
     def _manifest_bytes(self) -> bytes:
         if not self.source.frozen:
@@ -157,7 +172,8 @@ class CheckpointFS(fuse.Operations):
         cached = self._manifest
         if cached and cached[0] == self.stamp:
             return cached[1]
-        files = tree.checksummed_files(self.root)
+        files = self.sums.checksummed(self.root, self.clock) if self.clock \
+            else tree.checksummed_files(self.root)
         data = tree.manifest_bytes(self.source, self.source.pids()[0], self.chunk_size, files)
         self._manifest = (self.stamp, data)
         return data
@@ -185,7 +201,17 @@ class CheckpointFS(fuse.Operations):
         else:
             st.update(st_mode=stat.S_IFREG | node.mode, st_nlink=1, st_size=node.size(),
                       st_blksize=1 << 20)
+            if self.clock:
+                st["st_mtime"] = self._tracked_mtime(path, node)
         return st
+
+    def _tracked_mtime(self, path: str, node: tree.Node) -> int:
+        key = stamps.chunk_key(path)
+        if key is not None:
+            return self.clock.mtime(*key)
+        if path in NO_STAMP or not isinstance(node, tree.File):
+            return self.stamp
+        return self.contents.observe(path, node.content())
 
     @_boundary
     def readdir(self, path, fh):
@@ -193,6 +219,8 @@ class CheckpointFS(fuse.Operations):
         if not isinstance(node, tree.Dir):
             raise fuse.FuseOSError(errno.ENOTDIR)
         names = sorted(node.entries())
+        if path == "/" and self.clock:  # every copy starts here: a pass boundary
+            self.clock.new_pass()
         if path == "/" and "manifest" in names:  # copy tools that keep readdir order copy it last
             names.remove("manifest")
             names.append("manifest")
@@ -212,6 +240,12 @@ class CheckpointFS(fuse.Operations):
             self._handles[fh] = (node, snapshot)
         fi.fh = fh
         fi.direct_io = 1
+        if self.clock:
+            if snapshot is not None and path not in NO_STAMP:
+                self.contents.observe(path, snapshot)
+            key = stamps.chunk_key(path)
+            if key is not None:
+                self.sums.opened(fh, path, self.clock.mtime(*key))
         return 0
 
     @_boundary
@@ -233,6 +267,8 @@ class CheckpointFS(fuse.Operations):
         size = max(0, min(size, node.length - offset))
         if size:
             into(node.pid, node.addr + offset, (ctypes.c_char * size).from_address(buf_addr))
+        if self.sums:
+            self.sums.data(fi.fh, offset, buf_addr, size)
         return size
 
     @_boundary
@@ -253,8 +289,16 @@ class CheckpointFS(fuse.Operations):
     @_boundary
     def release(self, path, fi):
         with self._lock:
-            self._handles.pop(fi.fh, None)
+            node, _ = self._handles.pop(fi.fh, (None, None))
+        if self.sums:
+            self.sums.released(fi.fh, getattr(node, "length", -1))
         return 0
+
+    def init_with_config(self, conn, config):
+        """With tracking, no kernel attribute cache: a chunk's mtime may move at any pass, and
+        a cached older mtime could equal the one a previous copy recorded (a lost write)."""
+        if config is not None and self.clock:
+            config.attr_timeout = 0.0
 
     @_boundary
     def statfs(self, path):

@@ -184,7 +184,7 @@ def mount_command() -> list[str]:
     """The source mount; $CKPTFS_MOUNT overrides (e.g. to try another daemon)."""
     if os.environ.get("CKPTFS_MOUNT"):
         return shlex.split(os.environ["CKPTFS_MOUNT"])
-    return [sys.executable, "-m", "ckptfs.migrate", "mount"]
+    return [sys.executable, "-m", "ckptfs.cli", "mount", "-f"]
 
 
 # -- the migration -------------------------------------------------------------------------
@@ -339,59 +339,11 @@ def run(args) -> int:
     return 0
 
 
-# -- a tracking source mount (until `ckptfs mount` builds one itself) --------------------------
-def serve_tracked(pid: int, mnt: str, chunk_size: int) -> None:
-    """`ckptfs mount PID MNT` in the foreground, with chunk mtimes from written-page tracking.
-    The trackers exist before anything else stops the process; unmounting thaws it."""
-    import signal
-
-    from . import cli, fs
-    from .capture import dirty
-    from .capture.linux import LiveSource
-    cli.check_mountpoint(mnt)
-    cli.check_pid(pid)
-    source = LiveSource(pid)
-    clock = dirty.clock_for(source.pids(), chunk_size)
-    holder: dict = {}
-
-    def act(fn):
-        def run():
-            fn()
-            holder["fs"].changed()
-        return run
-
-    def kill():
-        for p in reversed(source.pids()):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        source.thaw()
-
-    control = {"freeze": act(source.freeze), "thaw": act(source.thaw), "kill": act(kill)}
-    st = os.stat(f"/proc/{pid}")
-    ops = dirty.tracked_fs(source, clock, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid),
-                           control=control)
-    holder["fs"] = ops
-    try:
-        fs.serve(ops, mnt, foreground=True)
-    finally:
-        try:
-            clock.close()
-        finally:
-            cli.close_source(source)
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .model import DEFAULT_CHUNK
     p = argparse.ArgumentParser(prog="python -m ckptfs.migrate")
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("mount", help="tracking source mount, in the foreground")
-    m.add_argument("pid", type=int)
-    m.add_argument("mountpoint")
-    m.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
     g = sub.add_parser("run", help="same as `ckptfs migrate`")
     g.add_argument("--keep-source", action="store_true")
     g.add_argument("--passes", type=int, default=MAX_PASSES)
@@ -399,9 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("dest")
     a = p.parse_args(argv)
     try:
-        if a.cmd == "mount":
-            serve_tracked(a.pid, os.path.abspath(a.mountpoint), a.chunk_size)
-            return 0
         return run(a)
     except CkptError as e:
         print(f"ckptfs migrate: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptfs import stamps
 from ckptfs.capture import dirty
 from ckptfs.capture.dirty import ChunkClock, DirtyTracker
 
@@ -327,7 +328,7 @@ def test_tracked_mount_sends_only_written_chunks_and_an_exact_frozen_manifest(
     w = workload(total=64, wset=4, woff=16)
     mnt, copy = tmp_path / "mnt", tmp_path / "copy"
     mnt.mkdir()
-    tmp_mount([sys.executable, "-m", "ckptfs.migrate", "mount", str(w.pid), str(mnt)], mnt)
+    tmp_mount([sys.executable, "-m", "ckptfs.cli", "mount", "-f", str(w.pid), str(mnt)], mnt)
     assert (mnt / "status").read_text() == "running\ntracking: uffd-wp+pagemap-scan\n"
     first = rsync(mnt, copy)
     assert sum("/pages/" in n for n in first) >= 32
@@ -361,7 +362,7 @@ def test_tracked_mount_sends_only_written_chunks_and_an_exact_frozen_manifest(
 
 def test_content_stamps_move_only_when_content_does():
     now = FakeTime()
-    c = dirty.ContentStamps(now)
+    c = stamps.ContentStamps(now)
     a = c.observe("/x", b"1")
     assert c.observe("/x", b"1") == a
     b = c.observe("/x", b"2")                    # same second, still a new stamp

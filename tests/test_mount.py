@@ -76,7 +76,8 @@ def test_live_tree_matches_proc(live_mount, procs, tmp_path):
     pid = sleeper.pid
     mnt = live_mount(pid)
     task = f"{mnt}/tasks/{pid}"
-    assert read(f"{mnt}/status") == "running\n"
+    assert read(f"{mnt}/status").splitlines()[0] == "running"
+    assert "tracking: uffd-wp+pagemap-scan" in read(f"{mnt}/status")
     assert read(f"{task}/comm") == "sleep\n"
     assert sorted(os.listdir(f"{task}/threads")) == [str(pid)]
     # blocked in clock_nanosleep: sp and pc agree with the kernel's view
@@ -137,7 +138,7 @@ def test_memory_fds_and_pipe(live_mount, pattern_proc):
     assert open(f"{task}/fds/{r}/data", "rb").read() == b"queued bytes"
     with open(echo, "w") as c:
         c.write("thaw\n")
-    assert read(f"{mnt}/status") == "running\n"
+    assert read(f"{mnt}/status").splitlines()[0] == "running"
     assert traced_by(pid) == 0
 
 
