@@ -69,6 +69,12 @@ class CachedSource(Source):
     def read_memory(self, pid, addr, size):
         return self.inner.read_memory(pid, addr, size)
 
+    def file_deleted(self, file_id):
+        return self.inner.file_deleted(file_id)
+
+    def file_contents(self, file_id):
+        return self.inner.file_contents(file_id)
+
     def __getattr__(self, name):
         if name in CACHED:
             return functools.partial(self._get, name)

@@ -22,10 +22,6 @@ from helpers import zdtm
 CLI = [sys.executable, "-m", "ckptfs.cli"]
 # What does not survive a move yet, per path (strict: a fix makes the test fail until listed out).
 KNOWN = {
-    ("unlinked_file", "cp"): "the mount shows no fds/N/deleted+contents: fs.CachedSource inherits "
-                             "Source.file_deleted (False) instead of asking the LiveSource",
-    ("unlinked_file", "rsync"): "the mount shows no fds/N/deleted+contents: fs.CachedSource "
-                                "inherits Source.file_deleted (False) instead of asking the LiveSource",
     ("fifo", "cp"): "same host, source still frozen: the named FIFO is one kernel pipe shared by "
                     "the original and the copy, so its data is queued twice",
 }
