@@ -280,16 +280,20 @@ class DryRun:
 
 
 def dry_run_restore(os_name: str):
-    """A restore callable that only plans: the plan (or the problems) go to
-    STORE/state/<job>.plan, the status says `dry run: ...`."""
+    """A restore callable that only plans; the status says `dry run: ...`.
+
+    linux: the restore's problems (or that there are none) go to STORE/state/<job>.plan.
+    freebsd: the FreeBSD plan is written as files into the job itself, JOB/plan/ (jail.conf,
+    rctl.rules, tasks/<pid>/regs, fds/<n>/flags, sigactions, lossy ...), to read and edit
+    through the mount; `restore` written to JOB/ctl again checks the edited plan against the
+    tree (a bad edit fails the job naming JOB/plan/<file> and the value; fix it and write
+    restore again). Remove JOB/plan to have it written afresh. STORE/state/<job>.plan gets the
+    summary and the lossy list."""
     def plan(tree_dir, **opts):
         store, job = os.path.dirname(os.path.dirname(tree_dir)), os.path.basename(tree_dir)
         out = os.path.join(store, "state", f"{job}.plan")
         if os_name == "freebsd":
-            from .translate import freebsd
-            from .tree import TreeSource
-            text = freebsd.dry_run(TreeSource(tree_dir), tree_dir, strict=False)
-            summary = f"FreeBSD plan in {out}"
+            summary, text = _freebsd_plan(tree_dir, job)
         else:
             from .restore import restore
             problems = restore(tree_dir, dry_run=True).problems
@@ -301,16 +305,59 @@ def dry_run_restore(os_name: str):
     return plan
 
 
+def _freebsd_plan(tree_dir: str, job: str) -> tuple[str, str]:
+    """(status summary, state file text); errors name the plan file as the mount shows it."""
+    from .translate import check_binary_os, freebsd
+    from .tree import TreeSource
+    try:
+        source = TreeSource(tree_dir)
+        check_binary_os(source, here="freebsd")
+        done = freebsd.plan_dry_run(source, tree_dir, strict=False)
+    except CkptError as e:
+        raise type(e)(str(e).replace(tree_dir, job)) from None
+    summary = str(done).replace(tree_dir, job)
+    return summary, summary + "\n" + "".join(r.line() + "\n" for r in done.lossy)
+
+
+def freebsd_restore(tree_dir: str, **opts):
+    """Restore on a FreeBSD host from the job's plan if there is one (edits applied), else
+    from a fresh translation of the tree."""
+    from .restore import freebsd as restore_freebsd
+    from .translate import check_binary_os, freebsd
+    from .tree import TreeSource
+    source = TreeSource(tree_dir)
+    check_binary_os(source, here="freebsd")
+    plan_dir, plan = os.path.join(tree_dir, "plan"), None
+    if os.path.isdir(plan_dir):
+        freebsd.check_plan(source, plan_dir)
+        plan = freebsd.read_plan(plan_dir)
+    new = restore_freebsd.restore(source, plan=plan)
+    return _Restored(dict(zip(source.pids(), new)))
+
+
+class _Restored:
+    def __init__(self, pids: dict):
+        self.pids = pids
+
+
 def main_target(argv=None) -> int:
     """`ckptfs target [--store DIR] [--no-auto] [-f] [--os linux|freebsd] [--dry-run] MOUNTPOINT`.
 
     argv: a list of arguments, or the lead CLI's argparse Namespace with the same fields."""
     a = argv if isinstance(argv, argparse.Namespace) else _parser().parse_args(argv)
     restore = None
+    os_name = getattr(a, "os", "linux")
     if getattr(a, "restore_with", None):
         restore = _restore_from(a.restore_with)
-    elif getattr(a, "dry_run", False) or getattr(a, "os", "linux") != "linux":
-        restore = dry_run_restore(getattr(a, "os", "linux"))
+    elif getattr(a, "dry_run", False):
+        restore = dry_run_restore(os_name)
+    elif os_name == "freebsd":
+        if not sys.platform.startswith("freebsd"):
+            print(f"ckptfs target: --os freebsd restores on a FreeBSD host only (this is "
+                  f"{sys.platform}); add --dry-run to see and edit the plan as JOB/plan/",
+                  file=sys.stderr)
+            return 1
+        restore = freebsd_restore
     opts = {} if restore else {"log": lambda msg: log.info("restore: %s", msg)}
     try:
         run_target(a.mountpoint, a.store, not a.no_auto, a.foreground, restore=restore,

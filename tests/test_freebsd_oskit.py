@@ -300,6 +300,24 @@ def test_restore_sequence(monkeypatch):
     assert ("fsbase", 0x5000) in kit.log and names[-1] == "detach"
 
 
+def test_restore_applies_an_edited_plan(monkeypatch, tmp_path):
+    """The plan files a dry run wrote, edited, are what the FreeBSD restore applies."""
+    from ckptfs.translate.freebsd import plan_dry_run, read_plan
+    kit = FakeKit()
+    monkeypatch.setattr(RF, "spawn_helper", lambda jid, t: t.kit.attach(900) or 900)
+    root = plan_dry_run(OneProcess(), str(tmp_path)).root
+    with open(f"{root}/rctl.rules", "a") as f:
+        f.write("jail:ckptfs_50:memoryuse:deny=1g\n")
+    text = open(f"{root}/tasks/50/regs").read()
+    with open(f"{root}/tasks/50/regs", "w") as f:
+        f.write(text.replace("r_rip 0x401000", "r_rip 0x401010"))
+    again = plan_dry_run(OneProcess(), str(tmp_path))        # kept and checked, not rewritten
+    assert not again.fresh and "r_rip 0x401010" in open(f"{root}/tasks/50/regs").read()
+    RF.restore(OneProcess(), RF.Target(kit=kit), plan=read_plan(root))
+    assert ("rctl", f"jail:ckptfs_50:memoryuse:deny={1 << 30}") in kit.log
+    assert G.unpack(kit.regs)["r_rip"] == 0x401010
+
+
 def test_restore_refuses_native_freebsd_and_trees():
     class Native(OneProcess):
         def meta(self):

@@ -599,3 +599,62 @@ def test_real_dump_copied_with_rsync_runs_again(tmp_path, procs):
         assert m.wait_status("job", "dry run:", timeout=20) == "dry run: would restore"
         with open(os.path.join(m.store, "state/job.plan")) as f:
             assert f.read() == "no problems: the tree would restore\n"
+
+
+def test_freebsd_dry_run_shows_an_editable_plan_in_the_job(tmp_path, procs):
+    """`--os freebsd --dry-run`: a complete job gets JOB/plan/ (jail.conf, rctl.rules, struct
+    reg per task, fd flags, FreeBSD signal numbers, lossy); edits made through the mount are
+    checked when `restore` is written to ctl: nonsense fails naming the file and the value,
+    a fixed plan is checked and kept as edited."""
+    from ckptfs import tree
+    from ckptfs.capture.linux import LiveSource
+    from ckptfs.translate.freebsd import regs as G
+    p = procs.spawn(["sleep", "1000"])
+    time.sleep(0.2)
+    with LiveSource(p.pid) as live:
+        live.freeze()
+        tree.write_tree(live, str(tmp_path / "tree"))
+    pid = p.pid
+    with mounted(tmp_path, restore=None, name="fbsd", extra=["--os", "freebsd", "--dry-run"]) as m:
+        job = os.path.join(m.mnt, "job")
+        run("cp", "-a", str(tmp_path / "tree"), job)
+        st = m.wait_status("job", "dry run:", timeout=20)
+        assert st.startswith("dry run: FreeBSD plan written to job/plan"), st
+        plan = os.path.join(job, "plan")
+        with open(os.path.join(plan, "jail.conf")) as f:
+            assert f"ckptfs_{pid} {{" in f.read()
+        with open(os.path.join(plan, f"tasks/{pid}/regs")) as f:
+            names = [ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")]
+        assert names == [*G.REG_NAMES, "fsbase", "gsbase"]
+        with open(os.path.join(plan, f"tasks/{pid}/fds/0/flags")) as f:
+            assert f.read().startswith("0x")
+        with open(os.path.join(plan, "lossy")) as f:
+            lossy = f.read()
+        with open(os.path.join(m.store, "state/job.plan")) as f:
+            assert lossy in f.read()
+        rules = os.path.join(plan, "rctl.rules")
+        with open(rules, "a") as f:                      # through the mount
+            f.write(f"jail:ckptfs_{pid}:memoryuse:deny=5%\n")
+        with open(os.path.join(job, "ctl"), "w") as f:
+            f.write("restore\n")
+        st = m.wait_status("job", "failed:", timeout=20)
+        assert "job/plan/rctl.rules" in st and "5%" in st, st
+        with open(rules) as f:
+            text = f.read().replace("deny=5%", "deny=64m")
+        with open(rules, "w") as f:
+            f.write(text)
+        with open(os.path.join(job, "ctl"), "w") as f:
+            f.write("restore\n")
+        st = m.wait_status("job", "dry run: FreeBSD plan in job/plan checked", timeout=20)
+        with open(rules) as f:
+            assert f"jail:ckptfs_{pid}:memoryuse:deny=64m\n" in f.read()
+        assert not any(n.startswith(".plan") for n in os.listdir(job))
+
+
+def test_freebsd_target_without_dry_run_is_refused_here(tmp_path):
+    """There is no FreeBSD kernel here: the target says so instead of pretending."""
+    os.makedirs(tmp_path / "m")
+    r = run(PY, "-m", "ckptfs.cli", "target", "-f", "--os", "freebsd", "--store",
+            str(tmp_path / "s"), str(tmp_path / "m"), ok=False)
+    assert r.returncode == 1 and "--dry-run" in r.stderr and "FreeBSD host" in r.stderr
+    assert not os.path.ismount(tmp_path / "m")

@@ -77,14 +77,17 @@ class LinuxCalls:
         self.kit.write_memory(self.pid, self.scratch, self.saved_code)
 
 
-def restore(source, target: Target | None = None, strict: bool = False) -> list[int]:
-    """Restore `source` (a model.Source) on this FreeBSD host; returns the new pids."""
+def restore(source, target: Target | None = None, strict: bool = False,
+            plan=None) -> list[int]:
+    """Restore `source` (a model.Source) on this FreeBSD host; returns the new pids.
+    `plan`: a FreeBSDPlan to apply (read back from edited plan files); default: translate."""
     t = target or Target()
     meta = source.meta()
     if meta.binary_os != "linux":
         raise Unsupported("native FreeBSD binary: the FreeBSD restore runs Linux binaries "
                           "under the Linuxulator only", path="manifest")
-    plan = convert.to_freebsd(source, strict=strict)
+    if plan is None:
+        plan = convert.to_freebsd(source, strict=strict)
     if len(plan.tasks) != 1:
         raise Unsupported(f"{len(plan.tasks)} processes: process trees are not restored on "
                           "FreeBSD yet", path="tasks")

@@ -3,18 +3,52 @@
     to_freebsd(source, strict=False) -> FreeBSDPlan     (convert.py)
     from_freebsd(plan, strict=False) -> LinuxValues      (convert.py)
     write_plan(plan, dir) / read_plan(dir)               (plan.py: the editable dry-run files)
-    dry_run(source, outdir, strict=False) -> plan dir    (what `restore --os freebsd --dry-run` does)
+    plan_dry_run(source, outdir, strict=False) -> DryRun (what `restore --os freebsd --dry-run`
+        does: write outdir/plan, or check the one there with its edits); dry_run: its .root
     apply_linux(source, values) -> Source                (apply.py: the values back on a checkpoint)
+    check_plan(source, plan_dir) -> Source               (an edited plan checked and applied)
     through_freebsd(source, workdir, edit=None) -> Source   (the whole Linux -> FreeBSD -> Linux trip)
 
 Tables: flags.py (open/fcntl/mmap/madvise/signals/SA_/sigset/errno), regs.py (struct reg,
 syscall restart), fpu.py (XSAVE), jail.py (namespaces <-> jail), rctl.py (cgroups <-> RCTL).
 """
+import dataclasses
+import os
+
 from .convert import FreeBSDPlan, LinuxValues, from_freebsd, to_freebsd  # noqa: F401
 from .plan import read_plan, write_plan  # noqa: F401
-from .apply import AppliedSource, apply_linux, through_freebsd  # noqa: F401,E402
+from .apply import AppliedSource, apply_linux, check_plan, through_freebsd  # noqa: F401
+
+
+@dataclasses.dataclass
+class DryRun:
+    """What a dry run did: `root` the plan directory; `fresh` True if it was just written from
+    the checkpoint, False if a plan already there (perhaps edited) was checked and kept;
+    `lossy` every approximation (the plan's own and any its edits add)."""
+    root: str
+    fresh: bool
+    lossy: list
+
+    def __str__(self) -> str:
+        n = len(self.lossy)
+        if self.fresh:
+            return (f"FreeBSD plan written to {self.root}: {n} approximation(s) listed in "
+                    "plan/lossy; edit the files and run again to check the edits")
+        return f"FreeBSD plan in {self.root} checked with its edits: {n} approximation(s)"
+
+
+def plan_dry_run(source, outdir: str, strict: bool = False) -> DryRun:
+    """`restore --os freebsd --dry-run`: the first run writes outdir/plan from the checkpoint;
+    later runs keep that plan (the user's edits) and check it against the checkpoint, raising
+    BadTree/Unsupported that names the plan file and the value. Remove outdir/plan to start
+    over."""
+    root = os.path.join(outdir, "plan")
+    if os.path.isdir(root):
+        return DryRun(root, False, check_plan(source, root, strict=strict).lossy)
+    plan = to_freebsd(source, strict=strict)
+    return DryRun(write_plan(plan, outdir), True, list(plan.lossy))
 
 
 def dry_run(source, outdir: str, strict: bool = False) -> str:
-    """Translate `source` and write the plan under outdir/plan; returns the plan directory."""
-    return write_plan(to_freebsd(source, strict=strict), outdir)
+    """plan_dry_run, returning only the plan directory."""
+    return plan_dry_run(source, outdir, strict).root

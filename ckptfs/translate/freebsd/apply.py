@@ -3,6 +3,9 @@
     apply_linux(source, values) -> AppliedSource      a model.Source: `source` with the
         registers, signal masks, signal dispositions, descriptor flags and isolation of
         `values`; memory, maps, files' names and everything else come from `source`
+    check_plan(source, plan_dir, strict=False) -> AppliedSource
+        a plan directory (perhaps edited) read, translated back and applied: every edit the
+        checkpoint cannot take raises BadTree naming the plan file and the value
     through_freebsd(source, workdir, edit=None, strict=False) -> AppliedSource
         the whole trip: to_freebsd -> write_plan(workdir) -> edit(plan dir) -> read_plan ->
         from_freebsd -> apply_linux
@@ -204,11 +207,15 @@ def apply_linux(source: Source, values: LinuxValues, plan_root: str = "plan") ->
     return AppliedSource(source, values, plan_root)
 
 
+def check_plan(source: Source, plan_dir: str, strict: bool = False) -> AppliedSource:
+    values = from_freebsd(read_plan(plan_dir), strict=strict)
+    return apply_linux(source, values, plan_dir)
+
+
 def through_freebsd(source: Source, workdir: str, edit=None, strict: bool = False) -> AppliedSource:
     """Linux checkpoint -> FreeBSD plan files under workdir/plan -> `edit(plan_dir)` (if
     given: change the files as a user would) -> parsed back -> Linux form -> applied."""
     root = write_plan(to_freebsd(source, strict=strict), workdir)
     if edit is not None:
         edit(root)
-    values = from_freebsd(read_plan(root), strict=strict)
-    return apply_linux(source, values, root)
+    return check_plan(source, root, strict)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 
 from ...errors import BadTree
 from .. import Lossy
@@ -33,8 +35,30 @@ HEADER = "# ckptfs FreeBSD plan: edit and re-run; lines starting with # are igno
 
 # -- writing -------------------------------------------------------------------------------------
 def write_plan(plan: FreeBSDPlan, directory: str) -> str:
-    """Write the plan under directory/plan; returns that path."""
+    """Write the plan under directory/plan (replacing one that is there); returns that path.
+
+    The files are written into a temporary directory next to it and renamed into place, so a
+    reader (or a failure half way) never sees half a plan."""
     root = os.path.join(directory, "plan")
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".plan.", dir=directory)
+    try:
+        _write_files(plan, tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(root):
+            old = tempfile.mkdtemp(prefix=".plan-old.", dir=directory)
+            os.rename(root, os.path.join(old, "plan"))
+            os.rename(tmp, root)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _write_files(plan: FreeBSDPlan, root: str) -> None:
     files = {"source": "".join(f"{k} {v}\n" for k, v in plan.source.items()),
              "jail.conf": render_jail(plan.jail_name, plan.jail),
              "rctl.rules": HEADER + "".join(r.text() + "\n" for r in plan.rules),
@@ -44,7 +68,6 @@ def write_plan(plan: FreeBSDPlan, directory: str) -> str:
         files.update(task_files(task))
     for rel, text in files.items():
         _write(os.path.join(root, rel), text)
-    return root
 
 
 def _write(path: str, text: str) -> None:
