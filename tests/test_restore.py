@@ -325,6 +325,9 @@ def _edits(d: Path, pid: int, log: Path):
 
 def test_bad_trees_are_refused_and_leave_nothing(procs, restored, tmp_path):
     p = procs.spawn(["sleep", "60"])
+    deadline = time.monotonic() + 5          # a heap once sleep is past exec and started
+    while "[heap]" not in Path(f"/proc/{p.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
     log = Path(f"/proc/{p.pid}/fd/1").resolve()
     d = dump(p.pid, tmp_path / "tree")
     p.popen.wait()
