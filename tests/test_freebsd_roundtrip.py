@@ -47,9 +47,17 @@ def move_via_freebsd(pid: int, tmp: Path, edit=None) -> int:
     return new_root(ckptfs("restore", through(tmp, edit)).stdout, pid)
 
 
+# State the plan has no file for: it passes through here, plan/lossy must say a FreeBSD
+# restore leaves it out.
+NOT_CARRIED = {"itimer": "/timers/real\t", "sigaltstack": "/sigaltstack\t",
+               "sleeping": "/rseq\t", "threads": "-ERESTART_RESTARTBLOCK"}
+
+
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_zdtm_through_freebsd_form(name, zdtm_bin, procs, tmp_path):
     assert zdtm.run_case(zdtm_bin, name, tmp_path, procs, move=move_via_freebsd) == "PASS"
+    if name in NOT_CARRIED:
+        assert NOT_CARRIED[name] in (tmp_path / "fbsd/plan/lossy").read_text()
 
 
 def _edit(path: str, old: str, new: str) -> None:

@@ -10,6 +10,12 @@
         the whole trip: to_freebsd -> write_plan(workdir) -> edit(plan dir) -> read_plan ->
         from_freebsd -> apply_linux
 
+What the plan has no file for (memory, maps, file names and positions, creds, rlimits,
+timers, sigaltstack, rseq, pending signals, the xsave area) passes through from `source`
+unchanged; `to_freebsd` lists the non-default parts of it in plan/lossy as not carried by a
+FreeBSD restore, so a Linux restore of the result shows the translation of what the plan does
+carry, not everything a FreeBSD host would lose.
+
 Everything is checked and computed when the AppliedSource is made, so an edit the checkpoint
 cannot take (a task, thread or descriptor the checkpoint does not have, two descriptors of one
 open file given different flags, an io.max without a device) raises BadTree naming the plan

@@ -105,7 +105,47 @@ def to_freebsd(source: Source, strict: bool = False) -> FreeBSDPlan:
 def task_plan(source: Source, pid: int, tids: list[int], log: LossLog) -> TaskPlan:
     leader = source.core(pid)
     threads = [thread_plan(source, pid, tid, leader, log) for tid in tids]
+    not_carried(source, pid, tids, leader, log)
     return TaskPlan(pid, threads, fd_plans(source, pid, log), sigaction_plans(pid, leader, log))
+
+
+SS_DISABLE = 2
+NOT_CARRIED = {
+    "timers": "an armed interval or POSIX timer is not re-armed by the FreeBSD restore",
+    "pending": "queued signals are not queued again by the FreeBSD restore",
+    "sigaltstack": "the alternate signal stack is not re-established by the FreeBSD restore",
+    "rseq": "the rseq(2) registration is not re-made by the FreeBSD restore: the area's cpu "
+            "id is no longer kept up to date",
+}
+
+
+def not_carried(source: Source, pid: int, tids: list[int], leader, log: LossLog) -> None:
+    """State the plan has no file for, noted when it is not the default (so `lossy` lists
+    everything a FreeBSD restore would leave out, not only what it approximates)."""
+    base = f"tasks/{pid}"
+    timers = leader.tc.timers if leader.HasField("tc") else None
+    if timers is not None:
+        for kind in ("real", "virt", "prof"):
+            it = getattr(timers, kind)
+            if it.vsec or it.vusec:
+                log.note(f"{base}/timers/{kind}", f"{it.vsec}.{it.vusec:06d}s", NOT_CARRIED["timers"])
+        for t in timers.posix:
+            log.note(f"{base}/timers/posix/{t.it_id}", f"{t.vsec}.{t.vnsec:09d}s",
+                     NOT_CARRIED["timers"])
+    if leader.HasField("tc") and len(leader.tc.signals_s.signals):
+        log.note(f"{base}/pending", f"{len(leader.tc.signals_s.signals)} signal(s)",
+                 NOT_CARRIED["pending"])
+    for tid in tids:
+        tc = (leader if tid == pid else source.core(tid)).thread_core
+        where = f"{base}/threads/{tid}"
+        if len(tc.signals_p.signals):
+            log.note(f"{where}/pending", f"{len(tc.signals_p.signals)} signal(s)",
+                     NOT_CARRIED["pending"])
+        if tc.HasField("sas") and tc.sas.ss_sp and not tc.sas.ss_flags & SS_DISABLE:
+            log.note(f"{where}/sigaltstack", f"sp={tc.sas.ss_sp:#x} size={tc.sas.ss_size}",
+                     NOT_CARRIED["sigaltstack"])
+        if tc.HasField("rseq_entry") and tc.rseq_entry.rseq_abi_pointer:
+            log.note(f"{where}/rseq", hex(tc.rseq_entry.rseq_abi_pointer), NOT_CARRIED["rseq"])
 
 
 def gpregs(core, path: str) -> dict[str, int]:
