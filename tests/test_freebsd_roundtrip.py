@@ -173,3 +173,21 @@ def test_native_freebsd_binary_is_refused(dumped):
     assert "native FreeBSD binary" in str(e.value)
     assert not (tmp / "back").exists()
     check_binary_os(src, here="freebsd")      # it can go back where it came from
+
+
+def test_restore_os_freebsd_dry_run_cli_keeps_and_checks_edits(dumped):
+    """`ckptfs restore --os freebsd --dry-run DIR`: writes DIR/plan; run again after an edit,
+    the edit is kept and checked; nonsense is refused naming the file and the value."""
+    pid, tmp = dumped
+    d = tmp / "tree"
+    first = ckptfs("restore", "--os", "freebsd", "--dry-run", d)
+    assert first.stdout.strip() == str(d / "plan")
+    rules = d / "plan/rctl.rules"
+    _append(rules, f"jail:ckptfs_{pid}:maxproc:deny=12\n")
+    ckptfs("restore", "--os", "freebsd", "--dry-run", d)
+    assert f"jail:ckptfs_{pid}:maxproc:deny=12\n" in rules.read_text()
+    _append(rules, f"jail:ckptfs_{pid}:maxproc:deny=twelve\n")
+    bad = ckptfs("restore", "--os", "freebsd", "--dry-run", d, ok=False)
+    assert bad.returncode == 1 and str(rules) in bad.stderr and "twelve" in bad.stderr
+    real = ckptfs("restore", "--os", "freebsd", d, ok=False)
+    assert real.returncode == 1 and "FreeBSD host" in real.stderr
