@@ -5,13 +5,17 @@
   restore  ckptfs.restore.restore(tree) until the process runs again
   dump     `ckptfs dump` of the same process (LiveSource freeze + write_tree)
 
-Trees live on /dev/shm. Target (issue 3): restore <= 1.5x floor.
-Usage: tools/bench_restore.py [--mib 256 1024] [--repeat 3]
+Trees live on /dev/shm. Target (issue 3): restore <= 1.5x floor. The ratio is taken per run
+(floor read right before each restore, so both see the same load from whatever else runs) and
+the median of those is printed; CPU seconds of this process are shown as a load-independent
+figure (the floor is one copy; a restore allocates the pages and copies into them).
+Usage: tools/bench_restore.py [--mib 256 1024] [--repeat 3] [--compare]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -25,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 from ckptfs import tree  # noqa: E402
 from ckptfs.capture.linux import LiveSource  # noqa: E402
-from ckptfs.restore import restore  # noqa: E402
+from ckptfs.restore import memory, restore  # noqa: E402
 
 WORKLOAD = """
 import mmap, sys, time
@@ -76,44 +80,69 @@ def read_all(top: str) -> tuple[float, int]:
     return time.monotonic() - t0, total
 
 
-def restore_once(top: str) -> tuple[float, dict]:
-    t0 = time.monotonic()
+def restore_once(top: str) -> tuple[float, dict, float]:
+    """(wall seconds, restore timing, CPU seconds of this process) of one restore."""
+    c0, t0 = _cpu(), time.monotonic()
     r = restore(top, log=lambda m: None)
-    took = time.monotonic() - t0
+    took, cpu = time.monotonic() - t0, _cpu() - c0
     for pid in r.pids.values():
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    return took, r.timing
+    return took, r.timing, cpu
 
 
-def bench(mib: int, repeat: int) -> None:
-    floors, restores, dumps, fills = [], [], [], []
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# Fill methods compared with --compare (restore/memory.py): userfaultfd (UFFDIO_COPY) for private
+# anonymous maps, or process_vm_writev into pages the task faults in ahead (MADV_POPULATE_WRITE).
+METHODS = {"uffd": True, "vm_writev": False}
+
+
+def bench(mib: int, repeat: int, methods: list[str]) -> None:
+    floors, fcpus, dumps = [], [], []
+    runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for _ in range(repeat):
         tmp = tempfile.mkdtemp(prefix="ckptfs-bench-", dir="/dev/shm")
         try:
             pid = start_workload(mib, tmp)
-            dumps.append(dump(pid, os.path.join(tmp, "tree")))
-            floor, nbytes = read_all(os.path.join(tmp, "tree"))
-            floors.append(floor)
-            took, timing = restore_once(os.path.join(tmp, "tree"))
-            restores.append(took)
-            fills.append(timing.get("fill", 0))
+            top = os.path.join(tmp, "tree")
+            dumps.append(dump(pid, top))
+            for m in methods:             # interleaved: each sees the same machine load
+                c0 = _cpu()
+                floor, nbytes = read_all(top)
+                floors.append(floor)
+                fcpus.append(_cpu() - c0)
+                memory.USE_UFFD = METHODS[m]
+                took, timing, cpu = restore_once(top)
+                runs[m].append((took, timing.get("fill", 0), cpu, took / floor))
         finally:
+            memory.USE_UFFD = True
             shutil.rmtree(tmp, ignore_errors=True)
-    f, r, d, fl = (statistics.median(x) for x in (floors, restores, dumps, fills))
+    med = statistics.median
+    f, fc, d = med(floors), med(fcpus), med(dumps)
     gb = nbytes / 1e9
-    print(f"{mib:5d} MiB  floor {f:6.3f} s ({gb / f:4.2f} GB/s)   restore {r:6.3f} s "
-          f"({gb / r:4.2f} GB/s; page fill {fl:.3f} s)   dump {d:6.3f} s   "
-          f"restore/floor {r / f:4.2f}x   restore/dump {r / d:4.2f}x")
+    print(f"{mib:5d} MiB  load {os.getloadavg()[0]:.1f}  floor {f:6.3f} s ({gb / f:4.2f} GB/s, "
+          f"cpu {fc:.3f} s)   dump {d:6.3f} s")
+    for m in methods:
+        r = runs[m]
+        took, fill, cpu, ratio = (med(x[i] for x in r) for i in range(4))
+        print(f"      {m:10s} restore {took:6.3f} s ({gb / took:4.2f} GB/s; page fill {fill:.3f} s; "
+              f"restorer cpu {cpu:.3f} s)   restore/floor {ratio:4.2f}x (median of per-run "
+              f"ratios; runs {' '.join(f'{x[3]:.2f}' for x in r)})   restore/dump {took / d:4.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compare", action="store_true",
+                    help="also restore with process_vm_writev only (the method before userfaultfd)")
     a = ap.parse_args()
     for mib in a.mib:
-        bench(mib, a.repeat)
+        bench(mib, a.repeat, list(METHODS) if a.compare else ["uffd"])
 
 
 if __name__ == "__main__":

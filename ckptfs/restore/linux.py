@@ -15,12 +15,16 @@ How (no kernel help, no CRIU):
    a 40-byte reaper loop written into a helper); sessions and groups follow.
 4. Each task: unmap everything but the scratch page, place the vDSO (arch_prctl
    ARCH_MAP_VDSO_64), PR_SET_MM_MAP (mm fields, auxv, exe), map every VMA (MAP_FIXED), fill
-   the saved pages (process_vm_writev, memory.py), set final protections, install its
-   descriptors, cwd/root/umask, rlimits, signal handlers, itimers, names; clone its threads;
-   per thread the robust list, clear_tid, rseq, sigaltstack, credentials.
-5. Last, registers, xsave state and signal mask of every thread; a thread that was inside a
-   system call is resumed through the kernel's own restart logic (inject.park_with_regs),
-   and everything is detached at once.
+   the saved pages (UFFDIO_COPY through a userfaultfd of the task for private anonymous
+   maps, process_vm_writev for the rest: memory.py), set final protections, install its
+   descriptors (deleted files re-made from their contents: files.py), cwd/root/umask,
+   rlimits, signal handlers, itimers, names; clone its threads; per thread the robust list,
+   clear_tid, rseq, sigaltstack, credentials.
+5. Last, per task: every thread blocks every signal; POSIX timers are re-created under their
+   ids and pending signals queued again (signals.py), then the scratch page goes. Then
+   registers and xsave state of every thread; a thread that was inside a system call is
+   resumed through the kernel's own restart logic (inject.park_with_regs); its own signal
+   mask comes back only after that, and everything is detached at once.
 
 Any failure kills every task created so far (and the namespace's init) and reaps them.
 """
