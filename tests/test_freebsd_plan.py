@@ -253,3 +253,54 @@ def test_dry_run(tmp_path):
     assert f"ckptfs_{PID} {{" in open(os.path.join(root, "jail.conf")).read()
     lossy = open(os.path.join(root, "lossy")).read()
     assert "isolation/limits/memory.max\t268435456\t" in lossy
+
+
+# -- the values back on the checkpoint (apply.py) ---------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ckptfs.translate import LossLog  # noqa: E402
+from ckptfs.translate.freebsd import apply_linux, through_freebsd  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.fixed_dictionaries({c: st.integers(0, U64) for _, c in L.GP_REGS}),
+       st.integers(0, U64), st.sets(st.sampled_from(["O_APPEND", "O_NONBLOCK", "O_DIRECT",
+                                                     "O_NOATIME", "O_DSYNC"])))
+def test_applied_source_carries_the_translation(regs, mask, names):
+    """Whatever the registers, mask and flags: the applied Source has exactly what a trip
+    through the FreeBSD form gives back, and the rest of the checkpoint unchanged."""
+    src = FakeSource()
+    src.cores[TID].thread_info.gpregs.CopyFrom(pb.user_x86_regs_entry(mode=pb.NATIVE, **regs))
+    for sig in F.SIG_LOSSY:                   # those have no exact FreeBSD twin
+        mask &= ~(1 << (sig - 1))
+    src.cores[TID].thread_core.blk_sigset = mask
+    extra = 0
+    for n in names:
+        extra |= L.OPEN_FLAGS[n]
+    src.fds[2] = (2, 12, "REG", 2 | extra)
+    out = apply_linux(src, from_freebsd(to_freebsd(src)))
+    got = {t: getattr(out.core(TID).thread_info.gpregs, c) for t, c in L.GP_REGS}
+    assert got == G.equivalent_linux({t: regs[c] for t, c in L.GP_REGS})
+    assert out.core(TID).thread_core.blk_sigset == mask
+    info = {i.fd: i for i in out.fdinfo(PID)}
+    back = F.open_to_linux(F.open_to_fbsd(2 | extra, LossLog(), ""), LossLog(), "")
+    assert out.file(info[2].id).reg.flags == back & ~L.O_CLOEXEC
+    assert out.file(info[2].id).reg.flags & (L.OPEN_FLAGS["O_APPEND"] | L.OPEN_FLAGS["O_NONBLOCK"]) \
+        == extra & (L.OPEN_FLAGS["O_APPEND"] | L.OPEN_FLAGS["O_NONBLOCK"])
+    assert [bool(info[n].flags & L.FD_CLOEXEC) for n in (0, 1, 2)] == [False, True, False]
+    assert out.pstree() == src.pstree() and out.meta() == src.meta()
+
+
+def test_two_fds_of_one_file_given_different_flags_are_refused(tmp_path):
+    src = FakeSource()
+    src.fds.append((3, 11, "REG", 1 | L.OPEN_FLAGS["O_APPEND"]))      # a dup of fd 1
+
+    def edit(plan):
+        _edit(f"{plan}/tasks/{PID}/fds/3/flags", "0x9 O_WRONLY|O_APPEND", "O_WRONLY")
+    with pytest.raises(BadTree) as e:
+        through_freebsd(src, str(tmp_path), edit)
+    assert f"tasks/{PID}/fds/3/flags" in str(e.value) and "fds/1/flags" in str(e.value)
+    src2 = FakeSource()
+    src2.fds.append((3, 11, "REG", 1 | L.OPEN_FLAGS["O_APPEND"]))
+    out = through_freebsd(src2, str(tmp_path / "again"))
+    assert {i.fd: i.flags for i in out.fdinfo(PID)}[3] == 0    # cloexec is per descriptor
