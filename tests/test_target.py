@@ -71,7 +71,9 @@ def make_src(d, chunks=3, **extra):
 # a real mount
 
 class Mount:
-    def __init__(self, tmp, restore="recording_restore", auto=True, name="mnt", extra=()):
+    def __init__(self, tmp, restore="recording_restore", auto=True, name="mnt", extra=(),
+                 command=("ckptfs.targetfs",)):
+        self.command = list(command)     # ("ckptfs.cli", "target"): through the lead CLI
         self.mnt, self.store = str(tmp / name), str(tmp / f"{name}-store")
         self.record = str(tmp / f"{name}-record")
         self.restore, self.auto, self.extra = restore, auto, list(extra)
@@ -81,7 +83,7 @@ class Mount:
     def start(self):
         env = dict(os.environ, FUSE_LIBRARY_NAME="fuse3", CKPTFS_TEST_RECORD=self.record,
                    PYTHONPATH=os.pathsep.join([TOP, TESTS]))
-        args = [PY, "-m", "ckptfs.targetfs", "-f", "--store", self.store, self.mnt]
+        args = [PY, "-m", *self.command, "-f", "--store", self.store, self.mnt]
         if self.restore:
             args[-1:-1] = ["--restore-with", f"test_target:{self.restore}"]
         if not self.auto:
@@ -602,7 +604,7 @@ def test_real_dump_copied_with_rsync_runs_again(tmp_path, procs):
 
 
 def test_freebsd_dry_run_shows_an_editable_plan_in_the_job(tmp_path, procs):
-    """`--os freebsd --dry-run`: a complete job gets JOB/plan/ (jail.conf, rctl.rules, struct
+    """`ckptfs target --os freebsd --dry-run`: a complete job gets JOB/plan/ (jail.conf, rctl.rules, struct
     reg per task, fd flags, FreeBSD signal numbers, lossy); edits made through the mount are
     checked when `restore` is written to ctl: nonsense fails naming the file and the value,
     a fixed plan is checked and kept as edited."""
@@ -615,7 +617,8 @@ def test_freebsd_dry_run_shows_an_editable_plan_in_the_job(tmp_path, procs):
         live.freeze()
         tree.write_tree(live, str(tmp_path / "tree"))
     pid = p.pid
-    with mounted(tmp_path, restore=None, name="fbsd", extra=["--os", "freebsd", "--dry-run"]) as m:
+    with mounted(tmp_path, restore=None, name="fbsd", extra=["--os", "freebsd", "--dry-run"],
+                 command=("ckptfs.cli", "target")) as m:
         job = os.path.join(m.mnt, "job")
         run("cp", "-a", str(tmp_path / "tree"), job)
         st = m.wait_status("job", "dry run:", timeout=20)
