@@ -309,12 +309,14 @@ def _freebsd_plan(tree_dir: str, job: str) -> tuple[str, str]:
     """(status summary, state file text); errors name the plan file as the mount shows it."""
     from .translate import check_binary_os, freebsd
     from .tree import TreeSource
+    kept = os.path.isdir(os.path.join(tree_dir, "plan"))
     try:
         source = TreeSource(tree_dir)
         check_binary_os(source, here="freebsd")
         done = freebsd.plan_dry_run(source, tree_dir, strict=False)
     except CkptError as e:
-        raise type(e)(str(e).replace(tree_dir, job)) from None
+        hint = f" (fix it, or remove {job}/plan to have it written afresh)" if kept else ""
+        raise type(e)(str(e).replace(tree_dir, job) + hint) from None
     summary = str(done).replace(tree_dir, job)
     return summary, summary + "\n" + "".join(r.line() + "\n" for r in done.lossy)
 
