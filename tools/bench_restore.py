@@ -8,12 +8,16 @@
 Trees live on /dev/shm. Target (issue 3): restore <= 1.5x floor. The ratio is taken per run
 (floor read right before each restore, so both see the same load from whatever else runs) and
 the median of those is printed; CPU seconds of this process are shown as a load-independent
-figure (the floor is one copy; a restore allocates the pages and copies into them).
+figure (the floor is one copy; a restore allocates the pages and copies into them). "fresh
+pages alone" is the time to fault in as much new anonymous memory without copying anything:
+a lower bound for any restore into new pages on this machine.
 Usage: tools/bench_restore.py [--mib 256 1024] [--repeat 3] [--compare]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
 import os
 import resource
 import shutil
@@ -80,6 +84,27 @@ def read_all(top: str) -> tuple[float, int]:
     return time.monotonic() - t0, total
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_POPULATE_WRITE = 23
+
+
+def alloc_only(nbytes: int) -> float:
+    """Seconds to fault in `nbytes` of fresh anonymous memory and nothing else: what this
+    machine charges for the pages a restore must create, before a byte is copied."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = ctypes.c_char.from_buffer(m)
+        t0 = time.monotonic()
+        if _libc.madvise(ctypes.addressof(buf), nbytes, MADV_POPULATE_WRITE) != 0:
+            raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_WRITE)")
+        took = time.monotonic() - t0
+        del buf
+        return took
+    finally:
+        m.close()
+
+
 def restore_once(top: str) -> tuple[float, dict, float]:
     """(wall seconds, restore timing, CPU seconds of this process) of one restore."""
     c0, t0 = _cpu(), time.monotonic()
@@ -102,7 +127,7 @@ METHODS = {"uffd": True, "vm_writev": False}
 
 
 def bench(mib: int, repeat: int, methods: list[str]) -> None:
-    floors, fcpus, dumps = [], [], []
+    floors, fcpus, dumps, allocs = [], [], [], []
     runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for _ in range(repeat):
         tmp = tempfile.mkdtemp(prefix="ckptfs-bench-", dir="/dev/shm")
@@ -118,6 +143,7 @@ def bench(mib: int, repeat: int, methods: list[str]) -> None:
                 memory.USE_UFFD = METHODS[m]
                 took, timing, cpu = restore_once(top)
                 runs[m].append((took, timing.get("fill", 0), cpu, took / floor))
+            allocs.append(alloc_only(mib << 20))
         finally:
             memory.USE_UFFD = True
             shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +151,8 @@ def bench(mib: int, repeat: int, methods: list[str]) -> None:
     f, fc, d = med(floors), med(fcpus), med(dumps)
     gb = nbytes / 1e9
     print(f"{mib:5d} MiB  load {os.getloadavg()[0]:.1f}  floor {f:6.3f} s ({gb / f:4.2f} GB/s, "
-          f"cpu {fc:.3f} s)   dump {d:6.3f} s")
+          f"cpu {fc:.3f} s)   dump {d:6.3f} s   fresh pages alone {med(allocs):6.3f} s "
+          f"({med(allocs) / f:.2f}x floor)")
     for m in methods:
         r = runs[m]
         took, fill, cpu, ratio = (med(x[i] for x in r) for i in range(4))

@@ -85,7 +85,7 @@ UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_COPY = (0xC018AA3F, 0xC02
 UFFDIO_REGISTER_MODE_MISSING = 1
 NR_USERFAULTFD, NR_PIDFD_GETFD = 323, 438
 UFFD_MISSING = (errno.ENOSYS, errno.EPERM, errno.EACCES)    # no userfaultfd here: fall back
-COPIERS = 2            # UFFDIO_COPY runs on the calling thread's CPU: one per core
+COPIERS = max(2, min(4, os.cpu_count() or 2))   # UFFDIO_COPY runs on the calling thread's CPU
 
 
 class Uffd:
