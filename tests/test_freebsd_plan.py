@@ -304,3 +304,15 @@ def test_two_fds_of_one_file_given_different_flags_are_refused(tmp_path):
     src2.fds.append((3, 11, "REG", 1 | L.OPEN_FLAGS["O_APPEND"]))
     out = through_freebsd(src2, str(tmp_path / "again"))
     assert {i.fd: i.flags for i in out.fdinfo(PID)}[3] == 0    # cloexec is per descriptor
+
+
+def test_zombie_is_one_lossy_record_and_passes_through(tmp_path):
+    src = FakeSource(limits={}, own=())
+    for tid in (PID, TID):
+        src.cores[tid].thread_info.gpregs.CopyFrom(pb.user_x86_regs_entry(
+            mode=pb.NATIVE, **{c: 0 for _, c in L.GP_REGS}))
+    src.cores[PID].tc.task_state, src.cores[PID].tc.exit_code = L.TASK_STATES["zombie"], 3
+    plan = to_freebsd(src)
+    assert [(r.path, r.value) for r in plan.lossy] == [(f"tasks/{PID}/state", "zombie")]
+    out = through_freebsd(src, str(tmp_path))
+    assert out.core(PID) is src.core(PID)          # a zombie's core is left as it was

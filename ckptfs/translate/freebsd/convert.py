@@ -102,8 +102,16 @@ def to_freebsd(source: Source, strict: bool = False) -> FreeBSDPlan:
     return FreeBSDPlan(name, params, rules, cpuset, tasks, log.records, src)
 
 
+ZOMBIE_STATES = (L.TASK_STATES["zombie"], L.TASK_STATES["dead"])
+
+
 def task_plan(source: Source, pid: int, tids: list[int], log: LossLog) -> TaskPlan:
     leader = source.core(pid)
+    if leader.tc.task_state in ZOMBIE_STATES:
+        # Only its core is kept (no registers worth the name): one record, not one per field.
+        log.note(f"tasks/{pid}/state", "zombie", f"a zombie (exit code {leader.tc.exit_code}) "
+                 "is not re-created by the FreeBSD restore; its parent cannot reap it there")
+        log = LossLog()
     threads = [thread_plan(source, pid, tid, leader, log) for tid in tids]
     not_carried(source, pid, tids, leader, log)
     return TaskPlan(pid, threads, fd_plans(source, pid, log), sigaction_plans(pid, leader, log))
