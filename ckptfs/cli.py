@@ -225,7 +225,7 @@ def restore_freebsd(a) -> int:
     if not a.dry_run:
         raise CkptError("restoring on FreeBSD needs a FreeBSD host; use --dry-run to see the plan",
                         path=a.dir, step="restore --os freebsd")
-    print(freebsd.dry_run(open_source(a.dir), a.dir, strict=a.strict))
+    print(freebsd.plan_dry_run(open_source(a.dir), a.dir, strict=a.strict))
     return 0
 
 
