@@ -71,6 +71,17 @@ def tree_problems(source: Source) -> list[str]:
     return out
 
 
+def binary_problems(source: Source) -> list[str]:
+    """A native FreeBSD binary cannot run on Linux (only Linux binaries cross, under the
+    Linuxulator, the other way)."""
+    from ..translate import check_binary_os
+    try:
+        check_binary_os(source, here="linux")
+    except CkptError as e:
+        return [str(e)]
+    return []
+
+
 def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
             dry_run: bool = False, os_name: str = "linux", log=None) -> RestoreResult:
     if os_name != "linux":
@@ -86,7 +97,7 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
         if dry_run:
             return RestoreResult(problems=[str(e)])
         raise
-    problems = tree_problems(source)
+    problems = tree_problems(source) + binary_problems(source)
     plan = make_plan(source, same_pids=same_pids, pidns=pidns)
     plan.problems[:0] = problems
     if dry_run:
