@@ -396,3 +396,11 @@ class CgroupSet:
                 pass     # exited between the read and the kill
         time.sleep(0.01)
         return False
+
+
+def remove_dirs(dirs: list[str], timeout: float = 5.0) -> None:
+    """Remove cgroups a restore left to its container (Container.release), killing what is
+    still inside; children first (the list is in creation order)."""
+    cg = CgroupSet("")
+    cg.dirs = list(dirs)
+    cg.remove(timeout)

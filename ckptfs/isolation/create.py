@@ -188,6 +188,17 @@ class Container:
         return self.popen is not None and self.popen.poll() is None
 
     # -- teardown -------------------------------------------------------------------------------
+    def release(self) -> list[str]:
+        """Leave the container to its tasks (a restore succeeded): stop holding its init and
+        hand back the cgroup directories, which outlive this object; whoever ends the
+        container removes them (cgroups.remove_dirs) once its tasks are gone."""
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        dirs = list(self.cgroups.dirs) if self.cgroups is not None else []
+        self.cgroups = None
+        return dirs
+
     def cleanup(self, timeout: float = 5.0) -> None:
         """Kill the init (its pid namespace goes with it), reap, remove the cgroups."""
         if self._pidfd is not None:

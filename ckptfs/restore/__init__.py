@@ -1,7 +1,7 @@
 """Restore: a checkpoint becomes running processes again.
 
     restore(path_or_source, *, pidns=False, same_pids=False, dry_run=False, os_name="linux",
-            log=None) -> RestoreResult
+            log=None, container=None) -> RestoreResult
 
 `path_or_source` is a tree directory (ckptfs.tree.TreeSource), a CRIU image directory
 (recognised by its inventory.img; ckptfs.criu.ImageSource) or any model.Source.
@@ -10,6 +10,10 @@ All or nothing: the whole checkpoint is validated first (plan.make_plan: address
 chunks, files and their sizes, registers, xsave features, vDSO, descriptor kinds); a problem
 there raises RestoreFailed listing every problem before anything is created. A failure later
 kills and reaps every task created. `dry_run=True` only validates and returns the problems.
+
+A container (isolation/own lists namespace kinds, or `container=True`; `container=False`
+never) gets its namespaces, hostname, network, mounts and cgroup limits back first, and its
+tasks inside with their pids (restore/container.py); `pid` of its own implies `pidns`.
 
 The FreeBSD restore lives in restore/freebsd.py (driven by the FreeBSD translation's plan).
 """
@@ -29,6 +33,7 @@ class RestoreResult:
     problems: list[str] = dataclasses.field(default_factory=list)    # dry run: what would fail
     warnings: list[str] = dataclasses.field(default_factory=list)
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
+    cgroups: list[str] = dataclasses.field(default_factory=list)     # a container's, left to it
 
     @property
     def root(self) -> int | None:
@@ -83,7 +88,8 @@ def binary_problems(source: Source) -> list[str]:
 
 
 def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
-            dry_run: bool = False, os_name: str = "linux", log=None) -> RestoreResult:
+            dry_run: bool = False, os_name: str = "linux", log=None,
+            container: bool | None = None) -> RestoreResult:
     if os_name != "linux":
         raise Unsupported(f"restore on {os_name} runs through its translation plan "
                           "(ckptfs restore --os freebsd)", step="restore")
@@ -97,7 +103,17 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
         if dry_run:
             return RestoreResult(problems=[str(e)])
         raise
+    from . import container as ct
+    try:
+        iso = ct.isolation_of(source, container)
+    except CkptError as e:
+        if dry_run:
+            return RestoreResult(problems=[str(e)])
+        raise
     problems = tree_problems(source) + binary_problems(source)
+    if iso is not None:
+        problems += ct.problems(source, iso, same_pids)
+        pidns = pidns or ("pid" in iso.own_namespaces and not same_pids)
     plan = make_plan(source, same_pids=same_pids, pidns=pidns)
     plan.problems[:0] = problems
     if dry_run:
@@ -105,6 +121,9 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
     if plan.problems:
         raise RestoreFailed("the checkpoint cannot be restored:\n  " + "\n  ".join(plan.problems),
                             step="validate")
+    if iso is not None:
+        pids, cgroups, timing = ct.run(plan, iso, pidns=pidns, same_pids=same_pids, log=log)
+        return RestoreResult(pids=pids, warnings=plan.warnings, timing=timing, cgroups=cgroups)
     from .linux import LinuxRestorer
     r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log)
     pids = r.run()

@@ -27,6 +27,11 @@ How (no kernel help, no CRIU):
    mask comes back only after that, and everything is detached at once.
 
 Any failure kills every task created so far (and the namespace's init) and reaps them.
+
+Containers (restore/container.py): the helper is then the program of an isolation.Container,
+started inside the re-created namespaces (all but pid) and cgroups, so everything forked
+from it is inside too; the pid namespace is the one clone3(CLONE_NEWPID) makes here, and its
+first task mounts that namespace's /proc when the mount namespace is the container's own.
 """
 from __future__ import annotations
 
@@ -62,6 +67,8 @@ MAP_KEEP = F.MAP_FLAGS["MAP_GROWSDOWN"] | F.MAP_FLAGS["MAP_NORESERVE"] | F.MAP_F
 ARCH_MAP_VDSO_64 = 0x2003
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM = 1, 4, 15, 35
 PR_SET_MM_MAP, PR_SET_CHILD_SUBREAPER = 14, 36
+NR_MOUNT = 165
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 RSEQ_FLAG_UNREGISTER = 1
 F_SETFD = 2
 O_CLOEXEC = F.O_CLOEXEC
@@ -121,8 +128,13 @@ def restart_regs(regs: dict[str, int]) -> dict[str, int]:
 
 
 class LinuxRestorer:
-    def __init__(self, plan: Plan, *, pidns: bool = False, same_pids: bool = False, log=None):
+    def __init__(self, plan: Plan, *, pidns: bool = False, same_pids: bool = False, log=None,
+                 container=None, mount_proc: bool = False):
+        """`container`: an isolation.Container whose program (`sleep infinity`) is the helper;
+        `mount_proc`: the new pid namespace's first task mounts its /proc (the container has
+        a mount namespace of its own, so the host's /proc is not touched)."""
         self.plan, self.src = plan, plan.source
+        self.container, self.mount_proc = container, mount_proc
         self.pidns, self.same_pids = pidns, same_pids
         self.keep_pids = pidns or same_pids
         self.log = log or (lambda msg: None)
@@ -187,19 +199,27 @@ class LinuxRestorer:
 
     # -- helpers and the process tree ---------------------------------------------------
     def _spawn_helper(self, session: bool, group: bool) -> int:
+        if self.container is not None:
+            return self._seize_helper(self.container.init_pid, own=False)
         exe = shutil.which("sleep") or "/bin/sleep"
         kw = {"setsid": True} if session else {"setpgroup": 0} if group else {}
         try:
             pid = os.posix_spawn(exe, [exe, "infinity"], os.environ, **kw)
         except OSError as e:
             raise KernelError(f"spawn helper {exe}", e.errno, step="spawn helper") from None
+        return self._seize_helper(pid, own=True)
+
+    def _seize_helper(self, pid: int, own: bool) -> int:
+        """Seize and stop the helper; one we spawned ourselves dies if that fails (a
+        container's is the container's to end)."""
         try:
             ptrace.seize(pid, OPTIONS)
             ptrace.interrupt(pid)
             ptrace.wait(pid)
         except CkptError:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            if own:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
             raise
         self.traced.append(pid)
         return pid
@@ -240,17 +260,24 @@ class LinuxRestorer:
         group = default and not session and root.pgid == root.pid
         self.helper = self._spawn_helper(session, group)
         hinj = self._prepare_helper(self.helper)
+        if self.container is not None and (session or group):   # posix_spawn did it otherwise
+            hinj.call(NR["setsid"] if session else NR["setpgid"], 0, 0, step="helper session")
+        first = None             # the first task of a new pid namespace
         if default:
             self.live[root.pid] = self._adopt(root, self.helper, self.helper, hinj)
             self.created.append(self.helper)
             self.helper = 0
         elif self.pidns and root.pid == 1:
             self._fork(root, hinj, CLONE_NEWPID, set_tid=False)
+            first = self.live[root.pid].inj
         else:
             parent = hinj
             if self.pidns:
                 self.init, parent = self._make_init(hinj)
+                first = parent
             self._fork(root, parent, 0, set_tid=True)
+        if first is not None and self.mount_proc:
+            self._mount_proc(first)
         for t in self.plan.tasks[1:]:
             parent = self.live.get(t.ppid)
             if parent is None:
@@ -313,12 +340,23 @@ class LinuxRestorer:
         self.created.append(init)
         return init, self._injector(init)
 
+    def _mount_proc(self, inj: Injector) -> None:
+        """/proc of the new pid namespace, mounted by a task inside it, in the container's
+        own mount namespace (a container's tasks read their own pids there)."""
+        inj.reset_scratch()
+        proc = inj.put(b"proc\0")
+        inj.call(NR_MOUNT, proc, inj.put(b"/proc\0"), proc, MS_NOSUID | MS_NODEV | MS_NOEXEC, 0,
+                 step="mount /proc of the new pid namespace", path="isolation/own")
+
     def _drop_helper(self, hinj: Injector) -> None:
         pid = self.helper
         ptrace.detach(pid)
         self.traced.remove(pid)
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass     # a container's helper may be its namespace init's child: that one reaps
         self.helper = 0
 
     def _make_zombie(self, live: Live) -> None:

@@ -1,0 +1,114 @@
+"""Restore a container: its namespaces, cgroups and limits first, then its tasks inside.
+
+A tree is a container when its isolation says the root had namespaces of its own
+(`isolation/own`), or when the caller says so (`restore(container=True)`, `ckptfs restore
+--container`); `container=False` restores the tasks into the restorer's own namespaces.
+
+    isolation.Container.start(iso, ["sleep", "infinity"], without=("pid",))
+        new mnt/uts/ipc/net/cgroup/time namespaces as `own` lists them, hostname and
+        domainname, lo + recorded links, addresses and routes, the recorded tmpfs and bind
+        mounts, new cgroups with the recorded limits; its program is the restorer's helper
+    LinuxRestorer(container=...)
+        seizes that helper and forks the tree from it: with `pid` own, clone3(CLONE_NEWPID)
+        makes the root pid 1 of a new pid namespace (a root that was not its namespace's init
+        gets the reaper init in front) and the others their old pids; /proc of the new
+        namespace is mounted by its first task
+
+All or nothing: the isolation is checked with the rest of the tree before anything exists
+(problems name `<tree>/isolation/<file>` and the value); a failure later kills every task,
+then the container goes (its init, its cgroups; the namespaces die with their last task).
+On success the cgroups stay with the container: RestoreResult.cgroups lists them and
+isolation.cgroups.remove_dirs removes them once its tasks are gone.
+
+Limitation: the restorer opens the tasks' files from its own mount namespace, so a file that
+lives on one of the container's own mounts (its tmpfs) is not reached.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+from ..errors import CkptError, RestoreFailed
+from ..model import Isolation, Source
+
+NAME_PREFIX = "ckptfs-restore-"
+
+
+def isolation_of(source: Source, container: bool | None) -> Isolation | None:
+    """The isolation to re-create, or None for a plain restore.
+
+    container None: a container exactly when isolation/own lists a namespace kind."""
+    if container is False:
+        return None
+    try:
+        iso = source.isolation()
+    except NotImplementedError:
+        iso = Isolation()
+    if container is None and not iso.own_namespaces:
+        return None
+    return iso
+
+
+def tree_path(source: Source, rel: str | None) -> str | None:
+    """`isolation/...` as a path in the tree the source reads, when it is a tree."""
+    root = getattr(source, "root", None)
+    if rel and isinstance(root, str) and rel.startswith("isolation"):
+        return os.path.join(root, rel)
+    return rel
+
+
+def problems(source: Source, iso: Isolation, same_pids: bool) -> list[str]:
+    """What makes the container impossible here, before anything is created."""
+    from ..isolation import create
+    out = []
+    try:
+        create.validate(iso)
+    except CkptError as e:
+        out.append(_named(source, e))
+    if "pid" in iso.own_namespaces and same_pids:
+        out.append(f"{tree_path(source, 'isolation/own')}: 'pid' is own: the tree restores "
+                   "into a new pid namespace (pidns), not with the same pids here")
+    return out
+
+
+def _named(source: Source, e: CkptError) -> str:
+    text = str(e)
+    path = tree_path(source, e.path)
+    return text.replace(e.path, path, 1) if e.path and path != e.path else text
+
+
+def _failed(source: Source, e: CkptError, undone: str) -> RestoreFailed:
+    err = RestoreFailed(f"{_named(source, e)} ({undone})", err=e.errno)
+    err.path, err.step = tree_path(source, e.path), e.step
+    return err
+
+
+def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> tuple[dict[int, int], list[str], dict]:
+    """Create the container, restore the tree into it: (old pid -> host pid, cgroup dirs,
+    timing)."""
+    from ..isolation.create import Container
+    from .linux import LinuxRestorer
+    source = plan.source
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    own = set(iso.own_namespaces)
+    try:
+        c = Container.start(iso, [sleep, "infinity"], name=NAME_PREFIX + uuid.uuid4().hex[:12],
+                            without=("pid",), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except CkptError as e:   # Container.start removed what it had made
+        raise _failed(source, e, "undone: nothing of the container is left") from e
+    try:
+        r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log, container=c,
+                          mount_proc={"pid", "mnt"} <= own)
+        pids = r.run()
+    except BaseException as e:
+        c.cleanup()
+        if isinstance(e, CkptError):
+            raise _failed(source, e, "undone: tasks, namespaces and cgroups removed") from e
+        raise
+    if "pid" in own and "mnt" not in own:
+        log("note: the container's pid namespace has no mount namespace of its own: "
+            "its /proc is the restorer's")
+    return pids, c.release(), r.timing
