@@ -60,6 +60,15 @@ def checksum_file(path: str) -> str:
     return h.hexdigest()
 
 
+def checksum_fd(fd: int) -> str:
+    """xxh3-64 of an open file's whole content (pread from 0: the file offset is left alone)."""
+    h, off = xxhash.xxh3_64(), 0
+    while block := os.pread(fd, _READ, off):
+        h.update(block)
+        off += len(block)
+    return h.hexdigest()
+
+
 def build(meta: dict, root: int, tasks: list[int], chunk_size: int, state: str,
           files: dict[str, tuple[int, str]] | None) -> bytes:
     """The manifest as bytes: deterministic JSON (sorted keys, one entry a line, final newline).
@@ -191,21 +200,34 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check(tree_dir: str, manifest: dict) -> list[str]:
+def check(tree_dir: str, manifest: dict, known=None) -> list[str]:
     """What keeps tree_dir from being complete for manifest (already load()ed); [] = complete.
 
     One problem per line, naming the file: not frozen, missing (or not a regular file, or
     reached through a symlink), wrong size, wrong checksum. A hidden temp file next to an
     incomplete file (`.NAME.XXXXXX`, as rsync writes) is named with it as a copy in progress;
     a stale temp beside a correct file does not matter and is ignored. Checksums are only
-    computed when every listed file is present with its size."""
+    computed when every listed file is present with its size.
+
+    known(path, lstat) -> checksum or None: checksums the caller already has for a file in
+    exactly this state (the target's verified sums); only the others are read."""
+    return inspect(tree_dir, manifest, known)[0]
+
+
+def inspect(tree_dir: str, manifest: dict, known=None) -> tuple[list[str], list[str]]:
+    """check()'s problems, and the files present that the manifest does not list (`extras`:
+    never manifest/ctl/status, rsync temp files or a FreeBSD `plan/`). Extras do not make a
+    tree incomplete; a copy tool may still be about to delete them."""
     if manifest.get("state") != "frozen":
-        return [f"manifest: state is {manifest.get('state')!r}, not frozen"]
+        return [f"manifest: state is {manifest.get('state')!r}, not frozen"], []
     found, temps = _walk(tree_dir)
-    problems = _size_problems(manifest["files"], found)
+    files = manifest["files"]
+    problems = _size_problems(files, found)
     if not problems:
-        problems = _checksum_problems(tree_dir, manifest["files"])
-    return [_with_temp(p, rel, temps) for rel, p in problems]
+        problems = _checksum_problems(tree_dir, files, found, known)
+    extras = [rel for rel in found if rel not in files and rel not in NOT_LISTED
+              and not rel.startswith("plan/") and not _TEMP.match(os.path.basename(rel))]
+    return [_with_temp(p, rel, temps) for rel, p in problems], sorted(extras)
 
 
 def _walk(tree_dir: str) -> tuple[dict[str, os.stat_result], dict[str, str]]:
@@ -237,11 +259,16 @@ def _size_problems(files: dict, found: dict) -> list[tuple[str, str]]:
     return problems
 
 
-def _checksum_problems(tree_dir: str, files: dict) -> list[tuple[str, str]]:
+def _checksum_problems(tree_dir: str, files: dict, found: dict, known=None
+                       ) -> list[tuple[str, str]]:
     problems = []
     for rel, entry in files.items():
+        path = os.path.join(tree_dir, rel)
+        got = known(path, found[rel]) if known else None
+        if got == entry[ALGO]:
+            continue
         try:
-            got = checksum_file(os.path.join(tree_dir, rel))
+            got = checksum_file(path)
         except OSError as e:
             problems.append((rel, f"{rel}: cannot read: {e.strerror}"))
             continue

@@ -32,6 +32,7 @@ errors.CkptError; the FUSE adapter (targetfs.py) maps those to errnos at one bou
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -49,9 +50,12 @@ log = logging.getLogger("ckptfs.target")
 DEFAULT_STORE = "/var/lib/ckptfs"
 DEBOUNCE = 0.2
 VIRTUAL = ("ctl", "status")
+HELD = "held"                   # read-only, found by name only: what the job holds (TargetCore)
 COMMANDS = ("restore", "abort")
 VIRTUAL_FH = 1 << 40            # virtual handles live far above any real fd
 MAX_PROBLEMS_SHOWN = 3
+SUM_AT_RELEASE = 256 << 20  # larger files are checksummed by the completion check only
+RECHECK = 256               # file_event looks again at all missing files while so few
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -74,6 +78,10 @@ class Job:
     due: float | None = None
     wanted: bool = False   # `restore` written to ctl
     gone: bool = False
+    expect: dict | None = None   # the frozen manifest's files, once one has arrived
+    missing: set = field(default_factory=set)   # listed files not (yet) verified
+    now: bool = False      # checked without the quiet period (complete, or `restore` on ctl)
+    asked: bool = False    # ... because ctl said so: the copy is over, extras are final
 
 
 def _default_restore():
@@ -93,8 +101,9 @@ class Completion:
     STATE_DIR/<job>.json (fsynced before a restore starts: a job restores at most once)."""
 
     def __init__(self, state_dir: str, *, auto: bool = True, restore=None,
-                 restore_opts: dict | None = None, debounce: float = DEBOUNCE):
+                 restore_opts: dict | None = None, debounce: float = DEBOUNCE, known=None):
         self.state_dir, self.auto, self.debounce = state_dir, auto, debounce
+        self.known = known      # (path, lstat) -> checksum verified earlier, or None
         self._restore, self._opts = restore, dict(restore_opts or {})
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
@@ -145,6 +154,14 @@ class Completion:
                 raise _err(errno.EBUSY, f"job {name} is being restored")
             job.gen += 1
 
+    def changed_attr(self, name: str) -> None:
+        """A file's mode, owner or times changed (rsync sets directory times last): never
+        refused, not even while restoring, since nothing the check or a restore reads moved."""
+        with self._cond:
+            job = self._get(name)
+            if job.status != "restoring":
+                job.gen += 1
+
     def changed(self, name: str) -> None:
         """The tree changed behind our back (watch mode): never refused, checked again later."""
         with self._cond:
@@ -163,13 +180,59 @@ class Completion:
         if delta < 0:
             self.poke(name)
 
-    def poke(self, name: str) -> None:
-        """Something that may complete the tree happened: check it after the quiet period."""
+    def poke(self, name: str, now: bool = False) -> None:
+        """Something that may complete the tree happened: check it after the quiet period, or
+        at once (`now`) when the last listed file is known to be in place."""
         with self._cond:
             job = self._jobs.get(name)
             if job:
-                job.due = time.monotonic() + self.debounce
+                job.now = now or (job.now and job.due is not None)
+                job.due = time.monotonic() + (0 if job.now else self.debounce)
                 self._cond.notify()
+
+    def file_event(self, name: str, rel: str) -> None:
+        """File `rel` of the job got its final content (a writer released it, or a rename
+        gave it its name). With `known` sums this keeps the set of listed files not yet in
+        place, so the check runs as soon as the last one lands instead of after the quiet
+        period; the check itself still verifies everything."""
+        job = self._jobs.get(name)
+        if job is None:
+            return
+        if rel == "manifest":
+            self._expect(job)
+        elif job.expect is not None:
+            # a release may come after the rename that gave the file its name: look again
+            # at every missing file while there are few
+            todo = set(job.missing) if len(job.missing) <= RECHECK else set()
+            todo.update({rel} & job.expect.keys())
+            for r in todo:
+                if self._matches(job, r, job.expect[r]):
+                    job.missing.discard(r)
+                else:
+                    job.missing.add(r)
+        self.poke(name, now=job.expect is not None and not job.missing and not job.writers)
+
+    def _expect(self, job: Job) -> None:
+        """A manifest arrived: if frozen, note which listed files are not yet verified."""
+        job.expect, job.missing = None, set()
+        if self.known is None:
+            return
+        try:
+            doc = manifest.load(os.path.join(job.tree, "manifest"))
+        except CkptError:
+            return
+        if doc["state"] == "frozen":
+            job.missing = {rel for rel, e in doc["files"].items() if not self._matches(job, rel, e)}
+            job.expect = doc["files"]
+
+    def _matches(self, job: Job, rel: str, entry: dict) -> bool:
+        path = os.path.join(job.tree, rel)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and st.st_size == entry["size"]
+                and self.known(path, st) == entry[manifest.ALGO])
 
     def command(self, name: str, word: str) -> None:
         """`restore` or `abort` written to the job's ctl. Raises OSError EINVAL/EBUSY."""
@@ -189,7 +252,8 @@ class Completion:
         else:
             job.state.update(aborted=False, status="")
             self._save(job)
-            self.poke(name)
+            job.asked = True
+            self.poke(name, now=True)    # the copy is over: no quiet period to wait out
 
     # -- the worker
 
@@ -233,11 +297,15 @@ class Completion:
         if job.gone or st.get("restored") or ((st.get("attempted") or st.get("aborted"))
                                                and not job.wanted):
             return
-        gen = job.gen
+        gen, now, asked = job.gen, job.now, job.asked
+        job.now = job.asked = False
         self._set(job, "verifying")
-        doc, problems = self._verify(job)
+        doc, problems, extras = self._verify(job)
         with self._cond:
-            if job.gen != gen or job.writers:
+            # checked early (no quiet period) while files the manifest does not list are
+            # still there: the copy may be about to delete them (rsync --delete): wait
+            early = now and not asked and extras and not problems
+            if job.gen != gen or job.writers or early:
                 changed = True
             else:
                 changed = False
@@ -246,6 +314,7 @@ class Completion:
                     job.status = "restoring"   # from here on, touch() refuses changes
         if changed:
             self._set(job, "waiting: copy in progress")
+            self.poke(job.name)
         elif problems:
             self._set(job, "waiting: " + _summary(problems))
         elif not go:
@@ -253,15 +322,15 @@ class Completion:
         else:
             self._restore_job(job, doc)
 
-    def _verify(self, job: Job) -> tuple[dict | None, list[str]]:
+    def _verify(self, job: Job) -> tuple[dict | None, list[str], list[str]]:
         path = os.path.join(job.tree, "manifest")
         if not os.path.lexists(path):
-            return None, ["manifest missing"]
+            return None, ["manifest missing"], []
         try:
             doc = manifest.load(path)
         except CkptError as e:
-            return None, [f"manifest refused: {e}"]
-        return doc, manifest.check(job.tree, doc)
+            return None, [f"manifest refused: {e}"], []
+        return (doc, *manifest.inspect(job.tree, doc, self.known))
 
     def _restore_job(self, job: Job, doc: dict) -> None:
         job.wanted = False
@@ -361,13 +430,48 @@ def _write_atomic(path: str, data: bytes, *, sync: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # TargetCore: the mount's operations on the store
 
+class Sums:
+    """Checksums of store files, taken as each writer releases its file (from that handle,
+    so the bytes are the ones written). Only this daemon changes the store, so an entry
+    stays true until the file is opened for writing or truncated again (forget), or its
+    inode dies (forget_if_last): keyed by (st_dev, st_ino), which a rename keeps."""
+
+    def __init__(self):
+        self._d: dict[tuple[int, int], tuple[int, str]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, st: os.stat_result, hexsum: str) -> None:
+        with self._lock:
+            self._d[(st.st_dev, st.st_ino)] = (st.st_size, hexsum)
+
+    def forget(self, key: tuple[int, int] | None) -> None:
+        with self._lock:
+            self._d.pop(key, None)
+
+    def forget_if_last(self, path: str) -> None:
+        """`path` is about to be unlinked or replaced: drop its sum if no other name keeps
+        the inode (a later file may get the same inode number)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if st.st_nlink <= 1:
+            self.forget((st.st_dev, st.st_ino))
+
+    def known(self, path: str, st: os.stat_result) -> str | None:
+        """The checksum of the file in state `st`, if one was taken since its last write."""
+        hit = self._d.get((st.st_dev, st.st_ino))
+        return hit[1] if hit and hit[0] == st.st_size and stat.S_ISREG(st.st_mode) else None
+
+
 @dataclass
 class Handle:
     job: str
     fd: int | None = None          # real file
     writing: bool = False
     key: tuple | None = None       # (st_dev, st_ino) while open for writing
-    name: str | None = None        # virtual: "ctl" or "status"
+    name: str | None = None        # virtual: "ctl", "status" or "held"
+    rel: str = ""                  # real: the path inside the job it was opened as
     text: bytes = b""              # virtual: status snapshot (read) or pending ctl input
 
 
@@ -382,9 +486,10 @@ class TargetCore:
         self._hidden: dict[tuple[str, str, int], int | None] = {}  # (job, name, pid) -> start
         self.jobs_dir = os.path.join(self.store, "jobs")
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
+        self.sums = Sums()
         self.completion = Completion(os.path.join(self.store, "state"), auto=auto,
                                      restore=restore, restore_opts=restore_opts,
-                                     debounce=debounce)
+                                     debounce=debounce, known=self.sums.known)
         self._lock = threading.Lock()
         self._handles: dict[int, Handle] = {}
         self._writing: dict[tuple, int] = {}
@@ -420,7 +525,7 @@ class TargetCore:
         job, rel = self.split(path)
         if job is None or not rel:
             raise _err(errno.EPERM, f"{what} {path}: only directories (jobs) at the top level")
-        if rel in VIRTUAL:
+        if rel in VIRTUAL or rel == HELD:
             raise _err(errno.EPERM, f"{what} {path}: the job's own control file")
         return job, rel
 
@@ -451,6 +556,8 @@ class TargetCore:
 
     def getattr(self, path: str, fh: int | None = None) -> dict:
         job, rel = self.split(path)
+        if job and rel == HELD:
+            return self._virtual_attr(job, rel)
         if job and rel in VIRTUAL:
             if fh is None and self._is_hidden(job, rel):
                 raise _err(errno.ENOENT, path)
@@ -534,9 +641,9 @@ class TargetCore:
         job, rel = self.split(path)
         if job is None:
             raise _err(errno.EPERM, "attributes of the top level")
-        if rel in VIRTUAL:
+        if rel in VIRTUAL or rel == HELD:
             return False
-        self.completion.touch(job)
+        self.completion.changed_attr(job)
         return True
 
     # -- names
@@ -548,8 +655,12 @@ class TargetCore:
         if rel in VIRTUAL:
             self._hide(job, (rel,))   # rm -rf of a job, tar replacing a file: gone for them
             return
+        if rel == HELD:
+            raise _err(errno.EPERM, f"unlink {path}: the job's own control file")
         self.completion.touch(job)
+        self.sums.forget_if_last(self.real(path))
         os.unlink(self.real(path))
+        self.completion.file_event(job, rel)
 
     def mknod(self, path: str, mode: int, dev: int) -> None:
         """Regular files and fifos only: a checkpoint tree has no device nodes."""
@@ -558,6 +669,8 @@ class TargetCore:
             raise _err(errno.EPERM, f"mknod {path}: only regular files and fifos")
         self.completion.touch(job)
         os.mknod(self.real(path), mode)
+        st = os.lstat(self.real(path))
+        self.sums.forget((st.st_dev, st.st_ino))
 
     def symlink(self, path: str, target: str) -> None:
         job, _ = self._inside(path, "symlink")
@@ -588,7 +701,10 @@ class TargetCore:
         else:
             if flags & RENAME_NOREPLACE and os.path.lexists(self.real(new)):
                 raise _err(errno.EEXIST, new)
+            self.sums.forget_if_last(self.real(new))
             os.rename(self.real(old), self.real(new))
+            self.completion.file_event(job, nrel)
+            return
         self.completion.poke(job)
 
     def _discard_over_control(self, old: str, new: str) -> None:
@@ -602,8 +718,9 @@ class TargetCore:
 
     def create(self, path: str, mode: int, flags: int) -> int:
         job, rel = self.split(path)
-        if job is None or not rel:
-            raise _err(errno.EPERM, f"create {path}: only directories (jobs) at the top level")
+        if job is None or not rel or rel == HELD:
+            raise _err(errno.EPERM, f"create {path}: only directories (jobs) at the top level, "
+                                    f"and not the job's own `{HELD}`")
         if rel in VIRTUAL:
             return self.open(path, flags)
         flags |= os.O_CREAT
@@ -611,7 +728,9 @@ class TargetCore:
 
     def open(self, path: str, flags: int) -> int:
         job, rel = self.split(path)
-        if job and rel in VIRTUAL:
+        if job and (rel in VIRTUAL or rel == HELD):
+            if rel == HELD and flags & os.O_ACCMODE:
+                raise _err(errno.EACCES, f"{path} is read-only")
             return self._open_virtual(job, rel)
         if job is None or not rel:
             raise _err(errno.EISDIR, path)
@@ -623,10 +742,11 @@ class TargetCore:
             self.completion.touch(job)
         # O_TRUNC waits until we know no other handle is writing this file
         fd = os.open(self.real(path), (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        handle = Handle(job, fd=fd, writing=writing)
+        handle = Handle(job, fd=fd, writing=writing, rel=self.split(path)[1])
         if writing:
             try:
                 self._claim(handle, path)
+                self.sums.forget(handle.key)
                 if flags & os.O_TRUNC:
                     os.ftruncate(fd, 0)
             except BaseException:
@@ -656,8 +776,11 @@ class TargetCore:
                 self._writing.pop(handle.key, None)
 
     def _open_virtual(self, job: str, name: str) -> int:
-        self._unhide(job, name)
-        text = self._status_bytes(job) if name == "status" else b""
+        if name == HELD:
+            text = self.held_bytes(job)
+        else:
+            self._unhide(job, name)
+            text = self._status_bytes(job) if name == "status" else b""
         fh = next(self._vfh)
         with self._lock:
             self._handles[fh] = Handle(job, name=name, text=text)
@@ -669,11 +792,13 @@ class TargetCore:
     def read(self, fh: int, size: int, offset: int) -> bytes:
         h = self._handle(fh)
         if h.name is not None:
-            return h.text[offset:offset + size] if h.name == "status" else b""
+            return h.text[offset:offset + size] if h.name in ("status", HELD) else b""
         return os.pread(fh, size, offset)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         h = self._handle(fh)
+        if h.name == HELD:
+            raise _err(errno.EBADF, f"{h.job}/{HELD} is read-only")
         if h.name == "ctl":
             self._ctl_input(h, data)
         elif h.name is None:
@@ -701,7 +826,10 @@ class TargetCore:
             return
         self._inside(path, "truncate")
         self.completion.touch(job)
-        os.truncate(self.real(path), length)
+        real = self.real(path)
+        st = os.lstat(real)
+        self.sums.forget((st.st_dev, st.st_ino))
+        os.truncate(real, length)
         self.completion.poke(job)
 
     def flush(self, fh: int) -> None:
@@ -721,9 +849,48 @@ class TargetCore:
                 self._writing.pop(h.key, None)
         if h is None or h.fd is None:
             return
-        os.close(h.fd)
-        if h.writing:
-            self.completion.writer(h.job, -1)
+        try:
+            if h.writing:
+                self._verified(h)
+        finally:
+            os.close(h.fd)
+            if h.writing:
+                self.completion.writer(h.job, -1)
+                self.completion.file_event(h.job, h.rel)
+
+    def _verified(self, h: Handle) -> None:
+        """The checksum of a file just written, taken from its own handle: the completion
+        check then reads only files changed since (Sums)."""
+        st = os.fstat(h.fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > SUM_AT_RELEASE:
+            return      # a huge file (a hostile sparse one?) waits for the check's size test
+        if fcntl.fcntl(h.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY:
+            self.sums.put(st, manifest.checksum_fd(h.fd))
+            return
+        # opened write-only (cp, rsync): read the same inode through a second open
+        fd = os.open(f"/proc/self/fd/{h.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.sums.put(st, manifest.checksum_fd(fd))
+        finally:
+            os.close(fd)
+
+    def held_bytes(self, job: str) -> bytes:
+        """`JOB/held`: every file the job holds, one `<xxh3> <size> <path>` line each, sorted
+        (rsync temp files and the control files left out). A copy tool that knows what the
+        source has (its frozen manifest) sends exactly the difference: ckptfs migrate."""
+        tree = os.path.join(self.jobs_dir, job)
+        if not os.path.isdir(tree):
+            raise _err(errno.ENOENT, f"no job {job}")
+        found, _ = manifest._walk(tree)
+        lines = []
+        for rel, st in sorted(found.items()):
+            if not stat.S_ISREG(st.st_mode) or rel in manifest.NOT_LISTED \
+                    or manifest._TEMP.match(os.path.basename(rel)):
+                continue
+            path = os.path.join(tree, rel)
+            hexsum = self.sums.known(path, st) or manifest.checksum_file(path)
+            lines.append(f"{hexsum} {st.st_size} {rel}\n")
+        return "".join(lines).encode()
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)

@@ -661,3 +661,121 @@ def test_freebsd_target_without_dry_run_is_refused_here(tmp_path):
             str(tmp_path / "s"), str(tmp_path / "m"), ok=False)
     assert r.returncode == 1 and "--dry-run" in r.stderr and "FreeBSD host" in r.stderr
     assert not os.path.ismount(tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------------------------
+# verified sums, the undebounced check, JOB/held
+
+def copy_file(core, job, src, rel, temp=False):
+    """One file as rsync writes it: into a hidden temp name, then renamed (or in place)."""
+    d = os.path.dirname(rel)
+    for i in range(1, len(d.split("/")) + 1 if d else 0):
+        with contextlib.suppress(FileExistsError):
+            core.mkdir(f"/{job}/" + "/".join(d.split("/")[:i]), 0o755)
+    name = f"{d}/.{os.path.basename(rel)}.Xy12Z9" if temp and d else \
+        f".{rel}.Xy12Z9" if temp else rel
+    fh = core.create(f"/{job}/{name}", 0o644, os.O_WRONLY | os.O_EXCL)
+    with open(os.path.join(src, rel), "rb") as f:
+        core.write(fh, f.read(), 0)
+    core.release(fh)
+    if temp:
+        core.rename(f"/{job}/{name}", f"/{job}/{rel}")
+
+
+def listed(src):
+    return sorted(manifest.load(os.path.join(src, "manifest"))["files"])
+
+
+def test_core_complete_copy_restores_without_quiet_period(tmp_path, src):
+    c = TargetCore(str(tmp_path / "store"), restore=Calls(), debounce=30)
+    c.start()
+    try:
+        c.mkdir("/j", 0o755)
+        copy_file(c, "j", src, "manifest", temp=True)     # rsync's order: manifest first
+        *rest, last = listed(src)
+        for rel in rest:
+            copy_file(c, "j", src, rel, temp=True)
+        time.sleep(0.2)
+        assert c.completion.status("j").startswith("waiting")
+        t0 = time.monotonic()
+        copy_file(c, "j", src, last, temp=True)
+        assert wait_core(c, "j", "restored", timeout=5) == "restored pid=777"
+        assert time.monotonic() - t0 < 2               # not the 30 s quiet period
+    finally:
+        c.stop()
+
+
+def test_core_extra_files_wait_for_the_quiet_period(tmp_path, src):
+    """An early check that sees files the manifest does not list waits: a copy with
+    --delete may still be about to remove them (a stale chunk must not be restored)."""
+    c = TargetCore(str(tmp_path / "store"), restore=Calls(), debounce=1.0)
+    c.start()
+    try:
+        c.mkdir("/j", 0o755)
+        copy_file(c, "j", src, "manifest")
+        copy_file(c, "j", src, listed(src)[0])
+        stale = "tasks/10/maps/9000-209000/pages/0x0"
+        os.makedirs(os.path.dirname(os.path.join(tmp_path, "x", stale)))
+        with open(os.path.join(tmp_path, "x", stale), "wb") as f:
+            f.write(b"stale")
+        copy_file(c, "j", str(tmp_path / "x"), stale)
+        t0 = time.monotonic()
+        for rel in listed(src)[1:]:
+            copy_file(c, "j", src, rel)
+        wait_core(c, "j", "restored", timeout=5)
+        assert time.monotonic() - t0 >= 0.9
+    finally:
+        c.stop()
+
+
+def test_core_restore_on_ctl_checks_at_once(tmp_path, src):
+    c = TargetCore(str(tmp_path / "store"), restore=Calls(), debounce=30)
+    c.start()
+    try:
+        c.mkdir("/j", 0o755)
+        for rel in listed(src) + ["manifest"]:           # manifest last: no early hint
+            copy_file(c, "j", src, rel)
+        c.caller = lambda: 4242
+        fh = c.open("/j/ctl", os.O_WRONLY)
+        c.write(fh, b"restore\n", 0)
+        c.release(fh)
+        assert wait_core(c, "j", "restored", timeout=3) == "restored pid=777"
+    finally:
+        c.stop()
+
+
+def test_core_sums_follow_rewrites_and_held_lists_them(core, src):
+    core.completion.auto = False
+    write_tree(core, "j", src)
+    rel = listed(src)[0]
+    path = os.path.join(core.jobs_dir, "j", rel)
+    want = manifest.checksum_file(path)
+    assert core.sums.known(path, os.lstat(path)) == want        # taken at release
+    fh = core.open(f"/j/{rel}", os.O_RDWR)                       # rewritten in place
+    assert core.sums.known(path, os.lstat(path)) is None
+    core.write(fh, b"\xff", 0)
+    core.release(fh)
+    assert core.sums.known(path, os.lstat(path)) == manifest.checksum_file(path) != want
+    core.truncate(f"/j/{rel}", 1)
+    assert core.sums.known(path, os.lstat(path)) is None
+    fh = core.open("/j/held", os.O_RDONLY)
+    held = core.read(fh, 1 << 20, 0).decode().splitlines()
+    core.release(fh)
+    assert "/j/held" not in [f"/j/{n}" for n in core.readdir("/j")]   # found by name only
+    rows = {line.split(" ", 2)[2]: line.split(" ", 2)[:2] for line in held}
+    assert set(rows) == set(listed(src)) | {"manifest"}
+    assert rows[rel] == [manifest.checksum_file(path), "1"]
+    with pytest.raises(OSError) as e:
+        core.open("/j/held", os.O_WRONLY)
+    assert e.value.errno == errno.EACCES
+
+
+def test_core_attribute_changes_pass_while_restoring(core):
+    core.mkdir("/j", 0o755)
+    core.mkdir("/j/d", 0o755)
+    core.completion._jobs["j"].status = "restoring"
+    core.utimens("/j/d", (1, 2))          # rsync sets directory times after the last file
+    core.chmod("/j/d", 0o700)
+    with pytest.raises(OSError) as e:
+        core.unlink("/j/d")
+    assert e.value.errno in (errno.EBUSY, errno.EISDIR, errno.EPERM)
