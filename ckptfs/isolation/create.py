@@ -11,11 +11,12 @@ daemon). That init is a small Python program (`_nsinit`) that talks to us over a
 
     outer  unshare(mnt uts ipc net pid time per `own`); fork if pid or time is own (both apply
            to children only); tells us the child's host pid; waits for it, exits with its status.
-    inner  (pid 1 of the new pid namespace) dies with the outer (PR_SET_PDEATHSIG); joins the
-           new cgroups; unshares the cgroup namespace (so its root is the container's cgroup);
+    inner  (pid 1 of the new pid namespace) dies with the outer (PR_SET_PDEATHSIG);
            makes every mount private and mounts its own /proc; sets hostname and domainname;
            brings up loopback and the recorded interfaces, addresses and routes (net.py);
-           re-creates the recorded mounts (mounts.py); reports "ready"; execs the program.
+           re-creates the recorded mounts (mounts.py); joins the new cgroups and unshares
+           the cgroup namespace (so its root is the container's cgroup; last, so the setup's
+           helper processes count against none of its limits); reports "ready"; execs.
 
 The socket is close-on-exec, so end-of-file after "ready" means the exec happened. Any failure
 in the init comes back as the error it raised (class, file, message) and everything is torn
@@ -333,11 +334,6 @@ def _run(argv: list) -> None:
 def _setup(cfg: dict) -> dict:
     """Everything the new namespaces need before the program runs; returns the links made."""
     from . import mounts as _mounts
-    for path in cfg["procs"]:
-        with open(path, "w") as f:
-            f.write("0")
-    if cfg["cgroupns"]:
-        _libc_call("unshare", ctypes.c_int(CLONE["cgroup"]))
     if "mnt" in cfg["unshare"]:
         _mounts.private_root_and_proc(_run, proc="pid" in cfg["unshare"])
     if cfg["hostname"] is not None:
@@ -347,7 +343,21 @@ def _setup(cfg: dict) -> dict:
             f.write(cfg["domainname"])
     links = _setup_net(cfg)
     _mounts.apply([Mount(**m) for m in cfg["mounts"]], _run)
+    _join_cgroups(cfg)
     return links
+
+
+def _join_cgroups(cfg: dict) -> None:
+    """Last, so that the mount(8) and ip processes of the setup count against no limit of
+    the container (a pids.max of 1 still lets it start)."""
+    for path in cfg["procs"]:
+        try:
+            with open(path, "w") as f:
+                f.write("0")
+        except OSError as e:
+            raise KernelError("cannot join cgroup", e.errno, path=path, step="cgroup") from e
+    if cfg["cgroupns"]:
+        _libc_call("unshare", ctypes.c_int(CLONE["cgroup"]))
 
 
 def _setup_net(cfg: dict) -> dict:

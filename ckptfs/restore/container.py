@@ -25,6 +25,7 @@ lives on one of the container's own mounts (its tmpfs) is not reached.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -79,10 +80,19 @@ def _named(source: Source, e: CkptError) -> str:
     return text.replace(e.path, path, 1) if e.path and path != e.path else text
 
 
-def _failed(source: Source, e: CkptError, undone: str) -> RestoreFailed:
-    err = RestoreFailed(f"{_named(source, e)} ({undone})", err=e.errno)
+def _failed(source: Source, e: CkptError, undone: str, hint: str = "") -> RestoreFailed:
+    text = _named(source, e).split(" (undone: ")[0]
+    err = RestoreFailed(f"{text}{hint} ({undone})", err=e.errno)
     err.path, err.step = tree_path(source, e.path), e.step
     return err
+
+
+def _hint(source: Source, iso: Isolation, e: CkptError) -> str:
+    """A task the kernel would not create inside a pids-limited container: say which limit."""
+    limit = iso.limits.get("pids.max", "max").strip()
+    if e.errno == errno.EAGAIN and e.step in ("create task", "create thread") and limit != "max":
+        return f"; {tree_path(source, 'isolation/limits/pids.max')} is {limit}"
+    return ""
 
 
 def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> tuple[dict[int, int], list[str], dict]:
@@ -106,7 +116,8 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> tuple[dic
     except BaseException as e:
         c.cleanup()
         if isinstance(e, CkptError):
-            raise _failed(source, e, "undone: tasks, namespaces and cgroups removed") from e
+            raise _failed(source, e, "undone: tasks, namespaces and cgroups removed",
+                          _hint(source, iso, e)) from e
         raise
     if "pid" in own and "mnt" not in own:
         log("note: the container's pid namespace has no mount namespace of its own: "

@@ -14,7 +14,9 @@ captures can be checked against what was really set up:
 - a tmpfs on <tmp>/scratch (size 1 MiB) and a bind mount of <tmp>/src on <tmp>/bound;
 - v1 cgroups named ckptfs-test-<id> with LIMITS (memory below this process's own memory
   cgroup, so the container stays inside the limits the tests run under);
-- a workload: a shell loop appending a counter to <tmp>/out every 20 ms.
+- a workload: a shell loop appending a counter to <tmp>/out every 20 ms (the container's
+  init, pid 1 inside); with `sleeper=True` it first starts `sleep 3600` in the background, a
+  child that lives as long as the container (its pid inside is known: SLEEPER_PID).
 
 Teardown (also on failure): SIGKILL the init through a pidfd (the pid namespace dies with it),
 reap `unshare`, rmdir the cgroups (retrying while the dying tasks leave).
@@ -38,6 +40,7 @@ V1_FILES = [("memory", "memory.limit_in_bytes", LIMITS["memory.max"]),
             ("pids", "pids.max", LIMITS["pids.max"]),
             ("cpu", "cpu.cfs_period_us", "100000"), ("cpu", "cpu.cfs_quota_us", "50000")]
 CG_ROOT = "/sys/fs/cgroup"
+SLEEPER_ARGV = ["sleep", "3600"]
 
 
 @dataclasses.dataclass
@@ -46,10 +49,11 @@ class UnshareContainer:
     unshare: subprocess.Popen
     cgroup_dirs: dict[str, str]     # controller -> directory
     cgroup_path: str                # memory controller path, as /proc/PID/cgroup shows it
-    out: Path                       # the workload's output file
+    out: Path                       # the workload's output file (one counter value a line)
     scratch: Path                   # tmpfs mount point
     src: Path                       # bind source
     bound: Path                     # bind target
+    sleeper: int | None = None      # pid inside the container of the background sleep
 
 
 def own_cgroup(controller: str) -> str:
@@ -91,7 +95,7 @@ def remove_cgroups(dirs: dict[str, str], timeout: float = 5.0) -> None:
                 time.sleep(0.01)
 
 
-def _script(tmp: Path) -> str:
+def _script(tmp: Path, sleeper: bool) -> str:
     net = ("{ ip link add eth0 type dummy 2>/dev/null || "
            "{ ip link add eth0 type veth peer name eth0p && ip link set eth0p up; }; } && "
            f"ip link set lo up && ip link set eth0 up && ip addr add {ADDR} dev eth0 && "
@@ -100,7 +104,8 @@ def _script(tmp: Path) -> str:
               f"mount --bind {tmp}/src {tmp}/bound")
     uts = f"hostname {HOSTNAME} && echo {DOMAIN} > /proc/sys/kernel/domainname"
     loop = f"i=0; while :; do i=$((i+1)); echo $i >> {tmp}/out; sleep 0.02; done"
-    return f"set -e; {uts} && {net} && {mounts} && echo ready > {tmp}/ready; {loop}"
+    bg = f"{' '.join(SLEEPER_ARGV)} & echo $! > {tmp}/sleeper; " if sleeper else ""
+    return f"set -e; {uts} && {net} && {mounts} && {bg}echo ready > {tmp}/ready; {loop}"
 
 
 def _child_of(ppid: int, timeout: float) -> int:
@@ -131,7 +136,7 @@ def _wait_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def running_container(tmp: Path):
+def running_container(tmp: Path, *, sleeper: bool = False):
     for d in ("scratch", "src", "bound"):
         (tmp / d).mkdir(exist_ok=True)
     (tmp / "src" / "hello").write_text("hi\n")
@@ -139,7 +144,7 @@ def running_container(tmp: Path):
     dirs = make_cgroups(name)
     joins = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in dirs.values())
     argv = ["sh", "-c", f'{joins}; exec unshare --fork --pid --mount --uts --ipc --net '
-                        f'--mount-proc sh -c "$0"', _script(tmp)]
+                        f'--mount-proc sh -c "$0"', _script(tmp, sleeper)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     pidfd = None
@@ -149,7 +154,8 @@ def running_container(tmp: Path):
         _wait_file(tmp / "ready", proc, 10.0)
         yield UnshareContainer(init, proc, dirs, "/" + name if own_cgroup("memory") == "/"
                             else f"{own_cgroup('memory')}/{name}", tmp / "out",
-                            tmp / "scratch", tmp / "src", tmp / "bound")
+                            tmp / "scratch", tmp / "src", tmp / "bound",
+                            int((tmp / "sleeper").read_text()) if sleeper else None)
     finally:
         if pidfd is not None:
             with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,218 @@
+"""Container restore on Linux: a real `unshare` container is dumped, killed and restored.
+
+The test container (helpers/container.py: pid, mount, uts, ipc and net namespaces, a v1 cgroup
+with limits, a tmpfs and a bind mount, a counter loop as pid 1 and a background sleep) is
+dumped once per module in its own pids (pid 1 and the sleep's pid inside), then killed.
+Restoring it must bring back, as seen from inside (nsenter into the restored init): hostname
+and domainname, the address and route, the cgroup limits, the mounts, the old pids, and a
+counter that continues with no gap. Trees edited to ask for something impossible here are
+refused naming the file and value, and leave no cgroup, namespace or process behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import subprocess
+
+import pytest
+
+from ckptfs import manifest, restore, tree
+from ckptfs.capture.linux import LiveSource
+from ckptfs.errors import CkptError
+from ckptfs.isolation import cgroups
+from ckptfs.isolation.pidns import PidNsView
+from helpers import container as ctr
+
+V1 = ("memory", "pids", "cpu", "cpuset", "blkio")
+
+
+def dump_container(pid: int, out: Path) -> None:
+    """What `ckptfs dump --container --kill PID DIR` does: freeze, write the tree in the
+    container's own pids (PidNsView), kill by host pid, release."""
+    source = LiveSource(pid)
+    source.container = True
+    try:
+        source.freeze()
+        host = source.pids()
+        tree.write_tree(PidNsView(source), str(out), 2 << 20)
+        for p in reversed(host):
+            os.kill(p, signal.SIGKILL)
+    finally:
+        source.close()
+
+
+def edit(tree_dir: Path, rel: str, text: str) -> None:
+    """Change one tree file and its manifest entry (as an operator's edit would)."""
+    path = tree_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    mpath = tree_dir / "manifest"
+    doc = json.loads(mpath.read_text())
+    doc["files"][rel] = {"size": len(text.encode()), manifest.ALGO: manifest.checksum(text.encode())}
+    os.chmod(mpath, 0o644)
+    mpath.write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory):
+    """(tree dir, container record, last counter value before the dump)."""
+    tmp = tmp_path_factory.mktemp("ct")
+    with ctr.running_container(tmp, sleeper=True) as ct:
+        _wait_lines(ct.out, 3)
+        dump_container(ct.init_pid, tmp / "tree")
+        last = int(ct.out.read_text().split()[-1])
+    # Mounts other suites make and remove while the container lives stay in its copy and
+    # look like its own (isolation/mounts.py): keep the test container's own lines.
+    mounts = (tmp / "tree/isolation/mounts").read_text().splitlines()
+    edit(tmp / "tree", "isolation/mounts", "".join(m + "\n" for m in mounts if str(tmp) in m))
+    return tmp / "tree", ct, last
+
+
+def _wait_lines(path: Path, n: int, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: fewer than {n} lines")
+
+
+@contextlib.contextmanager
+def restored(tree_dir: Path):
+    """Restore; afterwards kill the container's init (its pid namespace goes with it) and
+    remove the cgroups the restore left to it."""
+    result = restore.restore(tree_dir)
+    pidfd = os.pidfd_open(result.pids[1])
+    try:
+        yield result
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+        cgroups.remove_dirs(result.cgroups)
+
+
+def inside(init: int, argv: list[str]) -> str:
+    ns = ["nsenter", "-t", str(init), "-m", "-u", "-i", "-n", "-p", "--"]
+    return subprocess.run(ns + argv, capture_output=True, text=True, check=True).stdout
+
+
+# -- the round trip ---------------------------------------------------------------------------
+def test_dump_records_the_containers_own_pids(dumped):
+    tree_dir, ct, _ = dumped
+    tasks = sorted(int(p) for p in os.listdir(tree_dir / "tasks"))
+    assert tasks[0] == 1 and ct.sleeper in tasks
+    assert (tree_dir / "tasks/1/ppid").read_text() == "0\n"        # the parent was outside
+    assert (tree_dir / f"tasks/{ct.sleeper}/ppid").read_text() == "1\n"
+    assert json.loads((tree_dir / "manifest").read_text())["root"] == 1
+    assert set((tree_dir / "isolation/own").read_text().split()) >= {"ipc", "mnt", "net", "pid", "uts"}
+
+
+def test_restored_container_runs_in_its_isolation(dumped):
+    tree_dir, ct, last = dumped
+    with restored(tree_dir) as r:
+        init = r.pids[1]
+        assert Path(f"/proc/{init}/status").read_text().split("NSpid:\t")[1].split("\n")[0] \
+            .split()[-1] == "1"
+        # names and network, from inside
+        assert inside(init, ["hostname"]).strip() == ctr.HOSTNAME
+        assert inside(init, ["cat", "/proc/sys/kernel/domainname"]).strip() == ctr.DOMAIN
+        eth0 = json.loads(inside(init, ["ip", "-j", "addr", "show", "eth0"]))[0]
+        assert [f"{a['local']}/{a['prefixlen']}" for a in eth0["addr_info"]
+                if a["family"] == "inet"] == [ctr.ADDR]
+        assert "UP" in eth0["flags"]
+        assert inside(init, ["ip", "route", "show", "default"]).split()[:3] == \
+            ["default", "via", ctr.GATEWAY]
+        # the old pids, in the container's own /proc
+        assert inside(init, ["cat", "/proc/1/comm"]).strip() == "sh"
+        assert inside(init, ["cat", f"/proc/{ct.sleeper}/cmdline"]).split("\0")[:2] == \
+            ctr.SLEEPER_ARGV
+        # cgroup limits, read from the cgroup files the restored init is in
+        paths = dict(re.findall(r"^\d+:([\w,=]+):(\S+)$", inside(init, ["cat", "/proc/1/cgroup"]), re.M))
+        mem = inside(init, ["cat", f"/sys/fs/cgroup/memory{paths['memory']}/memory.limit_in_bytes"])
+        assert mem.strip() == ctr.LIMITS["memory.max"]
+        assert inside(init, ["cat", f"/sys/fs/cgroup/pids{paths['pids']}/pids.max"]).strip() == \
+            ctr.LIMITS["pids.max"]
+        cpu = f"/sys/fs/cgroup/cpu{paths['cpu']}"
+        assert inside(init, ["cat", f"{cpu}/cpu.cfs_quota_us", f"{cpu}/cpu.cfs_period_us"]).split() == \
+            ctr.LIMITS["cpu.max"].split()
+        assert all(os.path.isdir(d) for d in r.cgroups)
+        # mounts: the tmpfs again (empty), the bind mount showing its source
+        assert inside(init, ["findmnt", "-n", "-o", "FSTYPE", str(ct.scratch)]).strip() == "tmpfs"
+        assert inside(init, ["cat", str(ct.bound / "hello")]) == "hi\n"
+        # the workload goes on where it stopped
+        lines = _wait_lines(ct.out, last + 10)
+        assert lines == [str(i) for i in range(1, len(lines) + 1)]
+    assert not any(os.path.exists(d) for d in r.cgroups)
+
+
+# -- impossible here: refused, nothing left -------------------------------------------------
+def _ours() -> set[int]:
+    """Processes in this test's process group (helpers and restored tasks inherit it)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == os.getpgrp():
+                out.add(int(entry))
+    return out
+
+
+def _restore_cgroups() -> set[str]:
+    found = set()
+    for ctrl in V1:
+        d = os.path.join(ctr.CG_ROOT, ctrl, ctr.own_cgroup(ctrl).lstrip("/"))
+        if os.path.isdir(d):
+            found |= {os.path.join(d, n) for n in os.listdir(d) if n.startswith("ckptfs-restore-")}
+    return found
+
+
+@pytest.mark.parametrize("rel, text, value", [
+    ("isolation/own", "ipc mnt net pid user uts\n", "'user'"),            # checked up front
+    ("isolation/limits/pids.max", "lots\n", "'lots'"),                    # checked up front
+    ("isolation/net/routes", "default via 10.9.0.1 dev eth9\n", "eth9"),   # checked up front
+    ("isolation/limits/cpuset.cpus", "0-999\n", "'0-999'"),   # cgroups exist when it fails
+    ("isolation/mounts", "tmpfs /nonexistent/dir tmpfs rw,size=1m\n", "/nonexistent/dir"),
+])
+def test_impossible_isolation_is_refused_and_leaves_nothing(dumped, tmp_path, rel, text, value):
+    tree_dir = tmp_path / "tree"
+    shutil.copytree(dumped[0], tree_dir)
+    edit(tree_dir, rel, text)
+    before_procs, before_cgroups = _ours(), _restore_cgroups()
+    with pytest.raises(CkptError) as e:
+        restore.restore(tree_dir)
+    assert f"{tree_dir}/{rel}" in str(e.value) and value in str(e.value)
+    assert _restore_cgroups() == before_cgroups
+    assert _ours() <= before_procs
+    assert restore.restore(tree_dir, dry_run=True).problems or rel in (
+        "isolation/limits/cpuset.cpus", "isolation/mounts")    # only the kernel can tell
+
+
+def test_failure_among_the_tasks_removes_the_container(dumped, tmp_path):
+    """The container exists, then its pids.max refuses the second task: all of it goes."""
+    tree_dir = tmp_path / "tree"
+    shutil.copytree(dumped[0], tree_dir)
+    edit(tree_dir, "isolation/limits/pids.max", "1\n")
+    before_procs, before_cgroups = _ours(), _restore_cgroups()
+    with pytest.raises(CkptError) as e:
+        restore.restore(tree_dir)
+    assert "EAGAIN" in str(e.value) and f"{tree_dir}/tasks/1" in str(e.value)
+    assert f"{tree_dir}/isolation/limits/pids.max is 1" in str(e.value)
+    assert _restore_cgroups() == before_cgroups
+    assert _ours() <= before_procs
+
+
+def test_plain_restore_of_a_container_tree_is_refused_with_same_pids(dumped):
+    problems = restore.restore(dumped[0], dry_run=True, same_pids=True).problems
+    assert any(f"{dumped[0]}/isolation/own" in p and "'pid'" in p for p in problems)
