@@ -156,11 +156,9 @@ class Completion:
 
     def changed_attr(self, name: str) -> None:
         """A file's mode, owner or times changed (rsync sets directory times last): never
-        refused, not even while restoring, since nothing the check or a restore reads moved."""
-        with self._cond:
-            job = self._get(name)
-            if job.status != "restoring":
-                job.gen += 1
+        refused, not even while restoring, and no reason to check again: nothing the check
+        or a restore reads moved."""
+        self._get(name)
 
     def changed(self, name: str) -> None:
         """The tree changed behind our back (watch mode): never refused, checked again later."""
@@ -210,7 +208,11 @@ class Completion:
                     job.missing.discard(r)
                 else:
                     job.missing.add(r)
-        self.poke(name, now=job.expect is not None and not job.missing and not job.writers)
+        self.poke(name, now=self._all_in(job))
+
+    def _all_in(self, job: Job) -> bool:
+        """Every file of the frozen manifest is known to be in place and nobody writes."""
+        return job.expect is not None and not job.missing and not job.writers
 
     def _expect(self, job: Job) -> None:
         """A manifest arrived: if frozen, note which listed files are not yet verified."""
@@ -314,7 +316,7 @@ class Completion:
                     job.status = "restoring"   # from here on, touch() refuses changes
         if changed:
             self._set(job, "waiting: copy in progress")
-            self.poke(job.name)
+            self.poke(job.name, now=self._all_in(job) and not early)
         elif problems:
             self._set(job, "waiting: " + _summary(problems))
         elif not go:
