@@ -274,6 +274,36 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+# The target builds the process from the running tree while the next passes go on
+# (restore/prepare.py), so that after the freeze only changed chunks and registers remain.
+ASK_PREPARE = "echo prepare > {ctl} 2>/dev/null; exit 0"
+WAIT_PREPARED = """i=0; while [ $i -lt {n} ]; do case $(head -n 1 {status} 2>/dev/null) in
+*preparing*) sleep 0.05; i=$((i+1));; *) exit 0;; esac; done"""
+PREPARE_WAIT = 60.0
+
+
+def _target_shell(dest: Dest, script: str, timeout: float) -> None:
+    argv = rsh() + [dest.host, script] if dest.host else ["sh", "-c", script]
+    try:
+        subprocess.run(argv, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def ask_prepare(dest: Dest) -> None:
+    """`echo prepare > JOB/ctl`: a target without prepared restores simply restores later."""
+    _target_shell(dest, ASK_PREPARE.format(ctl=shlex.quote(f"{dest.path}/ctl")), 30)
+
+
+def wait_prepared(dest: Dest) -> float:
+    """Before the freeze: until the target is done building (bounded); seconds waited."""
+    t0 = time.monotonic()
+    script = WAIT_PREPARED.format(n=int(PREPARE_WAIT / 0.05),
+                                  status=shlex.quote(f"{dest.path}/status"))
+    _target_shell(dest, script, PREPARE_WAIT + 10)
+    return time.monotonic() - t0
+
+
 def precopy(mnt: str, dest: Dest, max_passes: int = MAX_PASSES) -> list[Pass]:
     passes: list[Pass] = []
     for i in range(1, max_passes + 1):
@@ -281,6 +311,8 @@ def precopy(mnt: str, dest: Dest, max_passes: int = MAX_PASSES) -> list[Pass]:
         passes.append(p)
         log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} dirty chunks), "
             f"{p.seconds:.2f} s")
+        if i == 1:
+            ask_prepare(dest)
         if p.bytes < SMALL or (len(passes) > 1 and p.bytes >= SHRINK * passes[-2].bytes):
             break
     return passes
@@ -349,6 +381,10 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
         log(f"process {pid} mounted at {src.dir}; written pages tracked by "
             f"{tracking or 'nothing (every chunk is sent again after the freeze)'}")
         passes = precopy(src.dir, dest, max_passes) if max_passes else []
+        if passes:
+            waited = wait_prepared(dest)
+            if waited > 0.1:
+                log(f"waited {waited:.2f} s for the target to prepare the process")
         held = fetch_held(dest) if passes and tracking else None
         t_freeze = time.monotonic()
         src.ctl("freeze")

@@ -51,7 +51,7 @@ DEFAULT_STORE = "/var/lib/ckptfs"
 DEBOUNCE = 0.2
 VIRTUAL = ("ctl", "status")
 HELD = "held"                   # read-only, found by name only: what the job holds (TargetCore)
-COMMANDS = ("restore", "abort")
+COMMANDS = ("restore", "abort", "prepare")
 VIRTUAL_FH = 1 << 40            # virtual handles live far above any real fd
 MAX_PROBLEMS_SHOWN = 3
 SUM_AT_RELEASE = 256 << 20  # larger files are checksummed by the completion check only
@@ -82,11 +82,18 @@ class Job:
     missing: set = field(default_factory=set)   # listed files not (yet) verified
     now: bool = False      # checked without the quiet period (complete, or `restore` on ctl)
     asked: bool = False    # ... because ctl said so: the copy is over, extras are final
+    prepared: object = None        # restore.prepare.Prepared built from a running tree
+    preparing: threading.Thread | None = None
 
 
 def _default_restore():
     from .restore import restore   # built by another module; may not exist yet
     return restore
+
+
+def _default_prepare(tree_dir: str, **opts):
+    from .restore.prepare import prepare
+    return prepare(tree_dir, **opts)
 
 
 class Completion:
@@ -101,8 +108,15 @@ class Completion:
     STATE_DIR/<job>.json (fsynced before a restore starts: a job restores at most once)."""
 
     def __init__(self, state_dir: str, *, auto: bool = True, restore=None,
-                 restore_opts: dict | None = None, debounce: float = DEBOUNCE, known=None):
+                 restore_opts: dict | None = None, debounce: float = DEBOUNCE, known=None,
+                 prepare=None):
+        """prepare(tree_dir, **restore_opts) -> object with finish(tree_dir) -> result and
+        cancel(): builds the process from a running tree (pre-copy) so that the restore of
+        the frozen one only finishes it. None: restore.prepare when restore is the default
+        one; False: never."""
         self.state_dir, self.auto, self.debounce = state_dir, auto, debounce
+        self._prepare = (_default_prepare if restore is None else None) if prepare is None \
+            else prepare or None
         self.known = known      # (path, lstat) -> checksum verified earlier, or None
         self._restore, self._opts = restore, dict(restore_opts or {})
         self._cond = threading.Condition()
@@ -133,6 +147,8 @@ class Completion:
             job = self._jobs.pop(name, None)
             if job:
                 job.gone = True
+        if job:
+            self._drop_prepared(job)
         for ext in (".json", ".status"):
             try:
                 os.unlink(self._state_path(name, ext))
@@ -246,11 +262,14 @@ class Completion:
             if job.state.get("restored") or job.status == "restoring":
                 raise _err(errno.EBUSY, f"{name}/ctl: {word}: job is {job.status}")
             job.wanted = word == "restore"
-        if word == "abort":
+        if word == "prepare":
+            self._start_prepare(job)
+        elif word == "abort":
             status = "failed: aborted (write restore to ctl to try again)"
             job.state.update(aborted=True, status=status)
             self._save(job)
             self._set(job, status)
+            self._drop_prepared(job)
         else:
             job.state.update(aborted=False, status="")
             self._save(job)
@@ -332,7 +351,64 @@ class Completion:
             doc = manifest.load(path)
         except CkptError as e:
             return None, [f"manifest refused: {e}"], []
+        if doc["state"] == "running":
+            self._start_prepare(job)
         return (doc, *manifest.inspect(job.tree, doc, self.known))
+
+    # -- prepared restores (pre-copy): the process is built while the copy goes on
+
+    def _start_prepare(self, job: Job) -> None:
+        """Build the process from the tree as it is now, in a thread of its own (once)."""
+        with self._cond:
+            st = job.state
+            if (self._prepare is None or job.prepared is not None or job.preparing is not None
+                    or st.get("attempted") or st.get("restored") or job.gone):
+                return
+            job.preparing = threading.Thread(target=self._prepare_job, args=(job,),
+                                             name=f"ckptfs-prepare-{job.name}", daemon=True)
+        self._set(job, "waiting: preparing the process from the running tree")
+        job.preparing.start()
+
+    def _prepare_job(self, job: Job) -> None:
+        t0 = time.monotonic()
+        try:
+            prepared = self._prepare(job.tree, **self._opts)
+        except Exception as e:          # a failed preparation only means a normal restore
+            log.info("job %s: not prepared: %s", job.name, e)
+            self._set_waiting(job, "waiting: not prepared (restores the normal way)")
+            return
+        finally:
+            with self._cond:
+                job.preparing = None
+        with self._cond:
+            keep = not (job.gone or job.state.get("attempted") or job.state.get("aborted"))
+            if keep:
+                job.prepared = prepared
+        if not keep:
+            prepared.cancel()
+            return
+        log.info("job %s: process prepared in %.2f s", job.name, time.monotonic() - t0)
+        self._set_waiting(job, "waiting: prepared; the frozen tree finishes it")
+
+    def _set_waiting(self, job: Job, status: str) -> None:
+        if job.status.startswith("waiting"):
+            self._set(job, status)
+
+    def _take_prepared(self, job: Job):
+        thread = job.preparing
+        if thread is not None:
+            thread.join()
+        with self._cond:
+            prepared, job.prepared = job.prepared, None
+        return prepared
+
+    def _drop_prepared(self, job: Job) -> None:
+        prepared = self._take_prepared(job) if job.preparing is None else None
+        if prepared is None and job.preparing is not None:
+            # still building: it sees the job gone/aborted when done and cancels itself
+            return
+        if prepared is not None:
+            prepared.cancel()
 
     def _restore_job(self, job: Job, doc: dict) -> None:
         job.wanted = False
@@ -360,6 +436,14 @@ class Completion:
         log.info("job %s: restored, pids %s", job.name, pids)
 
     def _call_restore(self, job: Job):
+        prepared = self._take_prepared(job)
+        if prepared is not None:
+            from .restore.prepare import Stale
+            try:
+                return prepared.finish(job.tree)
+            except Stale as e:
+                log.info("job %s: prepared process does not fit (%s): restoring normally",
+                         job.name, e)
         fn = self._restore
         if fn is None:
             try:
