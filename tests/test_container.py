@@ -216,3 +216,36 @@ def test_failure_among_the_tasks_removes_the_container(dumped, tmp_path):
 def test_plain_restore_of_a_container_tree_is_refused_with_same_pids(dumped):
     problems = restore.restore(dumped[0], dry_run=True, same_pids=True).problems
     assert any(f"{dumped[0]}/isolation/own" in p and "'pid'" in p for p in problems)
+
+
+def test_container_without_its_own_pid_namespace(procs, tmp_path):
+    """uts + net of its own, pids shared with the host: restored into new uts and net
+    namespaces under new pids, still its own session leader."""
+    out = tmp_path / "out"
+    loop = f"i=0; while :; do i=$((i+1)); echo $i >> {out}; sleep 0.02; done"
+    p = procs.spawn(["unshare", "--uts", "--net", "sh", "-c",
+                     f"hostname part-{os.getpid()} && ip link set lo up && {loop}"])
+    _wait_lines(out, 3)
+    dump_container(p.pid, tmp_path / "tree")
+    last = len(out.read_text().split())
+    assert (tmp_path / "tree/isolation/own").read_text().split() == ["net", "uts"]
+    r = restore.restore(tmp_path / "tree")
+    try:
+        new = r.pids[p.pid]
+        procs.adopt(new)
+        assert new != p.pid and os.getsid(new) == new
+        assert inside_some(new, ["-u", "-n"], ["hostname"]).strip() == f"part-{os.getpid()}"
+        lo = json.loads(inside_some(new, ["-u", "-n"], ["ip", "-j", "link", "show", "lo"]))[0]
+        assert "UP" in lo["flags"]
+        assert os.readlink(f"/proc/{new}/ns/net") != os.readlink("/proc/self/ns/net")
+        lines = _wait_lines(out, last + 5)
+        assert lines == [str(i) for i in range(1, len(lines) + 1)]
+    finally:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(r.pids[p.pid], signal.SIGKILL)
+        cgroups.remove_dirs(r.cgroups)
+
+
+def inside_some(pid: int, flags: list[str], argv: list[str]) -> str:
+    return subprocess.run(["nsenter", "-t", str(pid), *flags, "--", *argv], capture_output=True,
+                          text=True, check=True).stdout
