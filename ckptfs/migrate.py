@@ -389,8 +389,8 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
         t_freeze = time.monotonic()
         src.ctl("freeze")
         frozen = True
+        marks = [(time.monotonic() - t_freeze, "frozen")]
         watch = StatusWatch(dest)
-        marks = []
         try:
             diff = None
             if held is not None:
