@@ -76,6 +76,11 @@ def test_migrate_locally_with_shrinking_passes(wset_bin, procs, tmp_path, tmp_mo
     assert P.wait_gone(src.pid, 10)                       # the source was killed
     assert verify(new, str(out)).startswith("ok round=")  # every page as it was, still running
     assert 0 < result.downtime < result.total
+    # the target built the process during pre-copy and only finished it after the freeze
+    log = (store / "log").read_text()
+    assert "process prepared" in log and "restoring normally" not in log, log
+    # the final pass sent the difference to what the target held, not a whole rsync pass
+    assert any(what == "frozen manifest read" for _, what in result.timeline)
 
 
 def test_failure_thaws_the_source(wset_bin, procs, tmp_path):
