@@ -27,7 +27,7 @@ from ckptfs import manifest, restore, tree
 from ckptfs.capture.linux import LiveSource
 from ckptfs.errors import CkptError
 from ckptfs.isolation import cgroups
-from ckptfs.isolation.pidns import PidNsView
+from ckptfs.isolation.pidns import PidNsView, ns_fields
 from helpers import container as ctr
 
 V1 = ("memory", "pids", "cpu", "cpuset", "blkio")
@@ -90,7 +90,7 @@ def restored(tree_dir: Path):
     """Restore; afterwards kill the container's init (its pid namespace goes with it) and
     remove the cgroups the restore left to it."""
     result = restore.restore(tree_dir)
-    pidfd = os.pidfd_open(result.pids[1])
+    pidfd = os.pidfd_open(result.init)
     try:
         yield result
     finally:
@@ -120,6 +120,7 @@ def test_restored_container_runs_in_its_isolation(dumped):
     tree_dir, ct, last = dumped
     with restored(tree_dir) as r:
         init = r.pids[1]
+        assert r.init == init
         assert Path(f"/proc/{init}/status").read_text().split("NSpid:\t")[1].split("\n")[0] \
             .split()[-1] == "1"
         # names and network, from inside
@@ -249,3 +250,44 @@ def test_container_without_its_own_pid_namespace(procs, tmp_path):
 def inside_some(pid: int, flags: list[str], argv: list[str]) -> str:
     return subprocess.run(["nsenter", "-t", str(pid), *flags, "--", *argv], capture_output=True,
                           text=True, check=True).stdout
+
+
+def _host_pid(init: int, ns_pid: int) -> int:
+    """Host pid of the child of `init` that is `ns_pid` inside."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, CkptError):
+                if f"\nPPid:\t{init}\n" in Path(f"/proc/{entry}/status").read_text() and \
+                        ns_fields(int(entry))["NSpid"][-1] == ns_pid:
+                    return int(entry)
+    raise LookupError(ns_pid)
+
+
+def test_container_task_that_was_not_its_init(tmp_path):
+    """A dump of one task inside a container (not pid 1): restored under a reaper init as
+    pid 1, with its own pid, in the container's namespaces."""
+    with ctr.running_container(tmp_path, sleeper=True) as ct:
+        dump_container(_host_pid(ct.init_pid, ct.sleeper), tmp_path / "tree")
+    mounts = (tmp_path / "tree/isolation/mounts").read_text().splitlines()
+    edit(tmp_path / "tree", "isolation/mounts", "".join(m + "\n" for m in mounts if str(tmp_path) in m))
+    assert json.loads((tmp_path / "tree/manifest").read_text())["root"] == ct.sleeper
+    with restored(tmp_path / "tree") as r:
+        assert r.init not in r.pids.values()
+        assert inside(r.pids[ct.sleeper], ["cat", "/proc/1/comm"]).strip() == "ckptfs-init"
+        assert inside(r.init, ["cat", f"/proc/{ct.sleeper}/cmdline"]).split("\0")[:2] == \
+            ctr.SLEEPER_ARGV
+        assert inside(r.init, ["hostname"]).strip() == ctr.HOSTNAME
+    assert _ended(r.init)
+
+
+def _ended(pid: int, timeout: float = 5.0) -> bool:
+    """Gone, or a zombie for whoever reaps it now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.01)
+    return False

@@ -34,6 +34,7 @@ class RestoreResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
     cgroups: list[str] = dataclasses.field(default_factory=list)     # a container's, left to it
+    init: int | None = None   # host pid of a new pid namespace's init: killing it ends them all
 
     @property
     def root(self) -> int | None:
@@ -122,9 +123,18 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
         raise RestoreFailed("the checkpoint cannot be restored:\n  " + "\n  ".join(plan.problems),
                             step="validate")
     if iso is not None:
-        pids, cgroups, timing = ct.run(plan, iso, pidns=pidns, same_pids=same_pids, log=log)
-        return RestoreResult(pids=pids, warnings=plan.warnings, timing=timing, cgroups=cgroups)
+        r = ct.run(plan, iso, pidns=pidns, same_pids=same_pids, log=log)
+        return RestoreResult(pids=r.pids, warnings=plan.warnings, timing=r.timing,
+                             cgroups=r.cgroups, init=r.init)
     from .linux import LinuxRestorer
     r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log)
     pids = r.run()
-    return RestoreResult(pids=pids, warnings=plan.warnings, timing=r.timing)
+    return RestoreResult(pids=pids, warnings=plan.warnings, timing=r.timing,
+                         init=ns_init(r, pids, pidns))
+
+
+def ns_init(r, pids: dict[int, int], pidns: bool) -> int | None:
+    """The new pid namespace's init: the reaper made for it, or the root when it was pid 1."""
+    if not pidns:
+        return None
+    return r.init or pids.get(1)

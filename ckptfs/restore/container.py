@@ -25,6 +25,7 @@ lives on one of the container's own mounts (its tmpfs) is not reached.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -95,9 +96,16 @@ def _hint(source: Source, iso: Isolation, e: CkptError) -> str:
     return ""
 
 
-def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> tuple[dict[int, int], list[str], dict]:
-    """Create the container, restore the tree into it: (old pid -> host pid, cgroup dirs,
-    timing)."""
+@dataclasses.dataclass
+class Restored:
+    pids: dict[int, int]      # old pid -> host pid
+    cgroups: list[str]        # left to the container
+    timing: dict
+    init: int | None          # host pid of its pid namespace's init
+
+
+def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> Restored:
+    """Create the container, restore the tree into it."""
     from ..isolation.create import Container
     from .linux import LinuxRestorer
     source = plan.source
@@ -122,4 +130,5 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> tuple[dic
     if "pid" in own and "mnt" not in own:
         log("note: the container's pid namespace has no mount namespace of its own: "
             "its /proc is the restorer's")
-    return pids, c.release(), r.timing
+    from . import ns_init
+    return Restored(pids, c.release(), r.timing, ns_init(r, pids, pidns))

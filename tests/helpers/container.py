@@ -104,7 +104,10 @@ def _script(tmp: Path, sleeper: bool) -> str:
               f"mount --bind {tmp}/src {tmp}/bound")
     uts = f"hostname {HOSTNAME} && echo {DOMAIN} > /proc/sys/kernel/domainname"
     loop = f"i=0; while :; do i=$((i+1)); echo $i >> {tmp}/out; sleep 0.02; done"
-    bg = f"{' '.join(SLEEPER_ARGV)} & echo $! > {tmp}/sleeper; " if sleeper else ""
+    # ready only once the background child is sleep itself, not the shell forked to exec it
+    bg = (f"{' '.join(SLEEPER_ARGV)} & echo $! > {tmp}/sleeper; "
+          f"until [ \"$(cat /proc/$!/comm)\" = {SLEEPER_ARGV[0]} ]; do sleep 0.01; done; "
+          if sleeper else "")
     return f"set -e; {uts} && {net} && {mounts} && {bg}echo ready > {tmp}/ready; {loop}"
 
 
