@@ -141,6 +141,18 @@ def validate(mounts: list[Mount]) -> None:
             raise BadTree(f"bind source must be an absolute path: {line!r}", path=TREE_FILE)
 
 
+def missing_paths(mounts: list[Mount]) -> list[str]:
+    """Mount points and bind sources this host lacks, one problem line each (a dry run's view;
+    a path below an earlier line's mount point is left to the namespace init, which sees it)."""
+    out, above = [], []
+    for m in mounts:
+        for path in ([m.source] if m.is_bind else []) + [m.target]:
+            if not any(_within(t, path) for t in above) and not os.path.exists(path):
+                out.append(f"{TREE_FILE}: {path} does not exist here (line {render_mount(m)!r})")
+        above.append(m.target)
+    return out
+
+
 def mount_argvs(m: Mount) -> list[list[str]]:
     """mount(8) calls that re-create one mount."""
     if not m.is_bind:

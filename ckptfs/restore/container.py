@@ -69,6 +69,10 @@ def problems(source: Source, iso: Isolation, same_pids: bool) -> list[str]:
         create.validate(iso)
     except CkptError as e:
         out.append(_named(source, e))
+    if not out and iso.mounts:
+        from ..isolation.mounts import missing_paths
+        out += [p.replace("isolation/mounts", tree_path(source, "isolation/mounts"), 1)
+                for p in missing_paths(iso.mounts)]
     if "pid" in iso.own_namespaces and same_pids:
         out.append(f"{tree_path(source, 'isolation/own')}: 'pid' is own: the tree restores "
                    "into a new pid namespace (pidns), not with the same pids here")
