@@ -79,10 +79,12 @@ def capture_isolation(pid: int, reference: int | str | None = None, *,
     """Isolation of the task `pid` (net and mounts only for namespaces of its own).
 
     `reference`: the task (pid or "self") whose namespaces are "outside". Default: the
-    capturing process if `container` (the caller says `pid` is a container's init, as
-    `--container` does) or `pid` is the init of a pid namespace of its own; else its parent."""
+    capturing process itself, as CRIU compares with its own namespaces: a process that shares
+    ckptfs's namespaces has none of its own, whoever its parent is (a program started through
+    nsenter on a simulated host, a child of a shim), and one dumped from outside its container
+    has the container's."""
     if reference is None:
-        reference = "self" if container else reference_task(pid)
+        reference = "self"
     ref = reference
     ns = namespaces(pid)
     try:
