@@ -1023,12 +1023,22 @@ class TreeSource(Source):
     def chunk_path(self, pid: int, vma, offset: int) -> str:
         return self._p(f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages/{hex(offset)}")
 
+    def _chunk_names(self, pid: int, vma) -> list[str]:
+        """A frozen tree's chunks are the ones its manifest lists (a stray file is not memory);
+        otherwise the files present, without rsync's hidden temp files."""
+        rel = f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages/"
+        listed = self.manifest.get("files") if self.frozen else None
+        if listed is not None:
+            return [p[len(rel):] for p in listed if p.startswith(rel) and "/" not in p[len(rel):]]
+        try:
+            return [n for n in os.listdir(self._p(rel)) if not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+
     def page_ranges(self, pid: int, vma) -> list[PageRange]:
         base = self._p(f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages")
-        if not os.path.isdir(base):
-            return []
         out = []
-        for name in os.listdir(base):
+        for name in self._chunk_names(pid, vma):
             path = os.path.join(base, name)
             try:
                 off = int(name, 16)
@@ -1037,7 +1047,10 @@ class TreeSource(Source):
             want = min(self.chunk_size, vma.end - vma.start - off)
             if off % self.chunk_size or want <= 0:
                 raise BadTree(f"chunk offset {name} is not a cell of this map", path=path)
-            size = os.path.getsize(path)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise BadTree("missing chunk (listed in the manifest)", path=path) from None
             if size != want:
                 raise BadTree(f"chunk is {size} bytes, the map needs {want}", path=path)
             out.append(PageRange(vma.start + off, vma.start + off + size))

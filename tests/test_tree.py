@@ -159,3 +159,22 @@ def test_missing_file_is_incomplete(dumped, tmp_path):
     os.unlink(d / "tasks" / str(pid) / "threads" / str(pid) / "regs" / "rsp")
     with pytest.raises(BadTree, match="regs/rsp: missing file"):
         tree.TreeSource(str(d))
+
+
+def test_stray_files_in_pages_are_not_memory(dumped, tmp_path):
+    dump, pid = dumped
+    d = _copy(dump, tmp_path)
+    task = d / "tasks" / str(pid)
+    m = _first_map(task, lambda p: os.listdir(p / "pages"))
+    pages = task / "maps" / m / "pages"
+    chunk = sorted(os.listdir(pages))[0]
+    (pages / f".{chunk}.AbC123").write_bytes(b"half a copy")      # rsync's temp file
+    src = tree.TreeSource(str(d))
+    vma = next(v for v in src.mm(pid).vmas if f"{v.start:x}-{v.end:x}" == m)
+    before = src.page_ranges(pid, vma)
+    # a chunk file the frozen manifest does not list is not memory either
+    spare = [hex(off) for off in range(0, vma.end - vma.start, src.chunk_size)
+             if hex(off) not in os.listdir(pages)]
+    if spare:
+        (pages / spare[0]).write_bytes(bytes(min(src.chunk_size, vma.end - vma.start - int(spare[0], 16))))
+    assert tree.TreeSource(str(d)).page_ranges(pid, vma) == before
