@@ -120,8 +120,8 @@ def cmd_mount(a) -> int:
     finally:
         if ops.clock:
             ops.clock.close()  # trackers unregistered: no trace of them is left in the process
-        source = getattr(ops.source, "inner", None)
-        if source is not None and hasattr(source, "thaw"):
+        source = getattr(ops, "live", None)
+        if source is not None:
             close_source(source)  # the process goes on exactly as before
     return 0
 
@@ -135,6 +135,12 @@ def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool, track: 
     source = LiveSource(pid)
     source.container = container  # isolation/ is compared with the host, not the parent
     clock = dirty.clock_for(source.pids(), chunk_size) if track else None
+    shown = source
+    if container:  # the tree shows the container's own pids; signals still go to host pids
+        from .isolation.pidns import PidNsView
+        shown = PidNsView(source)
+        if clock:
+            clock.trackers = {shown.ns_pid(p): t for p, t in clock.trackers.items()}
     holder: dict = {}
 
     def act(fn):
@@ -153,8 +159,9 @@ def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool, track: 
 
     control = {"freeze": act(source.freeze), "thaw": act(source.thaw), "kill": act(kill)}
     st = os.stat(f"/proc/{pid}")
-    ops = fs.CheckpointFS(source, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid),
+    ops = fs.CheckpointFS(shown, chunk_size=chunk_size, owner=(st.st_uid, st.st_gid),
                           control=control, clock=clock)
+    ops.live = source  # the LiveSource itself: host pids, thaw and close at unmount
     holder["fs"] = ops
     if freeze:
         control["freeze"]()
@@ -173,8 +180,12 @@ def cmd_dump(a) -> int:
     t0 = time.monotonic()
     try:
         source.freeze()
-        pids = source.pids()
-        files = tree.write_tree(source, out, a.chunk_size)
+        pids = source.pids()      # host pids: what --kill signals
+        shown = source
+        if a.container:           # the tree records the container's own pids (pid 1 ...)
+            from .isolation.pidns import PidNsView
+            shown = PidNsView(source)
+        files = tree.write_tree(shown, out, a.chunk_size)
         if a.kill:
             for p in reversed(pids):
                 os.kill(p, signal.SIGKILL)
@@ -199,7 +210,8 @@ def cmd_restore(a) -> int:
     if a.os == "freebsd":
         return restore_freebsd(a)
     from . import restore
-    result = restore.restore(a.dir, pidns=a.pidns, same_pids=a.same_pids, dry_run=a.dry_run)
+    result = restore.restore(a.dir, pidns=a.pidns, same_pids=a.same_pids, dry_run=a.dry_run,
+                             container=a.container)
     if a.dry_run:
         problems = getattr(result, "problems", [])
         for p in problems:
@@ -207,6 +219,8 @@ def cmd_restore(a) -> int:
         return 1 if problems else 0
     for old, new in sorted(result.pids.items()):
         print(f"{old} -> {new}")
+    for cg in getattr(result, "cgroups", None) or []:
+        print(f"cgroup {cg} (remove it once the container has ended)", file=sys.stderr)
     return 0
 
 
@@ -282,6 +296,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--pidns", action="store_true", help="new PID namespace with the original pids")
     g.add_argument("--same-pids", action="store_true")
     r.add_argument("--dry-run", action="store_true")
+    r.add_argument("--container", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-create the tree's namespaces, network, mounts and cgroup limits "
+                        "(default: when isolation/own lists any)")
     r.add_argument("--os", choices=("linux", "freebsd"), default="linux")
     r.add_argument("--strict", action="store_true", help="refuse lossy translations")
     r.add_argument("dir")

@@ -13,39 +13,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
-import subprocess
-
 import pytest
 
-from ckptfs import manifest, restore, tree
-from ckptfs.capture.linux import LiveSource
+from ckptfs import manifest, restore
 from ckptfs.errors import CkptError
 from ckptfs.isolation import cgroups
-from ckptfs.isolation.pidns import PidNsView, ns_fields
+from ckptfs.isolation.pidns import ns_fields
 from helpers import container as ctr
 
 V1 = ("memory", "pids", "cpu", "cpuset", "blkio")
 
 
 def dump_container(pid: int, out: Path) -> None:
-    """What `ckptfs dump --container --kill PID DIR` does: freeze, write the tree in the
-    container's own pids (PidNsView), kill by host pid, release."""
-    source = LiveSource(pid)
-    source.container = True
-    try:
-        source.freeze()
-        host = source.pids()
-        tree.write_tree(PidNsView(source), str(out), 2 << 20)
-        for p in reversed(host):
-            os.kill(p, signal.SIGKILL)
-    finally:
-        source.close()
+    """`ckptfs dump --container --kill PID DIR`: the tree in the container's own pids."""
+    r = subprocess.run([sys.executable, "-m", "ckptfs.cli", "dump", "--container", "--kill",
+                        str(pid), str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def edit(tree_dir: Path, rel: str, text: str) -> None:
@@ -294,3 +285,15 @@ def _ended(pid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_mount_container_shows_its_own_pids(tmp_path, tmp_mount):
+    with ctr.running_container(tmp_path, sleeper=True) as ct:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        m = os.fspath(tmp_mount([sys.executable, "-m", "ckptfs.cli", "mount", "-f", "--container",
+                                 str(ct.init_pid), str(mnt)], mnt))
+        assert "1" in os.listdir(f"{m}/tasks")
+        assert (Path(m) / "tasks" / "1" / "ppid").read_text() == "0\n"
+        own = (Path(m) / "isolation" / "own").read_text().split()
+        assert {"pid", "uts", "net", "mnt", "ipc"} <= set(own)
