@@ -95,7 +95,12 @@ def prepare(tree_dir: str, *, log=None, **opts) -> "Prepared":
     Raises CkptError (nothing left behind) if it cannot be built."""
     if opts.get("pidns") or opts.get("same_pids"):
         raise Stale("prepared restores keep no pids", step="prepare")
-    p = Prepared(_open(tree_dir), log=log)
+    source = _open(tree_dir)
+    if source.isolation().own_namespaces or opts.get("container"):
+        # a container is rebuilt in its own namespaces by restore(); building it here would
+        # put it in ours
+        raise Stale("a container tree restores the normal way", step="prepare", path=source.root)
+    p = Prepared(source, log=log)
     p.build()
     return p
 
