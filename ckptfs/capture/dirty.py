@@ -580,7 +580,10 @@ def clock_for(pids: list[int], chunk_size: int = DEFAULT_CHUNK, **kw) -> ChunkCl
     trackers = {}
     try:
         for pid in pids:
-            trackers[pid] = DirtyTracker(pid, chunk_size=chunk_size, **kw)
+            try:
+                trackers[pid] = DirtyTracker(pid, chunk_size=chunk_size, **kw)
+            except ProcessGone:
+                continue    # a short-lived child that ended meanwhile: nothing to track
     except BaseException:
         for t in trackers.values():
             t.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import struct
 
 from ..errors import KernelError, NoAccess, ProcessGone
@@ -188,19 +189,12 @@ class Mount:
     super_options: str
 
 
-def _unescape(s: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    if "\\" not in s:
-        return s
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 4 <= len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def unescape(field: str) -> str:
+    """mountinfo and fstab escape blank, tab, newline and backslash as \\ooo octal."""
+    return _OCTAL.sub(lambda m: chr(int(m[1], 8)), field) if "\\" in field else field
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
@@ -212,8 +206,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
         f = left.split()
         fstype, source, sopts = (right.split(" ", 2) + ["", ""])[:3]
         major, minor = f[2].split(":")
-        out.append(Mount(int(f[0]), int(f[1]), (int(major), int(minor)), _unescape(f[3]),
-                         _unescape(f[4]), f[5], fstype, _unescape(source), sopts))
+        out.append(Mount(int(f[0]), int(f[1]), (int(major), int(minor)), unescape(f[3]),
+                         unescape(f[4]), f[5], fstype, unescape(source), sopts))
     return out
 
 

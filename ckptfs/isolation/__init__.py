@@ -37,6 +37,7 @@ import dataclasses
 from typing import Callable
 
 from ..errors import BadTree
+from ..capture.procfs import unescape
 from ..model import Isolation
 
 
@@ -79,18 +80,6 @@ _ESCAPES = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}
 
 def escape(field: str) -> str:
     return "".join(_ESCAPES.get(c, c) for c in field)
-
-
-def unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 # -- tree rendering: relative path under isolation/ -> text --------------------------------

@@ -25,6 +25,7 @@ import os
 from typing import Callable
 
 from ..errors import BadTree, Unsupported
+from ..capture.procfs import unescape
 from . import Mount, render_mount
 
 TREE_FILE = "isolation/mounts"
@@ -51,26 +52,13 @@ class MountInfo:
         return (self.target, self.dev, self.root, self.fstype)
 
 
-def _unoctal(field: str) -> str:
-    """mountinfo escapes blank, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def parse_mountinfo(text: str) -> list[MountInfo]:
     out = []
     for line in text.splitlines():
         left, _, right = line.partition(" - ")
         f, r = left.split(), right.split()
-        out.append(MountInfo(int(f[0]), int(f[1]), f[2], _unoctal(f[3]), _unoctal(f[4]), f[5],
-                             r[0], _unoctal(r[1]), r[2] if len(r) > 2 else ""))
+        out.append(MountInfo(int(f[0]), int(f[1]), f[2], unescape(f[3]), unescape(f[4]), f[5],
+                             r[0], unescape(r[1]), r[2] if len(r) > 2 else ""))
     return out
 
 
