@@ -703,13 +703,20 @@ class TreeSource(Source):
     def _p(self, *parts) -> str:
         return os.path.join(self.root, *map(str, parts))
 
-    def _read(self, rel: str, codec: Codec):
+    def _read(self, rel: str, codec: Codec, *, missing=BadTree):
+        """The decoded value of one file; a missing file raises `missing` (a BadTree by
+        default; pass None to get None back). Tree text files are small: one read."""
         path = self._p(rel)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            if missing is None:
+                return None
             raise BadTree("missing file", path=path) from None
+        try:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        finally:
+            os.close(fd)
         return decode(codec, data, path)
 
     def _exists(self, rel: str) -> bool:
@@ -812,11 +819,11 @@ class TreeSource(Source):
     def _fill(self, ctx, base: str, table) -> None:
         for name, dotted, codec in table:
             rel = f"{base}/{name}"
-            if not self._exists(rel):
+            value = self._read(rel, codec, missing=None)
+            if value is None:
                 if name not in DERIVED and _is_required_path(ctx, dotted):
                     raise BadTree("missing file", path=self._p(rel))
                 continue
-            value = self._read(rel, codec)
             if dotted.startswith("names."):
                 ctx.names[dotted[6:]] = value
             elif dotted == "sigmask":
