@@ -181,10 +181,12 @@ def test_restore_os_freebsd_dry_run_cli_keeps_and_checks_edits(dumped):
     pid, tmp = dumped
     d = tmp / "tree"
     first = ckptfs("restore", "--os", "freebsd", "--dry-run", d)
-    assert first.stdout.strip() == str(d / "plan")
+    assert first.stdout.startswith(f"FreeBSD plan written to {d / 'plan'}")
+    assert "approximation" in first.stdout
     rules = d / "plan/rctl.rules"
     _append(rules, f"jail:ckptfs_{pid}:maxproc:deny=12\n")
-    ckptfs("restore", "--os", "freebsd", "--dry-run", d)
+    again = ckptfs("restore", "--os", "freebsd", "--dry-run", d)
+    assert "written" not in again.stdout, again.stdout   # the edited plan is checked, not rewritten
     assert f"jail:ckptfs_{pid}:maxproc:deny=12\n" in rules.read_text()
     _append(rules, f"jail:ckptfs_{pid}:maxproc:deny=twelve\n")
     bad = ckptfs("restore", "--os", "freebsd", "--dry-run", d, ok=False)
