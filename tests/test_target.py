@@ -729,11 +729,13 @@ def test_core_extra_files_wait_for_the_quiet_period(tmp_path, src):
 
 
 def test_core_restore_on_ctl_checks_at_once(tmp_path, src):
-    c = TargetCore(str(tmp_path / "store"), restore=Calls(), debounce=30)
+    # no automatic restore (the last listed file landing would start one at once): only the
+    # ctl word may restore, and it must not wait for the 30 s quiet period
+    c = TargetCore(str(tmp_path / "store"), auto=False, restore=Calls(), debounce=30)
     c.start()
     try:
         c.mkdir("/j", 0o755)
-        for rel in listed(src) + ["manifest"]:           # manifest last: no early hint
+        for rel in listed(src) + ["manifest"]:
             copy_file(c, "j", src, rel)
         c.caller = lambda: 4242
         fh = c.open("/j/ctl", os.O_WRONLY)
