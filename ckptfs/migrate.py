@@ -253,31 +253,40 @@ def _copy_error(rel: str, e: OSError) -> CkptError:
 
 
 class LocalCopier:
-    """The final pass into a job directory of this machine: a few copying threads."""
+    """The final pass into a job directory of this machine. Guessed chunks and the files the
+    manifest names have pools of their own: the few small files the manifest adds never
+    queue behind megabytes of guesses."""
 
     def __init__(self, mnt: str, job: str, threads: int = COPY_THREADS):
         from concurrent.futures import ThreadPoolExecutor
         self.mnt, self.job = mnt, job
+        self.guesses = ThreadPoolExecutor(threads, thread_name_prefix="ckptfs-guess")
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptfs-copy")
         self.bytes = 0
+        self.sent: list[str] = []
 
     def guess(self, rels: list[str]) -> dict:
         """Start copying files that are probably changed (the chunks the last pre-copy pass
         sent), before the frozen manifest says which are: {rel: future of (size, xxh3)}."""
-        return {rel: self.pool.submit(copy_file, self.mnt, self.job, rel, True) for rel in rels}
+        return {rel: self.guesses.submit(copy_file, self.mnt, self.job, rel, True)
+                for rel in rels}
 
-    def settle(self, guessed: dict, held: dict) -> None:
-        """What the guessed copies left in the job, into `held`. A guess that failed (the file
-        is gone, say) is forgotten: the job's copy is then unknown and sent again if listed."""
+    def settle(self, guessed: dict) -> dict:
+        """What the guessed copies left in the job: {rel: (xxh3, size)}, or None where the job's
+        copy may be half written. A file the mount no longer has is left out."""
+        out = {}
         for rel, fut in guessed.items():
             try:
                 size, digest = fut.result()
             except OSError as e:
-                if not (isinstance(e, FileNotFoundError) and e.filename == os.path.join(self.mnt, rel)):
-                    held[rel] = None        # the job's copy may be half written
+                if not (isinstance(e, FileNotFoundError)
+                        and e.filename == os.path.join(self.mnt, rel)):
+                    out[rel] = None
                 continue
-            held[rel] = (digest, size)
+            out[rel] = (digest, size)
             self.bytes += size
+            self.sent.append(rel)
+        return out
 
     def remove(self, gone) -> None:
         for rel in gone:
@@ -295,16 +304,26 @@ class LocalCopier:
         except OSError as e:
             raise _copy_error("manifest", e) from None
 
-    def send(self, send: list[str]) -> None:
-        futures = {rel: self.pool.submit(copy_file, self.mnt, self.job, rel) for rel in send}
+    def start(self, rels) -> dict:
+        return {rel: self.pool.submit(copy_file, self.mnt, self.job, rel) for rel in rels}
+
+    def finish(self, futures: dict) -> None:
         for rel, fut in futures.items():
             try:
                 self.bytes += fut.result()[0]
             except OSError as e:
                 raise _copy_error(rel, e) from None
+            self.sent.append(rel)
 
     def close(self) -> None:
+        self.guesses.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stale(files: dict, held: dict, rels) -> list[str]:
+    """Of `rels`, those the job does not hold as the manifest lists them."""
+    return [rel for rel in rels
+            if held.get(rel) != (files[rel]["xxh3_64"], files[rel]["size"])]
 
 
 def after_freeze(mnt: str, dest: Dest, held: dict | None, guess: list[str], tracked: bool,
@@ -325,23 +344,26 @@ def after_freeze(mnt: str, dest: Dest, held: dict | None, guess: list[str], trac
         guessed = copier.guess(guess)
         doc, raw = read_manifest(mnt, raw=True)
         mark("frozen manifest read")
-        if "files" not in doc:
-            return final_pass(mnt, dest, tracked)
+        files = doc.get("files")
+        kept_dirs = {os.path.dirname(rel) for rel in files or ()}
+        gone = sorted((set(held) | set(guessed)) - set(files or ()))
+        if files is None or any(os.path.dirname(rel) not in kept_dirs for rel in gone):
+            copier.settle(guessed)
+            return final_pass(mnt, dest, tracked)      # a directory went away: rsync --delete
         # Vanished files go before the manifest arrives (the target's check would wait for
-        # unlisted files to go); the manifest goes before the rest of the difference, so the
-        # target reads it while the copies go on.
-        copier.remove(sorted((set(held) | set(guessed)) - set(doc["files"])))
+        # unlisted files to go), the manifest before the rest, so that the target reads it
+        # while the copies go on; files not guessed start at once, guesses are checked after.
+        copier.remove(gone)
         copier.put_manifest(raw)
-        held = dict(held)
-        copier.settle(guessed, held)
+        now = copier.start(_stale(files, held, sorted(set(files) - set(guessed))))
+        got = copier.settle(guessed)
         mark(f"{len(guessed)} guessed chunks copied")
-        diff = difference(doc, held)
-        if diff is None:
-            return final_pass(mnt, dest, tracked)
-        copier.send(diff[0])
+        again = copier.start(_stale(files, got, sorted(set(guessed) & set(files))))
+        copier.finish(now)
+        copier.finish(again)
     finally:
         copier.close()
-    sent = set(diff[0]) | set(guessed)
+    sent = set(copier.sent)
     return Pass("final pass", copier.bytes, len(sent), sum("/pages/" in n for n in sent),
                 time.monotonic() - t0, sorted(sent))
 

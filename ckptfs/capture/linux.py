@@ -430,7 +430,10 @@ class LiveSource(Source):
         self.root = pid
         self._own_tracer = tracer is None
         self._tracer = tracer or ptrace.Tracer()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()     # freeze and thaw
+        self._small = threading.Lock()     # short sections only: never held while computing
+        self._key_locks: dict = {}
+        self._gen = 0                      # moves at every freeze and thaw
         self._starts: dict[int, int] = {}
         self._stops: dict[int, Stopped] = {}
         self._cache: dict = {}
@@ -489,6 +492,11 @@ class LiveSource(Source):
         return fields
 
     def _check(self, pid: int) -> None:
+        """ProcessGone if `pid` now names another process. Not looked at for a process we
+        hold frozen: a traced task that dies stays a zombie until its tracer waits for it,
+        so its pid cannot be reused meanwhile (saves a /proc read per chunk read)."""
+        if self.frozen and pid in self._stops:
+            return
         self._stat(pid)
 
     def _status(self, pid: int, tid: int | None = None) -> dict:
@@ -502,13 +510,27 @@ class LiveSource(Source):
                                 path=f"/proc/{pid}/status", step="TracerPid", err=errno.EBUSY)
 
     def _cached(self, key, fn):
-        """While frozen, each answer is computed once (one consistent state)."""
+        """While frozen, each answer is computed once (one consistent state). Different
+        answers are computed at the same time (a chunk read never waits behind an smaps
+        walk); a thread asking for an answer being computed waits for it. An answer computed
+        across a thaw is not kept (`_gen` moved)."""
         if not self.frozen:
             return fn()
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = fn()
+        gen = self._gen
+        try:
             return self._cache[key]
+        except KeyError:
+            pass
+        with self._small:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key in self._cache:
+                return self._cache[key]
+            value = fn()
+            with self._small:
+                if self._gen == gen:
+                    self._cache[key] = value
+            return value
 
     # -- freeze / thaw -----------------------------------------------------------------------
     def freeze(self) -> None:
@@ -531,42 +553,48 @@ class LiveSource(Source):
                     raise KernelError(f"the tree of {self.root} kept growing or threads refused "
                                       f"to stop after {FREEZE_PASSES} passes: {todo[:5]}",
                                       errno.EAGAIN, step="freeze", path=f"/proc/{self.root}")
-                self._cache.clear()
                 self._files.forget_fds()
-                self.frozen = True
-                self._gather_extras()
+                regs, self._extras, self.warnings = self._gather_extras()
+                with self._small:
+                    self._gen += 1
+                    self._cache.clear()
+                    self._cache.update(regs)
+                self.frozen = True      # only now: nothing is computed without the extras
             except BaseException:
                 self.frozen = False
                 self._release_all()
                 raise
 
-    def _gather_extras(self) -> None:
-        """Registers first (the state to save), then the injected queries, thread by thread."""
-        self._extras.clear()
-        self.warnings = []
+    def _gather_extras(self) -> tuple[dict, dict, list]:
+        """Registers first (the state to save), then the injected queries, thread by thread:
+        (cache entries of the registers, extras by thread, warnings)."""
+        regs, extras, warnings = {}, {}, []
         for tid, stop in self._stops.items():
-            self.thread_regs(tid)
+            regs[("regs", tid)] = self._tracer.call(_read_regs, tid, stop.group_sig)
             if stop.group_sig:
-                self.warnings.append(f"thread {tid} is stopped by signal {stop.group_sig}: "
-                                     "injected fields left at their defaults")
-                self._extras[tid] = self._tracer.call(_pending_only, tid, tid == stop.pid)
-                self._extras[tid].pending_thread[:0] = stop.siginfos
+                warnings.append(f"thread {tid} is stopped by signal {stop.group_sig}: "
+                                "injected fields left at their defaults")
+                extras[tid] = self._tracer.call(_pending_only, tid, tid == stop.pid)
+                extras[tid].pending_thread[:0] = stop.siginfos
                 continue
             leader = tid == stop.pid
             timers = procfs.parse_timers(procfs.read_text(f"/proc/{tid}/timers")) if leader else ()
             ex, pending = self._tracer.call(_inject_extras, tid, leader, timers)
             ex.pending_thread = stop.siginfos + ex.pending_thread   # dequeued by our stop
             stop.signals += pending
-            self._extras[tid] = ex
-            self.warnings += [f"thread {tid}: {w}" for w in ex.warnings]
+            extras[tid] = ex
+            warnings += [f"thread {tid}: {w}" for w in ex.warnings]
+        return regs, extras, warnings
 
     def thaw(self) -> None:
         """Let every thread run again, untraced, re-sending signals that arrived meanwhile."""
         with self._lock:
             self._release_all()
             self.frozen = False
-            self._cache.clear()
-            self._extras.clear()
+            with self._small:
+                self._gen += 1
+                self._cache.clear()
+            self._extras = {}
 
     def _release_all(self) -> None:
         stops, self._stops = self._stops, {}
@@ -821,16 +849,22 @@ class LiveSource(Source):
         return got
 
     def _pagemap(self, pid: int) -> pages.Pagemap:
-        with self._lock:
+        got = self._pagemaps.get(pid)
+        if got is not None:
+            return got
+        self._check(pid)
+        with self._small:
             if pid not in self._pagemaps:
-                self._check(pid)
                 self._pagemaps[pid] = pages.Pagemap(pid)
             return self._pagemaps[pid]
 
     def _memory(self, pid: int) -> pages.Memory:
-        with self._lock:
+        got = self._mems.get(pid)
+        if got is not None:
+            return got
+        self._check(pid)
+        with self._small:
             if pid not in self._mems:
-                self._check(pid)
                 self._mems[pid] = pages.Memory(pid)
             return self._mems[pid]
 
@@ -930,7 +964,7 @@ class LiveSource(Source):
 
     def _kobj_id(self, kind: str, pid: int, kcmp_type: int) -> int:
         """Small ids from 2 (1 is CRIU's own), shared by tasks that share the object."""
-        with self._lock:
+        with self._small:
             known = self._kobj_ids.setdefault(kind, [])
             for other, oid in known:
                 if other == pid:
@@ -947,7 +981,7 @@ class LiveSource(Source):
             return oid
 
     def _ns_id(self, inode: int) -> int:
-        with self._lock:
+        with self._small:
             return self._ns_ids.setdefault(inode, len(self._ns_ids) + 1)
 
     def _namespaces(self, pid: int) -> dict[str, int]:
