@@ -207,9 +207,11 @@ def listed_pass(mnt: str, dest: Dest, send: list[str], gone: list[str]) -> Pass:
 # -- the final pass into a job on this machine ------------------------------------------------
 # rsync's three processes, its temp files and renames cost more than the 17 MB they carry.
 # Into a local job the difference is copied here instead: each file rewritten in place (open
-# with O_TRUNC, 1 MiB reads and writes, the source's mtime and, for new files, its mode set
-# as rsync -a would), several files at once so that both FUSE daemons stay busy. The target
-# sees a writer for the whole copy of each file, so it never checks a half-written one.
+# with O_TRUNC, 1 MiB reads and writes), several files at once so that both FUSE daemons stay
+# busy, and no request that is not needed: no stat (a new file alone asks for its mode), no
+# read past a short one, no mtime set (after the final pass the job is checked by checksum;
+# a later migration mounts anew, with stamps no copy can hold). The target sees a writer for
+# the whole copy of each file, so it never checks a half-written one.
 COPY_THREADS = 3
 BLOCK = 1 << 20
 
@@ -219,27 +221,23 @@ def copy_file(mnt: str, job: str, rel: str, hash_it: bool = False) -> tuple[int,
     src_path, dst_path = os.path.join(mnt, rel), os.path.join(job, rel)
     src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        st = os.fstat(src)
         try:
-            dst, new = os.open(dst_path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC), False
+            dst = os.open(dst_path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-            dst, new = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                               0o600), True
+            dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.fchmod(dst, os.fstat(src).st_mode & 0o7777)
         try:
             h = xxhash.xxh3_64() if hash_it else None
             buf = bytearray(BLOCK)
-            view, size = memoryview(buf), 0
-            while n := os.readv(src, [buf]):
+            view, size, n = memoryview(buf), 0, BLOCK
+            while n == BLOCK and (n := os.readv(src, [buf])):   # a short read is the end
                 if h is not None:
                     h.update(view[:n])
                 off = 0
                 while off < n:
                     off += os.write(dst, view[off:n])
                 size += n
-            if new:
-                os.fchmod(dst, st.st_mode & 0o7777)
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(dst)
     finally:
