@@ -435,6 +435,53 @@ def test_frozen_fields_from_injection(procs, tmp_path):
         assert src.core(pid).thread_info.gpregs.sp == regs.sp
 
 
+FRESH_CHILD = """
+import mmap, signal
+held = []
+def more(*_):
+    m = mmap.mmap(-1, 1 << 20)
+    m[:4] = b"new!"
+    held.append(m)
+signal.signal(signal.SIGUSR1, more)
+FACTS = {}
+"""
+
+
+def test_frozen_answers_are_computed_once_across_threads_and_anew_after_thaw(procs, tmp_path):
+    import threading
+    proc, _ = py_child(procs, tmp_path, FRESH_CHILD)
+    pid = proc.pid
+    with LiveSource(pid) as src:
+        src.freeze()
+        got: dict = {}
+
+        def ask(i):
+            got[i] = (src.mm(pid), src.core(pid), src.fdinfo(pid), src.pstree())
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(1, 4):                  # one computation each, the others waited for it
+            assert all(a is b for a, b in zip(got[0], got[i]))
+        vmas = len(got[0][0].vmas)
+        src.thaw()
+        lines = Path(f"/proc/{pid}/maps").read_text().count("\n")
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}/maps").read_text().count("\n") == lines:
+            assert time.monotonic() < deadline, "the child never mapped its new region"
+            time.sleep(0.01)
+        src.freeze()
+        mm = src.mm(pid)
+        assert mm is not got[0][0] and len(mm.vmas) > vmas      # nothing kept from before
+        new = [v for v in mm.vmas if v.end - v.start == 1 << 20 and
+               src.read_memory(pid, v.start, 4) == b"new!"]
+        assert len(new) == 1
+        src.thaw()
+    assert untraced_and_running(pid)
+
+
 def test_fifo_eventfd_and_memfd(procs, tmp_path):
     body = """
 d = sys.argv[2]

@@ -370,6 +370,37 @@ def test_content_stamps_move_only_when_content_does():
     assert c.observe("/x", b"1") > b             # back to old bytes: newer again, never reused
 
 
+def test_frozen_manifest_waits_for_a_chunk_read_in_progress():
+    import threading
+    import xxhash
+    sums = stamps.ChunkSums()
+    data = ctypes.create_string_buffer(os.urandom(2 * MiB), 2 * MiB)
+    half = MiB
+    path = "/tasks/1/maps/1000-201000/pages/0x0"
+    sums.opened(7, path, 42)
+    sums.data(7, 0, ctypes.addressof(data), half)
+
+    def finish():
+        time.sleep(0.05)
+        sums.data(7, half, ctypes.addressof(data) + half, half)
+        sums.released(7, 2 * MiB)
+    threading.Thread(target=finish).start()
+    t0 = time.monotonic()
+    got = sums._read_sum(path, 42, 2 * MiB)      # the read in progress, not a second read
+    assert got == (2 * MiB, xxhash.xxh3_64_hexdigest(data.raw))
+    assert time.monotonic() - t0 >= 0.04
+    assert sums._read_sum(path, 43, 2 * MiB) is None          # written since: read again
+    # a reader that stops reading is not waited for beyond the stall time
+    sums.opened(8, path + "0", 42)
+    sums.data(8, 0, ctypes.addressof(data), half)
+    t0 = time.monotonic()
+    assert sums._read_sum(path + "0", 42, 2 * MiB) is None
+    assert time.monotonic() - t0 < 1.0
+    # nor one that jumps around (no checksum of one sequential read to come)
+    sums.data(8, half + 4096, ctypes.addressof(data), 4096)
+    assert sums._read_sum(path + "0", 42, 2 * MiB) is None
+
+
 def test_falls_back_to_checksums_when_the_process_is_already_traced(workload):
     from ckptfs import ptrace
     w = workload(total=16, wset=2, woff=4)

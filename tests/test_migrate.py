@@ -79,8 +79,45 @@ def test_migrate_locally_with_shrinking_passes(wset_bin, procs, tmp_path, tmp_mo
     # the target built the process during pre-copy and only finished it after the freeze
     log = (store / "log").read_text()
     assert "process prepared" in log and "restoring normally" not in log, log
-    # the final pass sent the difference to what the target held, not a whole rsync pass
-    assert any(what == "frozen manifest read" for _, what in result.timeline)
+    # the final pass sent the difference to what the target held, not a whole rsync pass:
+    # copied here, starting with the chunks the last pre-copy pass sent
+    whats = [what for _, what in result.timeline]
+    assert "frozen manifest read" in whats
+    assert any(w.endswith("guessed chunks copied") and not w.startswith("0 ") for w in whats)
+    assert not list((dst / "job").rglob(".*.??????"))     # no rsync temp file was left
+
+
+def test_final_pass_copy_in_place(tmp_path):
+    mnt, job = tmp_path / "mnt", tmp_path / "job"
+    (mnt / "a" / "b").mkdir(parents=True)
+    (job / "a").mkdir(parents=True)
+    big = os.urandom(migrate.BLOCK * 2)                  # a whole number of blocks
+    (mnt / "a" / "chunk").write_bytes(big)
+    (mnt / "a" / "b" / "new").write_bytes(b"fresh\n")
+    os.chmod(mnt / "a" / "b" / "new", 0o444)
+    (job / "a" / "chunk").write_bytes(b"old and longer than nothing" * 100000)
+    inode = (job / "a" / "chunk").stat().st_ino
+    import xxhash
+    assert migrate.copy_file(str(mnt), str(job), "a/chunk", True) == \
+        (len(big), xxhash.xxh3_64_hexdigest(big))
+    assert (job / "a" / "chunk").read_bytes() == big
+    assert (job / "a" / "chunk").stat().st_ino == inode   # rewritten in place
+    assert migrate.copy_file(str(mnt), str(job), "a/b/new") == (6, None)
+    assert (job / "a" / "b" / "new").read_bytes() == b"fresh\n"
+    assert (job / "a" / "b" / "new").stat().st_mode & 0o777 == 0o444   # a new file: its mode
+    # guesses: a file the mount no longer has is left out, one that failed half way is unknown
+    (job / "a" / "dir").mkdir()
+    (mnt / "a" / "dir").write_bytes(b"x")                # cannot replace a directory
+    c = migrate.LocalCopier(str(mnt), str(job))
+    try:
+        got = c.settle(c.guess(["a/chunk", "a/vanished", "a/dir"]))
+    finally:
+        c.close()
+    assert got == {"a/chunk": (xxhash.xxh3_64_hexdigest(big), len(big)), "a/dir": None}
+    assert c.sent == ["a/chunk"] and c.bytes == len(big)
+    files = {"a/chunk": {"size": len(big), "xxh3_64": xxhash.xxh3_64_hexdigest(big)},
+             "a/dir": {"size": 1, "xxh3_64": "0" * 16}}
+    assert migrate._stale(files, got, sorted(files)) == ["a/dir"]
 
 
 def test_failure_thaws_the_source(wset_bin, procs, tmp_path):
