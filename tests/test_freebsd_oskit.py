@@ -17,6 +17,7 @@ from ckptfs.oskit import freebsd as O
 from ckptfs.restore import freebsd as RF
 from ckptfs.capture import freebsd as CF
 from ckptfs.translate.freebsd import elf, fpu, regs as G
+from fbsd_fake import FakeFreeBSD, spawn
 
 
 # -- oskit on Linux -------------------------------------------------------------------------------
@@ -277,34 +278,41 @@ class OneProcess(model.Source):
     def fdinfo(self, pid):
         return []
 
+    def fs(self, pid):
+        return pb.fs_entry(cwd_id=1, root_id=1, umask=0o22)
+
+    def file(self, file_id):
+        return pb.file_entry(type=1, id=1, reg=pb.reg_file_entry(id=1, flags=0, pos=0,
+                                                                   fown=pb.fown_entry(),
+                                                                   name="/"))
+
     def isolation(self):
         return model.Isolation(limits={"pids.max": "32"})
 
 
 def test_restore_sequence(monkeypatch):
-    kit = FakeKit()
-    monkeypatch.setattr(RF, "spawn_helper", lambda jid, t: t.kit.attach(900) or 900)
+    kit = FakeFreeBSD()
+    monkeypatch.setattr(RF, "spawn_helper", spawn(kit))
     pids = RF.restore(OneProcess(), RF.Target(kit=kit))
     assert pids == [900]
     names = [e[0] for e in kit.log]
     assert names[:4] == ["jail_set", "rctl", "rctl", "attach"]
     assert ("rctl", "jail:ckptfs_50:nthr:deny=32") in kit.log
-    mmap = next(e for e in kit.log if e[0] == "mmap")
-    assert mmap == ("mmap", 0x600000, 0x2000, 3, 0x32)          # Linux MAP_FIXED|ANON|PRIVATE
-    assert ("write", 0x600000, 0x1000) in kit.log
-    sigact = next(e for e in kit.log if e[0] == "rt_sigaction")
-    assert sigact[1] == L.SIGNALS["SIGUSR1"]                    # Linux number: a Linux helper
-    assert names.index("rt_sigaction") < names.index("rt_sigprocmask") < names.index("fsbase")
-    final = G.unpack(kit.regs)
+    assert ("linux", 900, "mmap", 0x600000, 0x2000, 0x32) in kit.log   # Linux FIXED|ANON|PRIVATE
+    assert ("write", 900, 0x600000, 0x1000) in kit.log
+    sigact = next(e for e in kit.log if e[:3] == ("linux", 900, "rt_sigaction"))
+    assert sigact[3] == L.SIGNALS["SIGUSR1"]                    # Linux number: a Linux helper
+    assert names.index("linux") < names.index("fsbase")
+    final = G.unpack(kit.procs[900].lwps[900])
     assert (final["r_rip"], final["r_cs"]) == (0x401000, 0x43)
-    assert ("fsbase", 0x5000) in kit.log and names[-1] == "detach"
+    assert ("fsbase", 900, 0x5000) in kit.log and names[-1] == "detach"
 
 
 def test_restore_applies_an_edited_plan(monkeypatch, tmp_path):
     """The plan files a dry run wrote, edited, are what the FreeBSD restore applies."""
     from ckptfs.translate.freebsd import plan_dry_run, read_plan
-    kit = FakeKit()
-    monkeypatch.setattr(RF, "spawn_helper", lambda jid, t: t.kit.attach(900) or 900)
+    kit = FakeFreeBSD()
+    monkeypatch.setattr(RF, "spawn_helper", spawn(kit))
     root = plan_dry_run(OneProcess(), str(tmp_path)).root
     with open(f"{root}/rctl.rules", "a") as f:
         f.write("jail:ckptfs_50:memoryuse:deny=1g\n")
@@ -315,10 +323,10 @@ def test_restore_applies_an_edited_plan(monkeypatch, tmp_path):
     assert not again.fresh and "r_rip 0x401010" in open(f"{root}/tasks/50/regs").read()
     RF.restore(OneProcess(), RF.Target(kit=kit), plan=read_plan(root))
     assert ("rctl", f"jail:ckptfs_50:memoryuse:deny={1 << 30}") in kit.log
-    assert G.unpack(kit.regs)["r_rip"] == 0x401010
+    assert G.unpack(kit.procs[900].lwps[900])["r_rip"] == 0x401010
 
 
-def test_restore_refuses_native_freebsd_and_trees():
+def test_restore_refuses_native_freebsd():
     class Native(OneProcess):
         def meta(self):
             return model.Meta(binary_os="freebsd")
@@ -326,13 +334,6 @@ def test_restore_refuses_native_freebsd_and_trees():
         RF.restore(Native(), RF.Target(kit=FakeKit()))
     assert "native FreeBSD binary" in str(e.value)
 
-    class Tree(OneProcess):
-        def pstree(self):
-            return super().pstree() + [pb.pstree_entry(pid=51, ppid=50, pgid=50, sid=50,
-                                                        threads=[51])]
-    with pytest.raises(Unsupported) as e:
-        RF.restore(Tree(), RF.Target(kit=FakeKit()))
-    assert "process trees" in str(e.value)
 
 
 def test_restore_on_linux_says_unsupported():
@@ -345,7 +346,7 @@ def test_restore_on_linux_says_unsupported():
 def test_injected_error_keeps_linux_errno():
     kit = FakeKit()
     kit.mem[0x1000] = b"\x90\x90\x90"
-    calls = RF.LinuxCalls(kit, 900, 0x1000)
+    calls = RF.LinuxCalls(kit, 900, 0x1000, 0x7f0000)
     kit.cont = lambda pid, sig: setattr(kit, "regs", G.pack(dict(kit.pending, r_rax=(-13) & G.U64)))
     with pytest.raises(KernelError) as e:
         calls("mprotect", 0x600000, 4096, 7)

@@ -28,6 +28,8 @@ IS_FREEBSD = sys.platform.startswith("freebsd")
 PT_TRACE_ME, PT_READ_I, PT_READ_D, PT_WRITE_I, PT_WRITE_D = 0, 1, 2, 4, 5
 PT_CONTINUE, PT_KILL, PT_STEP, PT_ATTACH, PT_DETACH, PT_IO = 7, 8, 9, 10, 11, 12
 PT_LWPINFO, PT_GETNUMLWPS, PT_GETLWPLIST = 13, 14, 15
+PT_SUSPEND, PT_RESUME, PT_FOLLOW_FORK, PT_LWP_EVENTS = 18, 19, 23, 24
+PL_FLAG_FORKED, PL_FLAG_CHILD, PL_FLAG_BORN, PL_FLAG_EXITED = 0x40, 0x80, 0x100, 0x200
 PT_GETREGS, PT_SETREGS, PT_GETFPREGS, PT_SETFPREGS = 33, 34, 35, 36
 PT_GETXSTATE_INFO, PT_GETXSTATE, PT_SETXSTATE = 68, 69, 70
 PT_GETFSBASE, PT_SETFSBASE, PT_GETGSBASE, PT_SETGSBASE = 71, 72, 73, 74
@@ -35,6 +37,9 @@ PIOD_READ_D, PIOD_WRITE_D, PIOD_READ_I, PIOD_WRITE_I = 1, 2, 3, 4
 
 # sysctl MIBs
 CTL_KERN, KERN_PROC, KERN_PROC_VMMAP, KERN_PROC_FILEDESC = 1, 14, 32, 33
+KERN_PROC_PID = 1
+KI_JID_OFFSET, KINFO_PROC_SIZE = 0x250, 1088      # struct kinfo_proc (amd64): ki_jid
+SIGKILL = 9
 
 # sys/sys/user.h
 KVME_TYPE = {0: "none", 1: "default", 2: "vnode", 3: "swap", 4: "device", 5: "phys",
@@ -61,6 +66,14 @@ KVE = struct.Struct("<iiQQQQIiiiiiiiQIHHQQ")      # through kve_vn_rdev (offset 
 KVE_PATH_OFFSET, KINFO_VMENTRY_SIZE = 136, 1160
 KF = struct.Struct("<iiiiiiq")                    # structsize, type, fd, ref_count, flags, pad, offset
 KF_STATUS_OFFSET, KF_PATH_OFFSET, KINFO_FILE_SIZE = 336, 368, 1392
+
+
+# struct ptrace_lwpinfo (amd64): lwpid, event, flags, sigmask[4], siglist[4], then siginfo
+# (80 bytes, 8-aligned at 48), pl_tdname[MAXCOMLEN + 1] at 128, pl_child_pid at 148, the two
+# syscall words; 160 bytes in all. PT_LWPINFO's data is this size.
+LWPINFO = struct.Struct("<iii4I4I4x80x20siII")
+LWPINFO_SIZE = 160
+assert LWPINFO.size == LWPINFO_SIZE
 
 
 class ptrace_io_desc(ctypes.Structure):
@@ -100,6 +113,36 @@ class FileEntry:
     flags: int             # KF_FLAG bits (not O_ bits)
     offset: int
     path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LwpInfo:
+    lwpid: int
+    event: int
+    flags: int             # PL_FLAG_ bits
+    sigmask: tuple         # FreeBSD sigset_t __bits[4] (the Linuxulator keeps Linux masks here
+    siglist: tuple         # in FreeBSD numbering: translate with translate.freebsd.flags)
+    name: str
+    child_pid: int
+
+
+def parse_lwpinfo(buf: bytes) -> LwpInfo:
+    f = LWPINFO.unpack_from(buf)
+    return LwpInfo(lwpid=f[0], event=f[1], flags=f[2], sigmask=tuple(f[3:7]),
+                   siglist=tuple(f[7:11]), name=_cstr(f[11]), child_pid=f[12])
+
+
+def pack_lwpinfo(info: LwpInfo) -> bytes:
+    """The record as the kernel fills it (for tests and fakes)."""
+    return LWPINFO.pack(info.lwpid, info.event, info.flags, *info.sigmask, *info.siglist,
+                        info.name.encode()[:19], info.child_pid, 0, 0)
+
+
+def parse_jid(buf: bytes) -> int:
+    """ki_jid of a kern.proc.pid record."""
+    if len(buf) < KI_JID_OFFSET + 4:
+        raise Unsupported(f"kern.proc.pid: {len(buf)} bytes, no ki_jid at {KI_JID_OFFSET:#x}")
+    return struct.unpack_from("<i", buf, KI_JID_OFFSET)[0]
 
 
 def _records(buf: bytes, what: str):
@@ -215,6 +258,45 @@ def set_regs(lwp: int, reg: bytes) -> None:
     ptrace(PT_SETREGS, lwp, ctypes.create_string_buffer(reg, REG_SIZE), 0, step="PT_SETREGS")
 
 
+def trace_events(pid: int) -> None:
+    """Report fork children (traced from birth, PT_FOLLOW_FORK) and new threads
+    (PT_LWP_EVENTS): the restore creates both by injected Linux fork/clone."""
+    ptrace(PT_FOLLOW_FORK, pid, None, 1, step="PT_FOLLOW_FORK")
+    ptrace(PT_LWP_EVENTS, pid, None, 1, step="PT_LWP_EVENTS")
+
+
+def lwpinfo(lwp: int) -> LwpInfo:
+    buf = ctypes.create_string_buffer(LWPINFO_SIZE)
+    ptrace(PT_LWPINFO, lwp, buf, LWPINFO_SIZE, step="PT_LWPINFO")
+    return parse_lwpinfo(buf.raw)
+
+
+def lwps(pid: int) -> list[int]:
+    """Thread ids (PT_GETNUMLWPS, then PT_GETLWPLIST into an array of that many)."""
+    n = ptrace(PT_GETNUMLWPS, pid, None, 0, step="PT_GETNUMLWPS")
+    arr = (ctypes.c_int * max(n, 1))()
+    got = ptrace(PT_GETLWPLIST, pid, arr, n, step="PT_GETLWPLIST")
+    return list(arr[:got])
+
+
+def suspend(lwp: int) -> None:
+    """Keep one thread stopped while PT_CONTINUE runs the others."""
+    ptrace(PT_SUSPEND, lwp, None, 0, step="PT_SUSPEND")
+
+
+def resume(lwp: int) -> None:
+    ptrace(PT_RESUME, lwp, None, 0, step="PT_RESUME")
+
+
+def kill(pid: int, sig: int = SIGKILL) -> None:
+    if libc().kill(pid, sig) != 0:
+        _fail(f"kill {sig}", pid)
+
+
+def proc_jid(pid: int) -> int:
+    return parse_jid(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_PID, pid], "kern.proc.pid"))
+
+
 def _base(req: int, lwp: int, step: str) -> int:
     val = ctypes.c_uint64()
     ptrace(req, lwp, ctypes.byref(val), 0, step=step)
@@ -327,16 +409,55 @@ def jail_set(params: dict, flags: int = JAIL_CREATE) -> int:
     return jid
 
 
-def jail_get(name: str, keys: list[str]) -> dict[str, bytes]:
-    """Raw values of `keys` for the jail called `name` (strings still NUL-terminated)."""
+def jail_get(name, keys: list[str]) -> dict[str, bytes]:
+    """Raw values of `keys` for the jail called `name` (a str), or with jid `name` (an int);
+    strings come back still NUL-terminated, numbers and jailsys values as a C int."""
     bufs = {k: ctypes.create_string_buffer(1024) for k in keys}
-    pairs = [(b"name\0", name.encode() + b"\0")] + [(k.encode() + b"\0", bytes(1024)) for k in keys]
+    key = jail_value("jid", name) if isinstance(name, int) else (b"name\0", name.encode() + b"\0")
+    pairs = [key] + [(k.encode() + b"\0", bytes(1024)) for k in keys]
     vec, keep = _iov(pairs)
     for i, k in enumerate(keys, 1):
         vec[2 * i + 1] = iovec(ctypes.cast(bufs[k], ctypes.c_void_p), 1024)
     if libc().jail_get(vec, len(vec), 0) < 0:
         _fail(f"jail_get {name}")
     return {k: bufs[k].raw for k in keys}
+
+
+def jail_remove(jid: int) -> None:
+    if libc().jail_remove(jid) != 0:
+        _fail(f"jail_remove {jid}")
+
+
+def rctl_get_rules(filter_: str) -> list[str]:
+    """Rules matching `filter_` (e.g. "jail:NAME"), as rctl(8) prints them."""
+    raw = filter_.encode() + b"\0"
+    out = ctypes.create_string_buffer(64 << 10)
+    if libc().rctl_get_rules(raw, len(raw), out, len(out)) != 0:
+        _fail(f"rctl_get_rules {filter_}")
+    text = _cstr(out.raw)
+    return [r for r in text.split(",") if r]
+
+
+CPU_LEVEL_WHICH, CPU_WHICH_JAIL = 3, 5       # sys/sys/cpuset.h
+CPUSET_BYTES = 128                            # CPU_MAXSIZE 1024 bits (14.x); larger sizes must be 0
+
+
+def parse_cpulist(text: str) -> bytes:
+    """"0-3,6" -> a cpuset_t bit mask of CPUSET_BYTES."""
+    bits = 0
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        for cpu in range(int(lo), int(hi or lo) + 1):
+            bits |= 1 << cpu
+    return bits.to_bytes(CPUSET_BYTES, "little")
+
+
+def cpuset_jail(jid: int, cpulist: str) -> None:
+    """Bind every process of a jail to the CPUs of `cpulist` (cpuset_setaffinity)."""
+    mask = ctypes.create_string_buffer(parse_cpulist(cpulist), CPUSET_BYTES)
+    if libc().cpuset_setaffinity(CPU_LEVEL_WHICH, CPU_WHICH_JAIL, ctypes.c_int64(jid),
+                                 CPUSET_BYTES, mask) != 0:
+        _fail(f"cpuset_setaffinity jail {jid} cpus {cpulist}")
 
 
 def rctl_add_rule(rule: str) -> None:

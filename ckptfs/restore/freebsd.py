@@ -1,41 +1,61 @@
-"""Restore on FreeBSD: a Linux process comes back to life under the Linuxulator in a jail.
+"""Restore on FreeBSD: a Linux process tree comes back to life under the Linuxulator in a jail.
 
-The ABI of a FreeBSD process is fixed at exec, so the target process must start as a
-Linux-branded image: a small Linux helper (`helper`, run under linux64.ko inside the jail)
-is started and attached with PT_ATTACH. From then on the restorer works like the Linux
-restorer: it makes the helper execute *Linux* system calls (the Linuxulator's syscall table,
-Linux numbers and errnos) one at a time by writing `syscall; int3` at a scratch address,
-loading registers (PT_SETREGS) and continuing to the trap. Memory contents go in with PT_IO,
-registers with PT_SETREGS + PT_SETFSBASE/PT_SETGSBASE, FPU with PT_SETXSTATE.
+The ABI of a FreeBSD process is fixed at exec, so every restored process starts as a
+Linux-branded image: a small Linux helper (`Target.helper`, run under linux64.ko inside the
+jail) is started and attached with PT_ATTACH. From then on the restorer works like the Linux
+restorer: it makes the helper execute *Linux* system calls (Linux numbers, flags and errnos;
+the Linuxulator translates them) one at a time by writing `syscall; int3` at a scratch address
+in the helper's own code page, loading registers (PT_SETREGS) and continuing to the trap.
+Memory contents go in with PT_IO, registers with PT_SETREGS + PT_SETFSBASE/PT_SETGSBASE, FPU
+with PT_SETXSTATE. All kernel-level calls go through oskit.freebsd (`Target.kit`).
 
 Order: check the binary (a native FreeBSD binary cannot come from Linux, nor go back); jail
-(jail_set from the plan's parameters) and RCTL rules; per process: helper, munmap of the
-helper's own user mappings is left to the helper's design (it maps itself high), mmap of
-every VMA (MAP_FIXED), contents, mprotect, sigactions (Linux numbers and flags, restorer
-kept), sigprocmask, then each thread's registers; detach. Every step names its file or pid.
+(jail_set) and RCTL rules; the root helper; the tree: each child by an injected Linux fork in
+its parent's helper (PT_FOLLOW_FORK makes it traced from birth), setsid where the process led
+its session, then process groups; per process: descriptors, memory, cwd/root/umask,
+rlimits, sigactions, each extra thread by an injected clone (with that thread's signal mask,
+then PT_SUSPEND so later injections do not run it), the leader's mask, credentials last;
+then registers, fs/gs base and XSAVE per thread (by lwp id), PT_RESUME, PT_DETACH.
 
-Not done yet (Unsupported, naming the item): threads beyond the leader (needs injected
-clone), descriptors other than regular files, process trees (fork injection), vDSO proxying.
+All or nothing: on any error every helper created so far is killed and the jail removed;
+the original error (errno, step, file) is raised.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 import subprocess
 
 from .. import flags as L
 from ..errors import KernelError, RestoreFailed, Unsupported
 from ..oskit import freebsd as kit_default
+from ..translate import LossLog
 from ..translate.freebsd import convert, elf, fpu as FPU, regs as G
 
-# Linux x86_64 system call numbers the restorer injects.
-NR = {"mmap": 9, "mprotect": 10, "munmap": 11, "rt_sigaction": 13, "rt_sigprocmask": 14,
-      "open": 2, "dup2": 33, "close": 3, "lseek": 8, "prctl": 157}
+# Linux x86_64 system call numbers (the Linuxulator's amd64 table uses Linux's numbering).
+NR = {"write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
+      "munmap": 11, "rt_sigaction": 13, "rt_sigprocmask": 14, "clone": 56, "fork": 57,
+      "fcntl": 72, "chdir": 80, "umask": 95, "setpgid": 109, "setsid": 112,
+      "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
+      "dup3": 292, "pipe2": 293, "prlimit64": 302}
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
 TRAP_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SIGTRAP = 5                          # FreeBSD
 SIG_SETMASK = 2                      # Linux value
 PAGE = 4096
+DATA_SIZE = PAGE                     # the helper's writable page used for arguments
+# Linux clone flags for a thread; the Linuxulator's linux_clone_thread takes exactly these
+# (plus the tid/TLS ones the restore does not need: registers are set by ptrace afterwards).
+CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
+#                    VM      FS      FILES   SIGHAND THREAD    SYSVSEM
+F_DUPFD_CLOEXEC, F_SETFL = 1030, 4   # Linux fcntl commands
+OPEN_DROP = L.O_CLOEXEC | L.OPEN_FLAGS["O_CREAT"] | L.OPEN_FLAGS["O_TRUNC"] | \
+    L.OPEN_FLAGS["O_EXCL"]           # meaningful at open time only
+O_ACCMODE = 3
+SETFL_BITS = L.OPEN_FLAGS["O_NONBLOCK"] | L.OPEN_FLAGS["O_APPEND"]
+MAP_FIXED, MAP_ANON = 0x10, 0x20     # Linux
+FD_KINDS = ("REG", "PIPE")
 
 
 @dataclasses.dataclass
@@ -44,19 +64,41 @@ class Target:
     kit: object = kit_default
     helper: str = "/usr/local/libexec/ckptfs/linux-helper"
     jexec: str = "/usr/sbin/jexec"
-    cpuset: str = "/bin/cpuset"
 
 
 class LinuxCalls:
-    """Run Linux system calls inside a stopped Linuxulator process."""
+    """Run Linux system calls inside a stopped Linuxulator process.
 
-    def __init__(self, kit, pid: int, scratch: int):
-        self.kit, self.pid, self.scratch = kit, pid, scratch
-        self.saved_code = kit.read_memory(pid, scratch, len(TRAP_CODE))
-        self.saved_regs = kit.get_regs(pid)
-        kit.write_memory(pid, scratch, TRAP_CODE)
+    `scratch`: an executable address of the helper (the trap code goes there); `data`: a
+    writable page of the helper for arguments (`put` fills it from the start after `reset`)."""
 
-    def __call__(self, name: str, *args: int) -> int:
+    def __init__(self, kit, pid: int, scratch: int, data: int, saved=None):
+        self.kit, self.pid, self.scratch, self.data = kit, pid, scratch, data
+        self.cursor = 0
+        if saved is None:
+            saved = (kit.read_memory(pid, scratch, len(TRAP_CODE)), kit.get_regs(pid))
+            kit.write_memory(pid, scratch, TRAP_CODE)
+        self.saved_code, self.saved_regs = saved
+
+    def forked(self, child: int) -> "LinuxCalls":
+        """The same helper image in a child made by an injected fork (trap code inherited)."""
+        return LinuxCalls(self.kit, child, self.scratch, self.data,
+                          (self.saved_code, self.saved_regs))
+
+    def reset(self) -> None:
+        self.cursor = 0
+
+    def put(self, raw: bytes) -> int:
+        if self.cursor + len(raw) > DATA_SIZE:
+            raise RestoreFailed(f"{len(raw)} bytes of arguments do not fit the helper's "
+                                f"{DATA_SIZE}-byte data page", path=f"pid {self.pid}")
+        addr = self.data + self.cursor
+        self.kit.write_memory(self.pid, addr, raw)
+        self.cursor += (len(raw) + 15) & ~15
+        return addr
+
+    def __call__(self, name: str, *args: int, step: str = "restore on freebsd",
+                 path: str | None = None) -> int:
         reg = G.unpack(self.saved_regs)
         reg.update(r_rax=NR[name], r_rip=self.scratch)
         for r, value in zip(ARG_REGS, args):
@@ -66,33 +108,185 @@ class LinuxCalls:
         status = self.kit.wait(self.pid)
         if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == SIGTRAP):
             raise RestoreFailed(f"injected Linux {name}: helper did not stop at the trap "
-                                f"(wait status {status:#x})", path=f"pid {self.pid}")
+                                f"(wait status {status:#x})", path=path or f"pid {self.pid}",
+                                step=step)
         rax = G.signed(G.unpack(self.kit.get_regs(self.pid))["r_rax"])
         if -4096 < rax < 0:
-            raise KernelError(f"injected Linux {name}{args}", -rax, path=f"pid {self.pid}",
-                              step="restore on freebsd")
+            raise KernelError(f"injected Linux {name}{tuple(args)} in pid {self.pid}", -rax,
+                              path=path or f"pid {self.pid}", step=step)
         return rax
 
     def close(self) -> None:
         self.kit.write_memory(self.pid, self.scratch, self.saved_code)
 
 
+@dataclasses.dataclass
+class Proc:
+    """One restored process: its new pid, injector, and new lwp id per checkpoint tid."""
+    old: int
+    new: int
+    calls: LinuxCalls
+    lwps: dict = dataclasses.field(default_factory=dict)
+
+
 def restore(source, target: Target | None = None, strict: bool = False,
             plan=None) -> list[int]:
-    """Restore `source` (a model.Source) on this FreeBSD host; returns the new pids.
-    `plan`: a FreeBSDPlan to apply (read back from edited plan files); default: translate."""
+    """Restore `source` (a model.Source) on this FreeBSD host; returns the new pids in tree
+    order. `plan`: a FreeBSDPlan to apply (read back from edited plan files); default:
+    translate the checkpoint."""
     t = target or Target()
     meta = source.meta()
     if meta.binary_os != "linux":
         raise Unsupported("native FreeBSD binary: the FreeBSD restore runs Linux binaries "
-                          "under the Linuxulator only", path="manifest")
+                          "under the Linuxulator only (and a FreeBSD binary cannot go to Linux)",
+                          path="manifest")
     if plan is None:
         plan = convert.to_freebsd(source, strict=strict)
-    if len(plan.tasks) != 1:
-        raise Unsupported(f"{len(plan.tasks)} processes: process trees are not restored on "
-                          "FreeBSD yet", path="tasks")
-    jid = setup_isolation(plan, t)
-    return [restore_task(source, plan.tasks[0], jid, t)]
+    check(source, plan)
+    return Restorer(source, plan, t).run()
+
+
+def check(source, plan) -> None:
+    """What this restore cannot do, refused before anything is created."""
+    owners: dict[int, int] = {}
+    for task in plan.tasks:
+        for info in source.fdinfo(task.pid):
+            where = f"tasks/{task.pid}/fds/{info.fd}"
+            kind = convert.FD_TYPE_NAMES.get(info.type, str(info.type))
+            if kind not in FD_KINDS:
+                raise Unsupported(f"a {kind} descriptor is not restored on FreeBSD (regular "
+                                  "files and pipes are)", path=where)
+            if kind == "PIPE":
+                pipe = source.file(info.id).pipe.pipe_id
+                if owners.setdefault(pipe, task.pid) != task.pid:
+                    raise Unsupported(f"pipe {pipe} is shared with process {owners[pipe]}: a "
+                                      "pipe between processes is not restored on FreeBSD",
+                                      path=where)
+
+
+class Restorer:
+    def __init__(self, source, plan, t: Target):
+        self.src, self.plan, self.t, self.kit = source, plan, t, t.kit
+        self.procs: dict[int, Proc] = {}
+        self.created: list[int] = []
+        self.jid: int | None = None
+        self.warnings: list[str] = []
+
+    def run(self) -> list[int]:
+        try:
+            self.jid = setup_isolation(self.plan, self.t)
+            self.build_tree()
+            for task in self.plan.tasks:
+                self.restore_task(task)
+            for task in self.plan.tasks:
+                self.finish(task)
+        except BaseException:
+            self.undo()
+            raise
+        return [self.procs[task.pid].new for task in self.plan.tasks]
+
+    def undo(self) -> None:
+        """Kill every helper made so far and remove the jail; the caller re-raises."""
+        for pid in reversed(self.created):
+            try:
+                self.kit.kill(pid, self.kit.SIGKILL)
+            except (KernelError, Unsupported):
+                pass                 # already gone: nothing left to undo for it
+        if self.jid is not None:
+            try:
+                self.kit.jail_remove(self.jid)
+            except (KernelError, Unsupported):
+                pass
+
+    # -- the tree -------------------------------------------------------------------------------
+    def build_tree(self) -> None:
+        entries = self.src.pstree()
+        root = entries[0]
+        new = spawn_helper(self.jid, self.t)
+        self.created.append(new)
+        self.kit.trace_events(new)
+        calls = LinuxCalls(self.kit, new, *helper_pages(self.kit, new))
+        self.procs[root.pid] = Proc(root.pid, new, calls)
+        if root.sid == root.pid:
+            calls("setsid", step="setsid", path=f"tasks/{root.pid}/sid")
+        for e in entries[1:]:
+            self.fork(e)
+        self.groups(entries)
+
+    def fork(self, e) -> None:
+        where = f"tasks/{e.pid}"
+        if e.ppid not in self.procs:
+            raise RestoreFailed(f"parent {e.ppid} is not in the tree before its child",
+                                path=where + "/ppid", step="fork")
+        parent = self.procs[e.ppid]
+        child = parent.calls("fork", step="fork", path=where)
+        self.created.append(child)
+        self.kit.wait(child)
+        info = self.kit.lwpinfo(child)
+        if not info.flags & self.kit.PL_FLAG_CHILD:
+            raise RestoreFailed(f"new process {child} did not stop as a traced fork child "
+                                f"(pl_flags {info.flags:#x})", path=where, step="fork")
+        calls = parent.calls.forked(child)
+        self.procs[e.pid] = Proc(e.pid, child, calls)
+        if e.sid == e.pid:
+            calls("setsid", step="setsid", path=where + "/sid")
+
+    def groups(self, entries) -> None:
+        """Group leaders first, then members; a group outside the tree stays inherited."""
+        leaders = [e for e in entries if e.pgid == e.pid and e.sid != e.pid]
+        members = [e for e in entries if e.pgid != e.pid and e.pgid in self.procs]
+        for e in leaders:
+            self.procs[e.pid].calls("setpgid", 0, 0, step="setpgid", path=f"tasks/{e.pid}/pgid")
+        for e in members:
+            self.procs[e.pid].calls("setpgid", 0, self.procs[e.pgid].new, step="setpgid",
+                                    path=f"tasks/{e.pid}/pgid")
+
+    # -- one process ----------------------------------------------------------------------------
+    def restore_task(self, task) -> None:
+        pid, proc = task.pid, self.procs[task.pid]
+        exe = _exe_path(self.src, pid)
+        if exe:
+            elf.check_can_run(exe, "freebsd")
+        values = convert.linux_task(task, LossLog())
+        check_layout(self.src, pid, proc.calls)
+        restore_fds(self.src, pid, values, proc.calls)
+        restore_memory(self.src, pid, proc.new, proc.calls, self.kit)
+        restore_fs(self.src, pid, proc.calls)
+        self.warnings += restore_rlimits(self.src, pid, proc.calls)
+        restore_sigactions(values, proc.calls)
+        self.threads(task, values, proc)
+        restore_creds(self.src, pid, proc.calls)
+
+    def threads(self, task, values, proc: Proc) -> None:
+        """Extra threads by injected clone, each made while the leader's mask is that
+        thread's (a new thread inherits it); then the leader's own mask."""
+        calls = proc.calls
+        proc.lwps[task.pid] = proc.new
+        for th in task.threads:
+            if th.tid == task.pid:
+                continue
+            where = f"tasks/{task.pid}/threads/{th.tid}"
+            set_mask(calls, values.sigmask[th.tid], where)
+            lwp = calls("clone", CLONE_THREAD_FLAGS, calls.data + DATA_SIZE, 0, 0, 0,
+                        step="clone thread", path=where)
+            self.kit.wait(proc.new)                       # the new lwp's birth stop
+            info = self.kit.lwpinfo(lwp)
+            if not info.flags & self.kit.PL_FLAG_BORN:
+                raise RestoreFailed(f"lwp {lwp} did not report its birth (pl_flags "
+                                    f"{info.flags:#x})", path=where, step="clone thread")
+            self.kit.suspend(lwp)
+            proc.lwps[th.tid] = lwp
+        set_mask(calls, values.sigmask[task.pid], f"tasks/{task.pid}/sigmask")
+
+    def finish(self, task) -> None:
+        proc = self.procs[task.pid]
+        proc.calls.close()
+        for th in task.threads:
+            restore_thread(self.src, task.pid, th, proc.lwps[th.tid], self.kit)
+        for th in task.threads:
+            if th.tid != task.pid:
+                self.kit.resume(proc.lwps[th.tid])
+        self.kit.detach(proc.new, 0)
 
 
 def setup_isolation(plan, t: Target) -> int:
@@ -100,7 +294,7 @@ def setup_isolation(plan, t: Target) -> int:
     for rule in plan.rules:
         t.kit.rctl_add_rule(rule.text())
     if plan.cpuset:
-        subprocess.run([t.cpuset, "-j", str(jid), "-l", plan.cpuset], check=True)
+        t.kit.cpuset_jail(jid, plan.cpuset)
     return jid
 
 
@@ -112,24 +306,28 @@ def spawn_helper(jid: int, t: Target) -> int:
     return proc.pid
 
 
-def restore_task(source, task, jid: int, t: Target) -> int:
-    pid = task.pid
-    if len(task.threads) != 1:
-        raise Unsupported(f"{len(task.threads)} threads: threads are not restored on FreeBSD "
-                          "yet", path=f"tasks/{pid}/threads")
-    exe = _exe_path(source, pid)
-    if exe:
-        elf.check_can_run(exe, "freebsd")
-    new = spawn_helper(jid, t)
-    calls = LinuxCalls(t.kit, new, _scratch(t.kit, new))
-    try:
-        restore_memory(source, pid, new, calls, t.kit)
-        restore_signals(task, calls)
-    finally:
-        calls.close()
-    restore_thread(source, pid, task.threads[0], new, t.kit)
-    t.kit.detach(new, 0)
-    return new
+def helper_pages(kit, pid: int) -> tuple[int, int]:
+    """(scratch, data): the helper's first executable page for `syscall; int3`, and a
+    writable page for arguments (its last writable mapping's top page: the stack)."""
+    entries = kit.vmmap(pid)
+    code = [e.start for e in entries if e.prot & kit.KVME_PROT_EXEC]
+    data = [e.end - DATA_SIZE for e in entries if e.prot & 2 and e.end - e.start >= DATA_SIZE]
+    if not code or not data:
+        raise RestoreFailed("the helper has no executable or no writable mapping",
+                            path=f"pid {pid}")
+    return code[0], data[-1]
+
+
+def check_layout(source, pid: int, calls: LinuxCalls) -> None:
+    """The helper's pages the restore works through must not be where the process goes."""
+    for vma in source.mm(pid).vmas:
+        if vma.status & SKIP:
+            continue
+        for name, addr, size in (("code", calls.scratch, PAGE), ("data", calls.data, DATA_SIZE)):
+            if vma.start < addr + size and addr < vma.end:
+                raise Unsupported(f"the mapping {vma.start:#x}-{vma.end:#x} overlaps the "
+                                  f"helper's {name} page at {addr:#x}",
+                                  path=f"tasks/{pid}/vmas")
 
 
 def _exe_path(source, pid: int) -> str | None:
@@ -143,78 +341,187 @@ def _exe_path(source, pid: int) -> str | None:
     return None
 
 
-def _scratch(kit, pid: int) -> int:
-    """An executable page of the helper to hold `syscall; int3` (its entry page)."""
-    for entry in kit.vmmap(pid):
-        if entry.prot & kit.KVME_PROT_EXEC:
-            return entry.start
-    raise RestoreFailed("the helper has no executable mapping", path=f"pid {pid}")
+# -- descriptors ----------------------------------------------------------------------------------
+def restore_fds(source, pid: int, values, calls: LinuxCalls) -> None:
+    """The helper's own descriptors closed, then every recorded one: each open file
+    description made once (opened by path with its Linux flags and offset, or a pipe with its
+    queued bytes), moved above every recorded number, then dup3'd to each recorded number with
+    its close-on-exec bit; the temporary copies closed."""
+    infos = sorted(source.fdinfo(pid), key=lambda i: i.fd)
+    for entry in calls.kit.filedesc(calls.pid):
+        if entry.fd >= 0:
+            calls("close", entry.fd, step="close helper descriptors")
+    high = max([i.fd for i in infos], default=2) + 1
+    made: dict[int, int] = {}                          # file id -> high descriptor
+    pipes: dict[int, tuple[int, int]] = {}             # pipe id -> (read, write) high
+    for info in infos:
+        where = f"tasks/{pid}/fds/{info.fd}"
+        kind, flags = values.fds[info.fd]
+        if info.id not in made:
+            made[info.id] = _description(source, info.id, kind, flags, calls, pipes, high, where)
+        cloexec = L.O_CLOEXEC if flags & L.O_CLOEXEC else 0
+        calls("dup3", made[info.id], info.fd, cloexec, step="install descriptor", path=where)
+    for fd in sorted(set(made.values()) | {fd for pair in pipes.values() for fd in pair}):
+        calls("close", fd, step="close temporary descriptors")
 
 
-SKIP = L.VMA_STATUS["VMA_AREA_VSYSCALL"] | L.VMA_STATUS["VMA_AREA_VVAR"]
+def _description(source, file_id, kind, flags, calls, pipes, high, where) -> int:
+    fe = source.file(file_id)
+    if kind == "REG":
+        calls.reset()
+        tmp = calls("open", calls.put(fe.reg.name.encode() + b"\0"),
+                    (flags & ~OPEN_DROP) | L.OPEN_FLAGS["O_NOCTTY"], 0, step="open",
+                    path=where + " " + fe.reg.name)
+        fd = _move_high(calls, tmp, high, where)
+        if fe.reg.pos:
+            calls("lseek", fd, fe.reg.pos, os.SEEK_SET, step="lseek", path=where)
+        return fd
+    pipe_id = fe.pipe.pipe_id
+    if pipe_id not in pipes:
+        pipes[pipe_id] = _pipe(source, pipe_id, calls, high, where)
+    r, w = pipes[pipe_id]
+    end = w if flags & O_ACCMODE == 1 else r
+    fd = _move_high(calls, end, high, where)           # this descriptor's own description
+    if flags & SETFL_BITS:
+        calls("fcntl", fd, F_SETFL, flags & SETFL_BITS, step="pipe flags", path=where)
+    return fd
+
+
+def _move_high(calls: LinuxCalls, fd: int, high: int, where: str) -> int:
+    new = calls("fcntl", fd, F_DUPFD_CLOEXEC, high, step="move descriptor", path=where)
+    calls("close", fd, step="move descriptor", path=where)
+    return new
+
+
+def _pipe(source, pipe_id: int, calls: LinuxCalls, high: int, where: str) -> tuple[int, int]:
+    """A new pipe holding the saved bytes (written through the data page in pieces)."""
+    calls.reset()
+    addr = calls.put(bytes(8))
+    calls("pipe2", addr, L.O_CLOEXEC, step="pipe", path=where)
+    r, w = struct.unpack("<ii", calls.kit.read_memory(calls.pid, addr, 8))
+    r, w = _move_high(calls, r, high, where), _move_high(calls, w, high, where)
+    data = source.pipe_data(pipe_id)
+    for off in range(0, len(data), DATA_SIZE):
+        piece = data[off:off + DATA_SIZE]
+        calls.reset()
+        n = calls("write", w, calls.put(piece), len(piece), step="pipe data", path=where)
+        if n != len(piece):
+            raise RestoreFailed(f"pipe {pipe_id} took {n} of {len(piece)} bytes",
+                                path=where, step="pipe data")
+    return r, w
+
+
+# -- memory ---------------------------------------------------------------------------------------
+SKIP = L.VMA_STATUS["VMA_AREA_VSYSCALL"] | L.VMA_STATUS["VMA_AREA_VVAR"] | \
+    L.VMA_STATUS["VMA_AREA_VDSO"]
 FILE_MAP = L.VMA_STATUS["VMA_FILE_PRIVATE"] | L.VMA_STATUS["VMA_FILE_SHARED"]
-PATH_SLOT = 256                       # scratch offset for a path string
 
 
 def restore_memory(source, pid: int, new: int, calls: LinuxCalls, kit) -> None:
-    """Map every VMA at its address (file maps from the file under /compat/linux), write
-    the saved pages, then set the protection."""
+    """Map every VMA at its address (file maps from the file under the jail's Linux root),
+    write the saved pages, then set the protection. The vDSO is the Linuxulator's own."""
     for vma in source.mm(pid).vmas:
         if vma.status & SKIP:
-            continue                  # the Linuxulator provides its own; vvar has no FreeBSD twin
+            continue
         size = vma.end - vma.start
+        where = f"tasks/{pid}/vmas/{vma.start:#x}"
         if vma.status & FILE_MAP:
-            _map_file(source, vma, calls)
+            _map_file(source, vma, calls, where)
         else:
             share = vma.flags & (L.MAP_FLAGS["MAP_SHARED"] | L.MAP_FLAGS["MAP_PRIVATE"])
-            calls("mmap", vma.start, size, 0x3, 0x10 | 0x20 | share, -1, 0)
+            calls("mmap", vma.start, size, 0x3, MAP_FIXED | MAP_ANON | share, -1, 0,
+                  step="mmap", path=where)
         for rng in source.page_ranges(pid, vma):
             kit.write_memory(new, rng.start, source.read_memory(pid, rng.start,
                                                                 rng.end - rng.start))
-        calls("mprotect", vma.start, size, vma.prot)
+        calls("mprotect", vma.start, size, vma.prot, step="mprotect", path=where)
 
 
-def _map_file(source, vma, calls: LinuxCalls) -> None:
+def _map_file(source, vma, calls: LinuxCalls, where: str) -> None:
     name = source.file(vma.shmid).reg.name
-    addr = calls.scratch + PATH_SLOT
-    calls.kit.write_memory(calls.pid, addr, name.encode() + b"\0")
+    calls.reset()
     shared = vma.flags & L.MAP_FLAGS["MAP_SHARED"]
-    fd = calls("open", addr, 2 if shared and vma.prot & 2 else 0, 0)
+    fd = calls("open", calls.put(name.encode() + b"\0"), 2 if shared and vma.prot & 2 else 0,
+               0, step="open mapped file", path=f"{where} {name}")
     try:
         prot = vma.prot if shared else vma.prot | 0x2      # private: room to write COW pages
         calls("mmap", vma.start, vma.end - vma.start, prot,
-              0x10 | (L.MAP_FLAGS["MAP_SHARED"] if shared else L.MAP_FLAGS["MAP_PRIVATE"]),
-              fd, vma.pgoff)
+              MAP_FIXED | (L.MAP_FLAGS["MAP_SHARED"] if shared else L.MAP_FLAGS["MAP_PRIVATE"]),
+              fd, vma.pgoff, step="mmap file", path=f"{where} {name}")
     finally:
-        calls("close", fd)
+        calls("close", fd, step="mmap file")
 
 
-def restore_signals(task, calls: LinuxCalls) -> None:
+# -- process state ------------------------------------------------------------------------------
+def restore_fs(source, pid: int, calls: LinuxCalls) -> None:
+    fs = source.fs(pid)
+    cwd = source.file(fs.cwd_id).reg.name
+    root = source.file(fs.root_id).reg.name
+    if root != "/":
+        calls.reset()
+        calls("chroot", calls.put(root.encode() + b"\0"), step="chroot", path=f"tasks/{pid}/root")
+    calls.reset()
+    calls("chdir", calls.put(cwd.encode() + b"\0"), step="chdir", path=f"tasks/{pid}/cwd {cwd}")
+    if fs.HasField("umask"):
+        calls("umask", fs.umask, step="umask", path=f"tasks/{pid}/umask")
+
+
+def restore_rlimits(source, pid: int, calls: LinuxCalls) -> list[str]:
+    """prlimit64 with Linux resource numbers; a hard limit above the jail's is kept at the
+    jail's (raising it needs privilege the jail may not have): returned as warnings."""
+    warnings = []
+    for i, lim in enumerate(source.core(pid).tc.rlimits.rlimits):
+        where = f"tasks/{pid}/rlimits/{L.RLIMITS[i]}"
+        calls.reset()
+        old = calls.put(bytes(16))
+        calls("prlimit64", 0, i, 0, old, step="prlimit64", path=where)
+        now_max = struct.unpack("<QQ", calls.kit.read_memory(calls.pid, old, 16))[1]
+        cur, mx = lim.cur, lim.max
+        if mx > now_max:
+            warnings.append(f"{where}: hard limit {mx} above the jail's {now_max}: kept")
+            mx, cur = now_max, min(cur, now_max)
+        calls("prlimit64", 0, i, calls.put(struct.pack("<QQ", cur, mx)), 0, step="prlimit64",
+              path=where)
+    return warnings
+
+
+def restore_sigactions(values, calls: LinuxCalls) -> None:
     """rt_sigaction with Linux numbers and flags: the helper is a Linux process."""
-    values = convert.linux_task(task, convert.LossLog())
-    act_addr = calls.scratch + 64        # struct k_sigaction written next to the trap code
     for sig, act in sorted(values.sigactions.items()):
-        raw = b"".join(v.to_bytes(8, "little") for v in
-                       (act["handler"], act["flags"], act["restorer"], act["mask"]))
-        calls.kit.write_memory(calls.pid, act_addr, raw)
-        calls("rt_sigaction", sig, act_addr, 0, 8)
-    mask = values.sigmask[task.pid]
-    calls.kit.write_memory(calls.pid, act_addr, mask.to_bytes(8, "little"))
-    calls("rt_sigprocmask", SIG_SETMASK, act_addr, 0, 8)
+        calls.reset()
+        raw = struct.pack("<4Q", act["handler"], act["flags"], act["restorer"], act["mask"])
+        calls("rt_sigaction", sig, calls.put(raw), 0, 8, step="rt_sigaction",
+              path=f"tasks/{values.pid}/sigactions/{L.SIGNAL_NAMES.get(sig, sig)}")
 
 
-def restore_thread(source, pid: int, thread, new: int, kit) -> None:
-    current = G.unpack(kit.get_regs(new))
+def set_mask(calls: LinuxCalls, mask: int, where: str) -> None:
+    calls.reset()
+    calls("rt_sigprocmask", SIG_SETMASK, calls.put(struct.pack("<Q", mask)), 0, 8,
+          step="rt_sigprocmask", path=where)
+
+
+def restore_creds(source, pid: int, calls: LinuxCalls) -> None:
+    """Groups, gids, uids (Linux calls, Linux ids): last, dropping root ends what we may do."""
+    c = source.core(pid).thread_core.creds
+    where = f"tasks/{pid}/creds"
+    groups = list(c.groups)
+    calls.reset()
+    arg = calls.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0
+    calls("setgroups", len(groups), arg, step="setgroups", path=where + "/groups")
+    calls("setresgid", c.gid, c.egid, c.sgid, step="setresgid", path=where)
+    calls("setresuid", c.uid, c.euid, c.suid, step="setresuid", path=where)
+
+
+def restore_thread(source, pid: int, thread, lwp: int, kit) -> None:
+    current = G.unpack(kit.get_regs(lwp))
     reg = dict(thread.reg)
     for sel in ("r_cs", "r_ss", "r_ds", "r_es", "r_fs", "r_gs"):
         reg[sel] = current[sel]            # the kernel's selectors, never copied
-    kit.set_regs(new, G.pack(reg))
-    kit.set_fsbase(new, thread.fsbase)
-    kit.set_gsbase(new, thread.gsbase)
+    kit.set_regs(lwp, G.pack(reg))
+    kit.set_fsbase(lwp, thread.fsbase)
+    kit.set_gsbase(lwp, thread.gsbase)
     xsave = getattr(source, "xsave", None)
     if xsave is not None:
-        mask, length = kit.xstate_info(new)
-        kit.set_xstate(new, FPU.to_fbsd(xsave(thread.tid), convert.LossLog(),
+        mask, length = kit.xstate_info(lwp)
+        kit.set_xstate(lwp, FPU.to_fbsd(xsave(thread.tid), LossLog(),
                                         f"tasks/{pid}/threads/{thread.tid}/fpu", mask, length))
-
-

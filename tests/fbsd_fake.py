@@ -1,0 +1,431 @@
+"""A strict fake FreeBSD kernel behind the oskit.freebsd interface (the only mock in ckptfs:
+there is no FreeBSD host here). Kernel-level calls are checked the way FreeBSD checks them
+(request numbers and sizes, attached and stopped targets, secure selectors, mapped PT_IO
+addresses); the Linux system calls injected into a Linux-branded helper are checked the way
+the Linuxulator would see them (Linux numbers, Linux flag bits, pointers into written memory,
+descriptor tables). Every call is recorded in `log`; a violation answers the errno FreeBSD
+or Linux would, so a wrong restore fails its test."""
+from __future__ import annotations
+
+import errno
+import struct
+
+from ckptfs import flags as L
+from ckptfs.errors import KernelError
+from ckptfs.oskit import freebsd as O
+from ckptfs.restore import freebsd as RF
+from ckptfs.translate.freebsd import regs as G
+
+HELPER_CODE = (0x7ffff7ff0000, 0x7ffff7ff1000)    # r-x
+HELPER_DATA = (0x7ffff7fe0000, 0x7ffff7fe2000)    # rw- (the helper's stack)
+LINUX_NR = {v: k for k, v in RF.NR.items()}
+LINUX_OPEN_BITS = 3                                # O_ACCMODE
+for _v in L.OPEN_FLAGS.values():
+    LINUX_OPEN_BITS |= _v
+LINUX_CLONE_OK = {RF.CLONE_THREAD_FLAGS}          # what linux_clone_thread is given here
+PAGE = 4096
+
+
+class Proc:
+    def __init__(self, pid, fds=None, maps=None, mem=None):
+        self.pid, self.fds = pid, dict(fds or {})
+        self.maps = list(maps or [])                # [start, end, prot]
+        self.mem = dict(mem or {})
+        self.lwps = {pid: None}                     # lwp -> regs bytes
+        self.suspended, self.pending_stops = set(), []
+        self.attached, self.follow = False, False
+        self.pending = None
+        self.pgid = self.sid = None
+
+
+class FakeFreeBSD:
+    KVME_PROT_EXEC, JAIL_CREATE, SIGKILL = O.KVME_PROT_EXEC, O.JAIL_CREATE, O.SIGKILL
+    PL_FLAG_CHILD, PL_FLAG_BORN = O.PL_FLAG_CHILD, O.PL_FLAG_BORN
+    KF_FLAG, KVME_FLAG = O.KF_FLAG, O.KVME_FLAG
+
+    def __init__(self, helper_pid=900):
+        self.log, self.procs, self.pipes = [], {}, {}
+        self.next_pid, self.next_lwp, self.helper_pid = helper_pid, 100100, helper_pid
+        self.jails, self.rules, self.killed = {}, [], []
+        self.fail_on = None                          # (linux call name, errno): inject a failure
+
+    def __getattr__(self, name):            # anything not faked is a test failure
+        raise AssertionError(f"unexpected FreeBSD call {name}")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _err(self, step, err, pid=None):
+        raise KernelError(step, err, path=f"pid {pid}" if pid is not None else None)
+
+    def _traced(self, pid, step):
+        for p in self.procs.values():
+            if pid == p.pid or pid in p.lwps:
+                if not p.attached:
+                    self._err(step, errno.EBUSY, pid)
+                return p
+        self._err(step, errno.ESRCH, pid)
+
+    def new_helper(self):
+        pid = self.next_pid
+        self.next_pid += 1
+        reg = {n: 0 for n in G.REG_NAMES}
+        reg.update(r_rip=HELPER_CODE[0] + 0x40, r_cs=0x43, r_ss=0x3b, r_ds=0x3b, r_es=0x3b,
+                   r_fs=0x13, r_gs=0x1b, r_rflags=0x202, r_rsp=HELPER_DATA[1] - 64)
+        p = Proc(pid, fds={0: ("vnode", "/dev/null"), 1: ("vnode", "/dev/null"),
+                           2: ("vnode", "/dev/null")},
+                 maps=[[*HELPER_CODE, 5], [*HELPER_DATA, 3]],
+                 mem={HELPER_CODE[0]: b"\x55\x48\x89"})
+        p.lwps[pid] = G.pack(reg)
+        self.procs[pid] = p
+        return p
+
+    # -- kernel-level interface (FreeBSD values) ---------------------------------------------
+    def jail_set(self, params, flags):
+        if flags != O.JAIL_CREATE or "name" not in params:
+            self._err("jail_set", errno.EINVAL)
+        for k, v in params.items():
+            O.jail_value(k, v)                      # encodable the libjail way, or ValueError
+        jid = len(self.jails) + 7
+        self.jails[jid] = dict(params)
+        self.log.append(("jail_set", params["name"], flags))
+        return jid
+
+    def jail_remove(self, jid):
+        if jid not in self.jails:
+            self._err("jail_remove", errno.EINVAL)
+        del self.jails[jid]
+        self.log.append(("jail_remove", jid))
+
+    def rctl_add_rule(self, rule):
+        subject, sid, resource, rest = rule.split(":", 3)
+        if subject != "jail" or not any(j["name"] == sid for j in self.jails.values()):
+            self._err(f"rctl_add_rule {rule}", errno.ESRCH)
+        self.rules.append(rule)
+        self.log.append(("rctl", rule))
+
+    def cpuset_jail(self, jid, cpulist):
+        if jid not in self.jails:
+            self._err("cpuset_setaffinity", errno.ESRCH)
+        if not int.from_bytes(O.parse_cpulist(cpulist), "little"):
+            self._err("cpuset_setaffinity", errno.EDEADLK)      # an empty set
+        self.log.append(("cpuset", jid, cpulist))
+
+    def attach(self, pid):
+        p = self.procs.get(pid) or self._err("PT_ATTACH", errno.ESRCH, pid)
+        if p.attached:
+            self._err("PT_ATTACH", errno.EBUSY, pid)
+        p.attached = True
+        self.log.append(("attach", pid))
+
+    def trace_events(self, pid):
+        self._traced(pid, "PT_FOLLOW_FORK").follow = True
+        self.log.append(("trace_events", pid))
+
+    def kill(self, pid, sig):
+        if pid not in self.procs:
+            self._err("kill", errno.ESRCH, pid)
+        del self.procs[pid]
+        self.killed.append(pid)
+        self.log.append(("kill", pid, sig))
+
+    def detach(self, pid, sig):
+        p = self._traced(pid, "PT_DETACH")
+        if p.suspended:
+            raise AssertionError(f"detach with lwps {p.suspended} still suspended")
+        if p.mem.get(HELPER_CODE[0], b"")[:3] == RF.TRAP_CODE:
+            raise AssertionError(f"pid {pid} detached with the trap code still in place")
+        p.attached = False
+        self.log.append(("detach", pid))
+
+    def vmmap(self, pid):
+        p = self.procs[pid]
+        return [O.VmEntry(s, e, 0, "default", prot, 0, 0, "") for s, e, prot in p.maps]
+
+    def filedesc(self, pid):
+        p = self.procs[pid]
+        return [O.FileEntry(fd, kind, 1, 0, path) for fd, (kind, path, *_) in sorted(p.fds.items())]
+
+    def _mapped(self, p, addr, size):
+        return any(s <= addr and addr + size <= e for s, e, _ in p.maps)
+
+    def read_memory(self, pid, addr, size):
+        p = self._traced(pid, "PT_IO read")
+        if not self._mapped(p, addr, size):
+            self._err(f"PT_IO read {addr:#x}+{size}", errno.EFAULT, pid)
+        return bytes(p.mem.get(addr, b"")[:size]).ljust(size, b"\0")
+
+    def write_memory(self, pid, addr, data):
+        p = self._traced(pid, "PT_IO write")
+        if not self._mapped(p, addr, len(data)):
+            self._err(f"PT_IO write {addr:#x}+{len(data)}", errno.EFAULT, pid)
+        p.mem[addr] = bytes(data)
+        if addr >= HELPER_DATA[0] and addr < HELPER_DATA[1] or addr == HELPER_CODE[0]:
+            return                                   # argument/trap traffic: not logged
+        self.log.append(("write", pid, addr, len(data)))
+
+    def get_regs(self, lwp):
+        p = self._traced(lwp, "PT_GETREGS")
+        return p.lwps[lwp]
+
+    def set_regs(self, lwp, raw):
+        p = self._traced(lwp, "PT_SETREGS")
+        if len(raw) != O.REG_SIZE:
+            self._err("PT_SETREGS", errno.EINVAL, lwp)
+        r = G.unpack(raw)
+        if r["r_cs"] != 0x43 or r["r_ss"] != 0x3b:  # amd64 set_regs: CS_SECURE/ selectors
+            self._err("PT_SETREGS", errno.EINVAL, lwp)
+        p.lwps[lwp] = raw
+        if lwp != p.pid or r["r_rip"] != HELPER_CODE[0]:
+            self.log.append(("setregs", lwp, r["r_rip"]))
+
+    def cont(self, pid, sig):
+        p = self._traced(pid, "PT_CONTINUE")
+        r = G.unpack(p.lwps[pid])
+        if r["r_rip"] != HELPER_CODE[0] or p.mem.get(HELPER_CODE[0], b"")[:3] != RF.TRAP_CODE:
+            raise AssertionError(f"pid {pid} continued at {r['r_rip']:#x} without the trap")
+        name = LINUX_NR.get(r["r_rax"])
+        args = [r[a] for a in RF.ARG_REGS]
+        if name is None:
+            result = -errno.ENOSYS
+        elif self.fail_on and self.fail_on[0] == name:
+            result = -self.fail_on[1]
+        else:
+            result = getattr(self, "linux_" + name)(p, *args)
+        p.lwps[pid] = G.pack(dict(r, r_rax=result & G.U64, r_rip=HELPER_CODE[0] + 3))
+        p.pending_stops.insert(0, 0x57f)           # SIGTRAP at the int3
+
+    def wait(self, pid):
+        p = self.procs[pid]
+        if not p.pending_stops:
+            raise AssertionError(f"wait on pid {pid} with nothing to report: it would hang")
+        return p.pending_stops.pop(0)
+
+    def lwpinfo(self, lwp):
+        p = self._traced(lwp, "PT_LWPINFO")
+        flags = p.lwpflags.pop(lwp, 0) if hasattr(p, "lwpflags") else 0
+        return O.LwpInfo(lwp, 1, flags, (0,) * 4, (0,) * 4, "helper", 0)
+
+    def suspend(self, lwp):
+        self._traced(lwp, "PT_SUSPEND").suspended.add(lwp)
+        self.log.append(("suspend", lwp))
+
+    def resume(self, lwp):
+        p = self._traced(lwp, "PT_RESUME")
+        if lwp not in p.suspended:
+            self._err("PT_RESUME", errno.EINVAL, lwp)
+        p.suspended.discard(lwp)
+        self.log.append(("resume", lwp))
+
+    def set_fsbase(self, lwp, v):
+        self._traced(lwp, "PT_SETFSBASE")
+        if v >= 1 << 47:
+            self._err("PT_SETFSBASE", errno.EINVAL, lwp)
+        self.log.append(("fsbase", lwp, v))
+
+    def set_gsbase(self, lwp, v):
+        self._traced(lwp, "PT_SETGSBASE")
+        self.log.append(("gsbase", lwp, v))
+
+    def xstate_info(self, lwp):
+        self._traced(lwp, "PT_GETXSTATE_INFO")
+        return 0x7, 832
+
+    def set_xstate(self, lwp, data):
+        self._traced(lwp, "PT_SETXSTATE")
+        if len(data) != 832:
+            self._err("PT_SETXSTATE", errno.EINVAL, lwp)
+        self.log.append(("xstate", lwp, len(data)))
+
+    # -- injected Linux system calls (Linux numbers, flags, errnos) -------------------------
+    def _string(self, p, addr):
+        raw = p.mem.get(addr)
+        if raw is None or b"\0" not in raw:
+            return None
+        return raw.split(b"\0", 1)[0].decode()
+
+    def _fd(self, p, low=0):
+        fd = low
+        while fd in p.fds:
+            fd += 1
+        return fd
+
+    def _linux(self, *entry):
+        self.log.append(("linux",) + entry)
+
+    def linux_open(self, p, path_addr, flags, mode, *_):
+        path = self._string(p, path_addr)
+        if path is None:
+            return -errno.EFAULT
+        if flags & ~LINUX_OPEN_BITS:
+            return -errno.EINVAL
+        fd = self._fd(p)
+        p.fds[fd] = ("vnode", path, flags, 0)
+        self._linux(p.pid, "open", path, flags)
+        return fd
+
+    def linux_close(self, p, fd, *_):
+        if fd not in p.fds:
+            return -errno.EBADF
+        del p.fds[fd]
+        return 0
+
+    def linux_lseek(self, p, fd, off, whence, *_):
+        if fd not in p.fds or whence != 0:
+            return -errno.EBADF if fd not in p.fds else -errno.EINVAL
+        kind, path, flags, _ = p.fds[fd]
+        p.fds[fd] = (kind, path, flags, off)
+        self._linux(p.pid, "lseek", path, off)
+        return off
+
+    def linux_fcntl(self, p, fd, cmd, arg, *_):
+        if fd not in p.fds:
+            return -errno.EBADF
+        if cmd == RF.F_DUPFD_CLOEXEC:
+            new = self._fd(p, arg)
+            p.fds[new] = p.fds[fd]
+            return new
+        if cmd == RF.F_SETFL:
+            self._linux(p.pid, "setfl", p.fds[fd][1], arg)
+            return 0
+        return -errno.EINVAL
+
+    def linux_dup3(self, p, old, new, flags, *_):
+        if old not in p.fds:
+            return -errno.EBADF
+        if old == new or flags not in (0, L.O_CLOEXEC):
+            return -errno.EINVAL
+        p.fds[new] = p.fds[old][:2] + (p.fds[old][2], p.fds[old][3], bool(flags))
+        self._linux(p.pid, "dup3", new, p.fds[old][1], bool(flags))
+        return new
+
+    def linux_pipe2(self, p, addr, flags, *_):
+        if flags & ~(L.O_CLOEXEC | L.OPEN_FLAGS["O_NONBLOCK"]):
+            return -errno.EINVAL
+        if not any(s <= addr < e and prot & 2 for s, e, prot in p.maps):
+            return -errno.EFAULT
+        pid = len(self.pipes)
+        self.pipes[pid] = bytearray()
+        r = self._fd(p)
+        p.fds[r] = ("pipe", f"pipe:{pid}:r", 0, 0)
+        w = self._fd(p)
+        p.fds[w] = ("pipe", f"pipe:{pid}:w", 1, 0)
+        p.mem[addr] = struct.pack("<ii", r, w)
+        return 0
+
+    def linux_write(self, p, fd, addr, n, *_):
+        if fd not in p.fds or not p.fds[fd][1].endswith(":w"):
+            return -errno.EBADF
+        data = p.mem.get(addr, b"")[:n]
+        self.pipes[int(p.fds[fd][1].split(":")[1])] += data
+        return len(data)
+
+    def linux_mmap(self, p, addr, length, prot, flags, fd, off):
+        if not flags & RF.MAP_FIXED or addr % PAGE or length % PAGE or not length:
+            return -errno.EINVAL
+        if not flags & RF.MAP_ANON and G.signed(fd) not in p.fds:
+            return -errno.EBADF
+        p.maps.append([addr, addr + length, prot])
+        self._linux(p.pid, "mmap", addr, length, flags & 0xff)
+        return addr
+
+    def linux_mprotect(self, p, addr, length, prot, *_):
+        if not self._mapped(p, addr, length):
+            return -errno.ENOMEM
+        return 0
+
+    def linux_munmap(self, p, addr, length, *_):
+        return 0
+
+    def linux_rt_sigaction(self, p, sig, act, old, size, *_):
+        if size != 8 or not 1 <= sig <= 64 or sig in (9, 19):
+            return -errno.EINVAL
+        handler, flags, restorer, mask = struct.unpack("<4Q", p.mem[act][:32])
+        self._linux(p.pid, "rt_sigaction", sig, handler, flags)
+        return 0
+
+    def linux_rt_sigprocmask(self, p, how, new, old, size, *_):
+        if size != 8 or how != 2:
+            return -errno.EINVAL
+        self._linux(p.pid, "sigmask", struct.unpack("<Q", p.mem[new][:8])[0])
+        return 0
+
+    def linux_fork(self, p, *_):
+        if not p.follow:
+            raise AssertionError("fork without PT_FOLLOW_FORK: the child would run untraced")
+        child = Proc(self.next_pid, p.fds, [list(m) for m in p.maps], p.mem)
+        self.next_pid += 1
+        child.lwps = {child.pid: G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0,
+                                             r_rip=HELPER_CODE[0] + 3))}
+        child.attached, child.follow = True, True
+        child.pending_stops = [0x57f]
+        child.lwpflags = {child.pid: O.PL_FLAG_CHILD}
+        self.procs[child.pid] = child
+        self._linux(p.pid, "fork", child.pid)
+        return child.pid
+
+    def linux_clone(self, p, flags, sp, ptid, ctid, tls, *_):
+        if flags not in LINUX_CLONE_OK or not p.follow:
+            return -errno.EINVAL
+        lwp = self.next_lwp
+        self.next_lwp += 1
+        p.lwps[lwp] = G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0, r_rsp=sp))
+        p.pending_stops.append(0x57f)                # the born lwp's stop
+        p.lwpflags = getattr(p, "lwpflags", {})
+        p.lwpflags[lwp] = O.PL_FLAG_BORN
+        self._linux(p.pid, "clone", flags)
+        return lwp
+
+    def linux_setsid(self, p, *_):
+        p.sid = p.pgid = p.pid
+        self._linux(p.pid, "setsid")
+        return p.pid
+
+    def linux_setpgid(self, p, pid, pgid, *_):
+        p.pgid = pgid or p.pid
+        self._linux(p.pid, "setpgid", p.pgid)
+        return 0
+
+    def linux_chdir(self, p, addr, *_):
+        self._linux(p.pid, "chdir", self._string(p, addr))
+        return 0
+
+    def linux_chroot(self, p, addr, *_):
+        self._linux(p.pid, "chroot", self._string(p, addr))
+        return 0
+
+    def linux_umask(self, p, mask, *_):
+        self._linux(p.pid, "umask", mask)
+        return 0o22
+
+    def linux_prlimit64(self, p, pid, res, new, old, *_):
+        if pid != 0 or res >= 16:
+            return -errno.EINVAL
+        if old:
+            p.mem[old] = struct.pack("<QQ", 1 << 20, 1 << 20)    # the jail's limits
+        if new:
+            cur, mx = struct.unpack("<QQ", p.mem[new][:16])
+            if mx > 1 << 20 or cur > mx:
+                return -errno.EPERM
+            self._linux(p.pid, "prlimit64", res, cur, mx)
+        return 0
+
+    def linux_setgroups(self, p, n, addr, *_):
+        self._linux(p.pid, "setgroups", n)
+        return 0
+
+    def linux_setresgid(self, p, r, e, s, *_):
+        self._linux(p.pid, "setresgid", r, e, s)
+        return 0
+
+    def linux_setresuid(self, p, r, e, s, *_):
+        self._linux(p.pid, "setresuid", r, e, s)
+        return 0
+
+
+def spawn(kit):
+    """RF.spawn_helper for the fake: a new helper process, attached."""
+    def spawn_helper(jid, t):
+        assert jid in kit.jails, "helper started outside the jail"
+        p = kit.new_helper()
+        kit.attach(p.pid)
+        return p.pid
+    return spawn_helper
