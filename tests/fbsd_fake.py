@@ -36,6 +36,9 @@ class Proc:
         self.attached, self.follow = False, False
         self.pending = None
         self.pgid = self.sid = None
+        self.sigactions = {}                         # Linux signal -> (handler, flags, restorer, mask)
+        self.sigmask = (0, 0, 0, 0)                  # FreeBSD sigset_t words
+        self.jid = 0
 
 
 class FakeFreeBSD:
@@ -202,7 +205,32 @@ class FakeFreeBSD:
     def lwpinfo(self, lwp):
         p = self._traced(lwp, "PT_LWPINFO")
         flags = p.lwpflags.pop(lwp, 0) if hasattr(p, "lwpflags") else 0
-        return O.LwpInfo(lwp, 1, flags, (0,) * 4, (0,) * 4, "helper", 0)
+        # the record goes through its real layout, as PT_LWPINFO would copy it out
+        return O.parse_lwpinfo(O.pack_lwpinfo(O.LwpInfo(lwp, 1, flags, p.sigmask, (0,) * 4,
+                                                        "helper", 0)))
+
+    def proc_jid(self, pid):
+        return self.procs[pid].jid
+
+    def jail_get(self, jid, keys):
+        if jid not in self.jails:
+            self._err(f"jail_get {jid}", errno.ENOENT)
+        out = {}
+        for k in keys:
+            name, value = O.jail_value(k, self.jails[jid].get(k, 0))
+            out[k] = (value or b"\0").ljust(1024, b"\0")
+        return out
+
+    def rctl_get_rules(self, filter_):
+        return [r for r in self.rules if r.startswith(filter_ + ":")]
+
+    def get_fsbase(self, lwp):
+        self._traced(lwp, "PT_GETFSBASE")
+        return 0x7f00aa000000
+
+    def get_gsbase(self, lwp):
+        self._traced(lwp, "PT_GETGSBASE")
+        return 0
 
     def suspend(self, lwp):
         self._traced(lwp, "PT_SUSPEND").suspended.add(lwp)
@@ -228,6 +256,14 @@ class FakeFreeBSD:
     def xstate_info(self, lwp):
         self._traced(lwp, "PT_GETXSTATE_INFO")
         return 0x7, 832
+
+    def get_xstate(self, lwp):
+        self._traced(lwp, "PT_GETXSTATE")
+        buf = bytearray(832)
+        struct.pack_into("<HH", buf, 0, 0x37f, 0)
+        struct.pack_into("<I", buf, 24, 0x1f80)
+        struct.pack_into("<Q", buf, 512, 3)
+        return bytes(buf)
 
     def set_xstate(self, lwp, data):
         self._traced(lwp, "PT_SETXSTATE")
@@ -338,8 +374,14 @@ class FakeFreeBSD:
     def linux_rt_sigaction(self, p, sig, act, old, size, *_):
         if size != 8 or not 1 <= sig <= 64 or sig in (9, 19):
             return -errno.EINVAL
-        handler, flags, restorer, mask = struct.unpack("<4Q", p.mem[act][:32])
-        self._linux(p.pid, "rt_sigaction", sig, handler, flags)
+        if old:
+            if not any(s <= old < e and prot & 2 for s, e, prot in p.maps):
+                return -errno.EFAULT
+            p.mem[old] = struct.pack("<4Q", *p.sigactions.get(sig, (0, 0, 0, 0)))
+        if act:
+            handler, flags, restorer, mask = struct.unpack("<4Q", p.mem[act][:32])
+            p.sigactions[sig] = (handler, flags, restorer, mask)
+            self._linux(p.pid, "rt_sigaction", sig, handler, flags)
         return 0
 
     def linux_rt_sigprocmask(self, p, how, new, old, size, *_):

@@ -159,3 +159,37 @@ def test_pipe_between_processes_is_refused_before_anything(procs, tmp_path, monk
         RF.restore(src, RF.Target(kit=kit))
     assert "pipe" in str(e.value) and "/fds/" in str(e.value)
     assert kit.log == []
+
+
+def test_capture_sigactions_mask_and_isolation_through_the_fake():
+    """Handlers by injected Linux rt_sigaction(sig, NULL, &old) in a Linux-branded target
+    (its code and registers put back), the mask from PT_LWPINFO (FreeBSD numbering), the
+    jail and RCTL rules back to model.Isolation."""
+    from ckptfs.capture import freebsd as CF
+    from ckptfs.translate.freebsd import regs as G
+    kit = FakeFreeBSD()
+    jid = kit.jail_set({"name": "web", "host": "new", "host.hostname": "web1",
+                        "vnet": "new", "enforce_statfs": 1}, 1)
+    kit.rctl_add_rule("jail:web:memoryuse:deny=1048576")
+    p = kit.new_helper()
+    kit.attach(p.pid)
+    p.jid = jid
+    p.sigactions[L.SIGNALS["SIGUSR1"]] = (0x401100, 0x04000000, 0x7f0000, 1 << 1)
+    p.sigmask = (1 << 29, 0, 0, 0)                 # FreeBSD SIGUSR1 (30)
+    p.fds[-5] = ("vnode", "/bin/true")
+    regs, code = p.lwps[p.pid], p.mem[0x7ffff7ff0000]
+    src = CF.FreeBSDSource(p.pid, kit)
+    core = src.core(p.pid)
+    acts = list(core.tc.sigactions)
+    assert len(acts) == 62
+    usr1 = acts[L.SIGACTION_SIGNALS.index(L.SIGNALS["SIGUSR1"])]
+    assert (usr1.sigaction, usr1.flags, usr1.restorer, usr1.mask) == \
+        (0x401100, 0x04000000, 0x7f0000, 2)
+    assert core.tc.blk_sigset == 1 << (L.SIGNALS["SIGUSR1"] - 1)
+    assert p.lwps[p.pid] == regs and p.mem[0x7ffff7ff0000] == code     # put back
+    assert core.thread_info.gpregs.cs == 0x33 and G.unpack(regs)["r_cs"] == 0x43
+    iso = src.isolation()
+    assert iso.hostname == "web1" and set(iso.own_namespaces) >= {"uts", "net", "mnt"}
+    assert iso.limits["memory.max"] == "1048576"
+    p.jid = 0
+    assert src.isolation().own_namespaces == ()

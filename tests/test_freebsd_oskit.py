@@ -193,6 +193,9 @@ class FakeKit:
     def wait(self, pid):
         return 0x57f                          # stopped by SIGTRAP (5)
 
+    def lwpinfo(self, lwp):
+        return O.LwpInfo(lwp, 1, 0, (1 << 29, 0, 0, 0), (0,) * 4, "t", 0)  # FreeBSD SIGUSR1 (30)
+
     def get_fsbase(self, pid):
         return 0x7f00aa000000
 
@@ -230,6 +233,9 @@ def test_capture_reads_linux_form(exe):
     assert (g.ip, g.ax, g.cs, g.ss, g.orig_ax, g.fs_base) == (0x1000, 35, 0x33, 0x2b, G.U64,
                                                                0x7f00aa000000)
     assert core.thread_info.fpregs.mxcsr == 0x1f80 and core.thread_info.fpregs.cwd == 0x37f
+    assert core.tc.blk_sigset == 1 << (L.SIGNALS["SIGUSR1"] - 1)      # FreeBSD 30 -> Linux 10
+    assert len(core.tc.sigactions) == 62
+    assert sum(1 for e in kit.log if e[0] == "rt_sigaction") == 62
     vmas = src.mm(4242).vmas
     assert [(v.start, v.prot) for v in vmas] == [(0x1000, 5), (0x7f0000, 3)]
     assert vmas[1].flags == L.MAP_FLAGS["MAP_PRIVATE"] | L.MAP_FLAGS["MAP_ANONYMOUS"] | \

@@ -7,18 +7,25 @@ XSAVE form; memory map from kern.proc.vmmap; descriptors from kern.proc.filedesc
 PT_IO. The executable's ELF header says whether the binary is Linux or native FreeBSD
 (Meta.binary_os), which decides where it may go.
 
-Not readable through FreeBSD's ptrace and left out (Unsupported, naming what): signal
-dispositions and masks (FreeBSD has no PEEKSIGINFO/GETSIGMASK-style request for handlers;
-they need injected sigaction calls), credentials, per-page residency (no pagemap: every page of
-a private or anonymous map is saved).
+Signal masks come from PT_LWPINFO (pl_sigmask, FreeBSD numbering, translated). FreeBSD's
+ptrace has no request for signal handlers: in a Linux-branded target they are read by
+injected Linux rt_sigaction(sig, NULL, &old) calls (restore.freebsd.LinuxCalls), the
+registers and code put back afterwards; so they come out in Linux form directly.
+isolation() reads the process's jail (kern.proc.pid ki_jid, then jail_get) and its RCTL rules
+and maps them back with translate.freebsd.jail/rctl.
+
+Not read: credentials, per-page residency (no pagemap: every page of a private or anonymous
+map is saved).
 """
 from __future__ import annotations
+
+import struct
 
 from .. import flags as L, model, pb, xsave
 from ..errors import Unsupported
 from ..oskit import freebsd as kit_default
 from ..translate import LossLog
-from ..translate.freebsd import elf, flags as F, fpu as FPU, regs as G
+from ..translate.freebsd import elf, flags as F, fpu as FPU, jail as J, rctl as R, regs as G
 
 KF_TEXT = -5
 # KF_FLAG bit -> FreeBSD open flag name (kinfo_file has its own encoding).
@@ -85,7 +92,41 @@ class FreeBSDSource(model.Source):
             mode=pb.NATIVE, **{criu: lin[tree] for tree, criu in L.GP_REGS}))
         mask, _ = self.kit.xstate_info(tid)
         c.thread_info.fpregs.CopyFrom(xsave.split(FPU.to_linux(self.kit.get_xstate(tid), mask)))
+        blocked = self.sigmask(tid)
+        if tid == self.pid:
+            c.tc.CopyFrom(pb.task_core_entry(task_state=L.TASK_STATES["alive"], exit_code=0,
+                                             personality=0, flags=0, blk_sigset=blocked,
+                                             comm=""))
+            c.tc.sigactions.extend(self.sigactions())
+        else:
+            c.thread_core.blk_sigset = blocked
         return c
+
+    def sigmask(self, tid: int) -> int:
+        """PT_LWPINFO's pl_sigmask, FreeBSD numbering -> the Linux 64-bit mask."""
+        return F.sigset_to_linux(self.kit.lwpinfo(tid).sigmask, self.log,
+                                 f"tasks/{self.pid}/threads/{tid}/sigmask")
+
+    def sigactions(self) -> list:
+        """62 sa_entry in CRIU order, read by injected Linux rt_sigaction(sig, NULL, &old)."""
+        if getattr(self, "_sigactions", None) is None:
+            from ..restore.freebsd import LinuxCalls, helper_pages
+            calls = LinuxCalls(self.kit, self.pid, *helper_pages(self.kit, self.pid))
+            saved = calls.kit.read_memory(self.pid, calls.data, 32)
+            out = []
+            try:
+                for sig in L.SIGACTION_SIGNALS:
+                    calls("rt_sigaction", sig, 0, calls.data, 8, step="read sigaction",
+                          path=f"tasks/{self.pid}/sigactions/{L.SIGNAL_NAMES.get(sig, sig)}")
+                    h, fl, rest, mask = struct.unpack(
+                        "<4Q", self.kit.read_memory(self.pid, calls.data, 32))
+                    out.append(pb.sa_entry(sigaction=h, flags=fl, restorer=rest, mask=mask))
+            finally:
+                calls.kit.write_memory(self.pid, calls.data, saved)
+                calls.close()
+                self.kit.set_regs(self.pid, calls.saved_regs)
+            self._sigactions = out
+        return self._sigactions
 
     def xsave(self, tid: int) -> bytes:
         mask, _ = self.kit.xstate_info(tid)
@@ -133,6 +174,37 @@ class FreeBSDSource(model.Source):
         return self.kit.read_memory(pid, addr, size)
 
     def isolation(self) -> model.Isolation:
-        raise Unsupported("reading a jail's parameters and RCTL rules back into Linux form is "
-                          "not implemented (translate.freebsd.jail.from_jail does the mapping)",
-                          path="isolation")
+        """The process's jail and its RCTL rules in Linux vocabulary; the host (jid 0): none."""
+        jid = self.kit.proc_jid(self.pid)
+        if jid == 0:
+            return model.Isolation()
+        raw = self.kit.jail_get(jid, list(JAIL_KEYS))
+        params = {k: decode_jail_value(k, v) for k, v in raw.items()}
+        if params.get("host") != "new":           # the host's names, not the jail's own
+            params.pop("host.hostname", None)
+            params.pop("host.domainname", None)
+        iso = J.from_jail(params, self.log, "isolation/jail")
+        rules = [R.parse_rule(text, "isolation/rctl")
+                 for text in self.kit.rctl_get_rules(f"jail:{params['name']}")]
+        iso.limits = R.from_rctl(rules, None, params["name"], self.log, "isolation/rctl")
+        return iso
+
+
+# jail_get keys read back, and how each value comes (libjail's encoding).
+JAIL_KEYS = {"name": "str", "host": "jailsys", "host.hostname": "str",
+             "host.domainname": "str", "vnet": "jailsys", "sysvmsg": "jailsys",
+             "sysvsem": "jailsys", "sysvshm": "jailsys", "enforce_statfs": "int"}
+JAILSYS_NAMES = {v: k for k, v in J.JAILSYS.items()}
+
+
+def decode_jail_value(key: str, raw: bytes):
+    kind = JAIL_KEYS[key]
+    if kind == "str":
+        return kit_default._cstr(raw)
+    num = struct.unpack_from("<i", raw)[0]
+    if kind == "jailsys":
+        if num not in JAILSYS_NAMES:
+            raise Unsupported(f"jail parameter {key} = {num}: not a jailsys value",
+                              path="isolation/jail")
+        return JAILSYS_NAMES[num]
+    return num
