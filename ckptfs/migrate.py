@@ -5,7 +5,12 @@ The whole dance, with ordinary tools:
   2. `rsync -a --delete` the mount to the job directory while the process runs, again and
      again: each run copies only the chunks written since the previous one (quick check on
      size + mtime), until the amount stops shrinking or MAX_PASSES;
-  3. `echo freeze > ctl`, one final pass (small files unconditionally, chunks by mtime);
+  3. `echo freeze > ctl`, one final pass: exactly the difference between the frozen manifest
+     and what the target says it holds (JOB/held, fetched before the freeze). Into a job on
+     this machine the difference is copied by migrate itself (LocalCopier), starting with
+     the chunks the last pre-copy pass sent while the mount builds the manifest; to another
+     host it goes through `rsync --files-from`; a whole rsync pass when the target cannot
+     say what it holds;
   4. wait until the target's `JOB/status` says `restored pid=N` (the target restores by itself
      once the copied tree is complete per its manifest);
   5. `echo kill > ctl` (or, with --keep-source, leave the source frozen under its mount).
@@ -20,7 +25,6 @@ the downtime (freeze until the target said `restored`), bytes per pass and the t
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -255,9 +259,10 @@ class LocalCopier:
     manifest names have pools of their own: the few small files the manifest adds never
     queue behind megabytes of guesses."""
 
-    def __init__(self, mnt: str, job: str, threads: int = COPY_THREADS):
+    def __init__(self, mnt: str, job: str, threads: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
         self.mnt, self.job = mnt, job
+        threads = threads or COPY_THREADS
         self.guesses = ThreadPoolExecutor(threads, thread_name_prefix="ckptfs-guess")
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptfs-copy")
         self.bytes = 0

@@ -135,7 +135,7 @@ def main() -> int:
               f"{med[way]['total']:6.2f} s   final pass {last.passes[-1].bytes / 1e6:7.1f} MB "
               f"in {last.passes[-1].seconds * 1000:.0f} ms   passes (MB): "
               + ", ".join(f"{p.bytes / 1e6:.1f}" for p in last.passes))
-        print(f"    downtimes (ms): " + ", ".join(f"{r.downtime * 1000:.0f}" for r in rows[way]))
+        print("    downtimes (ms): " + ", ".join(f"{r.downtime * 1000:.0f}" for r in rows[way]))
     print("downtime split (ms, medians: freeze | frozen manifest read | final pass until the "
           "target checks | verify | restore):")
     for way in rows:
