@@ -329,6 +329,15 @@ def _stale(files: dict, held: dict, rels) -> list[str]:
             if held.get(rel) != (files[rel]["xxh3_64"], files[rel]["size"])]
 
 
+def guess_chunks(passes: list[Pass]) -> list[str]:
+    """Chunks the final pass will most likely send: those the last two pre-copy passes both
+    sent (the working set). After a single pass nothing is guessed: that pass sent all."""
+    if len(passes) < 2:
+        return []
+    before = set(passes[-2].names)
+    return [n for n in passes[-1].names if "/pages/" in n and n in before]
+
+
 def after_freeze(mnt: str, dest: Dest, held: dict | None, guess: list[str], tracked: bool,
                  mark) -> Pass:
     """The final pass: the difference between the frozen manifest and `held` when the
@@ -608,7 +617,7 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
             if waited > 0.1:
                 log(f"waited {waited:.2f} s for the target to prepare the process")
         held = fetch_held(dest) if passes and tracking else None
-        guess = [n for n in passes[-1].names if "/pages/" in n] if held is not None else []
+        guess = guess_chunks(passes) if held is not None else []
         t_freeze = time.monotonic()
         src.ctl("freeze")
         frozen = True

@@ -87,6 +87,17 @@ def test_migrate_locally_with_shrinking_passes(wset_bin, procs, tmp_path, tmp_mo
     assert not list((dst / "job").rglob(".*.??????"))     # no rsync temp file was left
 
 
+def test_guesses_are_the_chunks_both_last_passes_sent():
+    P = migrate.Pass
+    one = P("pass 1", 0, 0, 0, 0.0, ["meta", "tasks/1/maps/a-b/pages/0x0", "tasks/1/maps/a-b/pages/0x200000"])
+    two = P("pass 2", 0, 0, 0, 0.0, ["tasks/1/core", "tasks/1/maps/a-b/pages/0x200000"])
+    three = P("pass 3", 0, 0, 0, 0.0, ["tasks/1/core", "tasks/1/maps/a-b/pages/0x200000",
+                                       "tasks/1/maps/c-d/pages/0x0"])
+    assert migrate.guess_chunks([one]) == []              # a first pass sends everything
+    assert migrate.guess_chunks([one, two]) == ["tasks/1/maps/a-b/pages/0x200000"]
+    assert migrate.guess_chunks([one, two, three]) == ["tasks/1/maps/a-b/pages/0x200000"]
+
+
 def test_final_pass_copy_in_place(tmp_path):
     mnt, job = tmp_path / "mnt", tmp_path / "job"
     (mnt / "a" / "b").mkdir(parents=True)
