@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -79,6 +80,7 @@ def one(binary: str, work: Path, target: Path, job: str, size: int, wset: int,
         p.wait()
         if new:
             kill(new)
+        shutil.rmtree(target / job, ignore_errors=True)   # a job holds SIZE MiB of chunks
 
 
 def split(result: migrate.Result) -> tuple[float, float, float, float, float]:
@@ -122,6 +124,7 @@ def main() -> int:
                     rows[way].append(one(binary, work, target, f"{way}{i}", a.size, a.wset, passes))
     finally:
         subprocess.run(["fusermount3", "-u", str(target)])
+        shutil.rmtree(work, ignore_errors=True)
     print(f"\nworkload: {a.size} MiB touched, {a.wset} MiB rewritten continuously; "
           f"{a.runs} run(s), medians; load average before {load0[0]:.2f}, after "
           f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
