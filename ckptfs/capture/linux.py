@@ -594,6 +594,7 @@ class LiveSource(Source):
             with self._small:
                 self._gen += 1
                 self._cache.clear()
+                self._key_locks.clear()
             self._extras = {}
 
     def _release_all(self) -> None:
