@@ -43,6 +43,7 @@ MAX_PASSES = 8
 SHRINK = 0.9            # a pass must send < 90% of the previous one to be worth another
 SMALL = 1 << 20         # below this, another pre-copy pass cannot shorten the final one
 RESTORE_TIMEOUT = 120.0
+UNMOUNT_WAIT = 5.0
 RSYNC_OK = (0, 24)      # 24: files vanished while copying (a running process unmapped some)
 # -W: a changed chunk is sent whole; rsync's delta algorithm would read the target's old copy
 # back through its FUSE mount to save little (rewritten pages are spread over the chunk).
@@ -428,11 +429,17 @@ class SourceMount:
         return None
 
     def close(self) -> None:
-        if os.path.ismount(self.dir):
+        # a file closed a moment ago may still hold the mount (its release is asynchronous):
+        # a busy mount is tried again for a while before giving up
+        deadline = time.monotonic() + UNMOUNT_WAIT
+        while os.path.ismount(self.dir):
             r = subprocess.run(["fusermount3", "-u", self.dir], capture_output=True, text=True)
-            if r.returncode != 0:
+            if r.returncode == 0:
+                break
+            if "busy" not in r.stderr or time.monotonic() > deadline:
                 raise CkptError(f"unmount failed: {r.stderr.strip()}", step="unmount",
                                 path=self.dir)
+            time.sleep(0.05)
         try:
             self.daemon.wait(10)
         except subprocess.TimeoutExpired:
