@@ -7,11 +7,15 @@ machine through `ckptfs migrate` (rsync into the target's FUSE mount), and the r
 process then checks all of its memory:
   (a) stop-and-copy: freeze, one rsync pass of everything, restore (migrate with 0 pre-copy
       passes);
-  (b) pre-copy: rsync passes while it runs until they stop shrinking, freeze, final pass.
-Figures: downtime (freeze until the target says `restored`) and its split (freeze, final
-pass, verify, restore), total time, bytes per pass and in the final pass. Goal: (b)'s downtime <= 0.2 x (a)'s and under 250 ms.
+  (b) pre-copy: rsync passes while it runs until they stop shrinking, freeze, final pass
+      (the difference to what the target holds, copied by migrate itself into the local job).
+Figures: downtime (freeze until the target says `restored`) and its split (freeze, frozen
+manifest read, final pass until the target checks, verify, restore; a verify the status
+watch did not see counts in the final pass), total time, bytes per pass and in the final
+pass, the load average. Goal: (b)'s downtime <= 0.2 x (a)'s and under 250 ms.
+Each job is removed after its run, the work directory at the end.
 
-Usage: .venv/bin/python tools/bench_migrate.py [--size MIB] [--wset MIB] [--runs N]
+Usage: .venv/bin/python tools/bench_migrate.py [--size MIB] [--wset MIB] [--runs N] [--ways ab]
 """
 from __future__ import annotations
 
