@@ -63,7 +63,10 @@ def reference_task(pid: int) -> int | str:
 def uts_names(pid: int, own_uts: bool) -> tuple[str, str]:
     """(hostname, domainname) of the task's uts namespace."""
     files = ["/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname"]
-    argv = (["nsenter", "-t", str(pid), "-u"] if own_uts else []) + ["cat", *files]
+    if not own_uts:  # ours: read them here (no fork on every frozen capture)
+        return tuple(open(f).read().strip() for f in files)
+    # another uts namespace: setns() would move one thread of ours; a short child does it
+    argv = ["nsenter", "-t", str(pid), "-u", "cat", *files]
     r = subprocess.run(argv, capture_output=True, text=True)
     lines = r.stdout.splitlines()
     if r.returncode != 0 or len(lines) != 2:
