@@ -346,8 +346,9 @@ class Renderer:
         if self.source.core(pid).tc.task_state in DEAD_STATES:
             return self.zombie_entries(pid)
         files: dict[str, Node] = {}
+        ctx = self._task_ctx(pid)  # one per listing: the listing's epoch keeps it fresh
         for name, dotted, codec in TASK_FIELDS:
-            files[name] = self._field_node(lambda: self._task_ctx(pid), dotted, codec)
+            files[name] = self._field_node(lambda: ctx, dotted, codec)
         files = {n: f for n, f in files.items() if f is not None}
         for i, rname in enumerate(F.RLIMITS):
             files[f"rlimits/{rname}"] = File(self._rlimit(pid, i))
@@ -406,8 +407,9 @@ class Renderer:
 
     def thread_entries(self, pid: int, tid: int) -> dict[str, Node]:
         files = {}
+        ctx = self._thread_ctx(pid, tid)
         for name, dotted, codec in THREAD_FIELDS:
-            node = self._field_node(lambda: self._thread_ctx(pid, tid), dotted, codec)
+            node = self._field_node(lambda: ctx, dotted, codec)
             if node is not None:
                 files[name] = node
         files["fpu"] = File(lambda: _fpu_bytes(self.source.core(tid)), mode=0o600)
