@@ -379,9 +379,15 @@ class LinuxRestorer:
 
     # -- one task -------------------------------------------------------------------------
     def _restore_task(self, live: Live) -> None:
-        t, inj = live.plan, live.inj
         self._rlimits(live)
         self._memory(live)
+        self._finish_task(live, rlimits=False)
+
+    def _finish_task(self, live: Live, *, rlimits: bool = True) -> None:
+        """Everything of a task after its memory (prepare.py builds the memory ahead)."""
+        t, inj = live.plan, live.inj
+        if rlimits:
+            self._rlimits(live)
         self._fds(live)
         self._fs(live)
         self._signals(live)

@@ -308,22 +308,6 @@ class _Builder(LinuxRestorer):
         live.inj.call(NR["madvise"], start + off, n, MADV_DONTNEED, step="drop chunk",
                       path=self._where(live.plan.pid, f"maps/{vma.start:x}-{vma.end:x}"))
 
-    def _finish_task(self, live) -> None:
-        """_restore_task without the memory (built already)."""
-        t, inj = live.plan, live.inj
-        self._rlimits(live)
-        self._fds(live)
-        self._fs(live)
-        self._signals(live)
-        self._task_misc(live)
-        self._threads(live)
-        for old_tid, tid in live.tids.items():
-            self._thread_state(live, old_tid, live.injs[tid])
-        inj.reset_scratch()
-        inj.call(NR["close"], self.pidfd_slot, step="close restorer pidfd")
-        if self.init and t.pid == self.plan.tasks[0].pid:
-            self._start_init()
-
 
 def _shape(plan) -> list[tuple]:
     return [(t.pid, t.ppid, t.pgid, t.sid, t.zombie) for t in plan.tasks]
