@@ -35,16 +35,8 @@ from ckptfs import tree  # noqa: E402
 from ckptfs.capture.linux import LiveSource  # noqa: E402
 from ckptfs.restore import memory, restore  # noqa: E402
 
-WORKLOAD = """
-import mmap, sys, time
-m = mmap.mmap(-1, {size}, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-page = bytes(range(256)) * 16
-for off in range(0, {size}, 4096):
-    m[off:off + 4096] = page
-open(sys.argv[1], "w").write("ready\\n")
-while True:
-    time.sleep(1)
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dump import WORKLOAD  # noqa: E402  (one touched-memory workload for every bench)
 
 
 def start_workload(mib: int, tmp: str) -> int:
