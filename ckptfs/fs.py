@@ -34,6 +34,7 @@ log = logging.getLogger("ckptfs.fs")
 CACHED = ("meta", "pstree", "core", "ids", "mm", "fs", "fdinfo", "file", "pipe_data",
           "page_ranges", "isolation")
 PRIVATE = 0o600  # memory and register files
+ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes of an unchanging (frozen) tree
 NO_STAMP = ("/ctl", "/status")  # the mount's own files keep the mount's stamp
 
 
@@ -171,6 +172,8 @@ class CheckpointFS(fuse.Operations):
         self.stamp = time.time_ns()
         if self.clock and self.source.frozen:
             self.clock.new_pass()
+        if self.clock:
+            self._set_attr_cache()
 
     def _manifest_bytes(self) -> bytes:
         if not self.source.frozen:
@@ -301,10 +304,18 @@ class CheckpointFS(fuse.Operations):
         return 0
 
     def init_with_config(self, conn, config):
-        """With tracking, no kernel attribute cache: a chunk's mtime may move at any pass, and
-        a cached older mtime could equal the one a previous copy recorded (a lost write)."""
+        """With tracking, no kernel attribute cache while the tree runs: a chunk's mtime may
+        move at any pass, and a cached older mtime could equal the one a previous copy recorded
+        (a lost write). A frozen tree changes no more, so it gets the cache back (`changed`).
+        libfuse reads this config for every reply, so it can be changed while mounted."""
         if config is not None and self.clock:
-            config.attr_timeout = 0.0
+            self._fuse_config = config
+            self._set_attr_cache()
+
+    def _set_attr_cache(self) -> None:
+        config = getattr(self, "_fuse_config", None)
+        if config is not None:
+            config.attr_timeout = ATTR_TIMEOUT if self.source.frozen else 0.0
 
     @_boundary
     def statfs(self, path):
