@@ -684,7 +684,10 @@ class TargetCore:
         if rel in VIRTUAL:
             raise _err(errno.EEXIST, f"{path}: the job's own control file")
         if rel:
-            self.completion.touch(job)
+            # an empty directory changes nothing a check or a restore reads (the manifest lists
+            # files): never refused, so a copy finishing its empty dirs (pages/, timers/) after
+            # the last listed file started the restore does not fail with EBUSY
+            self.completion.changed_attr(job)
         os.mkdir(self.real(path), mode)
         if not rel:
             self._hide(job, VIRTUAL)
