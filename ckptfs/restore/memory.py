@@ -199,24 +199,10 @@ def _fill_from_chunks(source, pid, new_pid, pieces, where) -> int:
     """Batches of chunk files, written by WRITERS threads at once: most of the cost is the
     target's page faults (zeroing fresh pages) inside process_vm_writev, which run on the
     calling thread's CPU, so two writers use two cores (ctypes drops the GIL)."""
-    batches, batch, size = [], [], 0
-    for addr, n, vma in pieces:
-        batch.append((source.chunk_path(pid, vma, addr - vma.start), addr, n, where(vma)))
-        size += n
-        if len(batch) == IOV_MAX or size >= BATCH_BYTES:
-            batches.append(batch)
-            batch, size = [], 0
-    if batch:
-        batches.append(batch)
+    batches = _batches(source, pid, pieces, where)
 
     def write(batch) -> int:
-        held = []
-        try:
-            for path, _addr, n, _ in batch:
-                held.append((_map_file(path, n), n))
-            return _write(new_pid, held, [(a, n) for _, a, n, _ in batch], batch[0][3])
-        finally:
-            _unmap(held)
+        return _write_batch(new_pid, batch)
     if len(batches) < 2:
         return sum(map(write, batches))
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="ckptfs-fill") as pool:

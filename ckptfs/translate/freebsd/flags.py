@@ -289,27 +289,25 @@ def map_to_linux(fflags: int, log: LossLog, path: str) -> int:
     return out
 
 
-def madv_to_fbsd(bits: int, log: LossLog, path: str) -> int:
-    """vma.madv (1 << Linux advice) -> 1 << FreeBSD advice."""
-    table, out = invert(MADV_ROWS, 1, 2), 0
+def _madv(bits: int, table: dict[int, int], log: LossLog, path: str, src: str, dst: str) -> int:
+    """A madvise bit set (1 << advice) from one OS's advice numbers to the other's."""
+    out = 0
     for adv in range(64):
         if bits >> adv & 1:
             if adv in table:
                 out |= 1 << table[adv]
             else:
-                log.note(path, hex(bits), f"Linux madvise advice {adv} has no FreeBSD counterpart")
+                log.note(path, hex(bits), f"{src} madvise advice {adv} has no {dst} counterpart")
     return out
+
+
+def madv_to_fbsd(bits: int, log: LossLog, path: str) -> int:
+    """vma.madv (1 << Linux advice) -> 1 << FreeBSD advice."""
+    return _madv(bits, invert(MADV_ROWS, 1, 2), log, path, "Linux", "FreeBSD")
 
 
 def madv_to_linux(bits: int, log: LossLog, path: str) -> int:
-    table, out = invert(MADV_ROWS, 2, 1), 0
-    for adv in range(64):
-        if bits >> adv & 1:
-            if adv in table:
-                out |= 1 << table[adv]
-            else:
-                log.note(path, hex(bits), f"FreeBSD madvise advice {adv} has no Linux counterpart")
-    return out
+    return _madv(bits, invert(MADV_ROWS, 2, 1), log, path, "FreeBSD", "Linux")
 
 
 # -- signals ---------------------------------------------------------------------------------------
