@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import xxhash
 
 from . import flags as F
-from . import manifest, pb
+from . import manifest, pb, sockets
 from .errors import BadTree, CkptError
 from .model import DEFAULT_CHUNK, PAGE_SIZE, Isolation, Meta, PageRange, Source
 
@@ -200,8 +200,6 @@ FD_TYPE_WORDS = {"PIPE": "pipe", "FIFO": "fifo", "INETSK": "socket", "UNIXSK": "
                  "EVENTPOLL": "eventpoll", "SIGNALFD": "signalfd", "TIMERFD": "timerfd",
                  "INOTIFY": "inotify", "FANOTIFY": "fanotify", "MEMFD": "memfd",
                  "PIDFD": "pidfd", "NS": "ns"}
-SOCK_FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
-SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 REG_MODE_WORDS = {stat.S_IFDIR: "dir", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk"}
 # file_entry sub-message that carries each fd type
 FD_SUBMSG = {"REG": "reg", "PIPE": "pipe", "FIFO": "fifo", "EVENTFD": "efd", "INETSK": "isk",
@@ -529,10 +527,7 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
         out["count"] = sub.counter
     else:
         out["flags"] = F.render_open_flags((getattr(sub, "flags", 0) if sub is not None else 0) | cloexec)
-        if tname in ("UNIXSK", "INETSK") and sub is not None:
-            out["inode"] = sub.ino
-            out["family"] = "unix" if tname == "UNIXSK" else SOCK_FAMILIES.get(sub.family, str(sub.family))
-            out["sock_type"] = SOCK_TYPES.get(sub.type, str(sub.type))
+        out.update(sockets.render(src, fdi, tname, sub))
     return {**out, **shared}
 
 
@@ -942,6 +937,8 @@ class TreeSource(Source):
                 fe.efd.fown.SetInParent()
                 return fe
             fdi.type, fdi.id = pb.fd_types.Value("EVENTFD"), self._file_id(key, make)
+        elif word == "socket" and (got := sockets.load(self, base, key, flags)) is not None:
+            fdi.type, fdi.id = got
         else:
             kind = {"socket": "UNIXSK"}.get(word, "UND")
             fdi.type = pb.fd_types.Value(kind)

@@ -20,11 +20,9 @@ import pytest
 from helpers import zdtm
 
 CLI = [sys.executable, "-m", "ckptfs.cli"]
-# What does not survive a move yet, per path (strict: a fix makes the test fail until listed out).
-KNOWN = {
-    ("fifo", "cp"): "same host, source still frozen: the named FIFO is one kernel pipe shared by "
-                    "the original and the copy, so its data is queued twice",
-}
+# What does not survive a move yet, per path: `// zdtm-known: PATH: why` lines in the programs
+# (strict xfail: a fix makes the test fail until its line goes).
+KNOWN = zdtm.KNOWN
 
 
 def ckptfs(*args, runner=None, check=True):

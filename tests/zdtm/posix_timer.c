@@ -1,3 +1,4 @@
+// zdtm-flags: -lrt
 /*
  * posix_timer: two POSIX timers.
  *   fast: CLOCK_MONOTONIC, every 20 ms, SIGRTMIN+1 with sival_int 0x5a5a (counted by a handler)

@@ -1,3 +1,4 @@
+// zdtm-flags: -pthread
 /*
  * threads: the main thread and 3 workers. Each worker has its own TLS value and blocks its own
  * real-time signal (SIGRTMIN+3+i) besides SIGUSR2 (so the check signal reaches main). On the
