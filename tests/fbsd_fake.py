@@ -46,7 +46,10 @@ class FakeFreeBSD:
     PL_FLAG_CHILD, PL_FLAG_BORN = O.PL_FLAG_CHILD, O.PL_FLAG_BORN
     KF_FLAG, KVME_FLAG = O.KF_FLAG, O.KVME_FLAG
 
-    def __init__(self, helper_pid=900):
+    def __init__(self, helper_pid=900, xsave_mask=0x7, xsave_len=832, mxcsr_mask=0xffff):
+        # the CPU: XCR0 and cpu_max_ext_state_size (None: no XSAVE), cpu_mxcsr_mask
+        self.xsave_mask, self.xsave_len, self.mxcsr_mask = xsave_mask, xsave_len, mxcsr_mask
+        self.fpu = {}                                # lwp -> save area bytes
         self.log, self.procs, self.pipes = [], {}, {}
         self.next_pid, self.next_lwp, self.helper_pid = helper_pid, 100100, helper_pid
         self.jails, self.rules, self.killed = {}, [], []
@@ -253,23 +256,74 @@ class FakeFreeBSD:
         self._traced(lwp, "PT_SETGSBASE")
         self.log.append(("gsbase", lwp, v))
 
+    # FPU. sys/amd64/amd64/ptrace_machdep.c cpu_ptrace_xstate + amd64/fpu.c fpusetregs /
+    # fpusetxstate: PT_GETXSTATE_INFO gives (xsave_mask, cpu_max_ext_state_size);
+    # PT_SETXSTATE takes 512 + 64 <= len <= that size (the part past 512 must hold the
+    # header), refuses an xstate_bv outside the mask (EINVAL), copies the legacy region
+    # (MXCSR masked with cpu_mxcsr_mask), sets xstate_bv and copies from 576 on; the header's
+    # other words are not taken. No XSAVE (use_xsave == 0): EOPNOTSUPP for all of them.
     def xstate_info(self, lwp):
         self._traced(lwp, "PT_GETXSTATE_INFO")
-        return 0x7, 832
+        if self.xsave_mask is None:
+            self._err("PT_GETXSTATE_INFO", errno.EOPNOTSUPP, lwp)
+        return self.xsave_mask, self.xsave_len
+
+    def _fpu(self, lwp):
+        """This lwp's save area as the kernel keeps it (the initial state at first)."""
+        if lwp not in self.fpu:
+            buf = bytearray(self.xsave_len or 512)
+            struct.pack_into("<HH", buf, 0, 0x37f, 0)
+            struct.pack_into("<II", buf, 24, 0x1f80, 0xffbf)
+            if self.xsave_mask is not None:
+                struct.pack_into("<Q", buf, 512, 3)
+            self.fpu[lwp] = buf
+        return self.fpu[lwp]
 
     def get_xstate(self, lwp):
         self._traced(lwp, "PT_GETXSTATE")
-        buf = bytearray(832)
-        struct.pack_into("<HH", buf, 0, 0x37f, 0)
-        struct.pack_into("<I", buf, 24, 0x1f80)
-        struct.pack_into("<Q", buf, 512, 3)
-        return bytes(buf)
+        if self.xsave_mask is None:
+            self._err("PT_GETXSTATE", errno.EOPNOTSUPP, lwp)
+        return bytes(self._fpu(lwp))
 
     def set_xstate(self, lwp, data):
         self._traced(lwp, "PT_SETXSTATE")
-        if len(data) != 832:
-            self._err("PT_SETXSTATE", errno.EINVAL, lwp)
+        if self.xsave_mask is None:
+            self._err("PT_SETXSTATE", errno.EOPNOTSUPP, lwp)
+        if not 512 + 64 <= len(data) <= self.xsave_len:
+            self._err(f"PT_SETXSTATE len {len(data)}", errno.EINVAL, lwp)
+        bv = struct.unpack_from("<Q", data, 512)[0]
+        if bv & ~self.xsave_mask:
+            self._err(f"PT_SETXSTATE xstate_bv {bv:#x}", errno.EINVAL, lwp)
+        area = self._fpu(lwp)
+        self._set_legacy(area, data[:512])
+        struct.pack_into("<Q", area, 512, bv)
+        area[576:len(data)] = data[576:]
         self.log.append(("xstate", lwp, len(data)))
+
+    def set_fpregs(self, lwp, raw):
+        self._traced(lwp, "PT_SETFPREGS")
+        if len(raw) != O.FPREG_SIZE:
+            raise AssertionError(f"PT_SETFPREGS copies in struct fpreg (512 bytes), not {len(raw)}")
+        self._set_legacy(self._fpu(lwp), raw)
+        self.log.append(("fpregs", lwp))
+
+    def _set_legacy(self, area, legacy):
+        area[:512] = legacy
+        mxcsr = struct.unpack_from("<I", legacy, 24)[0] & self.mxcsr_mask
+        struct.pack_into("<I", area, 24, mxcsr)
+
+    def ymm(self, lwp, i):
+        """ymm<i> of an lwp as a restored thread would load it: xmm from the legacy region,
+        the upper half from the AVX component, or zero when xstate_bv says it is in its
+        initial state."""
+        area = self._fpu(lwp)
+        low = bytes(area[160 + 16 * i:176 + 16 * i])
+        has_avx = len(area) >= 832 and struct.unpack_from("<Q", area, 512)[0] & 4
+        high = bytes(area[576 + 16 * i:592 + 16 * i]) if has_avx else bytes(16)
+        return low + high
+
+    def mxcsr(self, lwp):
+        return struct.unpack_from("<I", self._fpu(lwp), 24)[0]
 
     # -- injected Linux system calls (Linux numbers, flags, errnos) -------------------------
     def _string(self, p, addr):

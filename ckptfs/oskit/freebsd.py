@@ -62,6 +62,7 @@ JAILSYS_PARAMS = frozenset({"host", "vnet", "ip4", "ip6", "sysvmsg", "sysvsem", 
                             "linux"})
 
 REG_SIZE = 176
+FPREG_SIZE = 512                                  # struct fpreg = the FXSAVE region
 KVE = struct.Struct("<iiQQQQIiiiiiiiQIHHQQ")      # through kve_vn_rdev (offset 104)
 KVE_PATH_OFFSET, KINFO_VMENTRY_SIZE = 136, 1160
 KF = struct.Struct("<iiiiiiq")                    # structsize, type, fd, ref_count, flags, pad, offset
@@ -332,6 +333,20 @@ def get_xstate(lwp: int) -> bytes:
     _, length = xstate_info(lwp)
     buf = ctypes.create_string_buffer(length)
     ptrace(PT_GETXSTATE, lwp, buf, length, step="PT_GETXSTATE")
+    return buf.raw
+
+
+def set_fpregs(lwp: int, raw: bytes) -> None:
+    """PT_SETFPREGS: struct fpreg (the 512-byte FXSAVE region), for CPUs without XSAVE."""
+    if len(raw) != FPREG_SIZE:
+        raise ValueError(f"struct fpreg is {FPREG_SIZE} bytes, got {len(raw)}")
+    ptrace(PT_SETFPREGS, lwp, ctypes.create_string_buffer(raw, FPREG_SIZE), 0,
+           step="PT_SETFPREGS")
+
+
+def get_fpregs(lwp: int) -> bytes:
+    buf = ctypes.create_string_buffer(FPREG_SIZE)
+    ptrace(PT_GETFPREGS, lwp, buf, 0, step="PT_GETFPREGS")
     return buf.raw
 
 

@@ -23,11 +23,12 @@ the original error (errno, step, file) is raised.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import struct
 import subprocess
 
-from .. import flags as L
+from .. import flags as L, xsave as X
 from ..errors import KernelError, RestoreFailed, Unsupported
 from ..oskit import freebsd as kit_default
 from ..translate import LossLog
@@ -171,6 +172,8 @@ class Restorer:
         self.created: list[int] = []
         self.jid: int | None = None
         self.warnings: list[str] = []
+        self.log = LossLog()          # what the target cannot hold (e.g. XSAVE components)
+        self.meta = source.meta()
 
     def run(self) -> list[int]:
         try:
@@ -283,6 +286,8 @@ class Restorer:
         proc.calls.close()
         for th in task.threads:
             restore_thread(self.src, task.pid, th, proc.lwps[th.tid], self.kit)
+            restore_fpu(self.src, self.meta, task.pid, th.tid, proc.lwps[th.tid], self.kit,
+                        self.log)
         for th in task.threads:
             if th.tid != task.pid:
                 self.kit.resume(proc.lwps[th.tid])
@@ -520,8 +525,33 @@ def restore_thread(source, pid: int, thread, lwp: int, kit) -> None:
     kit.set_regs(lwp, G.pack(reg))
     kit.set_fsbase(lwp, thread.fsbase)
     kit.set_gsbase(lwp, thread.gsbase)
-    xsave = getattr(source, "xsave", None)
-    if xsave is not None:
+
+
+def thread_xsave(source, meta, tid: int) -> bytes:
+    """A thread's XSAVE image in Linux's ptrace form: a FreeBSD capture hands it over whole
+    (`xsave`), every other source rebuilds it from core.thread_info.fpregs for the feature
+    set and size the checkpoint came with (the manifest's xfeatures/xsave_size)."""
+    own = getattr(source, "xsave", None)
+    if own is not None:
+        return own(tid)
+    fp = source.core(tid).thread_info.fpregs
+    return X.join(fp, meta.xfeatures or None, meta.xsave_size or None)
+
+
+def restore_fpu(source, meta, pid: int, tid: int, lwp: int, kit, log: LossLog) -> None:
+    """PT_SETXSTATE with the whole area the target CPU uses (PT_GETXSTATE_INFO: its mask and
+    length; xstate_bv limited to that mask, which the kernel demands). A CPU without XSAVE
+    (PT_GETXSTATE_INFO fails with EOPNOTSUPP) takes the FXSAVE region by PT_SETFPREGS."""
+    where = f"tasks/{pid}/threads/{tid}/fpu"
+    area = FPU.with_header(thread_xsave(source, meta, tid))
+    try:
         mask, length = kit.xstate_info(lwp)
-        kit.set_xstate(lwp, FPU.to_fbsd(xsave(thread.tid), LossLog(),
-                                        f"tasks/{pid}/threads/{thread.tid}/fpu", mask, length))
+    except KernelError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        if FPU.beyond_sse(area):
+            log.note(where, hex(FPU.header(area)[0]), "the target CPU has no XSAVE: only the "
+                     "x87/SSE state is set (PT_SETFPREGS); the rest is dropped")
+        kit.set_fpregs(lwp, FPU.fpreg(area))
+        return
+    kit.set_xstate(lwp, FPU.to_fbsd(area, log, where, mask, length))

@@ -27,11 +27,26 @@ SW_RESERVED = slice(464, 512)
 SW_BYTES = struct.Struct("<Q40x")             # XCR0, then zeros (Linux user_xstateregs)
 XSTATE_INFO = struct.Struct("<QI4x")          # struct ptrace_xstate_info, 16 bytes
 XCOMP_COMPACTED = 1 << 63
+XFEATURE_FP_SSE = 0b11                        # x87 and SSE: the FXSAVE region's two components
 
 
 def header(xsave: bytes) -> tuple[int, int]:
     """(xstate_bv, xcomp_bv) of an XSAVE image."""
     return struct.unpack_from("<QQ", xsave, LEGACY_SIZE)
+
+
+def with_header(area: bytes) -> bytes:
+    """A bare 512-byte FXSAVE area (a checkpoint from a CPU without XSAVE) as an XSAVE
+    image: the header says x87 and SSE state are present, nothing else."""
+    if len(area) >= MIN_SIZE:
+        return bytes(area)
+    return bytes(area[:LEGACY_SIZE]).ljust(LEGACY_SIZE, b"\0") + \
+        struct.pack("<Q", XFEATURE_FP_SSE).ljust(HEADER_SIZE, b"\0")
+
+
+def beyond_sse(xsave: bytes) -> int:
+    """Components of an XSAVE image a bare FXSAVE area (PT_SETFPREGS) cannot hold."""
+    return header(xsave)[0] & ~XFEATURE_FP_SSE if len(xsave) >= MIN_SIZE else 0
 
 
 def fpreg(xsave: bytes) -> bytes:
