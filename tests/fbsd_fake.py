@@ -8,6 +8,8 @@ or Linux would, so a wrong restore fails its test."""
 from __future__ import annotations
 
 import errno
+import os
+import stat
 import struct
 
 from ckptfs import flags as L
@@ -24,11 +26,38 @@ for _v in L.OPEN_FLAGS.values():
     LINUX_OPEN_BITS |= _v
 LINUX_CLONE_OK = {RF.CLONE_THREAD_FLAGS}          # what linux_clone_thread is given here
 PAGE = 4096
+PIPE_SIZE, BIG_PIPE_SIZE, PIPE_MINDIRECT = 16384, 65536, 8192     # sys/sys/pipe.h
+SCRATCH_BASE = 0x200000000                        # where mmap without MAP_FIXED puts things
+
+
+class Pipe:
+    def __init__(self, pid):
+        self.id, self.buf, self.size = pid, bytearray(), PIPE_SIZE
+        self.readers = self.writers = 0
+
+
+class Node:
+    """A file of the jail's filesystem the fake has touched (created, written, a FIFO)."""
+    def __init__(self, kind, mode):
+        self.kind, self.mode, self.data = kind, mode, bytearray()
+        self.pipe = Pipe(-1) if kind == "fifo" else None
+
+
+class Desc:
+    """An open file description: shared by every descriptor dup'd or inherited from it."""
+    def __init__(self, kind, path, flags, node=None, pipe=None, reads=False, writes=False):
+        self.kind, self.path, self.flags, self.pos = kind, path, flags, 0
+        self.node, self.pipe, self.reads, self.writes = node, pipe, reads, writes
+        self.refs, self.count, self.semaphore = 0, 0, False
+
+    def __iter__(self):                       # (kind, path, flags, pos) like a kinfo_file
+        return iter((self.kind, self.path, self.flags, self.pos))
 
 
 class Proc:
     def __init__(self, pid, fds=None, maps=None, mem=None):
         self.pid, self.fds = pid, dict(fds or {})
+        self.cloexec = {}
         self.maps = list(maps or [])                # [start, end, prot]
         self.mem = dict(mem or {})
         self.lwps = {pid: None}                     # lwp -> regs bytes
@@ -54,6 +83,8 @@ class FakeFreeBSD:
         self.next_pid, self.next_lwp, self.helper_pid = helper_pid, 100100, helper_pid
         self.jails, self.rules, self.killed = {}, [], []
         self.fail_on = None                          # (linux call name, errno): inject a failure
+        self.fs, self.gone = {}, set()               # jail files touched; paths unlinked
+        self.next_map = SCRATCH_BASE
 
     def __getattr__(self, name):            # anything not faked is a test failure
         raise AssertionError(f"unexpected FreeBSD call {name}")
@@ -76,10 +107,11 @@ class FakeFreeBSD:
         reg = {n: 0 for n in G.REG_NAMES}
         reg.update(r_rip=HELPER_CODE[0] + 0x40, r_cs=0x43, r_ss=0x3b, r_ds=0x3b, r_es=0x3b,
                    r_fs=0x13, r_gs=0x1b, r_rflags=0x202, r_rsp=HELPER_DATA[1] - 64)
-        p = Proc(pid, fds={0: ("vnode", "/dev/null"), 1: ("vnode", "/dev/null"),
-                           2: ("vnode", "/dev/null")},
-                 maps=[[*HELPER_CODE, 5], [*HELPER_DATA, 3]],
+        p = Proc(pid, maps=[[*HELPER_CODE, 5], [*HELPER_DATA, 3]],
                  mem={HELPER_CODE[0]: b"\x55\x48\x89"})
+        null = Desc("vnode", "/dev/null", 2, node=self._node("/dev/null"))
+        for fd in (0, 1, 2):
+            self._install(p, null, fd=fd)
         p.lwps[pid] = G.pack(reg)
         self.procs[pid] = p
         return p
@@ -341,40 +373,106 @@ class FakeFreeBSD:
     def _linux(self, *entry):
         self.log.append(("linux",) + entry)
 
+    # -- descriptors: open file descriptions shared by dup/fork, pipes, FIFOs, eventfds ------
+    # sys/kern/sys_pipe.c pipe_write: a pipe buffers PIPE_SIZE (16 KiB) and grows to
+    # BIG_PIPE_SIZE (64 KiB) only for one write larger than PIPE_SIZE into an empty buffer; a
+    # blocking write of PIPE_MINDIRECT (8 KiB) or more goes direct and sleeps until read.
+    # sys/fs/fifofs/fifo_vnops.c fifo_open: a blocking O_RDONLY open waits for a writer, an
+    # O_WRONLY one for a reader (ENXIO if O_NONBLOCK); O_RDWR never waits.
+    def _read(self, p, addr, n):
+        """n bytes the helper holds at addr (written earlier with PT_IO), or None."""
+        for start, raw in p.mem.items():
+            if start <= addr and addr + n <= start + len(raw):
+                return bytes(raw[addr - start:addr - start + n])
+        return None
+
+    def _node(self, path, create_mode=None):
+        if path in self.fs:
+            return self.fs[path]
+        if path in self.gone or not os.path.lexists(path):
+            return None
+        kind = "fifo" if stat.S_ISFIFO(os.lstat(path).st_mode) else "file"
+        self.fs[path] = Node(kind, os.lstat(path).st_mode & 0o7777)   # the jail's copy
+        return self.fs[path]
+
+    def _install(self, p, desc, low=0, fd=None, cloexec=False):
+        fd = self._fd(p, low) if fd is None else fd
+        if fd in p.fds:
+            self._release(p.fds[fd])
+        desc.refs += 1
+        p.fds[fd] = desc
+        p.cloexec[fd] = cloexec
+        return fd
+
+    def _release(self, desc):
+        desc.refs -= 1
+        if desc.refs == 0 and desc.pipe is not None:
+            desc.pipe.readers -= desc.reads
+            desc.pipe.writers -= desc.writes
+
     def linux_open(self, p, path_addr, flags, mode, *_):
         path = self._string(p, path_addr)
         if path is None:
             return -errno.EFAULT
         if flags & ~LINUX_OPEN_BITS:
             return -errno.EINVAL
-        fd = self._fd(p)
-        p.fds[fd] = ("vnode", path, flags, 0)
+        node = self._node(path)
+        creat, excl = L.OPEN_FLAGS["O_CREAT"], L.OPEN_FLAGS["O_EXCL"]
+        if node is not None and flags & creat and flags & excl:
+            return -errno.EEXIST
+        if node is None:
+            if not flags & creat:
+                return -errno.ENOENT
+            node = self.fs[path] = Node("file", mode & ~0o22)
+            self.gone.discard(path)
+        desc = Desc("fifo" if node.kind == "fifo" else "vnode", path, flags, node=node)
+        if node.kind == "fifo":
+            err = self._fifo_open(node, flags)
+            if err:
+                return err
+            desc.pipe, desc.reads, desc.writes = node.pipe, flags & 3 != 1, flags & 3 != 0
+            node.pipe.readers += desc.reads
+            node.pipe.writers += desc.writes
         self._linux(p.pid, "open", path, flags)
-        return fd
+        return self._install(p, desc)
+
+    def _fifo_open(self, node, flags):
+        acc, nonblock = flags & 3, flags & L.OPEN_FLAGS["O_NONBLOCK"]
+        if acc == 0 and not nonblock and not node.pipe.writers:
+            raise AssertionError(f"blocking O_RDONLY open of a FIFO without a writer: hangs")
+        if acc == 1 and not node.pipe.readers:
+            if nonblock:
+                return -errno.ENXIO
+            raise AssertionError(f"blocking O_WRONLY open of a FIFO without a reader: hangs")
+        return 0
 
     def linux_close(self, p, fd, *_):
         if fd not in p.fds:
             return -errno.EBADF
-        del p.fds[fd]
+        self._release(p.fds.pop(fd))
         return 0
 
     def linux_lseek(self, p, fd, off, whence, *_):
-        if fd not in p.fds or whence != 0:
-            return -errno.EBADF if fd not in p.fds else -errno.EINVAL
-        kind, path, flags, _ = p.fds[fd]
-        p.fds[fd] = (kind, path, flags, off)
-        self._linux(p.pid, "lseek", path, off)
+        if fd not in p.fds:
+            return -errno.EBADF
+        desc = p.fds[fd]
+        if desc.kind != "vnode":
+            return -errno.ESPIPE
+        if whence != 0:
+            return -errno.EINVAL
+        desc.pos = off
+        self._linux(p.pid, "lseek", desc.path, off)
         return off
 
     def linux_fcntl(self, p, fd, cmd, arg, *_):
         if fd not in p.fds:
             return -errno.EBADF
         if cmd == RF.F_DUPFD_CLOEXEC:
-            new = self._fd(p, arg)
-            p.fds[new] = p.fds[fd]
-            return new
+            return self._install(p, p.fds[fd], low=arg, cloexec=True)
         if cmd == RF.F_SETFL:
-            self._linux(p.pid, "setfl", p.fds[fd][1], arg)
+            desc = p.fds[fd]
+            desc.flags = (desc.flags & ~RF.SETFL_BITS) | (arg & RF.SETFL_BITS)
+            self._linux(p.pid, "setfl", desc.path, arg)
             return 0
         return -errno.EINVAL
 
@@ -383,8 +481,8 @@ class FakeFreeBSD:
             return -errno.EBADF
         if old == new or flags not in (0, L.O_CLOEXEC):
             return -errno.EINVAL
-        p.fds[new] = p.fds[old][:2] + (p.fds[old][2], p.fds[old][3], bool(flags))
-        self._linux(p.pid, "dup3", new, p.fds[old][1], bool(flags))
+        self._install(p, p.fds[old], fd=new, cloexec=bool(flags))
+        self._linux(p.pid, "dup3", new, p.fds[old].path, bool(flags))
         return new
 
     def linux_pipe2(self, p, addr, flags, *_):
@@ -392,27 +490,106 @@ class FakeFreeBSD:
             return -errno.EINVAL
         if not any(s <= addr < e and prot & 2 for s, e, prot in p.maps):
             return -errno.EFAULT
-        pid = len(self.pipes)
-        self.pipes[pid] = bytearray()
-        r = self._fd(p)
-        p.fds[r] = ("pipe", f"pipe:{pid}:r", 0, 0)
-        w = self._fd(p)
-        p.fds[w] = ("pipe", f"pipe:{pid}:w", 1, 0)
+        pipe = Pipe(len(self.pipes))
+        self.pipes[pipe.id] = pipe
+        keep = flags & L.OPEN_FLAGS["O_NONBLOCK"]
+        r = self._install(p, Desc("pipe", f"pipe:{pipe.id}:r", keep, pipe=pipe, reads=True))
+        w = self._install(p, Desc("pipe", f"pipe:{pipe.id}:w", 1 | keep, pipe=pipe,
+                                  writes=True))
+        pipe.readers, pipe.writers = 1, 1
         p.mem[addr] = struct.pack("<ii", r, w)
+        self._linux(p.pid, "pipe2", pipe.id, flags)
         return 0
 
     def linux_write(self, p, fd, addr, n, *_):
-        if fd not in p.fds or not p.fds[fd][1].endswith(":w"):
+        if fd not in p.fds or p.fds[fd].flags & 3 == 0:
             return -errno.EBADF
-        data = p.mem.get(addr, b"")[:n]
-        self.pipes[int(p.fds[fd][1].split(":")[1])] += data
-        return len(data)
+        desc, data = p.fds[fd], self._read(p, addr, n)
+        if data is None:
+            return -errno.EFAULT
+        if desc.kind == "eventfd":
+            return self._eventfd_write(desc, data)
+        if desc.pipe is not None:
+            return self._pipe_write(desc, data)
+        desc.node.data[desc.pos:desc.pos + n] = data
+        desc.pos += n
+        return n
+
+    def _pipe_write(self, desc, data):
+        pipe, nonblock = desc.pipe, desc.flags & L.OPEN_FLAGS["O_NONBLOCK"]
+        if not pipe.readers:
+            return -errno.EPIPE
+        if not nonblock and len(data) >= PIPE_MINDIRECT:
+            raise AssertionError("a blocking pipe write of >= 8 KiB goes direct and sleeps "
+                                 "until someone reads: the helper would hang")
+        if len(data) > PIPE_SIZE and pipe.size <= PIPE_SIZE and not pipe.buf:
+            pipe.size = BIG_PIPE_SIZE
+        room = pipe.size - len(pipe.buf)
+        if len(data) > room and not nonblock:
+            raise AssertionError(f"blocking write of {len(data)} bytes into a pipe with room "
+                                 f"for {room}: the helper would hang")
+        if not room:
+            return -errno.EAGAIN
+        pipe.buf += data[:room]
+        return min(room, len(data))
+
+    def _eventfd_write(self, desc, data):
+        if len(data) != 8:
+            return -errno.EINVAL
+        value = struct.unpack("<Q", data)[0]
+        if value == (1 << 64) - 1:
+            return -errno.EINVAL
+        if desc.count + value > (1 << 64) - 2:
+            raise AssertionError("eventfd write past the counter's maximum would block")
+        desc.count += value
+        return 8
+
+    def linux_eventfd2(self, p, initval, flags, *_):
+        if flags & ~(L.O_CLOEXEC | L.OPEN_FLAGS["O_NONBLOCK"] | RF.EFD_SEMAPHORE):
+            return -errno.EINVAL
+        desc = Desc("eventfd", "anon_inode:[eventfd]", 2 | (flags & L.OPEN_FLAGS["O_NONBLOCK"]))
+        desc.count, desc.semaphore = initval & 0xffffffff, bool(flags & RF.EFD_SEMAPHORE)
+        self._linux(p.pid, "eventfd2", initval, flags)
+        return self._install(p, desc, cloexec=bool(flags & L.O_CLOEXEC))
+
+    def linux_mknod(self, p, path_addr, mode, dev, *_):
+        path = self._string(p, path_addr)
+        if path is None:
+            return -errno.EFAULT
+        if mode & 0o170000 != RF.S_IFIFO:
+            return -errno.EINVAL            # only FIFOs here; devices need privilege
+        if self._node(path) is not None:
+            return -errno.EEXIST
+        self.fs[path] = Node("fifo", mode & 0o7777 & ~0o22)
+        self.gone.discard(path)
+        self._linux(p.pid, "mknod", path, mode)
+        return 0
+
+    def linux_unlink(self, p, path_addr, *_):
+        path = self._string(p, path_addr)
+        if path is None:
+            return -errno.EFAULT
+        if self._node(path) is None:
+            return -errno.ENOENT
+        self.fs.pop(path)
+        self.gone.add(path)
+        self._linux(p.pid, "unlink", path)
+        return 0
+
+    def linux_fchmod(self, p, fd, mode, *_):
+        if fd not in p.fds or p.fds[fd].node is None:
+            return -errno.EBADF
+        p.fds[fd].node.mode = mode & 0o7777
+        return 0
 
     def linux_mmap(self, p, addr, length, prot, flags, fd, off):
-        if not flags & RF.MAP_FIXED or addr % PAGE or length % PAGE or not length:
+        if addr % PAGE or length % PAGE or not length or not flags & 3:
             return -errno.EINVAL
         if not flags & RF.MAP_ANON and G.signed(fd) not in p.fds:
             return -errno.EBADF
+        if not flags & RF.MAP_FIXED:                 # the kernel picks a free place
+            addr = self.next_map
+            self.next_map += length + PAGE
         p.maps.append([addr, addr + length, prot])
         self._linux(p.pid, "mmap", addr, length, flags & 0xff)
         return addr
@@ -423,6 +600,14 @@ class FakeFreeBSD:
         return 0
 
     def linux_munmap(self, p, addr, length, *_):
+        if addr % PAGE:
+            return -errno.EINVAL
+        inside = [m for m in p.maps if addr <= m[0] and m[1] <= addr + length]
+        if any(m[0] < addr + length and addr < m[1] for m in p.maps if m not in inside):
+            raise AssertionError("fake: a partial munmap is not modelled")
+        p.maps = [m for m in p.maps if m not in inside]
+        p.mem = {a: v for a, v in p.mem.items() if not addr <= a < addr + length}
+        self._linux(p.pid, "munmap", addr, length)
         return 0
 
     def linux_rt_sigaction(self, p, sig, act, old, size, *_):
@@ -447,8 +632,10 @@ class FakeFreeBSD:
     def linux_fork(self, p, *_):
         if not p.follow:
             raise AssertionError("fork without PT_FOLLOW_FORK: the child would run untraced")
-        child = Proc(self.next_pid, p.fds, [list(m) for m in p.maps], p.mem)
+        child = Proc(self.next_pid, None, [list(m) for m in p.maps], p.mem)
         self.next_pid += 1
+        for fd, desc in p.fds.items():           # inherited: the same descriptions
+            self._install(child, desc, fd=fd, cloexec=p.cloexec.get(fd, False))
         child.lwps = {child.pid: G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0,
                                              r_rip=HELPER_CODE[0] + 3))}
         child.attached, child.follow = True, True

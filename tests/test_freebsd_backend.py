@@ -147,7 +147,10 @@ def test_threads_by_injected_clone_and_lwp_registers(threaded, tmp_path, monkeyp
     assert kinds.index("suspend") < kinds.index("resume") < kinds.index("detach")
 
 
-def test_pipe_between_processes_is_refused_before_anything(procs, tmp_path, monkeypatch):
+def test_pipe_between_processes_is_one_pipe(procs, tmp_path, monkeypatch):
+    """`sleep | sleep`: the write end in one child, the read end in the other. The pipe is
+    made in the root helper before it forks, so both children inherit the same pipe; every
+    process keeps only the ends it had."""
     p = procs.spawn(["bash", "-c", "sleep 1000 | sleep 1000; wait"])
     kids = wait_children(p.pid, 2)
     for k in kids:
@@ -155,10 +158,18 @@ def test_pipe_between_processes_is_refused_before_anything(procs, tmp_path, monk
     src = dump(p.pid, tmp_path / "tree")
     kit = FakeFreeBSD()
     monkeypatch.setattr(RF, "spawn_helper", spawn(kit))
-    with pytest.raises(Unsupported) as e:
-        RF.restore(src, RF.Target(kit=kit))
-    assert "pipe" in str(e.value) and "/fds/" in str(e.value)
-    assert kit.log == []
+    root, a, b = RF.restore(src, RF.Target(kit=kit))
+    pa, pb = kit.procs[a], kit.procs[b]
+    assert pa.fds[1].pipe is pb.fds[0].pipe and pa.fds[1].kind == "pipe"
+    assert pa.fds[1].flags & 3 == 1 and pb.fds[0].flags & 3 == 0
+    assert [e for e in kit.log if e[0] == "linux" and e[2] == "pipe2"] == \
+        [("linux", root, "pipe2", 0, L.O_CLOEXEC | L.OPEN_FLAGS["O_NONBLOCK"])]
+    pipe = pa.fds[1].pipe
+    assert (pipe.readers, pipe.writers) == (1, 1)      # the root's copies are closed
+    for pid, old in ((root, p.pid), (a, kids[0]), (b, kids[1])):
+        assert sorted(kit.procs[pid].fds) == sorted(int(f) for f in os.listdir(f"/proc/{old}/fd"))
+    # the ends are no longer non-blocking (they were made so to be filled)
+    assert not pa.fds[1].flags & L.OPEN_FLAGS["O_NONBLOCK"]
 
 
 def test_capture_sigactions_mask_and_isolation_through_the_fake():

@@ -39,7 +39,8 @@ NR = {"write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
       "munmap": 11, "rt_sigaction": 13, "rt_sigprocmask": 14, "clone": 56, "fork": 57,
       "fcntl": 72, "chdir": 80, "umask": 95, "setpgid": 109, "setsid": 112,
       "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
-      "dup3": 292, "pipe2": 293, "prlimit64": 302}
+      "dup3": 292, "pipe2": 293, "prlimit64": 302, "unlink": 87, "fchmod": 91,
+      "mknod": 133, "eventfd2": 290}
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
 TRAP_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SIGTRAP = 5                          # FreeBSD
@@ -56,7 +57,10 @@ OPEN_DROP = L.O_CLOEXEC | L.OPEN_FLAGS["O_CREAT"] | L.OPEN_FLAGS["O_TRUNC"] | \
 O_ACCMODE = 3
 SETFL_BITS = L.OPEN_FLAGS["O_NONBLOCK"] | L.OPEN_FLAGS["O_APPEND"]
 MAP_FIXED, MAP_ANON = 0x10, 0x20     # Linux
-FD_KINDS = ("REG", "PIPE")
+FD_KINDS = ("REG", "PIPE", "FIFO", "EVENTFD")
+S_IFIFO = 0o010000
+EFD_SEMAPHORE = 1                    # Linux; linux_eventfd2 takes it with O_CLOEXEC/O_NONBLOCK
+BIG_PIPE_SIZE = 64 << 10             # sys/sys/pipe.h: the most a FreeBSD pipe buffers
 
 
 @dataclasses.dataclass
@@ -127,6 +131,7 @@ class Proc:
     old: int
     new: int
     calls: LinuxCalls
+    table: "FdTable"
     lwps: dict = dataclasses.field(default_factory=dict)
 
 
@@ -149,20 +154,13 @@ def restore(source, target: Target | None = None, strict: bool = False,
 
 def check(source, plan) -> None:
     """What this restore cannot do, refused before anything is created."""
-    owners: dict[int, int] = {}
     for task in plan.tasks:
         for info in source.fdinfo(task.pid):
-            where = f"tasks/{task.pid}/fds/{info.fd}"
-            kind = convert.FD_TYPE_NAMES.get(info.type, str(info.type))
+            kind = fd_kind(info)
             if kind not in FD_KINDS:
                 raise Unsupported(f"a {kind} descriptor is not restored on FreeBSD (regular "
-                                  "files and pipes are)", path=where)
-            if kind == "PIPE":
-                pipe = source.file(info.id).pipe.pipe_id
-                if owners.setdefault(pipe, task.pid) != task.pid:
-                    raise Unsupported(f"pipe {pipe} is shared with process {owners[pipe]}: a "
-                                      "pipe between processes is not restored on FreeBSD",
-                                      path=where)
+                                  "and deleted files, pipes, FIFOs and eventfds are)",
+                                  path=f"tasks/{task.pid}/fds/{info.fd}")
 
 
 class Restorer:
@@ -174,6 +172,7 @@ class Restorer:
         self.warnings: list[str] = []
         self.log = LossLog()          # what the target cannot hold (e.g. XSAVE components)
         self.meta = source.meta()
+        self.values = {task.pid: convert.linux_task(task, LossLog()) for task in plan.tasks}
 
     def run(self) -> list[int]:
         try:
@@ -209,9 +208,13 @@ class Restorer:
         self.created.append(new)
         self.kit.trace_events(new)
         calls = LinuxCalls(self.kit, new, *helper_pages(self.kit, new))
-        self.procs[root.pid] = Proc(root.pid, new, calls)
+        top = max([i.fd for e in entries for i in self.src.fdinfo(e.pid)], default=2)
+        table = FdTable(high=top + 1)
+        self.procs[root.pid] = Proc(root.pid, new, calls, table)
         if root.sid == root.pid:
             calls("setsid", step="setsid", path=f"tasks/{root.pid}/sid")
+        make_shared(self.src, shared_ids(self.src, [e.pid for e in entries]), self.values,
+                    calls, table)
         for e in entries[1:]:
             self.fork(e)
         self.groups(entries)
@@ -230,7 +233,7 @@ class Restorer:
             raise RestoreFailed(f"new process {child} did not stop as a traced fork child "
                                 f"(pl_flags {info.flags:#x})", path=where, step="fork")
         calls = parent.calls.forked(child)
-        self.procs[e.pid] = Proc(e.pid, child, calls)
+        self.procs[e.pid] = Proc(e.pid, child, calls, parent.table.copy())
         if e.sid == e.pid:
             calls("setsid", step="setsid", path=where + "/sid")
 
@@ -250,9 +253,9 @@ class Restorer:
         exe = _exe_path(self.src, pid)
         if exe:
             elf.check_can_run(exe, "freebsd")
-        values = convert.linux_task(task, LossLog())
+        values = self.values[pid]
         check_layout(self.src, pid, proc.calls)
-        restore_fds(self.src, pid, values, proc.calls)
+        restore_fds(self.src, pid, values, proc.calls, proc.table)
         restore_memory(self.src, pid, proc.new, proc.calls, self.kit)
         restore_fs(self.src, pid, proc.calls)
         self.warnings += restore_rlimits(self.src, pid, proc.calls)
@@ -347,48 +350,105 @@ def _exe_path(source, pid: int) -> str | None:
 
 
 # -- descriptors ----------------------------------------------------------------------------------
-def restore_fds(source, pid: int, values, calls: LinuxCalls) -> None:
-    """The helper's own descriptors closed, then every recorded one: each open file
-    description made once (opened by path with its Linux flags and offset, or a pipe with its
-    queued bytes), moved above every recorded number, then dup3'd to each recorded number with
-    its close-on-exec bit; the temporary copies closed."""
+@dataclasses.dataclass
+class FdTable:
+    """Open file descriptions made in one helper, all at numbers above every recorded one:
+    file id -> descriptor, pipe id -> (read, write) of the pipe standing for it, FIFO path ->
+    an O_RDWR holder. A forked child inherits the descriptors, so it gets a copy."""
+    high: int
+    made: dict = dataclasses.field(default_factory=dict)
+    pipes: dict = dataclasses.field(default_factory=dict)
+    fifos: dict = dataclasses.field(default_factory=dict)
+    filled: set = dataclasses.field(default_factory=set)     # pipe ids whose bytes are in
+
+    def fds(self) -> set[int]:
+        return set(self.made.values()) | {fd for pair in self.pipes.values() for fd in pair} | \
+            set(self.fifos.values())
+
+    def copy(self) -> "FdTable":
+        return FdTable(self.high, dict(self.made), dict(self.pipes), dict(self.fifos),
+                       set(self.filled))
+
+
+def fd_kind(info) -> str:
+    return convert.FD_TYPE_NAMES.get(info.type, str(info.type))
+
+
+def shared_ids(source, pids) -> list[tuple[int, object]]:
+    """(pid, fdinfo) of every descriptor whose open file description, or whose pipe or FIFO,
+    more than one process of the tree uses, first use first. These are made in the root
+    helper before it forks, so every process inherits the same kernel object (FreeBSD has
+    no way to hand a descriptor to a traced process: no pidfd_getfd)."""
+    users: dict[tuple, set[int]] = {}
+    uses = []
+    for pid in pids:
+        for info in source.fdinfo(pid):
+            keys = [("id", info.id)]
+            kind = fd_kind(info)
+            if kind in ("PIPE", "FIFO"):
+                keys.append(("pipe", getattr(source.file(info.id), kind.lower()).pipe_id))
+            for k in keys:
+                users.setdefault(k, set()).add(pid)
+            uses.append((pid, info, keys))
+    return [(pid, info) for pid, info, keys in uses if any(len(users[k]) > 1 for k in keys)]
+
+
+def make_shared(source, shared, values_of, calls: "LinuxCalls", table: FdTable) -> None:
+    """The descriptions several processes use, made in the root before the forks."""
+    for pid, info in shared:
+        if info.id not in table.made:
+            where = f"tasks/{pid}/fds/{info.fd}"
+            kind, flags = values_of[pid].fds[info.fd]
+            table.made[info.id] = _description(source, info.id, kind, flags, calls, table, where)
+
+
+def restore_fds(source, pid: int, values, calls: LinuxCalls, table: FdTable) -> None:
+    """The helper's own descriptors closed (not those inherited from the root for sharing),
+    then every recorded one: each open file description made once (see _description), then
+    dup3'd to each recorded number with its close-on-exec bit; the high copies closed."""
     infos = sorted(source.fdinfo(pid), key=lambda i: i.fd)
+    keep = table.fds()
     for entry in calls.kit.filedesc(calls.pid):
-        if entry.fd >= 0:
+        if entry.fd >= 0 and entry.fd not in keep:
             calls("close", entry.fd, step="close helper descriptors")
-    high = max([i.fd for i in infos], default=2) + 1
-    made: dict[int, int] = {}                          # file id -> high descriptor
-    pipes: dict[int, tuple[int, int]] = {}             # pipe id -> (read, write) high
     for info in infos:
         where = f"tasks/{pid}/fds/{info.fd}"
         kind, flags = values.fds[info.fd]
-        if info.id not in made:
-            made[info.id] = _description(source, info.id, kind, flags, calls, pipes, high, where)
+        if info.id not in table.made:
+            table.made[info.id] = _description(source, info.id, kind, flags, calls, table, where)
         cloexec = L.O_CLOEXEC if flags & L.O_CLOEXEC else 0
-        calls("dup3", made[info.id], info.fd, cloexec, step="install descriptor", path=where)
-    for fd in sorted(set(made.values()) | {fd for pair in pipes.values() for fd in pair}):
+        calls("dup3", table.made[info.id], info.fd, cloexec, step="install descriptor",
+              path=where)
+    for fd in sorted(table.fds()):
         calls("close", fd, step="close temporary descriptors")
+    table.made, table.pipes, table.fifos = {}, {}, {}
 
 
-def _description(source, file_id, kind, flags, calls, pipes, high, where) -> int:
+def _description(source, file_id, kind, flags, calls, table: FdTable, where) -> int:
+    """One open file description at a number >= table.high, by kind (Linux calls, Linux
+    flags: the helper is a Linux process)."""
     fe = source.file(file_id)
+    if kind == "REG" and source.file_deleted(file_id):
+        return _ghost(source, file_id, fe.reg, flags, calls, table, where)
     if kind == "REG":
-        calls.reset()
-        tmp = calls("open", calls.put(fe.reg.name.encode() + b"\0"),
-                    (flags & ~OPEN_DROP) | L.OPEN_FLAGS["O_NOCTTY"], 0, step="open",
-                    path=where + " " + fe.reg.name)
-        fd = _move_high(calls, tmp, high, where)
-        if fe.reg.pos:
-            calls("lseek", fd, fe.reg.pos, os.SEEK_SET, step="lseek", path=where)
-        return fd
-    pipe_id = fe.pipe.pipe_id
-    if pipe_id not in pipes:
-        pipes[pipe_id] = _pipe(source, pipe_id, calls, high, where)
-    r, w = pipes[pipe_id]
-    end = w if flags & O_ACCMODE == 1 else r
-    fd = _move_high(calls, end, high, where)           # this descriptor's own description
-    if flags & SETFL_BITS:
-        calls("fcntl", fd, F_SETFL, flags & SETFL_BITS, step="pipe flags", path=where)
+        return _open_at(calls, fe.reg.name, fe.reg.pos, flags, table, where)
+    if kind == "PIPE":
+        return _pipe_end(source, fe.pipe.pipe_id, flags, calls, table, where)
+    if kind == "FIFO":
+        return _fifo(source, fe.fifo, flags, calls, table, where)
+    if kind == "EVENTFD":
+        return _eventfd(fe.efd, flags, calls, table, where)
+    raise Unsupported(f"a {kind} descriptor is not restored on FreeBSD", path=where)
+
+
+def _open_at(calls, path: str, pos: int, flags: int, table: FdTable, where: str) -> int:
+    calls.reset()
+    tmp = calls("open", calls.put(path.encode() + b"\0"),
+                (flags & ~OPEN_DROP) | L.OPEN_FLAGS["O_NOCTTY"], 0, step="open",
+                path=where + " " + path)
+    fd = _move_high(calls, tmp, table.high, where)
+    if pos:
+        calls("lseek", fd, pos, os.SEEK_SET, step="lseek", path=where)
     return fd
 
 
@@ -398,22 +458,148 @@ def _move_high(calls: LinuxCalls, fd: int, high: int, where: str) -> int:
     return new
 
 
+def _pipe_end(source, pipe_id, flags, calls, table: FdTable, where) -> int:
+    """A descriptor of one end of the pipe standing for `pipe_id`, with the descriptor's
+    status flags (F_SETFL always: the pipe is made non-blocking to be filled)."""
+    if pipe_id not in table.pipes:
+        table.pipes[pipe_id] = _pipe(source, pipe_id, calls, table.high, where)
+    r, w = table.pipes[pipe_id]
+    end = w if flags & O_ACCMODE == 1 else r
+    fd = calls("fcntl", end, F_DUPFD_CLOEXEC, table.high, step="pipe end", path=where)
+    calls("fcntl", fd, F_SETFL, flags & SETFL_BITS, step="pipe flags", path=where)
+    return fd
+
+
 def _pipe(source, pipe_id: int, calls: LinuxCalls, high: int, where: str) -> tuple[int, int]:
-    """A new pipe holding the saved bytes (written through the data page in pieces)."""
+    """A new pipe holding the saved bytes. Made O_NONBLOCK: FreeBSD's pipe_write hands a
+    blocking write of PIPE_MINDIRECT (8 KiB) or more to the reader directly and sleeps until
+    it is read; a non-blocking one is buffered (up to BIG_PIPE_SIZE)."""
     calls.reset()
     addr = calls.put(bytes(8))
-    calls("pipe2", addr, L.O_CLOEXEC, step="pipe", path=where)
+    calls("pipe2", addr, L.O_CLOEXEC | L.OPEN_FLAGS["O_NONBLOCK"], step="pipe", path=where)
     r, w = struct.unpack("<ii", calls.kit.read_memory(calls.pid, addr, 8))
     r, w = _move_high(calls, r, high, where), _move_high(calls, w, high, where)
-    data = source.pipe_data(pipe_id)
-    for off in range(0, len(data), DATA_SIZE):
-        piece = data[off:off + DATA_SIZE]
-        calls.reset()
-        n = calls("write", w, calls.put(piece), len(piece), step="pipe data", path=where)
-        if n != len(piece):
-            raise RestoreFailed(f"pipe {pipe_id} took {n} of {len(piece)} bytes",
-                                path=where, step="pipe data")
+    _fill_pipe(calls, w, source.pipe_data(pipe_id), f"pipe {pipe_id}", where)
     return r, w
+
+
+def _fill_pipe(calls, w: int, data: bytes, what: str, where: str) -> None:
+    if len(data) > BIG_PIPE_SIZE:
+        raise Unsupported(f"{what} holds {len(data)} queued bytes; a FreeBSD pipe buffers at "
+                          f"most {BIG_PIPE_SIZE} (BIG_PIPE_SIZE)", path=where + "/data")
+    write_bytes(calls, w, data, where + "/data", "pipe data")
+
+
+def _fifo(source, fifo, flags, calls, table: FdTable, where) -> int:
+    """The FIFO at its path (made with the Linuxulator's mknod if the jail lacks it), held
+    open O_RDWR|O_NONBLOCK while the recorded end is opened (so neither end blocks) and
+    filled once with its queued bytes."""
+    reg = source.file(fifo.regf_id).reg
+    path = reg.name
+    if path not in table.fifos:
+        nonblock_rw = 2 | L.OPEN_FLAGS["O_NONBLOCK"]
+        try:
+            holder = _open_at(calls, path, 0, nonblock_rw, table, where)
+        except KernelError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            mode = (reg.mode & 0o7777 if reg.HasField("mode") else 0o600) | S_IFIFO
+            calls.reset()
+            calls("mknod", calls.put(path.encode() + b"\0"), mode, 0, step="mkfifo",
+                  path=f"{where} {path}")
+            holder = _open_at(calls, path, 0, nonblock_rw, table, where)
+        table.fifos[path] = holder
+    if fifo.pipe_id not in table.filled:
+        table.filled.add(fifo.pipe_id)
+        _fill_pipe(calls, table.fifos[path], source.pipe_data(fifo.pipe_id),
+                   f"FIFO {path}", where)
+    return _open_at(calls, path, 0, flags, table, where)
+
+
+def _eventfd(efd, flags, calls, table: FdTable, where) -> int:
+    """eventfd2(0, flags) then the counter written in (eventfd2's initval is 32 bits, a
+    counter is 64). EFD_SEMAPHORE is bit 0 of the checkpoint's flags (capture puts it there)."""
+    mode = L.O_CLOEXEC | (flags & L.OPEN_FLAGS["O_NONBLOCK"]) | (efd.flags & EFD_SEMAPHORE)
+    fd = _move_high(calls, calls("eventfd2", 0, mode, step="eventfd", path=where),
+                    table.high, where)
+    if efd.counter:
+        write_bytes(calls, fd, struct.pack("<Q", efd.counter), where + "/count", "eventfd")
+    return fd
+
+
+def _ghost(source, file_id, reg, flags, calls, table: FdTable, where) -> int:
+    """A file unlinked while open: its saved contents go into a new file (at its old name
+    if free, else a hidden name beside it), which is opened with the recorded flags and
+    offset and unlinked again, as the Linux restore does."""
+    data = source.file_contents(file_id)
+    if reg.HasField("size") and len(data) != reg.size:
+        raise RestoreFailed(f"deleted file's contents are {len(data)} bytes, the checkpoint "
+                            f"recorded {reg.size}", path=where + "/contents", step="deleted file")
+    mode = reg.mode & 0o7777 if reg.HasField("mode") else 0o600
+    path, w = _create_ghost(calls, reg.name, mode, where)
+    try:
+        calls("fchmod", w, mode, step="deleted file", path=where)     # the umask is not ours
+        write_bytes(calls, w, data, where + "/contents", "deleted file")
+        fd = _open_at(calls, path, reg.pos, flags, table, where)
+    finally:
+        calls("close", w, step="deleted file", path=where)
+        calls.reset()
+        calls("unlink", calls.put(path.encode() + b"\0"), step="deleted file",
+              path=f"{where} {path}")
+    return fd
+
+
+GHOST_TRIES = 20
+GHOST_CREATE = 1 | L.OPEN_FLAGS["O_CREAT"] | L.OPEN_FLAGS["O_EXCL"] | \
+    L.OPEN_FLAGS["O_NOFOLLOW"] | L.O_CLOEXEC
+
+
+def _create_ghost(calls, name: str, mode: int, where: str) -> tuple[str, int]:
+    folder, base = os.path.split(name)
+    names = [name] + [os.path.join(folder, f".{base}.ckptfs-ghost-{calls.pid}-{i}")
+                      for i in range(GHOST_TRIES)]
+    for path in names:
+        calls.reset()
+        try:
+            return path, calls("open", calls.put(path.encode() + b"\0"), GHOST_CREATE, mode,
+                               step="deleted file", path=f"{where} {path}")
+        except KernelError as e:
+            if e.errno != errno.EEXIST:
+                raise
+    raise RestoreFailed(f"no free name for a deleted file near {name}", path=where,
+                        step="deleted file")
+
+
+def write_bytes(calls, fd: int, data: bytes, where: str, step: str) -> None:
+    """Write `data` to `fd` in the helper with as few write calls as it takes: through the
+    data page when it fits, else through a scratch anonymous map (one write, which a FreeBSD
+    pipe needs to grow past PIPE_SIZE), unmapped again before memory is restored."""
+    if not data:
+        return
+    scratch = 0
+    if len(data) <= DATA_SIZE:
+        calls.reset()
+        addr = calls.put(data)
+    else:
+        size = (len(data) + PAGE - 1) & ~(PAGE - 1)
+        addr = scratch = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON,
+                               -1, 0, step=step, path=where)
+        calls.kit.write_memory(calls.pid, addr, data)
+    try:
+        done = 0
+        while done < len(data):
+            try:
+                n = calls("write", fd, addr + done, len(data) - done, step=step, path=where)
+            except KernelError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+                n = 0
+            if n <= 0:
+                raise RestoreFailed(f"took {done} of {len(data)} bytes", path=where, step=step)
+            done += n
+    finally:
+        if scratch:
+            calls("munmap", scratch, size, step=step, path=where)
 
 
 # -- memory ---------------------------------------------------------------------------------------
