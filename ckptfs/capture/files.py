@@ -7,7 +7,9 @@ or root (REG entries with flags 0). Ids count from 1 and stay stable for the lif
 `Files` table. Everything about a file is read when asked (live) from a remembered
 (pid, fd) or path; the caller caches while frozen.
 
-What procfs cannot tell (F_SETOWN owner, socket peers) is left at CRIU's defaults (zeros).
+What procfs cannot tell about sockets (peers, backlog, shutdown) comes from sock_diag
+(sockdiag.py) on a pidfd_getfd copy of the descriptor; the F_SETOWN owner is left at CRIU's
+default (zeros).
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import fcntl
 import os
 import socket
 import stat as st
+import struct
 import termios
 import threading
 
 from .. import flags as lf
 from .. import pb
-from ..errors import KernelError, ProcessGone
-from . import procfs
+from ..errors import KernelError, ProcessGone, Unsupported
+from . import procfs, sockdiag
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -267,24 +270,43 @@ def _sys_error(step: str, pid: int):
     return KernelError(step, err, step=step, path=f"/proc/{pid}")
 
 
-def _sk_opts(sk: socket.socket):
+# SOL_SOCKET options kept in sk_opts_entry: field -> option number (bools read as ints)
+SK_OPTS = {"reuseaddr": socket.SO_REUSEADDR, "so_reuseport": socket.SO_REUSEPORT,
+           "so_keepalive": socket.SO_KEEPALIVE, "so_passcred": socket.SO_PASSCRED,
+           "so_broadcast": socket.SO_BROADCAST, "so_priority": socket.SO_PRIORITY,
+           "so_rcvlowat": socket.SO_RCVLOWAT, "so_mark": socket.SO_MARK,
+           "so_buf_lock": 72}     # SO_BUF_LOCK (5.14+): buffer sizes the program set itself
+TIMEOUTS = {"so_snd_tmo": socket.SO_SNDTIMEO, "so_rcv_tmo": socket.SO_RCVTIMEO}
+
+
+def sk_opts(sk: socket.socket):
+    """The socket options CRIU keeps, as getsockopt gives them (buffer sizes doubled)."""
     g = lambda opt: sk.getsockopt(socket.SOL_SOCKET, opt)  # noqa: E731
-    return pb.sk_opts_entry(so_sndbuf=g(socket.SO_SNDBUF), so_rcvbuf=g(socket.SO_RCVBUF),
-                            so_snd_tmo_sec=0, so_snd_tmo_usec=0, so_rcv_tmo_sec=0,
-                            so_rcv_tmo_usec=0, reuseaddr=bool(g(socket.SO_REUSEADDR)),
-                            so_keepalive=bool(g(socket.SO_KEEPALIVE)))
-
-
-_TCP_STATE_OF_UNIX = {1: 7, 3: 1}   # SS_UNCONNECTED -> TCP_CLOSE, SS_CONNECTED -> TCP_ESTABLISHED
+    e = pb.sk_opts_entry(so_sndbuf=g(socket.SO_SNDBUF), so_rcvbuf=g(socket.SO_RCVBUF))
+    for prefix, opt in TIMEOUTS.items():
+        sec, usec = struct.unpack("<qq", sk.getsockopt(socket.SOL_SOCKET, opt, 16))
+        setattr(e, f"{prefix}_sec", sec)
+        setattr(e, f"{prefix}_usec", usec)
+    for field, opt in SK_OPTS.items():
+        try:
+            value = g(opt)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                continue        # not an option of this family (SO_PASSCRED on inet, 6.x)
+            raise
+        is_bool = e.DESCRIPTOR.fields_by_name[field].type == 8
+        setattr(e, field, bool(value) if is_bool else value)
+    return e
 
 
 def _socket(fid: int, ref: Ref, ino: int, flags: int):
     sk = socket.socket(fileno=grab_fd(ref.pid, ref.fd))
     try:
-        family, stype, proto = sk.family, sk.type, sk.proto
+        family = sk.family
         if family == socket.AF_UNIX:
             return pb.file_entry(type=pb.UNIXSK, id=fid, usk=_unix(fid, ref, ino, flags, sk))
-        if family in (socket.AF_INET, socket.AF_INET6):
+        if family in (socket.AF_INET, socket.AF_INET6) and sk.proto in (socket.IPPROTO_TCP,
+                                                                         socket.IPPROTO_UDP):
             return pb.file_entry(type=pb.INETSK, id=fid, isk=_inet(fid, ref, ino, flags, sk))
         kind = {socket.AF_NETLINK: pb.NETLINKSK, socket.AF_PACKET: pb.PACKETSK}.get(family, pb.UND)
         return pb.file_entry(type=kind, id=fid)
@@ -293,50 +315,123 @@ def _socket(fid: int, ref: Ref, ino: int, flags: int):
 
 
 def _unix(fid: int, ref: Ref, ino: int, flags: int, sk: socket.socket):
-    table = procfs.parse_net_unix(procfs.read_text(f"/proc/{ref.pid}/net/unix"))
-    row = table.get(ino)
-    state = 7
-    if row is not None:
-        state = 10 if row.flags & 0x10000 else _TCP_STATE_OF_UNIX.get(row.state, 7)
-    name = sk.getsockname()
-    name = name.encode() if isinstance(name, str) else (name or b"")
-    return pb.unix_sk_entry(id=fid, ino=ino, type=int(sk.type), state=state, flags=flags,
-                            uflags=0, backlog=0, peer=0, fown=fown(), opts=_sk_opts(sk),
-                            name=name)
+    d = sockdiag.unix(sk, ino, ref.path) or sockdiag.UnixDiag(ino, int(sk.type), TCP_CLOSE)
+    e = pb.unix_sk_entry(id=fid, ino=ino, type=int(sk.type), state=d.state, flags=flags,
+                         uflags=0, backlog=d.wqueue if d.state == TCP_LISTEN else 0,
+                         peer=d.peer, fown=fown(), opts=sk_opts(sk), name=d.name)
+    if d.shutdown:
+        e.shutdown = d.shutdown
+    if d.name[:1] not in (b"", b"\0"):
+        _bound_path(e, ref.pid, d)
+    return e
 
 
-_INET_TABLES = {(socket.AF_INET, socket.IPPROTO_TCP): "tcp", (socket.AF_INET6, socket.IPPROTO_TCP): "tcp6",
-                (socket.AF_INET, socket.IPPROTO_UDP): "udp", (socket.AF_INET6, socket.IPPROTO_UDP): "udp6"}
-TCP_CLOSE = 7
+def _bound_path(e, pid: int, d) -> None:
+    """Where a path-bound socket's file is: a relative name is looked up in the task's cwd
+    (CRIU's name_dir); the file's mode and owner come along; a path that is gone or now
+    names another file makes the socket `deleted`."""
+    name = os.fsdecode(d.name.split(b"\0", 1)[0])
+    if name.startswith("/"):
+        at = f"/proc/{pid}/root{name}"
+    else:
+        at = f"/proc/{pid}/cwd/{name}"
+        e.name_dir = procfs.readlink(f"/proc/{pid}/cwd")
+    try:
+        s = os.stat(at, follow_symlinks=False)
+    except OSError:
+        s = None
+    if s is None or d.vfs is None or s.st_ino != d.vfs[0] or not st.S_ISSOCK(s.st_mode):
+        e.deleted = True
+        return
+    e.file_perms.mode, e.file_perms.uid, e.file_perms.gid = s.st_mode, s.st_uid, s.st_gid
 
 
-def _inet_state(pid: int, sk: socket.socket, ino: int) -> int:
-    """TCP_* state from /proc/PID/net/{tcp,udp}[6] (the socket's network namespace)."""
-    table = _INET_TABLES.get((sk.family, sk.proto))
-    if table is None:
-        return TCP_CLOSE
-    row = procfs.parse_net_inet(procfs.read_text(f"/proc/{pid}/net/{table}")).get(ino)
-    return row.state if row else TCP_CLOSE
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
 
 
 def _inet(fid: int, ref: Ref, ino: int, flags: int, sk: socket.socket):
+    d = sockdiag.inet(sk, ino, ref.path)
+    state = d.state if d else TCP_CLOSE
     src = sk.getsockname()
     try:
         dst = sk.getpeername()
     except OSError:
         dst = ("0.0.0.0" if sk.family == socket.AF_INET else "::", 0)
     e = pb.inet_sk_entry(id=fid, ino=ino, family=int(sk.family), type=int(sk.type),
-                         proto=sk.proto, state=_inet_state(ref.pid, sk, ino), src_port=src[1],
-                         dst_port=dst[1], flags=flags, backlog=0, fown=fown(),
-                         opts=_sk_opts(sk))
+                         proto=sk.proto, state=state, src_port=src[1], dst_port=dst[1],
+                         flags=flags, backlog=d.wqueue if d and state == TCP_LISTEN else 0,
+                         fown=fown(), opts=sk_opts(sk))
     e.src_addr.extend(_addr_words(sk.family, src[0]))
     e.dst_addr.extend(_addr_words(sk.family, dst[0]))
+    if sk.family == socket.AF_INET6:
+        e.v6only = bool(sk.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
     return e
 
 
 def _addr_words(family: int, text: str) -> list[int]:
     raw = socket.inet_pton(family, text)
     return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+
+
+# -- socket queues without consuming them ---------------------------------------------------
+SO_PEEK_OFF = 42
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+QUEUE_BUF = 4 << 20        # bigger than any message a unix socket can hold with our buffers
+
+
+def socket_queue(ref: Ref) -> list[bytes]:
+    """Messages waiting to be read on the socket `ref` names, oldest first, left in place
+    (CRIU's way: SO_PEEK_OFF at 0, then MSG_PEEK reads that each move the offset on; the
+    socket's own peek offset is put back). A stream's bytes come as one message. Queued
+    descriptors (SCM_RIGHTS) or a message longer than QUEUE_BUF are refused, naming it."""
+    sk = socket.socket(fileno=grab_fd(ref.pid, ref.fd))
+    try:
+        if sk.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+            return []
+        if sk.family == socket.AF_UNIX and sockdiag.unix(sk, os.fstat(sk.fileno()).st_ino,
+                                                          ref.path) is None:
+            return []
+        if sk.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return []
+        saved = sk.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        try:
+            msgs = _peek_all(sk, ref.path)
+        finally:
+            sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, saved)
+        if sk.type == socket.SOCK_STREAM and msgs:
+            return [b"".join(msgs)]
+        return msgs
+    except OSError as e:
+        raise KernelError("peek socket queue", e.errno, path=ref.path, step="socket queue") \
+            from None
+    finally:
+        sk.close()
+
+
+def _peek_all(sk: socket.socket, where: str) -> list[bytes]:
+    buf, out = bytearray(QUEUE_BUF), []
+    while True:
+        try:
+            n, _anc, mflags, _addr = sk.recvmsg_into([buf], 0, PEEK | socket.MSG_TRUNC)
+        except BlockingIOError:
+            return out
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:    # a TCP socket never connected: nothing queued
+                return out
+            raise
+        if mflags & socket.MSG_CTRUNC:
+            raise Unsupported("a queued message carries descriptors or credentials "
+                              "(SCM_RIGHTS), which are not captured", path=where,
+                              step="socket queue")
+        if n > len(buf):
+            raise Unsupported(f"a queued message of {n} bytes is larger than {len(buf)}",
+                              path=where, step="socket queue")
+        if n == 0:
+            # the peer shut down its side (a zero-length datagram reads the same: CRIU
+            # stops there too, so such a message is not kept)
+            return out
+        out.append(bytes(buf[:n]))
 
 
 # -- pipe contents without consuming them -------------------------------------------------

@@ -2,9 +2,10 @@
 
 The restorer opens every file object of the checkpoint itself (one open file description per
 file id, so descriptors that shared a description — dup'ed, or inherited over fork — share
-one again, offset and flags included), fills pipes with their queued bytes, and makes memfds
-for shared anonymous memory. A helper takes a description with pidfd_getfd(2) on a pidfd of
-the restorer and dup3s it to its number. Everything here is closed when the restore ends.
+one again, offset and flags included), fills pipes with their queued bytes, makes memfds for
+shared anonymous memory and sockets (restore/sockets.py). A helper takes a description with
+pidfd_getfd(2) on a pidfd of the restorer and dup3s it to its number. Everything here is
+closed when the restore ends.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import tempfile
 
 from .. import flags as F
 from ..errors import KernelError, RestoreFailed
+from .sockets import Sockets
 
 O_ACCMODE = 3
 OPEN_DROP = os.O_CREAT | os.O_TRUNC | os.O_EXCL | F.O_CLOEXEC   # meaningful at open time only
@@ -29,8 +31,10 @@ class FileTable:
         self.source, self.log = source, log
         self._by_key: dict[tuple, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}
+        self._sockets = Sockets(source)
 
     def close(self) -> None:
+        self._sockets.close()
         fds = list(self._by_key.values()) + [fd for pair in self._pipes.values() for fd in pair]
         self._by_key.clear()
         self._pipes.clear()
@@ -65,6 +69,8 @@ class FileTable:
             return self._fifo(reg, fe.fifo.pipe_id, where)
         if fe.type == kind["EVENTFD"]:
             return os.eventfd(fe.efd.counter, (fe.efd.flags & EFD_FLAGS) | os.EFD_CLOEXEC)
+        if fe.type in (kind["UNIXSK"], kind["INETSK"]):
+            return self._sockets.make(fe, where)
         raise RestoreFailed(f"file type {fe.type} is not supported", path=where, step="open files")
 
     def _reg(self, reg, where: str) -> int:

@@ -1,0 +1,441 @@
+"""Sockets made again in the restorer (restore/files.py hands them to the tasks).
+
+What is made, per unix_sk_entry / inet_sk_entry:
+- a unix pair (both ends in the tree, each the other's peer): socketpair(2); the messages
+  waiting on each end are sent from the other end (message boundaries kept), then each end's
+  shutdown is applied. A connected stream whose peer was closed (peer 0) gets a pair whose
+  other end is closed after queueing (it reads the data, then end of file);
+- a bound or listening unix socket: bind to its name (a relative name in its name_dir, from
+  a thread with a working directory of its own), the file's mode and owner, listen(backlog).
+  A socket file left at the path (the original's, dead or alive) is replaced, as CRIU does:
+  the restored program is the one its clients must reach now. Any other file there is refused;
+- a bound or listening TCP/UDP socket: options, bind to the address and port, listen;
+- on the same host, a listener whose original is still frozen here (a move in progress) is
+  the original socket itself, taken with pidfd_getfd: connections waiting in its backlog come
+  along, and the port/path is not in use twice.
+`problems()` says, before anything is made, why a socket cannot be restored (a connected TCP
+socket, a peer outside the tree, a port in use, a queue too big for this host's buffers ...).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import stat
+import threading
+
+from .. import flags as F
+from .. import sockets as S
+from ..errors import KernelError, RestoreFailed
+from ..capture import files as capture_files
+
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_BUF_LOCK = 32, 33, 72
+SETFL = os.O_NONBLOCK          # the status flag a socket description carries that we set
+SHUT = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}
+SKB_OVERHEAD = 1024          # kernel bytes charged per queued message beyond its data
+MAX_BUF = (1 << 31) - 1
+# sk_opts_entry field -> (level, option) set as recorded (buffer sizes are handled apart)
+SETTABLE = {"reuseaddr": socket.SO_REUSEADDR, "so_reuseport": socket.SO_REUSEPORT,
+            "so_keepalive": socket.SO_KEEPALIVE, "so_passcred": socket.SO_PASSCRED,
+            "so_broadcast": socket.SO_BROADCAST, "so_priority": socket.SO_PRIORITY,
+            "so_rcvlowat": socket.SO_RCVLOWAT, "so_mark": socket.SO_MARK}
+
+
+def entry(fe):
+    """The unix_sk_entry or inet_sk_entry of a file entry (None for other kinds)."""
+    if fe.HasField("usk"):
+        return fe.usk
+    if fe.HasField("isk"):
+        return fe.isk
+    return None
+
+
+def describe(sk) -> str:
+    """A socket's address for messages: `unix:path`, `127.0.0.1:8080`, `[::1]:80 -> ...`."""
+    if sk.DESCRIPTOR.name == "unix_sk_entry":
+        return "unix:" + (S.render_name(sk.name) if sk.name else "(unnamed)")
+    src = _inet_addr(sk.family, sk.src_addr, sk.src_port)
+    if sk.state in (S.TCP_LISTEN, S.TCP_CLOSE) and not sk.dst_port:
+        return f"{S.PROTOS.get(sk.proto, sk.proto)} {src}"
+    return f"{S.PROTOS.get(sk.proto, sk.proto)} {src} -> {_inet_addr(sk.family, sk.dst_addr, sk.dst_port)}"
+
+
+def _inet_addr(family: int, words, port: int) -> str:
+    text = S.addr_text(family, words)
+    return f"[{text}]:{port}" if family == socket.AF_INET6 else f"{text}:{port}"
+
+
+# -- checks before anything is made ---------------------------------------------------------
+class Index:
+    """Where the tree's sockets are: unix socket inode -> file id, file id -> (pid, fd)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.by_ino: dict[int, int] = {}
+        self.holders: dict[int, tuple[int, int]] = {}
+        for pid in source.pids():
+            try:
+                fdis = source.fdinfo(pid)
+            except Exception:      # a zombie has none; a real error shows where it is used
+                continue
+            for fdi in fdis:
+                self.holders.setdefault(fdi.id, (pid, fdi.fd))
+                if fdi.type == F.FD_TYPES["UNIXSK"]:
+                    self.by_ino.setdefault(source.file(fdi.id).usk.ino, fdi.id)
+
+    def peer_of(self, u) -> int | None:
+        """File id of a unix socket's peer when the two are a pair (each the other's peer)."""
+        fid = self.by_ino.get(u.peer) if u.peer else None
+        if fid is None:
+            return None
+        other = self.source.file(fid).usk
+        return fid if other.peer == u.ino else None
+
+
+def problems(source, fe, index: Index | None = None) -> list[str]:
+    """Why the socket of file entry `fe` cannot be restored here (empty: it can)."""
+    sk = entry(fe)
+    if sk is None:
+        return ["socket of an unknown family (only unix, inet and inet6 are restored)"]
+    index = index or Index(source)
+    q = S.queue(source, fe.id)
+    if fe.HasField("usk"):
+        return _unix_problems(source, sk, q, index)
+    return _inet_problems(sk, q, index, fe.id)
+
+
+def _unix_problems(source, u, q: list[bytes], index: Index) -> list[str]:
+    if u.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+        return [f"unix socket type {u.type} is not stream, dgram or seqpacket"]
+    out = []
+    connected = u.state == S.TCP_ESTABLISHED or u.peer
+    if connected and u.peer and index.peer_of(u) is None:
+        out.append(f"peer socket {u.peer} is not in the tree (or not connected back to "
+                   f"{u.ino}): only pairs of the tree's own sockets are restored")
+    if q and not connected:
+        out.append(f"{len(q)} message(s) queued on an unconnected socket: their senders are "
+                   "not known, so they cannot be queued again")
+    if u.name[:1] not in (b"", b"\0"):
+        out.extend(_path_problems(u))
+    out.extend(_queue_problems(q))
+    return out
+
+
+def _path_problems(u) -> list[str]:
+    name = _path_name(u)
+    if not os.path.isabs(name) and not u.HasField("name_dir"):
+        return [f"bound name {name!r} is relative and the tree has no name_dir"]
+    path = os.path.join(u.name_dir, name) if u.HasField("name_dir") else name
+    if len(os.fsencode(name)) >= 108:
+        return [f"bound name {name!r} is longer than a socket address holds (107 bytes)"]
+    if not os.path.isdir(os.path.dirname(path) or "/"):
+        return [f"directory of the bound name {path!r} does not exist here"]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISSOCK(st.st_mode):
+        return [f"{path} exists and is not a socket file (bind would fail; refusing to "
+                "remove it)"]
+    return []
+
+
+def _queue_problems(q: list[bytes]) -> list[str]:
+    need = sum(len(m) + SKB_OVERHEAD for m in q)
+    if need > MAX_BUF // 2:
+        return [f"{sum(map(len, q))} queued bytes do not fit a socket buffer here"]
+    return []
+
+
+def _inet_problems(i, q: list[bytes], index: Index, fid: int) -> list[str]:
+    where = describe(i)
+    if i.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+        return [f"{where}: protocol {i.proto} is not TCP or UDP"]
+    if i.proto == socket.IPPROTO_TCP and i.state not in (S.TCP_LISTEN, S.TCP_CLOSE):
+        return [f"connected TCP socket {where} ({S.STATES.get(i.state, i.state)}) cannot be "
+                "restored (no TCP_REPAIR support yet)"]
+    if q:
+        return [f"{where}: {sum(map(len, q))} queued bytes on an internet socket are not "
+                "restored (their senders are not in the tree)"]
+    if not i.src_port or _original(index, fid, i.ino) is not None:
+        return []
+    return _probe_bind(i, where)
+
+
+def _probe_bind(i, where: str) -> list[str]:
+    """Bind a throw-away socket with the same options: is the address free here?"""
+    try:
+        probe = _inet_socket(i)
+    except OSError as e:
+        return [f"{where}: cannot make the socket: {os.strerror(e.errno)}"]
+    try:
+        _inet_bind(probe, i)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return [f"address {where} is in use on this host"]
+        return [f"{where}: bind: {os.strerror(e.errno)}"]
+    finally:
+        probe.close()
+    return []
+
+
+# -- making them ------------------------------------------------------------------------------
+class Sockets:
+    """The restorer's sockets, by file id. `make` returns a descriptor the caller owns;
+    the other end of a pair waits here until asked for, and close() ends what is left."""
+
+    def __init__(self, source):
+        self.source = source
+        self._index: Index | None = None
+        self._waiting: dict[int, int] = {}
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._index = Index(self.source)
+        return self._index
+
+    def close(self) -> None:
+        fds, self._waiting = list(self._waiting.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def make(self, fe, where: str) -> int:
+        if fe.id in self._waiting:
+            return self._waiting.pop(fe.id)
+        found = problems(self.source, fe, self.index)
+        if found:
+            raise RestoreFailed("; ".join(found), path=where, step="socket")
+        try:
+            return self._make(fe, where)
+        except OSError as e:
+            raise KernelError(f"make socket {describe(entry(fe))}", e.errno, path=where,
+                              step="socket") from None
+
+    def _make(self, fe, where: str) -> int:
+        held = self._take_original(fe)
+        if held is not None:
+            return held
+        if fe.HasField("isk"):
+            return _detach(self._inet(fe.isk, where))
+        u = fe.usk
+        if u.state == S.TCP_ESTABLISHED or u.peer:
+            return self._pair(fe, where)
+        return _detach(self._unix_alone(u, where))
+
+    def _take_original(self, fe) -> int | None:
+        """A listener whose original is frozen on this host is handed over itself."""
+        sk = entry(fe)
+        if sk.state != S.TCP_LISTEN:
+            return None
+        held = _original(self.index, fe.id, sk.ino)
+        if held is None:
+            return None
+        pid, fd = held
+        return capture_files.grab_fd(pid, fd)
+
+    # unix pairs
+    def _pair(self, fe, where: str) -> int:
+        u = fe.usk
+        peer_id = self.index.peer_of(u)
+        a, b = socket.socketpair(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            peer = self.source.file(peer_id).usk if peer_id else None
+            _fill(b, a, S.queue(self.source, fe.id), where)
+            if peer is not None:
+                _fill(a, b, S.queue(self.source, peer_id), where)
+            _finish(a, u)
+            if peer is not None:
+                _finish(b, peer)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+        if peer is None:
+            b.close()          # the peer was closed: this end reads its data, then EOF
+        else:
+            self._waiting[peer_id] = _detach(b)
+        return _detach(a)
+
+    # bound / unconnected unix sockets
+    def _unix_alone(self, u, where: str) -> socket.socket:
+        sk = socket.socket(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC)
+        try:
+            _set_opts(sk, u.opts)
+            if u.name:
+                _unix_bind(sk, u)
+            if u.state == S.TCP_LISTEN:
+                sk.listen(u.backlog)
+            _finish(sk, u, opts=False)
+        except BaseException:
+            sk.close()
+            raise
+        return sk
+
+    # TCP / UDP
+    def _inet(self, i, where: str) -> socket.socket:
+        sk = _inet_socket(i)
+        try:
+            _set_opts(sk, i.opts)
+            if i.src_port:
+                try:
+                    _inet_bind(sk, i)
+                except OSError as e:
+                    if e.errno == errno.EADDRINUSE:
+                        raise RestoreFailed(f"address {describe(i)} is in use on this host",
+                                            path=where, step="socket", err=e.errno) from None
+                    raise
+            if i.state == S.TCP_LISTEN:
+                sk.listen(i.backlog)
+            elif i.proto == socket.IPPROTO_UDP and i.dst_port:
+                sk.connect((S.addr_text(i.family, i.dst_addr), i.dst_port))
+            _finish(sk, i, opts=False)
+        except BaseException:
+            sk.close()
+            raise
+        return sk
+
+
+def _original(index: Index, fid: int, ino: int) -> tuple[int, int] | None:
+    """(pid, fd) of the original socket if it is still here, frozen (a move on one host)."""
+    held = index.holders.get(fid)
+    if held is None:
+        return None
+    pid, fd = held
+    try:
+        if os.readlink(f"/proc/{pid}/fd/{fd}") != f"socket:[{ino}]":
+            return None
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        same_net = os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+    return (pid, fd) if state in ("t", "T") and same_net else None
+
+
+def _detach(sk: socket.socket) -> int:
+    return sk.detach()
+
+
+def _fill(sender: socket.socket, receiver: socket.socket, q: list[bytes], where: str) -> None:
+    """Queue `q` on `receiver` by sending it from `sender`, one send per message. The sender's
+    buffer is forced big enough for the whole queue first (its recorded size is set after)."""
+    if not q:
+        return
+    need = sum(len(m) + SKB_OVERHEAD for m in q) + (64 << 10)
+    if need > sender.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
+        sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, min(need, MAX_BUF // 2))
+    for n, msg in enumerate(q):
+        view = memoryview(msg)
+        while True:
+            try:
+                sent = sender.send(view)
+            except BlockingIOError:
+                raise RestoreFailed(f"socket buffer full after {n} of {len(q)} queued "
+                                    "messages", path=where, step="socket queue") from None
+            if sender.type != socket.SOCK_STREAM or sent == len(view):
+                break
+            view = view[sent:]
+
+
+def _finish(sk: socket.socket, rec, opts: bool = True) -> None:
+    """Recorded buffer sizes and options, shutdown, and the file status flags."""
+    if opts:
+        _set_opts(sk, rec.opts)
+    if rec.HasField("shutdown") and rec.shutdown in SHUT:
+        try:
+            sk.shutdown(SHUT[rec.shutdown])
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise
+    fcntl.fcntl(sk.fileno(), fcntl.F_SETFL, rec.flags & SETFL)
+
+
+def _set_opts(sk: socket.socket, o) -> None:
+    """Buffer sizes as recorded (the kernel doubles what it is given; forced, as CRIU does,
+    then the program's own lock bits), timeouts, and the SOL_SOCKET options."""
+    sol = socket.SOL_SOCKET
+    if o.so_sndbuf:
+        sk.setsockopt(sol, SO_SNDBUFFORCE, o.so_sndbuf // 2)
+    if o.so_rcvbuf:
+        sk.setsockopt(sol, SO_RCVBUFFORCE, o.so_rcvbuf // 2)
+    sk.setsockopt(sol, SO_BUF_LOCK, o.so_buf_lock if o.HasField("so_buf_lock") else 0)
+    for prefix, opt in capture_files.TIMEOUTS.items():
+        sec, usec = getattr(o, f"{prefix}_sec"), getattr(o, f"{prefix}_usec")
+        if sec or usec:
+            sk.setsockopt(sol, opt, int(sec).to_bytes(8, "little") + int(usec).to_bytes(8, "little"))
+    for field, opt in SETTABLE.items():
+        if o.HasField(field) and (getattr(o, field) or field == "so_rcvlowat"):
+            try:
+                sk.setsockopt(sol, opt, int(getattr(o, field)))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                    raise
+
+
+def _path_name(u) -> str:
+    return os.fsdecode(u.name.split(b"\0", 1)[0])
+
+
+def _unix_bind(sk: socket.socket, u) -> None:
+    """Bind to the recorded name: abstract as is; a path after removing a socket file left
+    there; a relative name from a thread whose own working directory is name_dir (the
+    restorer's cwd is the whole process's). Then the file's mode and owner, and `deleted`."""
+    if u.name[:1] == b"\0":
+        sk.bind(u.name)
+        return
+    name = _path_name(u)
+    path = os.path.join(u.name_dir, name) if u.HasField("name_dir") else name
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    if os.path.isabs(name):
+        sk.bind(name)
+    else:
+        _in_dir(u.name_dir, lambda: sk.bind(name))
+    if u.HasField("file_perms"):
+        os.chmod(path, stat.S_IMODE(u.file_perms.mode))
+        os.lchown(path, u.file_perms.uid, u.file_perms.gid)
+    if u.HasField("deleted") and u.deleted:
+        os.unlink(path)
+
+
+CLONE_FS = 0x200
+
+
+def _in_dir(directory: str, fn) -> None:
+    """fn() on a thread that unshared its filesystem context and entered `directory`."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    err: list = []
+
+    def run():
+        try:
+            if libc.unshare(CLONE_FS) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_FS)")
+            os.chdir(directory)
+            fn()
+        except BaseException as e:    # handed to the caller's thread
+            err.append(e)
+    t = threading.Thread(target=run, name="ckptfs-bind")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+
+
+def _inet_socket(i) -> socket.socket:
+    sk = socket.socket(i.family, i.type | socket.SOCK_CLOEXEC, i.proto)
+    if i.family == socket.AF_INET6 and i.HasField("v6only"):
+        sk.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(i.v6only))
+    for field in ("reuseaddr", "so_reuseport"):
+        if i.opts.HasField(field) and getattr(i.opts, field):
+            sk.setsockopt(socket.SOL_SOCKET, SETTABLE[field], 1)
+    return sk
+
+
+def _inet_bind(sk: socket.socket, i) -> None:
+    sk.bind((S.addr_text(i.family, i.src_addr), i.src_port))
