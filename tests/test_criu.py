@@ -755,6 +755,26 @@ def test_zombie_keeps_only_its_core(zdtm_bin, procs, tmp_path):
     assert zdtm.check(run.pid, run.result, proc=run.proc) == "PASS"
 
 
+def test_images_restore_the_whole_shape(zdtm_bin, procs, tmp_path):
+    """The proof that the images are complete: criu_mix (with its zombie, in its own UTS
+    namespace) exported, killed, restored by ckptfs from the CRIU images alone (new pids),
+    passes its own check: memory, shared map, pipe, file offset, masks, zombie, hostname."""
+    from ckptfs.restore import restore
+    run = mix_.start(zdtm_bin, tmp_path / "work", procs, CRIU_MIX_ZOMBIE="1",
+                     CRIU_MIX_HOSTNAME=HOSTNAME)
+    rec = mix_.dump(run.pid, tmp_path / "img")
+    pids = [e.pid for e in rec.pstree]
+    for pid in reversed(pids):
+        os.kill(pid, signal.SIGKILL)
+    assert run.proc.wait() == -signal.SIGKILL
+    assert all(_procs.wait_gone(pid, 5) for pid in pids)
+    result = restore(str(tmp_path / "img"))
+    for pid in result.pids.values():
+        procs.adopt(pid)
+    assert sorted(result.pids) == sorted(pids) and result.cgroups == []
+    assert zdtm.check(result.root, run.result) == "PASS"
+
+
 def test_export_refuses_running_source(mix, tmp_path):
     from ckptfs.capture.linux import LiveSource
     from ckptfs.errors import NotStopped
