@@ -51,6 +51,16 @@ def edit(tree_dir: Path, rel: str, text: str) -> None:
     mpath.write_text(json.dumps(doc))
 
 
+def drop(tree_dir: Path, rel: str) -> None:
+    """Remove a directory of the tree and its manifest entries (as an operator would)."""
+    shutil.rmtree(tree_dir / rel)
+    mpath = tree_dir / "manifest"
+    doc = json.loads(mpath.read_text())
+    doc["files"] = {k: v for k, v in doc["files"].items() if not k.startswith(rel + "/")}
+    os.chmod(mpath, 0o644)
+    mpath.write_text(json.dumps(doc))
+
+
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory):
     """(tree dir, container record, last counter value before the dump)."""
@@ -183,6 +193,8 @@ def test_impossible_isolation_is_refused_and_leaves_nothing(dumped, tmp_path, re
     tree_dir = tmp_path / "tree"
     shutil.copytree(dumped[0], tree_dir)
     edit(tree_dir, rel, text)
+    if rel == "isolation/mounts":    # the recorded tmpfs's line is gone: its files go too
+        drop(tree_dir, "isolation/tmpfs")
     before_procs, before_cgroups = _ours(), _restore_cgroups()
     with pytest.raises(CkptError) as e:
         restore.restore(tree_dir)
@@ -297,3 +309,54 @@ def test_mount_container_shows_its_own_pids(tmp_path, tmp_mount):
         assert (Path(m) / "tasks" / "1" / "ppid").read_text() == "0\n"
         own = (Path(m) / "isolation" / "own").read_text().split()
         assert {"pid", "uts", "net", "mnt", "ipc"} <= set(own)
+
+
+# -- time namespace ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clock_loop(tmp_path_factory):
+    return ctr.build_clock_loop(tmp_path_factory.mktemp("clock"))
+
+
+def _clock_lines(path: Path) -> list[tuple[float, float]]:
+    return [tuple(float(x) for x in line.split()) for line in path.read_text().splitlines()
+            if len(line.split()) == 2]
+
+
+def _wait_clock_lines(path: Path, n: int, timeout: float = 5.0) -> list[tuple[float, float]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _clock_lines(path) if path.exists() else []
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: fewer than {n} lines")
+
+
+DOWNTIME = 2.0     # seconds between the dump and the restore
+
+
+def test_time_namespace_clocks_continue(clock_loop, tmp_path):
+    """unshare --time with offsets 100000 / 50000: the tree records the container's clocks;
+    restored, CLOCK_MONOTONIC and CLOCK_BOOTTIME go on from where they were (no jump back,
+    and the downtime does not pass for it), and absolute monotonic deadlines keep firing."""
+    out = tmp_path / "clock"
+    script = f"touch {tmp_path}/ready; exec {clock_loop} {out}"
+    with ctr.unshared(tmp_path, ["--time", "--monotonic", "100000", "--boottime", "50000"],
+                      script) as init:
+        _wait_clock_lines(out, 5)
+        dump_container(init, tmp_path / "tree")
+    before = _clock_lines(out)
+    tree = tmp_path / "tree"
+    assert set((tree / "isolation/own").read_text().split()) >= {"pid", "mnt", "time"}
+    mono, boot = ((tree / f"isolation/time/{c}").read_text().split() for c in ("monotonic", "boottime"))
+    assert float(mono[0]) >= 100000 and float(boot[0]) >= 50000
+    assert float(mono[0]) + 1 >= before[-1][0]     # taken after the last value the task saw
+    time.sleep(DOWNTIME)
+    with restored(tree) as r:
+        after = _wait_clock_lines(out, len(before) + 10)[len(before):]
+        assert os.readlink(f"/proc/{r.init}/ns/time") != os.readlink("/proc/self/ns/time")
+    for clock in (0, 1):
+        values = [line[clock] for line in before + after]
+        assert values == sorted(values)               # never backwards
+        assert after[0][clock] - before[-1][clock] < DOWNTIME   # the downtime did not pass
+    assert after[0][0] >= 100000 and after[0][1] >= 50000

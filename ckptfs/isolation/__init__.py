@@ -61,11 +61,13 @@ class NetConfig:
 
 @dataclasses.dataclass
 class Mount:
-    """One mount of the container's own, as an fstab line (bind mounts: fstype "none")."""
+    """One mount of the container's own, as an fstab line (bind mounts: fstype "none").
+    `contents`: the files of a tmpfs (tmpfs.Contents), absent from the fstab line."""
     source: str
     target: str
     fstype: str
     options: str = "rw"
+    contents: object | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def is_bind(self) -> bool:
@@ -84,8 +86,13 @@ def escape(field: str) -> str:
 
 # -- tree rendering: relative path under isolation/ -> text --------------------------------
 def render_extra(iso: Isolation) -> dict[str, str]:
-    """Files for the net and mount records of `iso` (absent records give no files)."""
+    """Files for the records this package adds to `iso` (absent records give no files).
+    A tmpfs file's contents come as `tmpfs.Blob` (bytes whose encode() is themselves)."""
+    from . import timens, tmpfs, userns
     files: dict[str, str] = {}
+    files.update(timens.render(getattr(iso, "time", None)))
+    files.update(userns.render(getattr(iso, "userns", None)))
+    files.update(tmpfs.render(getattr(iso, "mounts", None) or []))
     net = getattr(iso, "net", None)
     if net is not None:
         for link in net.links:
@@ -126,6 +133,32 @@ Lister = Callable[[str], "list[str]"]    # relative dir under isolation/ -> entr
 def parse_extra(read: Reader, listdir: Lister) -> tuple[NetConfig | None, list[Mount] | None]:
     """The net and mount records from tree files (read gives None for an absent file)."""
     return _parse_net(read, listdir), _parse_mounts(read)
+
+
+Locate = Callable[[str], str]      # relative path under isolation/ -> path of the tree file
+
+
+def load_extra(iso: Isolation, read: Reader, listdir: Lister, locate: Locate | None = None) -> Isolation:
+    """Fill `iso` with every record of this package from tree files: net, mounts, the time
+    namespace's clocks, the user namespace's maps, and (with `locate`, which names the tree
+    files binary contents are read from) each tmpfs's contents on its Mount."""
+    from . import timens, tmpfs, userns
+    iso.net, iso.mounts = parse_extra(read, listdir)
+    iso.time = timens.parse(read)
+    iso.userns = userns.parse(read)
+    if locate is not None:
+        tmpfs.attach(iso.mounts, read, listdir, locate)
+    return iso
+
+
+EXTRA_ATTRS = ("time", "userns")   # records kept on an Isolation beyond its dataclass fields
+
+
+def copy_extra(src: Isolation, dst: Isolation) -> Isolation:
+    """dataclasses.replace keeps fields only: carry the other records along."""
+    for name in EXTRA_ATTRS:
+        setattr(dst, name, getattr(src, name, None))
+    return dst
 
 
 def _parse_mounts(read: Reader) -> list[Mount] | None:

@@ -20,6 +20,9 @@ from . import ContainerIsolation
 from . import cgroups as _cgroups
 from . import mounts as _mounts
 from . import net as _net
+from . import timens as _timens
+from . import tmpfs as _tmpfs
+from . import userns as _userns
 
 NS_KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
 
@@ -99,8 +102,21 @@ def capture_isolation(pid: int, reference: int | str | None = None, *,
     own = tuple(k for k in NS_KINDS if k in ns and ns[k] != outside.get(k))
     hostname, domainname = uts_names(pid, ns.get("uts") != namespaces("self").get("uts"))
     cgroup, limits = _cgroups.task_limits(pid)
-    return ContainerIsolation(
+    iso = ContainerIsolation(
         hostname=hostname, domainname=domainname, namespaces=ns, own_namespaces=own,
         cgroup=cgroup, limits=limits,
         net=_net.capture(pid) if "net" in own else None,
         mounts=_mounts.container_mounts(pid, ref) if "mnt" in own else None)
+    iso.userns = _userns.capture(pid) if "user" in own else None
+    iso.time = _timens.capture(pid) if "time" in own else None
+    tmpfs_contents(pid, iso)
+    return iso
+
+
+def tmpfs_contents(pid: int, iso) -> None:
+    """The files of each own tmpfs, read through the task's root (its mount namespace)."""
+    budget = _tmpfs.LIMIT
+    ids = iso.userns.to_inside if iso.userns is not None else (lambda u, g: (u, g))
+    for m in iso.mounts or []:
+        if m.fstype == "tmpfs" and not m.is_bind:
+            m.contents, budget = _tmpfs.capture(f"/proc/{pid}/root{m.target}", budget, ids)

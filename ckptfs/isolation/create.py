@@ -9,22 +9,28 @@ then the cgroups are made with their limits (cgroups.py). Then a namespace init 
 with posix-spawn-like subprocess (never fork() in the caller: it may be a threaded FUSE
 daemon). That init is a small Python program (`_nsinit`) that talks to us over a socketpair:
 
-    outer  unshare(mnt uts ipc net pid time per `own`); fork if pid or time is own (both apply
+    outer  with `user` own: unshare(CLONE_NEWUSER) alone, tells us its pid, waits while we
+           write its uid/gid maps from outside (userns.py), so that every namespace made next
+           belongs to the new user namespace;
+           unshare(mnt uts ipc net pid time per `own`); a new time namespace gets offsets that
+           continue the recorded clocks (timens.py); fork if pid or time is own (both apply
            to children only); tells us the child's host pid; waits for it, exits with its status.
     inner  (pid 1 of the new pid namespace) dies with the outer (PR_SET_PDEATHSIG);
            makes every mount private and mounts its own /proc; sets hostname and domainname;
            brings up loopback and the recorded interfaces, addresses and routes (net.py);
-           re-creates the recorded mounts (mounts.py); joins the new cgroups and unshares
+           re-creates the recorded mounts (mounts.py), filling each tmpfs with its recorded
+           files right after mounting it (tmpfs.py); joins the new cgroups and unshares
            the cgroup namespace (so its root is the container's cgroup; last, so the setup's
-           helper processes count against none of its limits); reports "ready"; execs.
+           helper processes count against none of its limits); in a user namespace becomes
+           its root (so that the program keeps its capabilities there); reports "ready"; execs.
 
 The socket is close-on-exec, so end-of-file after "ready" means the exec happened. Any failure
 in the init comes back as the error it raised (class, file, message) and everything is torn
 down: the pid namespace dies with its init, the net and mount namespaces with their last task
 (nothing is bind-mounted under /run/netns), and the cgroups are removed after their tasks are
-gone. User namespaces are refused: the uid/gid maps are not part of the tree. A new time
-namespace starts with the offsets the caller gives (`time_offsets`; default zero): the tree does
-not record the source's, and the right ones depend on when the restore happens.
+gone. A user namespace needs its maps (isolation/user/); without them it is refused. A new
+time namespace continues the recorded clocks (isolation/time/) or, for a tree without them,
+starts with the offsets the caller gives (`time_offsets`; default zero).
 """
 from __future__ import annotations
 
@@ -37,15 +43,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 
 from .. import errors
 from ..errors import BadTree, CkptError, KernelError, Unsupported
-from . import Link, Mount, NetConfig
+from . import Link, Mount, NetConfig, copy_extra
 from . import cgroups as _cgroups
+from . import timens as _timens
+from . import tmpfs as _tmpfs
 
 CLONE = {"mnt": 0x00020000, "uts": 0x04000000, "ipc": 0x08000000, "net": 0x40000000,
-         "pid": 0x20000000, "time": 0x00000080, "cgroup": 0x02000000}
+         "pid": 0x20000000, "time": 0x00000080, "cgroup": 0x02000000, "user": 0x10000000}
 FORKING = ("pid", "time")      # these take effect for children of the unsharing task
 PR_SET_PDEATHSIG = 1
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,9 +69,17 @@ def validate(iso) -> None:
     own = set(iso.own_namespaces)
     for kind in sorted(own):
         if kind not in CLONE:
-            raise Unsupported(f"namespace kind {kind!r} cannot be re-created here"
-                              + (" (uid/gid maps are not recorded)" if kind == "user" else ""),
+            raise Unsupported(f"namespace kind {kind!r} cannot be re-created here",
                               path="isolation/own")
+    if "user" in own and getattr(iso, "userns", None) is None:
+        raise Unsupported("'user' is own but the tree has no uid/gid maps (isolation/user/)",
+                          path="isolation/own")
+    if getattr(iso, "userns", None) is not None and "user" not in own:
+        raise BadTree("uid/gid maps present but 'user' is not in isolation/own",
+                      path="isolation/user/uid_map")
+    if getattr(iso, "time", None) is not None and "time" not in own:
+        raise BadTree("clocks present but 'time' is not in isolation/own",
+                      path="isolation/time/monotonic")
     net, mounts = getattr(iso, "net", None), getattr(iso, "mounts", None)
     if net is not None and "net" not in own:
         raise BadTree("net configuration present but 'net' is not in isolation/own",
@@ -90,6 +108,7 @@ class Container:
         self.links: dict[str, str] = {}     # interface -> kind actually created
         self._pidfd: int | None = None
         self.time_offsets: dict[str, tuple[int, int]] = {}
+        self._userns_pid: int | None = None
 
     @classmethod
     def start(cls, iso, argv: list[str], *, name: str | None = None,
@@ -100,8 +119,8 @@ class Container:
         `without`: own namespace kinds the caller creates itself (e.g. ("pid",) for a restorer
         that clones the pid namespace's init; it must then mount that namespace's /proc)."""
         if without:
-            iso = dataclasses.replace(iso, own_namespaces=tuple(
-                k for k in iso.own_namespaces if k not in without))
+            iso = copy_extra(iso, dataclasses.replace(iso, own_namespaces=tuple(
+                k for k in iso.own_namespaces if k not in without)))
         c = cls(iso, name)
         c.time_offsets = dict(time_offsets or {})
         try:
@@ -123,20 +142,36 @@ class Container:
         finally:
             c.cleanup()
 
-    def _config(self, argv: list[str]) -> dict:
+    def _config(self, argv: list[str], staged: str) -> dict:
         iso, own = self.iso, set(self.iso.own_namespaces)
         net, mounts = getattr(iso, "net", None), getattr(iso, "mounts", None)
-        return {"unshare": sorted(own - {"cgroup"}), "cgroupns": "cgroup" in own,
+        clocks = getattr(iso, "time", None)
+        return {"unshare": sorted(own - {"cgroup", "user"}), "cgroupns": "cgroup" in own,
+                "userns": "user" in own,
                 "procs": self.cgroups.procs_files() if self.cgroups else [],
                 "hostname": iso.hostname if "uts" in own else None,
                 "domainname": iso.domainname if "uts" in own else None,
                 "net": dataclasses.asdict(net) if net is not None and "net" in own else None,
                 "lo": "net" in own,
-                "mounts": [dataclasses.asdict(m) for m in mounts or []],
+                "mounts": [_mount_dict(m) for m in mounts or []],
+                "tmpfs": {m.target: _tmpfs.to_config(m.contents, os.path.join(staged, str(i)))
+                          for i, m in enumerate(mounts or []) if m.contents is not None},
                 "time_offsets": self.time_offsets if "time" in own else {},
+                "time_clocks": clocks.clocks if clocks is not None and "time" in own else {},
                 "argv": argv}
 
     def _spawn(self, argv: list[str], popen_kw: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="ckptfs-tmpfs-") as staged:
+            self._stage(staged)
+            self._spawn_with(argv, popen_kw, staged)
+
+    def _stage(self, staged: str) -> None:
+        """Contents held in memory (a live capture) become files the init copies from."""
+        for i, m in enumerate(getattr(self.iso, "mounts", None) or []):
+            if m.contents is not None and m.contents.dir is None:
+                _tmpfs.stage(m.contents, os.path.join(staged, str(i)))
+
+    def _spawn_with(self, argv: list[str], popen_kw: dict, staged: str) -> None:
         ours, theirs = socket.socketpair()
         with ours:
             try:
@@ -147,7 +182,7 @@ class Container:
             finally:
                 theirs.close()
             ours.settimeout(START_TIMEOUT)
-            ours.sendall(json.dumps(self._config(argv)).encode() + b"\n")
+            ours.sendall(json.dumps(self._config(argv, staged)).encode() + b"\n")
             self._await_ready(ours)
 
     def _await_ready(self, sock: socket.socket) -> None:
@@ -156,7 +191,12 @@ class Container:
             self._set_init(self.popen.pid)
         ready = False
         for msg in _messages(sock):
-            if "pid" in msg:
+            if "userns" in msg:   # its maps, from outside, before it makes anything else
+                from . import userns as _userns
+                self._userns_pid = msg["userns"]
+                _userns.write_maps(self.iso.userns, msg["userns"])
+                _send(sock, {"go": True})
+            elif "pid" in msg:
                 self._set_init(msg["pid"])
             elif "ready" in msg:
                 self.links, ready = msg["ready"], True
@@ -175,7 +215,7 @@ class Container:
     # -- use ------------------------------------------------------------------------------------
     def nsenter(self, argv: list[str]) -> list[str]:
         """argv prefixed with the nsenter call that runs it inside this container."""
-        flags = {"mnt": "-m", "uts": "-u", "ipc": "-i", "net": "-n", "pid": "-p",
+        flags = {"user": "-U", "mnt": "-m", "uts": "-u", "ipc": "-i", "net": "-n", "pid": "-p",
                  "cgroup": "-C", "time": "-T"}
         return ["nsenter", "-t", str(self.init_pid),
                 *[flags[k] for k in self.iso.own_namespaces if k in flags], "--", *argv]
@@ -222,6 +262,10 @@ def spawn_in_namespaces(iso, argv: list[str], **popen_kw) -> Container:
     """Start `argv` inside new namespaces per iso.own_namespaces (and new cgroups per
     iso.limits). The caller owns the result and must call .cleanup()."""
     return Container.start(iso, argv, **popen_kw)
+
+
+def _mount_dict(m: Mount) -> dict:
+    return {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name != "contents"}
 
 
 def _messages(sock: socket.socket):
@@ -277,13 +321,24 @@ def _libc_call(name: str, *args) -> None:
 def _nsinit(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
-    cfg = json.loads(sock.makefile("rb").readline())
+    lines = sock.makefile("rb")
+    cfg = json.loads(lines.readline())
     step = "unshare"
     try:
+        if cfg["userns"]:
+            step = "user namespace"
+            _libc_call("unshare", ctypes.c_int(CLONE["user"]))
+            _send(sock, {"userns": os.getpid()})
+            if not json.loads(lines.readline() or b"{}").get("go"):
+                os._exit(127)     # the parent gave up (and says why itself)
+            step = "unshare"
+        lines.close()   # it holds the socket open: end-of-file after "ready" must mean exec
         flags = sum(CLONE[k] for k in cfg["unshare"])
         if flags:
             _libc_call("unshare", ctypes.c_int(flags))
-        _set_time_offsets(cfg["time_offsets"])
+        step = "time namespace"
+        _set_time_offsets(cfg["time_offsets"], cfg["time_clocks"])
+        step = "unshare"
         if any(k in FORKING for k in cfg["unshare"]):
             child = os.fork()
             if child:
@@ -291,6 +346,8 @@ def _nsinit(fd: int) -> None:
             _libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         step = "setup"
         links = _setup(cfg)
+        if cfg["userns"]:
+            _become_root()
         step = "exec"
         _send(sock, {"ready": links})
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
@@ -304,23 +361,49 @@ def _nsinit(fd: int) -> None:
         os._exit(127)
 
 
-def _set_time_offsets(offsets: dict) -> None:
-    """Only possible between unshare(CLONE_NEWTIME) and the first task entering it (the fork)."""
-    if not offsets:
+def _become_root() -> None:
+    """Uid and gid 0 of the new user namespace (when mapped), so that the program keeps its
+    capabilities there across exec (a restorer's helper needs them: clone3 with set_tid,
+    mounting /proc); its supplementary groups are dropped where setgroups is allowed."""
+    with open("/proc/self/uid_map") as f:
+        mapped = any(line.split()[0] == "0" for line in f)
+    if not mapped:
         return
-    path = "/proc/self/timens_offsets"
-    text = "".join(f"{clock} {sec} {nsec}\n" for clock, (sec, nsec) in offsets.items())
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-    except OSError as e:
-        raise Unsupported(f"time offsets {text.strip()!r} refused: {os.strerror(e.errno)}",
-                          path=path, step="time namespace") from e
+    with open("/proc/self/setgroups") as f:
+        if f.read().strip() == "allow":
+            os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def _set_time_offsets(offsets: dict, clocks: dict | None = None) -> None:
+    """Only possible between unshare(CLONE_NEWTIME) and the first task entering it (the fork).
+    Recorded clocks win over given offsets: the offsets that continue them are taken now.
+    One write per clock, so that a refusal names the clock's tree file."""
+    if clocks:
+        offsets = _timens.offsets_now(_timens.TimeNs({k: tuple(v) for k, v in clocks.items()}))
+    for clock, (sec, nsec) in offsets.items():
+        text = f"{clock} {sec} {nsec}"
+        try:
+            with open("/proc/self/timens_offsets", "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            where = f"{_timens.TREE_DIR}/{clock}" if clocks else "/proc/self/timens_offsets"
+            shown = f"clock {' '.join(map(str, clocks[clock]))} needs offset" if clocks else "offset"
+            raise Unsupported(f"time namespace: {shown} {text!r}, refused: {os.strerror(e.errno)}",
+                              path=where, step="time namespace") from e
+
+
+REAP_GRACE = 0.25   # seconds a dead child stays a zombie before the outer reaps it
 
 
 def _outer(sock: socket.socket, child: int) -> None:
     _send(sock, {"pid": child})
     sock.close()
+    # Seen dead first, reaped a moment later: a restorer that detaches the child and then
+    # kills it (its helper) must still find it, if only as a zombie, not an unknown pid.
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+    time.sleep(REAP_GRACE)
     _, status = os.waitpid(child, 0)
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
@@ -342,7 +425,9 @@ def _setup(cfg: dict) -> dict:
         with open("/proc/sys/kernel/domainname", "w") as f:
             f.write(cfg["domainname"])
     links = _setup_net(cfg)
-    _mounts.apply([Mount(**m) for m in cfg["mounts"]], _run)
+    tmpfs = cfg["tmpfs"]
+    _mounts.apply([Mount(**m) for m in cfg["mounts"]], _run,
+                  after=lambda m: _tmpfs.fill(m.target, tmpfs[m.target]) if m.target in tmpfs else None)
     _join_cgroups(cfg)
     return links
 

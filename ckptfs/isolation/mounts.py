@@ -15,8 +15,8 @@ earlier mounts (a bind of part of its own tmpfs). Anything else is a fresh mount
 (tmpfs, mqueue, ...) with the per-mount and filesystem options mountinfo shows.
 
 Re-creating runs inside the new mount namespace (the namespace init, create.py): make every
-mount private (as `unshare --mount` does), then mount each line in order. A tmpfs comes back
-empty: its files are not part of the checkpoint.
+mount private (as `unshare --mount` does), then mount each line in order. A tmpfs is filled
+with its recorded files (tmpfs.py) right after it is mounted.
 """
 from __future__ import annotations
 
@@ -152,8 +152,9 @@ def mount_argvs(m: Mount) -> list[list[str]]:
     return calls
 
 
-def apply(mounts: list[Mount], run: Run) -> None:
-    """Mount each record in order; the first that fails raises Unsupported naming its line."""
+def apply(mounts: list[Mount], run: Run, after: Callable[[Mount], None] = lambda m: None) -> None:
+    """Mount each record in order; the first that fails raises Unsupported naming its line.
+    `after(m)` runs once m is mounted, before the next line (a tmpfs is filled there)."""
     for m in mounts:
         line = render_mount(m)
         for path in ([m.source] if m.is_bind else []) + [m.target]:
@@ -165,6 +166,7 @@ def apply(mounts: list[Mount], run: Run) -> None:
                 run(argv)
             except Exception as e:
                 raise Unsupported(f"cannot mount {line!r}: {e}", path=TREE_FILE, step="mount") from e
+        after(m)
 
 
 def private_root_and_proc(run: Run, proc: bool) -> None:

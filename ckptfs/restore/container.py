@@ -20,8 +20,12 @@ then the container goes (its init, its cgroups; the namespaces die with their la
 On success the cgroups stay with the container: RestoreResult.cgroups lists them and
 isolation.cgroups.remove_dirs removes them once its tasks are gone.
 
-Limitation: the restorer opens the tasks' files from its own mount namespace, so a file that
-lives on one of the container's own mounts (its tmpfs) is not reached.
+Files on the container's own mounts (its tmpfs, its bind mounts): the restorer opens the tasks'
+files itself, from the host's mount namespace, where such a path means something else or
+nothing. `ContainerPaths` shows the checkpoint with those names changed: before the container
+exists, to where the file is now (a tmpfs file's copy in the tree, a bind mount's source) for
+the plan's checks; once it exists, to /proc/<its init>/root/<name>, which resolves in the
+container's mount namespace (its tmpfs, filled by then).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import shutil
 import subprocess
 import uuid
 
+from .. import flags as F
 from ..errors import CkptError, RestoreFailed
 from ..model import Isolation, Source
 
@@ -50,7 +55,91 @@ def isolation_of(source: Source, container: bool | None) -> Isolation | None:
         iso = Isolation()
     if container is None and not iso.own_namespaces:
         return None
+    root = getattr(source, "root", None)
+    if isinstance(root, str) and os.path.isdir(os.path.join(root, "isolation")):
+        try:
+            _load_tree_extras(iso, os.path.join(root, "isolation"))
+        except CkptError as e:
+            raise _failed(source, e, "nothing was created") from e
+    if iso.mounts and "mnt" in iso.own_namespaces:
+        attach_paths(source, iso)
     return iso
+
+
+def _load_tree_extras(iso: Isolation, top: str) -> None:
+    """The records tree.TreeSource.isolation() leaves out (time, user, tmpfs contents)."""
+    from ..isolation import load_extra
+
+    def read(rel):
+        path = os.path.join(top, rel)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+
+    def listdir(rel):
+        path = os.path.join(top, rel)
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    load_extra(iso, read, listdir, lambda rel: os.path.join(top, rel))
+
+
+class ContainerPaths:
+    """A Source whose regular files on the container's own mounts are renamed (module doc).
+    Everything else is the inner source's."""
+
+    def __init__(self, inner: Source, iso: Isolation):
+        self.inner, self.container_paths = inner, self
+        self.init: int | None = None      # host pid whose root is the container's, once made
+        self._file = inner.file
+        self._own = sorted(iso.mounts or [], key=lambda m: -len(m.target))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def file(self, file_id: int):
+        fe = self._file(file_id)
+        if fe.type != F.FD_TYPES["REG"]:
+            return fe
+        name = self.resolve(fe.reg.name)
+        if name == fe.reg.name:
+            return fe
+        copy = type(fe)()
+        copy.CopyFrom(fe)
+        copy.reg.name = name
+        return copy
+
+    def resolve(self, name: str) -> str:
+        m = next((m for m in self._own if name == m.target or
+                  name.startswith(m.target.rstrip("/") + "/")), None)
+        if m is None:
+            return name
+        if self.init is not None:
+            return f"/proc/{self.init}/root{name}"
+        rest = os.path.relpath(name, m.target)
+        if m.is_bind:
+            return os.path.normpath(os.path.join(m.source, rest))
+        c = m.contents
+        if c is None or c.dir is None:
+            return name
+        kind = next((e.kind for e in c.entries if e.path == os.path.normpath(rest)), None)
+        if kind == "f":
+            return os.path.join(c.dir, rest)
+        # a directory or node of the recorded tmpfs: it exists (only its kind is checked)
+        return os.path.dirname(c.dir) if kind is not None else name
+
+
+def attach_paths(source: Source, iso: Isolation) -> ContainerPaths:
+    """Make `source` answer file() through a ContainerPaths (see module doc).
+    Until restore() wraps the source itself before planning, the view is put on the source
+    object: `source.file` is replaced, `source.container_paths` finds the view."""
+    view = getattr(source, "container_paths", None)
+    if isinstance(view, ContainerPaths):
+        view._own = sorted(iso.mounts or [], key=lambda m: -len(m.target))
+        return view
+    view = ContainerPaths(source, iso)
+    source.file = view.file
+    source.container_paths = view
+    return view
 
 
 def tree_path(source: Source, rel: str | None) -> str | None:
@@ -121,6 +210,9 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> Restored:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except CkptError as e:   # Container.start removed what it had made
         raise _failed(source, e, "undone: nothing of the container is left") from e
+    view = getattr(source, "container_paths", None)
+    if isinstance(view, ContainerPaths):
+        view.init = c.init_pid     # the tasks' files are opened in the container from now on
     try:
         r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log, container=c,
                           mount_proc={"pid", "mnt"} <= own)

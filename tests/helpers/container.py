@@ -171,3 +171,60 @@ def running_container(tmp: Path, *, sleeper: bool = False):
             proc.kill()
             proc.wait(timeout=5)
         remove_cgroups(dirs)
+
+
+# -- containers made of one unshare call (time, user namespaces) ------------------------------
+@contextlib.contextmanager
+def unshared(tmp: Path, flags: list[str], script: str, *, ready: str = "ready",
+             timeout: float = 10.0):
+    """`unshare --fork --pid --mount-proc <flags> sh -c script`; yields the init's host pid
+    once the script has made <tmp>/<ready>. Teardown: SIGKILL the init through a pidfd (its
+    pid namespace goes with it), reap unshare."""
+    argv = ["unshare", "--fork", "--pid", "--mount-proc", *flags, "sh", "-c", script]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    pidfd = None
+    try:
+        init = _child_of(proc.pid, 5.0)
+        pidfd = os.pidfd_open(init)
+        _wait_file(tmp / ready, proc, timeout)
+        yield init
+    finally:
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+CLOCK_LOOP_C = r"""
+#include <stdio.h>
+#include <time.h>
+/* Every 20 ms (absolute CLOCK_MONOTONIC deadlines): "monotonic boottime" seconds, one line. */
+int main(int argc, char **argv) {
+    FILE *f = fopen(argv[1], "a");
+    struct timespec next, m, b;
+    if (!f) return 1;
+    setvbuf(f, NULL, _IOLBF, 0);
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &m);
+        clock_gettime(CLOCK_BOOTTIME, &b);
+        fprintf(f, "%ld.%09ld %ld.%09ld\n", (long)m.tv_sec, m.tv_nsec, (long)b.tv_sec, b.tv_nsec);
+        next.tv_nsec += 20000000;
+        if (next.tv_nsec >= 1000000000) { next.tv_sec++; next.tv_nsec -= 1000000000; }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+    }
+}
+"""
+
+
+def build_clock_loop(out_dir: Path) -> Path:
+    src, exe = out_dir / "clockloop.c", out_dir / "clockloop"
+    src.write_text(CLOCK_LOOP_C)
+    subprocess.run(["gcc", "-O1", "-o", str(exe), str(src)], check=True)
+    return exe
