@@ -10,10 +10,10 @@ from __future__ import annotations
 import errno
 import os
 
-from .. import pb
+from .. import pb, sockets
 from ..errors import BadImage, CkptError, NotStopped
 from ..flags import SIGACTION_SIGNALS, TASK_STATES, VMA_STATUS
-from . import memory
+from . import memory, skqueue
 from .framing import write_image
 from .memory import SHMEM
 
@@ -111,6 +111,7 @@ class _Export:
         self.img("files.img", "FILES", [files[i] for i in sorted(files)])
         memory.write_all(self.src, self.out, self.mms, self.img)
         self.pipes(files)
+        self.socket_queues(files)
         self.ghosts(files)
         self.utsns()
         self.img("seccomp.img", "SECCOMP", [pb.seccomp_entry()])
@@ -226,6 +227,16 @@ class _Export:
                     extras.append(data)
             if entries or sub == "pipe":
                 self.img(name, kind, entries, extras)
+
+    def socket_queues(self, files) -> None:
+        """sk-queues.img: what waits on each socket, keyed by the socket's file id (written
+        only when something waits, as CRIU does)."""
+        packets = []
+        for fid in sorted(files):
+            if files[fid].HasField("usk") or files[fid].HasField("isk"):
+                packets += [(fid, msg) for msg in sockets.queue(self.src, fid)]
+        if packets:
+            skqueue.write(self.path(skqueue.NAME), packets)
 
     def ghosts(self, files) -> None:
         """Files unlinked while open: remap-fpath.img says "ghost", ghost-file-<id>.img holds

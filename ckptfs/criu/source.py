@@ -18,7 +18,7 @@ from .. import model, pb, xsave
 from ..errors import BadImage
 from ..flags import VMA_STATUS
 from ..model import PAGE_SIZE, PageRange
-from . import cgroups
+from . import cgroups, skqueue
 from .framing import PE_PARENT, PE_PRESENT, read_image
 
 REMAP_GHOST = 1 << 31
@@ -156,6 +156,13 @@ class ImageSource(model.Source):
                 if msg.pipe_id == pipe_id:
                     return bytes(data)
         return b""
+
+    def socket_queue(self, file_id: int) -> list[bytes]:
+        """Messages waiting on socket `file_id` (sk-queues.img), oldest first."""
+        with self._lock:
+            if "#sk-queues" not in self._images:
+                self._images["#sk-queues"] = skqueue.read(self.path(skqueue.NAME))
+            return self._images["#sk-queues"].get(file_id, [])
 
     # Optional Source methods (LiveSource has them too): files unlinked while open.
     def file_deleted(self, file_id: int) -> bool:

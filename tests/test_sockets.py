@@ -1,0 +1,337 @@
+"""Sockets: capture (sock_diag + peeked queues), the fds/<n>/ files, CRIU images, and the
+sockets restore makes (restore/sockets.py), on real processes and real sockets.
+
+Whole-process moves of sockets are the ZDTM programs sk_unix_pair and sk_listen
+(tests/test_zdtm.py); here each layer is checked on its own.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from ckptfs import criu, sockets, tree
+from ckptfs.capture import files as capture_files
+from ckptfs.capture.linux import LiveSource
+from ckptfs.errors import RestoreFailed
+from ckptfs.restore import sockets as rsk
+
+from helpers import procs as _procs
+
+PY = sys.executable
+CRIT_PY = "/usr/bin/python3"
+SO_PEEK_OFF = 42
+
+PAIRS = """
+import socket
+def keep(s):
+    s.setblocking(True)
+    return s
+sa, sb = socket.socketpair()
+sa.send(b"A" * 3000); sb.send(b"to b")
+da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for m in (b"1", b"22" * 350, b"3" * 5000):
+    db.send(m)
+qa, qb = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+qb.send(b"first"); qb.send(b"second"); qb.shutdown(socket.SHUT_WR)
+FACTS = {n: s.fileno() for n, s in dict(sa=sa, sb=sb, da=da, db=db, qa=qa, qb=qb).items()}
+"""
+
+LISTENERS = """
+import socket
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("127.0.0.1", 0)); t.listen(7)
+u = socket.socket(socket.AF_UNIX); u.bind("here.sock"); u.listen(3)
+os.chmod("here.sock", 0o600)
+a = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); a.bind(b"\\0ckptfs-test-%d" % os.getpid()); a.listen(2)
+v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); v6.bind(("::1", 0))
+FACTS = {"t": t.fileno(), "port": t.getsockname()[1], "u": u.fileno(), "a": a.fileno(),
+         "v6": v6.fileno(), "v6port": v6.getsockname()[1]}
+"""
+
+
+def py_child(procs, tmp_path: Path, body: str):
+    """A Python child in `tmp_path/work` running `body`; returns (proc, FACTS)."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    out = tmp_path / f"facts{len(procs.procs)}.json"
+    code = ("import json, os, sys, time\n" + body +
+            f"\njson.dump(FACTS, open({str(out)!r} + '.tmp', 'w')); os.rename({str(out)!r} + '.tmp', {str(out)!r})\n"
+            "while True: time.sleep(100)\n")
+    proc = procs.spawn([PY, "-c", code], cwd=str(work))
+    deadline = time.monotonic() + 10
+    while not out.exists():
+        assert proc.popen.poll() is None, (proc.log / "stderr").read_text()
+        assert time.monotonic() < deadline, "child never wrote its facts"
+        time.sleep(0.02)
+    return proc, json.loads(out.read_text())
+
+
+def dump(pid: int, out: Path, kill: bool = True) -> Path:
+    with LiveSource(pid) as src:
+        src.freeze()
+        tree.write_tree(src, str(out))
+    if kill:
+        os.kill(pid, signal.SIGKILL)
+        assert _procs.wait_gone(pid, 5)
+    return out
+
+
+def fd_dir(d: Path, pid: int, fd: int) -> Path:
+    return d / "tasks" / str(pid) / "fds" / str(fd)
+
+
+def grab(pid: int, fd: int) -> socket.socket:
+    return socket.socket(fileno=capture_files.grab_fd(pid, fd))
+
+
+def fdinfo_of(src, pid: int, fd: int):
+    return next(f for f in src.fdinfo(pid) if f.fd == fd)
+
+
+def drain(sk: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            m = sk.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return out
+        if not m:
+            return out
+        out.append(m)
+
+
+# -- capture and tree -------------------------------------------------------------------------
+def test_pairs_in_the_tree_and_the_queues_stay(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, PAIRS)
+    d = dump(proc.pid, tmp_path / "tree", kill=False)
+    f = lambda name, rel: (fd_dir(d, proc.pid, fx[name]) / rel).read_bytes()  # noqa: E731
+    ino = {n: os.stat(f"/proc/{proc.pid}/fd/{fd}").st_ino for n, fd in fx.items()}
+    assert f("sa", "family") == b"unix\n" and f("sa", "sock_type") == b"stream\n"
+    assert f("sa", "inode") == f"{ino['sa']}\n".encode()
+    assert f("sa", "peer") == f"{ino['sb']}\n".encode() and f("sb", "peer") == f"{ino['sa']}\n".encode()
+    assert f("sa", "state") == b"established\n"
+    assert f("sa", "queue/0") == b"to b" and f("sb", "queue/0") == b"A" * 3000
+    assert not (fd_dir(d, proc.pid, fx["db"]) / "queue").exists()     # nothing waits there
+    dq = fd_dir(d, proc.pid, fx["da"]) / "queue"
+    assert sorted(os.listdir(dq)) == ["0", "1", "2"]                # boundaries kept
+    assert [(dq / n).read_bytes() for n in "012"] == [b"1", b"22" * 350, b"3" * 5000]
+    assert f("qa", "shutdown") == b"read\n" and f("qb", "shutdown") == b"write\n"
+    assert f("qa", "queue/0") == b"first" and f("qa", "queue/1") == b"second"
+    # nothing was consumed, and the sockets' own peek offsets are back to "off"
+    for name, want in (("sa", [b"to b"]), ("da", [b"1", b"22" * 350, b"3" * 5000])):
+        sk = grab(proc.pid, fx[name])
+        assert sk.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) == -1
+        assert drain(sk) == want
+        sk.close()
+
+
+def test_tree_reads_back_what_was_rendered(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, PAIRS + LISTENERS.replace("FACTS =", "FACTS2 =")
+                        + "\nFACTS.update(FACTS2)\n")
+    with LiveSource(proc.pid) as live:
+        live.freeze()
+        tree.write_tree(live, str(tmp_path / "tree"))
+        want = {fd: tree.fd_values(live, fdinfo_of(live, proc.pid, fd)) for fd in fx.values()
+                if isinstance(fd, int) and fd > 2 and fd < 1000}
+    ts = tree.TreeSource(str(tmp_path / "tree"))
+    assert not ts.unsupported()
+    for fd, values in want.items():
+        got = tree.fd_values(ts, fdinfo_of(ts, proc.pid, fd))
+        assert {k: v for k, v in got.items() if k != "open_file"} == \
+               {k: v for k, v in values.items() if k != "open_file"}, fd
+
+
+@given(st.binary(min_size=1, max_size=100))
+def test_unix_names_round_trip(raw):
+    for name in (b"\0" + raw, raw.replace(b"\0", b"") + b"\0"):
+        if name == b"\0":
+            continue
+        text = sockets.render_name(name)
+        assert "\n" not in text and sockets.parse_name(text) == name
+
+
+def test_listeners_in_the_tree(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, LISTENERS)
+    d = dump(proc.pid, tmp_path / "tree", kill=False)
+    t, u, a, v6 = (fd_dir(d, proc.pid, fx[n]) for n in ("t", "u", "a", "v6"))
+    assert (t / "state").read_text() == "listen\n" and (t / "backlog").read_text() == "7\n"
+    assert (t / "src_addr").read_text() == "127.0.0.1\n"
+    assert (t / "src_port").read_text() == f"{fx['port']}\n" and (t / "opts/reuseaddr").read_text() == "1\n"
+    assert not (t / "dst_addr").exists()
+    assert (u / "name").read_text() == "here.sock\n"
+    assert (u / "name_dir").read_text() == f"{tmp_path / 'work'}\n"
+    assert (u / "perms/mode").read_text() == "0140600\n" and (u / "backlog").read_text() == "3\n"
+    assert (a / "name").read_text() == f"@ckptfs-test-{proc.pid}\n"
+    assert (a / "sock_type").read_text() == "seqpacket\n"
+    assert (v6 / "family").read_text() == "inet6\n" and (v6 / "src_addr").read_text() == "::1\n"
+    assert (v6 / "proto").read_text() == "udp\n" and (v6 / "state").read_text() == "close\n"
+
+
+# -- restore: the sockets the restorer makes --------------------------------------------------
+def made(ts, pid: int, fd: int, maker=None) -> socket.socket:
+    maker = maker or rsk.Sockets(ts)
+    fdi = fdinfo_of(ts, pid, fd)
+    return socket.socket(fileno=maker.make(ts.file(fdi.id), f"tasks/{pid}/fds/{fd}"))
+
+
+def test_pairs_made_again_with_their_queues(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, PAIRS)
+    ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
+    maker = rsk.Sockets(ts)
+    try:
+        s = {n: made(ts, proc.pid, fx[n], maker) for n in fx}
+    finally:
+        maker.close()
+    assert drain(s["sa"]) == [b"to b"]
+    assert b"".join(drain(s["sb"])) == b"A" * 3000
+    assert drain(s["da"]) == [b"1", b"22" * 350, b"3" * 5000]       # one recv per message
+    assert drain(s["qa"]) == [b"first", b"second"]                   # then end of file
+    assert s["qa"].recv(10, socket.MSG_DONTWAIT) == b""
+    with pytest.raises(BrokenPipeError):
+        s["qb"].send(b"x", socket.MSG_NOSIGNAL)
+    s["sa"].send(b"ping")
+    assert s["sb"].recv(10) == b"ping"                               # the two ends are a pair
+    old = int((fd_dir(tmp_path / "tree", proc.pid, fx["sa"]) / "inode").read_text())
+    assert os.fstat(s["sa"].fileno()).st_ino != old                  # a new socket
+    for sk in s.values():
+        sk.close()
+
+
+def test_listeners_made_again(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, LISTENERS)
+    ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
+    assert (tmp_path / "work" / "here.sock").exists()          # the dead original's file
+    s = {n: made(ts, proc.pid, fx[n]) for n in ("t", "u", "a", "v6")}
+    try:
+        assert s["t"].getsockname() == ("127.0.0.1", fx["port"])
+        assert s["t"].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert s["u"].getsockname() == "here.sock"               # bound by its relative name
+        assert os.stat(tmp_path / "work" / "here.sock").st_mode & 0o7777 == 0o600
+        assert s["v6"].getsockname()[:2] == ("::1", fx["v6port"])
+        for name, family, addr in (("t", socket.AF_INET, ("127.0.0.1", fx["port"])),
+                                   ("u", socket.AF_UNIX, str(tmp_path / "work" / "here.sock"))):
+            c = socket.socket(family)
+            c.connect(addr)
+            conn, _ = s[name].accept()
+            c.send(b"hi")
+            assert conn.recv(2) == b"hi"
+            conn.close()
+            c.close()
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        c.connect(b"\0ckptfs-test-%d" % proc.pid)
+        c.close()
+    finally:
+        for sk in s.values():
+            sk.close()
+
+
+def test_frozen_original_listener_is_handed_over(procs, tmp_path):
+    """Same host, original frozen (a move in progress): the listener is the original socket
+    (its port is not free, and connections waiting in its backlog come along)."""
+    proc, fx = py_child(procs, tmp_path, LISTENERS)
+    waiting = socket.create_connection(("127.0.0.1", fx["port"]))
+    with LiveSource(proc.pid) as live:
+        live.freeze()
+        tree.write_tree(live, str(tmp_path / "tree"))
+        ts = tree.TreeSource(str(tmp_path / "tree"))
+        sk = made(ts, proc.pid, fx["t"])
+        assert os.fstat(sk.fileno()).st_ino == os.stat(f"/proc/{proc.pid}/fd/{fx['t']}").st_ino
+        conn, _ = sk.accept()
+        waiting.send(b"x")
+        assert conn.recv(1) == b"x"
+        conn.close()
+        sk.close()
+    waiting.close()
+
+
+# -- refusals: before anything is made, naming the socket -------------------------------------
+def problems_of(ts, pid: int, fd: int) -> list[str]:
+    return rsk.problems(ts, ts.file(fdinfo_of(ts, pid, fd).id))
+
+
+def test_connected_tcp_is_refused_with_its_addresses(procs, tmp_path):
+    body = LISTENERS + """
+c = socket.create_connection(("127.0.0.1", FACTS["port"])); s, _ = t.accept()
+FACTS.update(c=c.fileno(), cport=c.getsockname()[1])
+"""
+    proc, fx = py_child(procs, tmp_path, body)
+    ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
+    found = problems_of(ts, proc.pid, fx["c"])
+    assert found and f"tcp 127.0.0.1:{fx['cport']} -> 127.0.0.1:{fx['port']}" in found[0]
+    assert "connected TCP socket" in found[0]
+    with pytest.raises(RestoreFailed) as e:
+        made(ts, proc.pid, fx["c"])
+    assert f"fds/{fx['c']}" in str(e.value)
+
+
+def test_port_in_use_is_refused(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, LISTENERS)
+    ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", fx["port"]))
+    squatter.listen(1)
+    try:
+        found = problems_of(ts, proc.pid, fx["t"])
+        assert found == [f"address tcp 127.0.0.1:{fx['port']} is in use on this host"]
+    finally:
+        squatter.close()
+    assert problems_of(ts, proc.pid, fx["t"]) == []
+
+
+def test_bad_trees_are_refused(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, PAIRS + LISTENERS.replace("FACTS =", "FACTS2 =")
+                        + "\nFACTS.update(FACTS2)\n")
+    d = dump(proc.pid, tmp_path / "tree")
+    (fd_dir(d, proc.pid, fx["sa"]) / "peer").write_text("12345\n")       # a peer not in the tree
+    os.unlink(tmp_path / "work" / "here.sock")
+    (tmp_path / "work" / "here.sock").write_text("not a socket")
+    (fd_dir(d, proc.pid, fx["da"]) / "opts" / "nosuch").write_text("1\n")
+    with pytest.raises(Exception) as e:
+        tree.TreeSource(str(d))
+    assert "nosuch" in str(e.value) and "opts" in str(e.value)
+    os.unlink(fd_dir(d, proc.pid, fx["da"]) / "opts" / "nosuch")
+    ts = tree.TreeSource(str(d))
+    assert "peer socket 12345 is not in the tree" in problems_of(ts, proc.pid, fx["sa"])[0]
+    assert "exists and is not a socket file" in problems_of(ts, proc.pid, fx["u"])[0]
+
+
+# -- CRIU images --------------------------------------------------------------------------------
+needs_crit = pytest.mark.skipif(not os.path.exists("/usr/bin/crit"), reason="crit not installed")
+
+
+@needs_crit
+def test_criu_images_carry_sockets_and_queues(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, PAIRS + LISTENERS.replace("FACTS =", "FACTS2 =")
+                        + "\nFACTS.update(FACTS2)\n")
+    d = dump(proc.pid, tmp_path / "tree")
+    ts = tree.TreeSource(str(d))
+    criu.export(ts, tmp_path / "img")
+    for name in ("files.img", "sk-queues.img"):
+        img = tmp_path / "img" / name
+        js = subprocess.run(["/usr/bin/crit", "decode", "-i", str(img)], capture_output=True,
+                            check=True).stdout
+        back = subprocess.run(["/usr/bin/crit", "encode", "-o", str(tmp_path / (name + ".crit"))],
+                              input=js, capture_output=True)
+        assert back.returncode == 0, back.stderr
+        assert (tmp_path / (name + ".crit")).read_bytes() == img.read_bytes(), name
+    entries = json.loads(subprocess.run(["/usr/bin/crit", "decode", "-i",
+                                         str(tmp_path / "img" / "sk-queues.img")],
+                                        capture_output=True, check=True).stdout)["entries"]
+    assert [e["length"] for e in entries if e["id_for"] == fdinfo_of(ts, proc.pid, fx["da"]).id] \
+        == [1, 700, 5000]
+    with criu.ImageSource(tmp_path / "img") as img:
+        for fd in (fx["sa"], fx["sb"], fx["da"], fx["qa"], fx["t"], fx["u"], fx["a"], fx["v6"]):
+            want = tree.fd_values(ts, fdinfo_of(ts, proc.pid, fd))
+            got = tree.fd_values(img, fdinfo_of(img, proc.pid, fd))
+            assert {k: v for k, v in got.items() if k != "open_file"} == \
+                   {k: v for k, v in want.items() if k != "open_file"}, fd
