@@ -4,6 +4,11 @@ The round trips are the proof: every image we write must survive `crit decode | 
 byte for byte (crit 3.17 drops fields it does not know; those are accounted for explicitly),
 crit's explorers must follow the cross-file references, and ImageSource must give back
 exactly what the exporting source gave.
+
+The images come from a real process tree (tests/zdtm/criu_mix.c, see tests/helpers/criu_mix.py)
+frozen and exported once per module by LiveSource + criu.export; what the frozen source
+answered is recorded for comparison. States a real process cannot be in (an image missing,
+a field cleared, a corrupt entry) are made by editing a copy of that real dump.
 """
 import base64
 import dataclasses
