@@ -760,24 +760,45 @@ def test_zombie_keeps_only_its_core(zdtm_bin, procs, tmp_path):
     assert zdtm.check(run.pid, run.result, proc=run.proc) == "PASS"
 
 
-def test_images_restore_the_whole_shape(zdtm_bin, procs, tmp_path):
+def _flip_big_byte(images: Path, lay: mix_.Layout, offset: int) -> None:
+    """Change one byte of the big region in the root's pages file."""
+    msgs = criu.read_image(images / f"pagemap-{lay.root}.img")[1]
+    pos = 0
+    for e in msgs[1:]:
+        if e.vaddr == lay.big:
+            break
+        pos += e.nr_pages * PG
+    with open(images / f"pages-{msgs[0].pages_id}.img", "r+b") as f:
+        f.seek(pos + offset)
+        old = f.read(1)
+        f.seek(pos + offset)
+        f.write(bytes([old[0] ^ 0xff]))
+
+
+@pytest.mark.parametrize("damage", [None, 0x64001])
+def test_images_restore_the_whole_shape(zdtm_bin, procs, tmp_path, damage):
     """The proof that the images are complete: criu_mix (with its zombie, in its own UTS
     namespace) exported, killed, restored by ckptfs from the CRIU images alone (new pids),
-    passes its own check: memory, shared map, pipe, file offset, masks, zombie, hostname."""
+    passes its own check: memory, shared map, pipe, file offset, masks, zombie, hostname.
+    With one byte of its memory changed in pages-N.img, the restored process says which."""
     from ckptfs.restore import restore
     run = mix_.start(zdtm_bin, tmp_path / "work", procs, CRIU_MIX_ZOMBIE="1",
                      CRIU_MIX_HOSTNAME=HOSTNAME)
+    lay = mix_.layout(run)
     rec = mix_.dump(run.pid, tmp_path / "img")
     pids = [e.pid for e in rec.pstree]
     for pid in reversed(pids):
         os.kill(pid, signal.SIGKILL)
     assert run.proc.wait() == -signal.SIGKILL
     assert all(_procs.wait_gone(pid, 5) for pid in pids)
+    if damage is not None:
+        _flip_big_byte(tmp_path / "img", lay, damage)
     result = restore(str(tmp_path / "img"))
     for pid in result.pids.values():
         procs.adopt(pid)
     assert sorted(result.pids) == sorted(pids) and result.cgroups == []
-    assert zdtm.check(result.root, run.result) == "PASS"
+    want = "PASS" if damage is None else f"FAIL: big region byte {damage & ~7} changed"
+    assert zdtm.check(result.root, run.result) == want
 
 
 def test_export_refuses_running_source(mix, tmp_path):
