@@ -335,3 +335,44 @@ def test_criu_images_carry_sockets_and_queues(procs, tmp_path):
             got = tree.fd_values(img, fdinfo_of(img, proc.pid, fd))
             assert {k: v for k, v in got.items() if k != "open_file"} == \
                    {k: v for k, v in want.items() if k != "open_file"}, fd
+
+
+# -- side item: a FIFO restored next to its frozen original -----------------------------------
+FIFO = """
+os.mkfifo("f")
+r = os.open("f", os.O_RDONLY | os.O_NONBLOCK); w = os.open("f", os.O_WRONLY)
+os.write(w, b"saved bytes")
+FACTS = {"r": r, "w": w}
+"""
+
+
+def fionread(fd: int) -> int:
+    import fcntl
+    import termios
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+def test_fifo_next_to_its_frozen_original_is_not_filled_twice(procs, tmp_path):
+    from ckptfs.restore.files import FileTable
+    proc, fx = py_child(procs, tmp_path, FIFO)
+    with LiveSource(proc.pid) as live:
+        live.freeze()
+        tree.write_tree(live, str(tmp_path / "tree"))
+        ts = tree.TreeSource(str(tmp_path / "tree"))
+        table = FileTable(ts, log=lambda m: None)
+        try:
+            fd = table.description(fdinfo_of(ts, proc.pid, fx["r"]).id, where="fds/r")
+            assert fionread(fd) == len(b"saved bytes")          # the same pipe: queued once
+        finally:
+            table.close()
+        extra = os.open(str(tmp_path / "work" / "f"), os.O_WRONLY | os.O_NONBLOCK)
+        os.write(extra, b"+")
+        os.close(extra)
+        table = FileTable(ts, log=lambda m: None)
+        try:
+            with pytest.raises(RestoreFailed, match="already holds 12 bytes"):
+                table.description(fdinfo_of(ts, proc.pid, fx["r"]).id, where="fds/r")
+        finally:
+            table.close()

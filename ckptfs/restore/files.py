@@ -15,6 +15,7 @@ import tempfile
 
 from .. import flags as F
 from ..errors import KernelError, RestoreFailed
+from ..capture import files as capture_files
 from .sockets import Sockets
 
 O_ACCMODE = 3
@@ -149,7 +150,9 @@ class FileTable:
                                                               | os.O_NONBLOCK, where, "open fifo"))
         if ("fifo-data", pipe_id) not in self._by_key:
             self._by_key[("fifo-data", pipe_id)] = os.dup(keep)
-            self._fill(keep, self.source.pipe_data(pipe_id), where)
+            data = self.source.pipe_data(pipe_id)
+            if not _fifo_holds(keep, data, reg.name, where):
+                self._fill(keep, data, where)
         return _open(f"/proc/self/fd/{keep}", (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
                      "open fifo")
 
@@ -161,6 +164,17 @@ class FileTable:
         if made or os.fstat(fd).st_size < size:
             os.ftruncate(fd, max(size, os.fstat(fd).st_size))
         return fd, made
+
+
+def _fifo_holds(fd: int, data: bytes, name: str, where: str) -> bool:
+    """True if the FIFO already holds exactly `data`: it is the original's own pipe (same
+    host, the original frozen with it open), so queueing the bytes again would double them.
+    Bytes of its own that are not the saved ones are refused rather than mixed with them."""
+    held = capture_files.pipe_peek(f"/proc/self/fd/{fd}")
+    if held == data or not held:
+        return bool(held)
+    raise RestoreFailed(f"FIFO {name} already holds {len(held)} bytes that are not the "
+                        f"{len(data)} saved ones", path=where, step="fifo data")
 
 
 def _open(path: str, flags: int, where: str, step: str) -> int:

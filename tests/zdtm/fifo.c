@@ -1,4 +1,3 @@
-// zdtm-known: cp: same host, source still frozen: the named FIFO is one kernel pipe shared by the original and the copy, so its data is queued twice
 /*
  * fifo: a named FIFO with 777 known bytes queued, its read and write ends open here.
  */
