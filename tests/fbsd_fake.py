@@ -16,7 +16,8 @@ from ckptfs import flags as L
 from ckptfs.errors import KernelError
 from ckptfs.oskit import freebsd as O
 from ckptfs.restore import freebsd as RF
-from ckptfs.translate.freebsd import regs as G
+from ckptfs.translate import LossLog
+from ckptfs.translate.freebsd import flags as FF, regs as G
 
 HELPER_CODE = (0x7ffff7ff0000, 0x7ffff7ff1000)    # r-x
 HELPER_DATA = (0x7ffff7fe0000, 0x7ffff7fe2000)    # rw- (the helper's stack)
@@ -26,8 +27,61 @@ for _v in L.OPEN_FLAGS.values():
     LINUX_OPEN_BITS |= _v
 LINUX_CLONE_OK = {RF.CLONE_THREAD_FLAGS}          # what linux_clone_thread is given here
 PAGE = 4096
+RLIM_INFINITY = (1 << 64) - 1
 PIPE_SIZE, BIG_PIPE_SIZE, PIPE_MINDIRECT = 16384, 65536, 8192     # sys/sys/pipe.h
 SCRATCH_BASE = 0x200000000                        # where mmap without MAP_FIXED puts things
+KF_BITS = (("APPEND", "O_APPEND"), ("NONBLOCK", "O_NONBLOCK"), ("ASYNC", "O_ASYNC"),
+           ("DIRECT", "O_DIRECT"))                # kinfo_file flag <- Linux open flag
+
+
+class Mem:
+    """A process's memory as the kernel keeps it: pages, zero until written. A fork copies."""
+    def __init__(self, pages=None):
+        self.pages = {k: bytearray(v) for k, v in (pages or {}).items()}
+
+    def write(self, addr, data):
+        pos = 0
+        while pos < len(data):
+            page, at = (addr + pos) & ~(PAGE - 1), (addr + pos) % PAGE
+            n = min(PAGE - at, len(data) - pos)
+            self.pages.setdefault(page, bytearray(PAGE))[at:at + n] = data[pos:pos + n]
+            pos += n
+
+    def read(self, addr, size):
+        out, pos = bytearray(), 0
+        while pos < size:
+            page, at = (addr + pos) & ~(PAGE - 1), (addr + pos) % PAGE
+            n = min(PAGE - at, size - pos)
+            out += self.pages.get(page, bytes(PAGE))[at:at + n]
+            pos += n
+        return bytes(out)
+
+    def drop(self, start, end):
+        for page in [p for p in self.pages if start <= p < end]:
+            del self.pages[page]
+
+    def copy(self):
+        return Mem(self.pages)
+
+
+class Map:
+    """One vm_map entry: [start, end), protection, backing (anonymous or a file)."""
+    def __init__(self, start, end, prot, path="", offset=0, private=True, grows_down=False):
+        self.start, self.end, self.prot, self.path = start, end, prot, path
+        self.offset, self.private, self.grows_down = offset, private, grows_down
+
+    def cut(self, start, end):
+        """This entry without [start, end): 0, 1 or 2 entries."""
+        out = []
+        if self.start < start:
+            out.append(Map(self.start, min(self.end, start), self.prot, self.path,
+                           self.offset, self.private, self.grows_down))
+        if end < self.end:
+            at = max(self.start, end)
+            out.append(Map(at, self.end, self.prot, self.path,
+                           self.offset + (at - self.start) if self.path else 0, self.private,
+                           self.grows_down))
+        return out
 
 
 class Pipe:
@@ -58,8 +112,18 @@ class Proc:
     def __init__(self, pid, fds=None, maps=None, mem=None):
         self.pid, self.fds = pid, dict(fds or {})
         self.cloexec = {}
-        self.maps = list(maps or [])                # [start, end, prot]
-        self.mem = dict(mem or {})
+        self.maps = [m if isinstance(m, Map) else Map(*m) for m in (maps or [])]
+        self.mem = mem if isinstance(mem, Mem) else Mem()
+        for addr, data in (mem or {}).items() if isinstance(mem, dict) else ():
+            self.mem.write(addr, data)
+        self.regs_of = {}                            # unused
+        self.fsbase, self.gsbase, self.masks, self.names = {}, {}, {}, {}
+        self.cwd, self.root, self.umask, self.text = "/", "/", 0o22, "/usr/local/libexec/ckptfs/linux-helper"
+        self.limits = {i: (RLIM_INFINITY, RLIM_INFINITY) for i in range(16)}
+        self.limits[7] = (1024, 1 << 20)             # RLIMIT_NOFILE, as a jail's default
+        self.creds = dict(uid=0, ruid=0, svuid=0, rgid=0, svgid=0, groups=(0,))
+        self.comm, self.ppid = "linux-helper", 1
+        self.auxv = [6, 4096, 0, 0]                  # AT_PAGESZ 4096, AT_NULL
         self.lwps = {pid: None}                     # lwp -> regs bytes
         self.suspended, self.pending_stops = set(), []
         self.attached, self.follow = False, False
@@ -68,6 +132,7 @@ class Proc:
         self.sigactions = {}                         # Linux signal -> (handler, flags, restorer, mask)
         self.sigmask = (0, 0, 0, 0)                  # FreeBSD sigset_t words
         self.jid = 0
+        self.scratch = HELPER_CODE[0]
 
 
 class FakeFreeBSD:
@@ -169,34 +234,42 @@ class FakeFreeBSD:
         p = self._traced(pid, "PT_DETACH")
         if p.suspended:
             raise AssertionError(f"detach with lwps {p.suspended} still suspended")
-        if p.mem.get(HELPER_CODE[0], b"")[:3] == RF.TRAP_CODE:
+        if p.mem.read(p.scratch, 3) == RF.TRAP_CODE:
             raise AssertionError(f"pid {pid} detached with the trap code still in place")
         p.attached = False
         self.log.append(("detach", pid))
 
     def vmmap(self, pid):
         p = self.procs[pid]
-        return [O.VmEntry(s, e, 0, "default", prot, 0, 0, "") for s, e, prot in p.maps]
-
-    def filedesc(self, pid):
-        p = self.procs[pid]
-        return [O.FileEntry(fd, kind, 1, 0, path) for fd, (kind, path, *_) in sorted(p.fds.items())]
+        out = []
+        for m in sorted(p.maps, key=lambda m: m.start):
+            flags = (O.KVME_FLAG["COW"] if m.private else 0) | \
+                (O.KVME_FLAG["GROWS_DOWN"] if m.grows_down else 0)
+            out.append(O.VmEntry(m.start, m.end, m.offset, "vnode" if m.path else "default",
+                                 m.prot, flags, 0, m.path))
+        return out
 
     def _mapped(self, p, addr, size):
-        return any(s <= addr and addr + size <= e for s, e, _ in p.maps)
+        end, pos = addr + size, addr              # covered by maps without a hole
+        for m in sorted(p.maps, key=lambda m: m.start):
+            if m.start <= pos < m.end:
+                pos = m.end
+        return pos >= end
 
     def read_memory(self, pid, addr, size):
         p = self._traced(pid, "PT_IO read")
         if not self._mapped(p, addr, size):
             self._err(f"PT_IO read {addr:#x}+{size}", errno.EFAULT, pid)
-        return bytes(p.mem.get(addr, b"")[:size]).ljust(size, b"\0")
+        return p.mem.read(addr, size)
 
     def write_memory(self, pid, addr, data):
         p = self._traced(pid, "PT_IO write")
         if not self._mapped(p, addr, len(data)):
             self._err(f"PT_IO write {addr:#x}+{len(data)}", errno.EFAULT, pid)
-        p.mem[addr] = bytes(data)
-        if addr >= HELPER_DATA[0] and addr < HELPER_DATA[1] or addr == HELPER_CODE[0]:
+        p.mem.write(addr, bytes(data))
+        if bytes(data) == RF.TRAP_CODE:
+            p.scratch = addr                         # where the injector runs its calls
+        if addr >= HELPER_DATA[0] and addr < HELPER_DATA[1] or addr == p.scratch:
             return                                   # argument/trap traffic: not logged
         self.log.append(("write", pid, addr, len(data)))
 
@@ -212,13 +285,14 @@ class FakeFreeBSD:
         if r["r_cs"] != 0x43 or r["r_ss"] != 0x3b:  # amd64 set_regs: CS_SECURE/ selectors
             self._err("PT_SETREGS", errno.EINVAL, lwp)
         p.lwps[lwp] = raw
-        if lwp != p.pid or r["r_rip"] != HELPER_CODE[0]:
+        if lwp != p.pid or r["r_rip"] != p.scratch:
             self.log.append(("setregs", lwp, r["r_rip"]))
 
     def cont(self, pid, sig):
         p = self._traced(pid, "PT_CONTINUE")
         r = G.unpack(p.lwps[pid])
-        if r["r_rip"] != HELPER_CODE[0] or p.mem.get(HELPER_CODE[0], b"")[:3] != RF.TRAP_CODE:
+        if r["r_rip"] != p.scratch or p.mem.read(p.scratch, 3) != RF.TRAP_CODE or \
+                not any(m.start <= p.scratch < m.end and m.prot & 4 for m in p.maps):
             raise AssertionError(f"pid {pid} continued at {r['r_rip']:#x} without the trap")
         name = LINUX_NR.get(r["r_rax"])
         args = [r[a] for a in RF.ARG_REGS]
@@ -228,7 +302,7 @@ class FakeFreeBSD:
             result = -self.fail_on[1]
         else:
             result = getattr(self, "linux_" + name)(p, *args)
-        p.lwps[pid] = G.pack(dict(r, r_rax=result & G.U64, r_rip=HELPER_CODE[0] + 3))
+        p.lwps[pid] = G.pack(dict(r, r_rax=result & G.U64, r_rip=p.scratch + 3))
         p.pending_stops.insert(0, 0x57f)           # SIGTRAP at the int3
 
     def wait(self, pid):
@@ -241,8 +315,24 @@ class FakeFreeBSD:
         p = self._traced(lwp, "PT_LWPINFO")
         flags = p.lwpflags.pop(lwp, 0) if hasattr(p, "lwpflags") else 0
         # the record goes through its real layout, as PT_LWPINFO would copy it out
-        return O.parse_lwpinfo(O.pack_lwpinfo(O.LwpInfo(lwp, 1, flags, p.sigmask, (0,) * 4,
-                                                        "helper", 0)))
+        mask = p.masks.get(lwp, p.sigmask)
+        return O.parse_lwpinfo(O.pack_lwpinfo(O.LwpInfo(lwp, 1, flags, mask, (0,) * 4,
+                                                        p.names.get(lwp, p.comm[:19]), 0)))
+
+    def filedesc(self, pid):
+        """kinfo_file records: descriptors with KF_FLAG bits, then cwd (-1), root (-2) and the
+        executable (-5)."""
+        p = self.procs[pid]
+        out = []
+        for fd, d in sorted(p.fds.items()):
+            if not isinstance(d, Desc):                      # a test's hand-made entry
+                out.append(O.FileEntry(fd, d[0], 1, 0, d[1]))
+                continue
+            acc = {0: 1, 1: 2, 2: 3}.get(d.flags & 3, 3)
+            kf = acc | sum(O.KF_FLAG[k] for k, lin in KF_BITS if d.flags & L.OPEN_FLAGS[lin])
+            out.append(O.FileEntry(fd, d.kind, kf, d.pos, d.path))
+        return out + [O.FileEntry(-1, "vnode", 1, 0, p.cwd), O.FileEntry(-2, "vnode", 1, 0, p.root),
+                      O.FileEntry(-5, "vnode", 1, 0, p.text)]
 
     def proc_jid(self, pid):
         return self.procs[pid].jid
@@ -260,12 +350,10 @@ class FakeFreeBSD:
         return [r for r in self.rules if r.startswith(filter_ + ":")]
 
     def get_fsbase(self, lwp):
-        self._traced(lwp, "PT_GETFSBASE")
-        return 0x7f00aa000000
+        return self._traced(lwp, "PT_GETFSBASE").fsbase.get(lwp, 0x7f00aa000000)
 
     def get_gsbase(self, lwp):
-        self._traced(lwp, "PT_GETGSBASE")
-        return 0
+        return self._traced(lwp, "PT_GETGSBASE").gsbase.get(lwp, 0)
 
     def suspend(self, lwp):
         self._traced(lwp, "PT_SUSPEND").suspended.add(lwp)
@@ -282,10 +370,13 @@ class FakeFreeBSD:
         self._traced(lwp, "PT_SETFSBASE")
         if v >= 1 << 47:
             self._err("PT_SETFSBASE", errno.EINVAL, lwp)
+        self._traced(lwp, "PT_SETFSBASE").fsbase[lwp] = v
         self.log.append(("fsbase", lwp, v))
 
     def set_gsbase(self, lwp, v):
-        self._traced(lwp, "PT_SETGSBASE")
+        if v >= 1 << 47:                         # cpu_ptrace: rv >= sv_maxuser
+            self._err("PT_SETGSBASE", errno.EINVAL, lwp)
+        self._traced(lwp, "PT_SETGSBASE").gsbase[lwp] = v
         self.log.append(("gsbase", lwp, v))
 
     # FPU. sys/amd64/amd64/ptrace_machdep.c cpu_ptrace_xstate + amd64/fpu.c fpusetregs /
@@ -359,8 +450,10 @@ class FakeFreeBSD:
 
     # -- injected Linux system calls (Linux numbers, flags, errnos) -------------------------
     def _string(self, p, addr):
-        raw = p.mem.get(addr)
-        if raw is None or b"\0" not in raw:
+        if not self._mapped(p, addr, 1):
+            return None
+        raw = p.mem.read(addr, 4096)
+        if b"\0" not in raw:
             return None
         return raw.split(b"\0", 1)[0].decode()
 
@@ -381,10 +474,7 @@ class FakeFreeBSD:
     # O_WRONLY one for a reader (ENXIO if O_NONBLOCK); O_RDWR never waits.
     def _read(self, p, addr, n):
         """n bytes the helper holds at addr (written earlier with PT_IO), or None."""
-        for start, raw in p.mem.items():
-            if start <= addr and addr + n <= start + len(raw):
-                return bytes(raw[addr - start:addr - start + n])
-        return None
+        return p.mem.read(addr, n) if self._mapped(p, addr, n) else None
 
     def _node(self, path, create_mode=None):
         if path in self.fs:
@@ -488,7 +578,7 @@ class FakeFreeBSD:
     def linux_pipe2(self, p, addr, flags, *_):
         if flags & ~(L.O_CLOEXEC | L.OPEN_FLAGS["O_NONBLOCK"]):
             return -errno.EINVAL
-        if not any(s <= addr < e and prot & 2 for s, e, prot in p.maps):
+        if not any(m.start <= addr < m.end and m.prot & 2 for m in p.maps):
             return -errno.EFAULT
         pipe = Pipe(len(self.pipes))
         self.pipes[pipe.id] = pipe
@@ -497,7 +587,7 @@ class FakeFreeBSD:
         w = self._install(p, Desc("pipe", f"pipe:{pipe.id}:w", 1 | keep, pipe=pipe,
                                   writes=True))
         pipe.readers, pipe.writers = 1, 1
-        p.mem[addr] = struct.pack("<ii", r, w)
+        p.mem.write(addr, struct.pack("<ii", r, w))
         self._linux(p.pid, "pipe2", pipe.id, flags)
         return 0
 
@@ -582,65 +672,106 @@ class FakeFreeBSD:
         p.fds[fd].node.mode = mode & 0o7777
         return 0
 
+    def _place(self, p, new):
+        """Map `new`, replacing whatever was in its range (MAP_FIXED semantics)."""
+        p.maps = [piece for m in p.maps for piece in
+                  ([m] if m.end <= new.start or new.end <= m.start else m.cut(new.start, new.end))]
+        p.maps.append(new)
+        p.mem.drop(new.start, new.end)
+
     def linux_mmap(self, p, addr, length, prot, flags, fd, off):
-        if addr % PAGE or length % PAGE or not length or not flags & 3:
+        if addr % PAGE or length % PAGE or not length or not flags & 3 or off % PAGE:
             return -errno.EINVAL
-        if not flags & RF.MAP_ANON and G.signed(fd) not in p.fds:
-            return -errno.EBADF
+        path = ""
+        if not flags & RF.MAP_ANON:
+            if G.signed(fd) not in p.fds or p.fds[G.signed(fd)].kind != "vnode":
+                return -errno.EBADF
+            desc = p.fds[G.signed(fd)]
+            if flags & 1 and prot & 2 and desc.flags & 3 != 2:
+                return -errno.EACCES                 # a shared writable map needs O_RDWR
+            path = desc.path
         if not flags & RF.MAP_FIXED:                 # the kernel picks a free place
             addr = self.next_map
             self.next_map += length + PAGE
-        p.maps.append([addr, addr + length, prot])
+        self._place(p, Map(addr, addr + length, prot, path, off if path else 0,
+                           private=not flags & 1, grows_down=bool(flags & 0x100)))
         self._linux(p.pid, "mmap", addr, length, flags & 0xff)
         return addr
 
     def linux_mprotect(self, p, addr, length, prot, *_):
-        if not self._mapped(p, addr, length):
+        if addr % PAGE or not self._mapped(p, addr, length):
             return -errno.ENOMEM
+        end = addr + length
+        out = []
+        for m in p.maps:
+            if m.end <= addr or end <= m.start:
+                out.append(m)
+                continue
+            out += m.cut(addr, end)
+            lo, hi = max(m.start, addr), min(m.end, end)
+            out.append(Map(lo, hi, prot, m.path, m.offset + (lo - m.start) if m.path else 0,
+                           m.private, m.grows_down))
+        p.maps = out
         return 0
 
     def linux_munmap(self, p, addr, length, *_):
-        if addr % PAGE:
+        if addr % PAGE or not length:
             return -errno.EINVAL
-        inside = [m for m in p.maps if addr <= m[0] and m[1] <= addr + length]
-        if any(m[0] < addr + length and addr < m[1] for m in p.maps if m not in inside):
-            raise AssertionError("fake: a partial munmap is not modelled")
-        p.maps = [m for m in p.maps if m not in inside]
-        p.mem = {a: v for a, v in p.mem.items() if not addr <= a < addr + length}
+        end = addr + length
+        p.maps = [piece for m in p.maps for piece in
+                  ([m] if m.end <= addr or end <= m.start else m.cut(addr, end))]
+        p.mem.drop(addr, end)
         self._linux(p.pid, "munmap", addr, length)
         return 0
+
+    def _writable(self, p, addr, n):
+        return self._mapped(p, addr, n) and all(
+            m.prot & 2 for m in p.maps if m.start < addr + n and addr < m.end)
 
     def linux_rt_sigaction(self, p, sig, act, old, size, *_):
         if size != 8 or not 1 <= sig <= 64 or sig in (9, 19):
             return -errno.EINVAL
         if old:
-            if not any(s <= old < e and prot & 2 for s, e, prot in p.maps):
+            if not self._writable(p, old, 32):
                 return -errno.EFAULT
-            p.mem[old] = struct.pack("<4Q", *p.sigactions.get(sig, (0, 0, 0, 0)))
+            p.mem.write(old, struct.pack("<4Q", *p.sigactions.get(sig, (0, 0, 0, 0))))
         if act:
-            handler, flags, restorer, mask = struct.unpack("<4Q", p.mem[act][:32])
+            handler, flags, restorer, mask = struct.unpack("<4Q", p.mem.read(act, 32))
             p.sigactions[sig] = (handler, flags, restorer, mask)
             self._linux(p.pid, "rt_sigaction", sig, handler, flags)
         return 0
 
     def linux_rt_sigprocmask(self, p, how, new, old, size, *_):
+        """The calling thread's mask, kept in FreeBSD numbering as the Linuxulator does
+        (linux_to_bsd_sigset); SIGKILL and SIGSTOP cannot be blocked."""
         if size != 8 or how != 2:
             return -errno.EINVAL
-        self._linux(p.pid, "sigmask", struct.unpack("<Q", p.mem[new][:8])[0])
+        mask = struct.unpack("<Q", p.mem.read(new, 8))[0]
+        mask &= ~((1 << 8) | (1 << 18))
+        p.masks[p.pid] = FF.sigset_to_fbsd(mask, LossLog(), "fake")
+        self._linux(p.pid, "sigmask", mask)
         return 0
 
     def linux_fork(self, p, *_):
         if not p.follow:
             raise AssertionError("fork without PT_FOLLOW_FORK: the child would run untraced")
-        child = Proc(self.next_pid, None, [list(m) for m in p.maps], p.mem)
+        child = Proc(self.next_pid, None, [Map(m.start, m.end, m.prot, m.path, m.offset,
+                                               m.private, m.grows_down) for m in p.maps],
+                     p.mem.copy())
         self.next_pid += 1
         for fd, desc in p.fds.items():           # inherited: the same descriptions
             self._install(child, desc, fd=fd, cloexec=p.cloexec.get(fd, False))
         child.lwps = {child.pid: G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0,
-                                             r_rip=HELPER_CODE[0] + 3))}
+                                             r_rip=p.scratch + 3))}
+        child.scratch = p.scratch
         child.attached, child.follow = True, True
         child.pending_stops = [0x57f]
         child.lwpflags = {child.pid: O.PL_FLAG_CHILD}
+        child.masks = {child.pid: p.masks.get(p.pid, (0, 0, 0, 0))}
+        child.sigactions, child.ppid = dict(p.sigactions), p.pid
+        child.sid, child.pgid = p.sid or p.pid, p.pgid or p.pid
+        child.cwd, child.root, child.umask, child.comm = p.cwd, p.root, p.umask, p.comm
+        child.limits, child.creds = dict(p.limits), dict(p.creds)
         self.procs[child.pid] = child
         self._linux(p.pid, "fork", child.pid)
         return child.pid
@@ -651,6 +782,7 @@ class FakeFreeBSD:
         lwp = self.next_lwp
         self.next_lwp += 1
         p.lwps[lwp] = G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0, r_rsp=sp))
+        p.masks[lwp] = p.masks.get(p.pid, (0, 0, 0, 0))     # a new thread inherits the mask
         p.pending_stops.append(0x57f)                # the born lwp's stop
         p.lwpflags = getattr(p, "lwpflags", {})
         p.lwpflags[lwp] = O.PL_FLAG_BORN
@@ -668,40 +800,84 @@ class FakeFreeBSD:
         return 0
 
     def linux_chdir(self, p, addr, *_):
-        self._linux(p.pid, "chdir", self._string(p, addr))
+        path = self._string(p, addr)
+        if path is None:
+            return -errno.EFAULT
+        p.cwd = path
+        self._linux(p.pid, "chdir", path)
         return 0
 
     def linux_chroot(self, p, addr, *_):
-        self._linux(p.pid, "chroot", self._string(p, addr))
+        path = self._string(p, addr)
+        if path is None:
+            return -errno.EFAULT
+        p.root = path
+        self._linux(p.pid, "chroot", path)
         return 0
 
     def linux_umask(self, p, mask, *_):
+        old, p.umask = p.umask, mask & 0o777
         self._linux(p.pid, "umask", mask)
-        return 0o22
+        return old
 
     def linux_prlimit64(self, p, pid, res, new, old, *_):
         if pid != 0 or res >= 16:
             return -errno.EINVAL
         if old:
-            p.mem[old] = struct.pack("<QQ", 1 << 20, 1 << 20)    # the jail's limits
+            if not self._writable(p, old, 16):
+                return -errno.EFAULT
+            p.mem.write(old, struct.pack("<QQ", *p.limits[res]))
         if new:
-            cur, mx = struct.unpack("<QQ", p.mem[new][:16])
-            if mx > 1 << 20 or cur > mx:
+            cur, mx = struct.unpack("<QQ", p.mem.read(new, 16))
+            if mx > p.limits[res][1] or cur > mx:   # raising a hard limit: no privilege
                 return -errno.EPERM
+            p.limits[res] = (cur, mx)
             self._linux(p.pid, "prlimit64", res, cur, mx)
         return 0
 
+    def linux_prctl(self, p, option, arg, *_):
+        if option != RF.PR_SET_NAME:
+            return -errno.EINVAL
+        name = self._string(p, arg)
+        if name is None:
+            return -errno.EFAULT
+        p.comm = name[:15]                       # linux_prctl: the process's p_comm
+        self._linux(p.pid, "prctl_set_name", p.comm)
+        return 0
+
     def linux_setgroups(self, p, n, addr, *_):
+        groups = struct.unpack(f"<{n}I", p.mem.read(addr, 4 * n)) if n else ()
+        p.creds["groups"] = (p.creds["groups"][0],) + tuple(groups)   # cr_groups[0]: egid
         self._linux(p.pid, "setgroups", n)
         return 0
 
     def linux_setresgid(self, p, r, e, s, *_):
+        c = p.creds
+        c["rgid"], c["groups"], c["svgid"] = r, (e,) + tuple(c["groups"][1:]), s
         self._linux(p.pid, "setresgid", r, e, s)
         return 0
 
     def linux_setresuid(self, p, r, e, s, *_):
+        p.creds.update(ruid=r, uid=e, svuid=s)
         self._linux(p.pid, "setresuid", r, e, s)
         return 0
+
+    # -- what a FreeBSD capture reads ------------------------------------------------------
+    def kinfo_proc(self, pid):
+        p = self.procs.get(pid) or self._err("kern.proc.pid", errno.ESRCH, pid)
+        c = p.creds
+        rec = O.KinfoProc(p.pid, p.ppid, p.pgid or p.pid, p.sid or p.pid, c["uid"], c["ruid"],
+                          c["svuid"], c["rgid"], c["svgid"], tuple(c["groups"][:16]), 3,
+                          p.comm, p.comm[:16], "Linux ELF64", p.jid, len(p.lwps),
+                          len(c["groups"]) > 16)
+        return O.parse_kinfo_proc(O.pack_kinfo_proc(rec))     # through the real layout
+
+    def lwps(self, pid):
+        """PT_GETNUMLWPS then PT_GETLWPLIST: oldest thread first."""
+        return list(self._traced(pid, "PT_GETLWPLIST").lwps)
+
+    def auxv(self, pid):
+        return list(self.procs[pid].auxv)
 
 
 def spawn(kit):

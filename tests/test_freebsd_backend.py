@@ -187,8 +187,8 @@ def test_capture_sigactions_mask_and_isolation_through_the_fake():
     p.jid = jid
     p.sigactions[L.SIGNALS["SIGUSR1"]] = (0x401100, 0x04000000, 0x7f0000, 1 << 1)
     p.sigmask = (1 << 29, 0, 0, 0)                 # FreeBSD SIGUSR1 (30)
-    p.fds[-5] = ("vnode", "/bin/true")
-    regs, code = p.lwps[p.pid], p.mem[0x7ffff7ff0000]
+    p.text = "/bin/true"
+    regs, code = p.lwps[p.pid], p.mem.read(0x7ffff7ff0000, 3)
     src = CF.FreeBSDSource(p.pid, kit)
     core = src.core(p.pid)
     acts = list(core.tc.sigactions)
@@ -197,7 +197,7 @@ def test_capture_sigactions_mask_and_isolation_through_the_fake():
     assert (usr1.sigaction, usr1.flags, usr1.restorer, usr1.mask) == \
         (0x401100, 0x04000000, 0x7f0000, 2)
     assert core.tc.blk_sigset == 1 << (L.SIGNALS["SIGUSR1"] - 1)
-    assert p.lwps[p.pid] == regs and p.mem[0x7ffff7ff0000] == code     # put back
+    assert p.lwps[p.pid] == regs and p.mem.read(0x7ffff7ff0000, 3) == code     # put back
     assert core.thread_info.gpregs.cs == 0x33 and G.unpack(regs)["r_cs"] == 0x43
     iso = src.isolation()
     assert iso.hostname == "web1" and set(iso.own_namespaces) >= {"uts", "net", "mnt"}

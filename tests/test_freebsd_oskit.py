@@ -158,8 +158,18 @@ class FakeKit:
     def detach(self, pid, sig):
         self.log.append(("detach", pid))
 
+    def kinfo_proc(self, pid):
+        return O.parse_kinfo_proc(O.pack_kinfo_proc(O.KinfoProc(
+            pid, 1, pid, pid, 0, 0, 0, 0, 0, (0,), 3, "t", "t", "Linux ELF64", 0, 1, False)))
+
+    def lwps(self, pid):
+        return [pid]
+
+    def auxv(self, pid):
+        return [6, 4096, 0, 0]
+
     def vmmap(self, pid):
-        return O.parse_vmmap(kve(0x1000, 0x2000, 2, 5, 1, "/helper") +
+        return O.parse_vmmap(kve(0x1000, 0x2000, 2, 5, 1, getattr(self, "exe", "/helper")) +
                              kve(0x7f0000, 0x7f2000, 3, 3, 0x21))
 
     def filedesc(self, pid):

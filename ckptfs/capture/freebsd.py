@@ -14,8 +14,12 @@ registers and code put back afterwards; so they come out in Linux form directly.
 isolation() reads the process's jail (kern.proc.pid ki_jid, then jail_get) and its RCTL rules
 and maps them back with translate.freebsd.jail/rctl.
 
-Not read: credentials, per-page residency (no pagemap: every page of a private or anonymous
-map is saved).
+Threads: every lwp (PT_GETNUMLWPS + PT_GETLWPLIST), each with its registers, bases, XSAVE
+area, mask and name. Ids, credentials (kinfo_proc ki_uid/ruid/svuid/rgid/svgid/groups) and
+ki_comm from kern.proc.pid; rlimits and umask by injected Linux calls like the handlers; cwd,
+root and executable from kern.proc.filedesc's negative entries; mm bounds derived from the map
+(mm_fields). Not read: per-page residency (no pagemap: every page of a private or anonymous
+map is saved), queued pipe bytes, child processes.
 """
 from __future__ import annotations
 
@@ -65,79 +69,205 @@ def vma_entry(e) -> pb.vma_entry:
                         prot=e.prot & 7, flags=flags, status=status, fd=-1)
 
 
+NAMED_BASE = 1 << 20              # file ids of files known by name only (cwd, root, exe, maps)
+KF_CWD, KF_ROOT = -1, -2
+# Linux sees no capabilities under the Linuxulator (linux_prctl: "the capability sets are
+# simply always zero"), so that is what a capture reports.
+NO_CAPS = [0, 0]
+# the kinfo_proc ki_emul names of the two ABIs a process can have here
+EMUL_OS = (("Linux", "linux"), ("FreeBSD", "freebsd"))
+
+
 class FreeBSDSource(model.Source):
-    """A stopped (PT_ATTACHed) single-threaded process on FreeBSD, in Linux form."""
+    """A stopped (PT_ATTACHed) Linux-branded process on FreeBSD, every thread, in Linux form.
+
+    Threads: PT_GETLWPLIST lists them oldest first; the first is the main thread, whose
+    Linux thread id is the pid (the Linuxulator gives a new process's main thread em_tid =
+    pid; other threads keep their lwp id). Per thread: PT_GETREGS, PT_GETFSBASE/GSBASE,
+    PT_GETXSTATE and PT_LWPINFO (signal mask, thread name) on its lwp. Ids, credentials and
+    the command name come from kern.proc.pid (kinfo_proc)."""
 
     def __init__(self, pid: int, kit=kit_default):
         self.pid, self.kit = pid, kit
         self.log = LossLog()
+        self.kp = kit.kinfo_proc(pid)
         self.files = {e.fd: e for e in kit.filedesc(pid)}
+        lwps = list(kit.lwps(pid))
+        if not lwps:
+            raise Unsupported(f"process {pid} has no threads (PT_GETLWPLIST)", path=f"tasks/{pid}")
+        self.lwp = {pid: lwps[0], **{lwp: lwp for lwp in lwps[1:]}}
+        self.paths: dict[int, str] = {}
+        self._linux = None
+
+    def named(self, path: str) -> int:
+        """A file id for a file known by its path only."""
+        for fid, known in self.paths.items():
+            if known == path:
+                return fid
+        fid = NAMED_BASE + len(self.paths)
+        self.paths[fid] = path
+        return fid
 
     def meta(self) -> model.Meta:
+        mask, size = self.kit.xstate_info(self.lwp[self.pid])
+        return model.Meta(os="freebsd", xfeatures=mask, xsave_size=size,
+                          binary_os=self.binary_os())
+
+    def binary_os(self) -> str:
+        """The ABI the kernel runs the process under (ki_emul), else the ELF header says."""
+        for prefix, name in EMUL_OS:
+            if self.kp.emul.startswith(prefix):
+                return name
         exe = self.files.get(KF_TEXT)
-        kind = elf.binary_os(exe.path) if exe and exe.path else "linux"
-        mask, size = self.kit.xstate_info(self.pid)
-        return model.Meta(os="freebsd", xfeatures=mask, xsave_size=size, binary_os=kind)
+        return elf.binary_os(exe.path) if exe and exe.path else "linux"
 
     def pstree(self) -> list:
-        return [pb.pstree_entry(pid=self.pid, ppid=0, pgid=self.pid, sid=self.pid,
-                                threads=[self.pid])]
+        k = self.kp
+        return [pb.pstree_entry(pid=self.pid, ppid=k.ppid, pgid=k.pgid, sid=k.sid,
+                                threads=list(self.lwp))]
 
     def core(self, tid: int):
-        reg = G.unpack(self.kit.get_regs(tid))
-        lin = G.to_linux(reg, self.kit.get_fsbase(tid), self.kit.get_gsbase(tid), self.log,
-                         f"tasks/{self.pid}/threads/{tid}/regs")
+        lwp = self.lwp[tid]
+        where = f"tasks/{self.pid}/threads/{tid}"
+        reg = G.unpack(self.kit.get_regs(lwp))
+        lin = G.to_linux(reg, self.kit.get_fsbase(lwp), self.kit.get_gsbase(lwp), self.log,
+                         f"{where}/regs")
         c = pb.core_entry(mtype=pb.core_entry.X86_64)
         c.thread_info.gpregs.CopyFrom(pb.user_x86_regs_entry(
             mode=pb.NATIVE, **{criu: lin[tree] for tree, criu in L.GP_REGS}))
-        mask, _ = self.kit.xstate_info(tid)
-        c.thread_info.fpregs.CopyFrom(xsave.split(FPU.to_linux(self.kit.get_xstate(tid), mask)))
-        blocked = self.sigmask(tid)
+        c.thread_info.fpregs.CopyFrom(xsave.split(self.xsave(tid)))
+        info = self.kit.lwpinfo(lwp)
+        blocked = F.sigset_to_linux(info.sigmask, self.log, f"{where}/sigmask")
+        c.thread_core.CopyFrom(pb.thread_core_entry(comm=self.comm(info.name, f"{where}/comm")))
+        c.thread_core.creds.CopyFrom(self.creds())
         if tid == self.pid:
-            c.tc.CopyFrom(pb.task_core_entry(task_state=L.TASK_STATES["alive"], exit_code=0,
-                                             personality=0, flags=0, blk_sigset=blocked,
-                                             comm=""))
-            c.tc.sigactions.extend(self.sigactions())
+            c.tc.CopyFrom(self.task_core(blocked))
         else:
             c.thread_core.blk_sigset = blocked
         return c
 
+    def task_core(self, blocked: int):
+        state = "zombie" if self.kp.stat == kit_default.SZOMB else "alive"
+        tc = pb.task_core_entry(task_state=L.TASK_STATES[state], exit_code=0, personality=0,
+                                flags=0, blk_sigset=blocked,
+                                comm=self.comm(self.kp.comm, f"tasks/{self.pid}/comm"))
+        acts, limits, _ = self.linux_state()
+        tc.sigactions.extend(acts)
+        tc.rlimits.rlimits.extend(pb.rlimit_entry(cur=c, max=m) for c, m in limits)
+        return tc
+
+    def comm(self, name: str, where: str) -> str:
+        """Linux keeps 15 bytes of a name, FreeBSD up to 19 (MAXCOMLEN)."""
+        if len(name.encode()) > 15:
+            self.log.note(where, name, "longer than Linux's 15-byte comm: cut")
+            return name.encode()[:15].decode("utf-8", "ignore")
+        return name
+
+    def creds(self):
+        """kinfo_proc ids in Linux form: ki_groups[0] is the effective gid, the rest are the
+        supplementary groups; Linux's fs ids follow the effective ones (FreeBSD has none)."""
+        k, where = self.kp, f"tasks/{self.pid}/creds"
+        if not k.groups:
+            raise Unsupported("kinfo_proc has no groups (no effective gid)", path=where)
+        if k.groups_overflow:
+            self.log.note(f"{where}/groups", len(k.groups), "more than KI_NGROUPS (16) groups: "
+                          "kinfo_proc holds the first 16 only")
+        egid = k.groups[0]
+        return pb.creds_entry(uid=k.ruid, euid=k.uid, suid=k.svuid, fsuid=k.uid, gid=k.rgid,
+                              egid=egid, sgid=k.svgid, fsgid=egid, groups=list(k.groups[1:]),
+                              cap_inh=NO_CAPS, cap_prm=NO_CAPS, cap_eff=NO_CAPS,
+                              cap_bnd=NO_CAPS, cap_amb=NO_CAPS, secbits=0, no_new_privs=0)
+
     def sigmask(self, tid: int) -> int:
         """PT_LWPINFO's pl_sigmask, FreeBSD numbering -> the Linux 64-bit mask."""
-        return F.sigset_to_linux(self.kit.lwpinfo(tid).sigmask, self.log,
+        return F.sigset_to_linux(self.kit.lwpinfo(self.lwp[tid]).sigmask, self.log,
                                  f"tasks/{self.pid}/threads/{tid}/sigmask")
 
     def sigactions(self) -> list:
-        """62 sa_entry in CRIU order, read by injected Linux rt_sigaction(sig, NULL, &old)."""
-        if getattr(self, "_sigactions", None) is None:
+        return self.linux_state()[0]
+
+    def linux_state(self):
+        """(62 sa_entry, 16 (cur, max) rlimits, umask) as the Linux process sees them, by
+        injected Linux calls in one stop: rt_sigaction(sig, NULL, &old) (FreeBSD's ptrace
+        has no request for handlers), prlimit64(0, res, NULL, &old), umask twice. The code,
+        data and registers the calls used are put back."""
+        if self._linux is None:
             from ..restore.freebsd import LinuxCalls, helper_pages
             calls = LinuxCalls(self.kit, self.pid, *helper_pages(self.kit, self.pid))
             saved = calls.kit.read_memory(self.pid, calls.data, 32)
-            out = []
             try:
-                for sig in L.SIGACTION_SIGNALS:
-                    calls("rt_sigaction", sig, 0, calls.data, 8, step="read sigaction",
-                          path=f"tasks/{self.pid}/sigactions/{L.SIGNAL_NAMES.get(sig, sig)}")
-                    h, fl, rest, mask = struct.unpack(
-                        "<4Q", self.kit.read_memory(self.pid, calls.data, 32))
-                    out.append(pb.sa_entry(sigaction=h, flags=fl, restorer=rest, mask=mask))
+                self._linux = (self._read_sigactions(calls), self._read_rlimits(calls),
+                               self._read_umask(calls))
             finally:
                 calls.kit.write_memory(self.pid, calls.data, saved)
                 calls.close()
                 self.kit.set_regs(self.pid, calls.saved_regs)
-            self._sigactions = out
-        return self._sigactions
+        return self._linux
+
+    def _read_sigactions(self, calls) -> list:
+        out = []
+        for sig in L.SIGACTION_SIGNALS:
+            calls("rt_sigaction", sig, 0, calls.data, 8, step="read sigaction",
+                  path=f"tasks/{self.pid}/sigactions/{L.SIGNAL_NAMES.get(sig, sig)}")
+            h, fl, rest, mask = struct.unpack(
+                "<4Q", self.kit.read_memory(self.pid, calls.data, 32))
+            out.append(pb.sa_entry(sigaction=h, flags=fl, restorer=rest, mask=mask))
+        return out
+
+    def _read_rlimits(self, calls) -> list:
+        out = []
+        for i, name in enumerate(L.RLIMITS):
+            calls("prlimit64", 0, i, 0, calls.data, step="read rlimit",
+                  path=f"tasks/{self.pid}/rlimits/{name}")
+            out.append(struct.unpack("<QQ", self.kit.read_memory(self.pid, calls.data, 16)))
+        return out
+
+    def _read_umask(self, calls) -> int:
+        old = calls("umask", 0, step="read umask", path=f"tasks/{self.pid}/umask")
+        calls("umask", old, step="read umask", path=f"tasks/{self.pid}/umask")
+        return old
 
     def xsave(self, tid: int) -> bytes:
-        mask, _ = self.kit.xstate_info(tid)
-        return FPU.to_linux(self.kit.get_xstate(tid), mask)
+        lwp = self.lwp[tid]
+        mask, _ = self.kit.xstate_info(lwp)
+        return FPU.to_linux(self.kit.get_xstate(lwp), mask)
+
+    def fs(self, pid: int):
+        cwd, root = self.files.get(KF_CWD), self.files.get(KF_ROOT)
+        if cwd is None or root is None:
+            raise Unsupported("kern.proc.filedesc lists no cwd or root entry",
+                              path=f"tasks/{pid}/cwd")
+        return pb.fs_entry(cwd_id=self.named(cwd.path), root_id=self.named(root.path),
+                           umask=self.linux_state()[2])
 
     def mm(self, pid: int):
-        return pb.mm_entry(mm_start_code=0, mm_end_code=0, mm_start_data=0, mm_end_data=0,
-                           mm_start_stack=0, mm_start_brk=0, mm_brk=0, mm_arg_start=0,
-                           mm_arg_end=0, mm_env_start=0, mm_env_end=0, exe_file_id=0,
-                           vmas=[vma_entry(e) for e in self.kit.vmmap(pid)
-                                 if e.kind != "guard"])
+        vmas = [vma_entry(e) for e in self.kit.vmmap(pid) if e.kind != "guard"]
+        entries = [e for e in self.kit.vmmap(pid) if e.kind != "guard"]
+        for vma, e in zip(vmas, entries):
+            if e.path and not vma.status & (S["VMA_ANON_PRIVATE"] | S["VMA_ANON_SHARED"]):
+                vma.shmid = self.named(e.path)
+        exe = self.program(entries)
+        rsp = G.unpack(self.kit.get_regs(self.lwp[pid]))["r_rsp"]
+        fields = mm_fields(entries, exe, rsp, self.log, f"tasks/{pid}/mm")
+        mm = pb.mm_entry(exe_file_id=self.named(exe), vmas=vmas, **fields)
+        mm.mm_saved_auxv.extend(self.kit.auxv(pid))
+        return mm
+
+    def program(self, entries) -> str:
+        """The program's path: the executable (KF_TEXT) if it is mapped; a process restored
+        by a helper still has the helper as its executable (FreeBSD cannot change p_textvp),
+        and then the program is the lowest executable file map (noted)."""
+        text = self.files.get(KF_TEXT)
+        if text and any(e.path == text.path and e.prot & 4 for e in entries):
+            return text.path
+        code = [e for e in entries if e.path and e.prot & 4]
+        if not code:
+            raise Unsupported("no executable file map in kern.proc.vmmap",
+                              path=f"tasks/{self.pid}/exe")
+        self.log.note(f"tasks/{self.pid}/exe", text.path if text else "", "the executable is "
+                      f"not mapped (a restored process): the program is {code[0].path}, its "
+                      "lowest executable file map")
+        return code[0].path
 
     def fdinfo(self, pid: int) -> list:
         out = []
@@ -152,6 +282,11 @@ class FreeBSDSource(model.Source):
         return out
 
     def file(self, file_id: int):
+        if file_id in self.paths:
+            entry = pb.file_entry(type=L.FD_TYPES["REG"], id=file_id)
+            entry.reg.CopyFrom(pb.reg_file_entry(id=file_id, flags=0, pos=0,
+                                                 name=self.paths[file_id]))
+            return entry
         e = self.files[file_id - 1]
         kind = KF_KIND[e.kind]
         flags = F.open_to_linux(kf_to_fbsd_open(e.flags), self.log,
@@ -175,7 +310,7 @@ class FreeBSDSource(model.Source):
 
     def isolation(self) -> model.Isolation:
         """The process's jail and its RCTL rules in Linux vocabulary; the host (jid 0): none."""
-        jid = self.kit.proc_jid(self.pid)
+        jid = self.kit.kinfo_proc(self.pid).jid
         if jid == 0:
             return model.Isolation()
         raw = self.kit.jail_get(jid, list(JAIL_KEYS))
@@ -188,6 +323,42 @@ class FreeBSDSource(model.Source):
                  for text in self.kit.rctl_get_rules(f"jail:{params['name']}")]
         iso.limits = R.from_rctl(rules, None, params["name"], self.log, "isolation/rctl")
         return iso
+
+
+STACK_GAP = 8
+
+
+def mm_fields(entries, exe: str, rsp: int, log: LossLog, where: str) -> dict:
+    """Linux's mm_struct bounds from what FreeBSD shows: code and data from the executable's
+    maps, the heap as the anonymous map after the data, the stack as the map holding the
+    main thread's stack pointer. FreeBSD keeps no argument/environment bounds for a Linux
+    process: they are the stack's top (noted in the loss log)."""
+    own = [e for e in entries if exe and e.path == exe]
+    code = next((e for e in own if e.prot & 4), None)
+    data = next((e for e in own if e.prot & 2), None)
+    if code is None:
+        raise Unsupported(f"no executable map of {exe or 'the program'} in kern.proc.vmmap",
+                          path=where)
+    data_start, data_end = (data.start, data.end) if data else (code.end, code.end + 1)
+    heap = next((e for e in entries if not e.path and e.start >= data_end
+                 and e.start - data_end < HEAP_WINDOW), None)
+    stack = next((e for e in entries if e.start <= rsp < e.end), None) or \
+        next((e for e in entries if e.flags & kit_default.KVME_FLAG["GROWS_DOWN"]), None)
+    if stack is None:
+        raise Unsupported(f"the main thread's stack pointer {rsp:#x} is in no map and no map grows down", path=where)
+    top = stack.end - STACK_GAP
+    log.note(f"{where}/arg_start", hex(top), "FreeBSD keeps no argument or environment "
+             "bounds for a Linux process: set to the top of the stack")
+    if heap is None:
+        log.note(f"{where}/brk", hex(data_end), "no heap map after the data segment: the "
+                 "heap starts empty at its end")
+    brk0, brk = (heap.start, heap.end) if heap else (data_end, data_end)
+    return dict(mm_start_code=code.start, mm_end_code=code.end, mm_start_data=data_start,
+                mm_end_data=data_end, mm_start_brk=brk0, mm_brk=brk, mm_start_stack=top,
+                mm_arg_start=top, mm_arg_end=top, mm_env_start=top, mm_env_end=top)
+
+
+HEAP_WINDOW = 0x2000000 + (1 << 20)   # Linux places the heap within 32 MiB after the data
 
 
 # jail_get keys read back, and how each value comes (libjail's encoding).

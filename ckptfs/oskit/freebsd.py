@@ -38,6 +38,7 @@ PIOD_READ_D, PIOD_WRITE_D, PIOD_READ_I, PIOD_WRITE_I = 1, 2, 3, 4
 # sysctl MIBs
 CTL_KERN, KERN_PROC, KERN_PROC_VMMAP, KERN_PROC_FILEDESC = 1, 14, 32, 33
 KERN_PROC_PID = 1
+KERN_PROC_AUXV = 36                                # sys/sys/sysctl.h
 KI_JID_OFFSET, KINFO_PROC_SIZE = 0x250, 1088      # struct kinfo_proc (amd64): ki_jid
 SIGKILL = 9
 
@@ -137,6 +138,73 @@ def pack_lwpinfo(info: LwpInfo) -> bytes:
     """The record as the kernel fills it (for tests and fakes)."""
     return LWPINFO.pack(info.lwpid, info.event, info.flags, *info.sigmask, *info.siglist,
                         info.name.encode()[:19], info.child_pid, 0, 0)
+
+
+# struct kinfo_proc (sys/sys/user.h, amd64, KINFO_PROC_SIZE 1088): the fields the capture
+# reads, at their offsets (pointers 8 bytes; sigset_t 16; KI_NGROUPS 16; TDNAMLEN 16,
+# WMESGLEN 8, LOGNAMELEN 17, LOCKNAMELEN 8, COMMLEN 19, KI_EMULNAMELEN 16).
+KI_FIELDS = {"structsize": (0, "i"), "pid": (72, "i"), "ppid": (76, "i"), "pgid": (80, "i"),
+             "sid": (88, "i"), "uid": (168, "I"), "ruid": (172, "I"), "svuid": (176, "I"),
+             "rgid": (180, "I"), "svgid": (184, "I"), "ngroups": (188, "h"),
+             "stat": (388, "B"), "cr_flags": (588, "I"), "jid": (KI_JID_OFFSET, "i"),
+             "numthreads": (596, "i")}
+KI_GROUPS_OFFSET, KI_NGROUPS = 192, 16
+KI_STRINGS = {"tdname": (394, 17), "comm": (447, 20), "emul": (467, 17)}
+KI_CRF_GRP_OVERFLOW = 0x80000000
+SZOMB = 5                                          # ki_stat of a zombie
+
+
+@dataclasses.dataclass(frozen=True)
+class KinfoProc:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    uid: int               # effective
+    ruid: int
+    svuid: int
+    rgid: int
+    svgid: int
+    groups: tuple          # ki_groups[:ki_ngroups]; [0] is the effective gid
+    stat: int
+    comm: str
+    tdname: str
+    emul: str
+    jid: int
+    numthreads: int
+    groups_overflow: bool  # more than KI_NGROUPS groups: the rest are not in the record
+
+
+def parse_kinfo_proc(buf: bytes) -> KinfoProc:
+    """One kern.proc.pid record (checked to be the amd64 layout by its size)."""
+    if len(buf) < KINFO_PROC_SIZE or struct.unpack_from("<i", buf)[0] != KINFO_PROC_SIZE:
+        raise Unsupported(f"kern.proc.pid: a record of {len(buf)} bytes (ki_structsize "
+                          f"{struct.unpack_from('<i', buf)[0] if len(buf) >= 4 else '?'}), "
+                          f"not the amd64 kinfo_proc of {KINFO_PROC_SIZE}")
+    f = {k: struct.unpack_from("<" + code, buf, off)[0] for k, (off, code) in KI_FIELDS.items()}
+    n = max(0, min(f["ngroups"], KI_NGROUPS))
+    groups = struct.unpack_from(f"<{n}I", buf, KI_GROUPS_OFFSET)
+    text = {k: _cstr(buf[off:off + size]) for k, (off, size) in KI_STRINGS.items()}
+    return KinfoProc(f["pid"], f["ppid"], f["pgid"], f["sid"], f["uid"], f["ruid"], f["svuid"],
+                     f["rgid"], f["svgid"], tuple(groups), f["stat"], text["comm"],
+                     text["tdname"], text["emul"], f["jid"], f["numthreads"],
+                     bool(f["cr_flags"] & KI_CRF_GRP_OVERFLOW))
+
+
+def pack_kinfo_proc(k: KinfoProc) -> bytes:
+    """The record as the kernel fills it (for tests and fakes)."""
+    buf = bytearray(KINFO_PROC_SIZE)
+    values = dict(structsize=KINFO_PROC_SIZE, pid=k.pid, ppid=k.ppid, pgid=k.pgid, sid=k.sid,
+                  uid=k.uid, ruid=k.ruid, svuid=k.svuid, rgid=k.rgid, svgid=k.svgid,
+                  ngroups=len(k.groups), stat=k.stat, jid=k.jid, numthreads=k.numthreads,
+                  cr_flags=KI_CRF_GRP_OVERFLOW if k.groups_overflow else 0)
+    for name, (off, code) in KI_FIELDS.items():
+        struct.pack_into("<" + code, buf, off, values[name])
+    struct.pack_into(f"<{len(k.groups)}I", buf, KI_GROUPS_OFFSET, *k.groups)
+    for name, (off, size) in KI_STRINGS.items():
+        raw = getattr(k, name).encode()[:size - 1]
+        buf[off:off + len(raw)] = raw
+    return bytes(buf)
 
 
 def parse_jid(buf: bytes) -> int:
@@ -296,6 +364,28 @@ def kill(pid: int, sig: int = SIGKILL) -> None:
 
 def proc_jid(pid: int) -> int:
     return parse_jid(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_PID, pid], "kern.proc.pid"))
+
+
+def parse_auxv(buf: bytes) -> list[int]:
+    """kern.proc.auxv: Elf64_Auxinfo pairs (a_type, a_val) up to AT_NULL, as u64 words."""
+    words = list(struct.unpack_from(f"<{len(buf) // 8}Q", buf))
+    out = []
+    for i in range(0, len(words) - 1, 2):
+        out += words[i:i + 2]
+        if words[i] == 0:
+            break
+    return out
+
+
+def auxv(pid: int) -> list[int]:
+    """The auxiliary vector the process was started with (for a Linux process, the one the
+    Linuxulator built), as the u64 words CRIU's mm_saved_auxv holds."""
+    return parse_auxv(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_AUXV, pid], "kern.proc.auxv"))
+
+
+def kinfo_proc(pid: int) -> KinfoProc:
+    """kern.proc.pid.<pid>: ids, credentials, names, jail of a process."""
+    return parse_kinfo_proc(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_PID, pid], "kern.proc.pid"))
 
 
 def _base(req: int, lwp: int, step: str) -> int:

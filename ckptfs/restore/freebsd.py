@@ -45,6 +45,7 @@ ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
 TRAP_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SIGTRAP = 5                          # FreeBSD
 SIG_SETMASK = 2                      # Linux value
+PR_SET_NAME = 15                     # Linux prctl; the Linuxulator sets the process's p_comm
 PAGE = 4096
 DATA_SIZE = PAGE                     # the helper's writable page used for arguments
 # Linux clone flags for a thread; the Linuxulator's linux_clone_thread takes exactly these
@@ -258,6 +259,7 @@ class Restorer:
         restore_fds(self.src, pid, values, proc.calls, proc.table)
         restore_memory(self.src, pid, proc.new, proc.calls, self.kit)
         restore_fs(self.src, pid, proc.calls)
+        restore_comm(self.src, pid, proc.calls)
         self.warnings += restore_rlimits(self.src, pid, proc.calls)
         restore_sigactions(values, proc.calls)
         self.threads(task, values, proc)
@@ -655,6 +657,16 @@ def restore_fs(source, pid: int, calls: LinuxCalls) -> None:
     calls("chdir", calls.put(cwd.encode() + b"\0"), step="chdir", path=f"tasks/{pid}/cwd {cwd}")
     if fs.HasField("umask"):
         calls("umask", fs.umask, step="umask", path=f"tasks/{pid}/umask")
+
+
+def restore_comm(source, pid: int, calls: LinuxCalls) -> None:
+    """The process name (prctl PR_SET_NAME). Thread names are not restored: the Linuxulator
+    applies PR_SET_NAME to the process, not the calling thread."""
+    comm = source.core(pid).tc.comm
+    if comm:
+        calls.reset()
+        calls("prctl", PR_SET_NAME, calls.put(comm.encode()[:15] + b"\0"), step="prctl",
+              path=f"tasks/{pid}/comm")
 
 
 def restore_rlimits(source, pid: int, calls: LinuxCalls) -> list[str]:
