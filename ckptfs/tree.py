@@ -693,6 +693,8 @@ class TreeSource(Source):
         self._pipes: dict[int, bytes] = {}
         self._ghosts: dict[int, str] = {}   # file id of a deleted file -> its contents file
         self._lock = threading.Lock()
+        self._chunks: dict[str, list[str]] | None = None        # frozen: pages dir -> chunks
+        self._ranges: dict[tuple, list[PageRange]] = {}         # frozen: (pid, start, end) -> ranges
         self._tasks = {pid: self._load_task(pid) for pid in self._task_pids()}
         self._pstree = self._order_pstree()
 
@@ -711,7 +713,9 @@ class TreeSource(Source):
                 return None
             raise BadTree("missing file", path=path) from None
         try:
-            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            data = os.read(fd, 1 << 16)
+            if len(data) == 1 << 16:    # a short read of a regular file is its end
+                data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
         finally:
             os.close(fd)
         return decode(codec, data, path)
@@ -1033,16 +1037,43 @@ class TreeSource(Source):
         """A frozen tree's chunks are the ones its manifest lists (a stray file is not memory);
         otherwise the files present, without rsync's hidden temp files."""
         rel = f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages/"
-        listed = self.manifest.get("files") if self.frozen else None
-        if listed is not None:
-            return [p[len(rel):] for p in listed if p.startswith(rel) and "/" not in p[len(rel):]]
+        if self.frozen and "files" in self.manifest:
+            return self._chunk_index().get(rel, [])
         try:
             return [n for n in os.listdir(self._p(rel)) if not n.startswith(".")]
         except FileNotFoundError:
             return []
 
+    def _chunk_index(self) -> dict[str, list[str]]:
+        """Pages directory (relative, with its slash) -> the chunk names the frozen manifest
+        lists there: one pass over the manifest instead of one per map."""
+        if self._chunks is None:
+            index: dict[str, list[str]] = {}
+            for rel in self.manifest["files"]:
+                head, sep, name = rel.rpartition("/pages/")
+                if sep and "/" not in name:
+                    index.setdefault(head + sep, []).append(name)
+            self._chunks = index
+        return self._chunks
+
+    def _chunk_size(self, path: str, rel: str) -> int:
+        """A frozen tree's chunk size is the manifest's (restore checks the files against it
+        and the fill checks each file it maps); otherwise the file's own."""
+        if self.frozen and "files" in self.manifest:
+            return self.manifest["files"][rel]["size"]
+        try:
+            return os.path.getsize(path)
+        except FileNotFoundError:
+            raise BadTree("missing chunk (listed in the manifest)", path=path) from None
+
     def page_ranges(self, pid: int, vma) -> list[PageRange]:
-        base = self._p(f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages")
+        """Saved ranges of a map, one per chunk; a frozen tree's are computed once (plan,
+        map and fill all ask)."""
+        key = (pid, vma.start, vma.end)
+        if key in self._ranges:
+            return list(self._ranges[key])
+        rel = f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages/"
+        base = self._p(rel)
         out = []
         for name in self._chunk_names(pid, vma):
             path = os.path.join(base, name)
@@ -1053,14 +1084,14 @@ class TreeSource(Source):
             want = min(self.chunk_size, vma.end - vma.start - off)
             if off % self.chunk_size or want <= 0:
                 raise BadTree(f"chunk offset {name} is not a cell of this map", path=path)
-            try:
-                size = os.path.getsize(path)
-            except FileNotFoundError:
-                raise BadTree("missing chunk (listed in the manifest)", path=path) from None
+            size = self._chunk_size(path, rel + name)
             if size != want:
                 raise BadTree(f"chunk is {size} bytes, the map needs {want}", path=path)
             out.append(PageRange(vma.start + off, vma.start + off + size))
-        return sorted(out, key=lambda r: r.start)
+        out.sort(key=lambda r: r.start)
+        if self.frozen:
+            self._ranges[key] = out
+        return list(out)
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         vma = next((v for v in self._tasks[pid].vmas if v.start <= addr < v.end), None)

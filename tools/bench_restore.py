@@ -121,6 +121,7 @@ METHODS = {"uffd": True, "vm_writev": False}
 def bench(mib: int, repeat: int, methods: list[str]) -> None:
     floors, fcpus, dumps, allocs = [], [], [], []
     runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    parts: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(repeat):
         tmp = tempfile.mkdtemp(prefix="ckptfs-bench-", dir="/dev/shm")
         try:
@@ -135,6 +136,7 @@ def bench(mib: int, repeat: int, methods: list[str]) -> None:
                 memory.USE_UFFD = METHODS[m]
                 took, timing, cpu = restore_once(top)
                 runs[m].append((took, timing.get("fill", 0), cpu, took / floor))
+                parts[m].append(breakdown(took, timing))
             allocs.append(alloc_only(mib << 20))
         finally:
             memory.USE_UFFD = True
@@ -151,6 +153,25 @@ def bench(mib: int, repeat: int, methods: list[str]) -> None:
         print(f"      {m:10s} restore {took:6.3f} s ({gb / took:4.2f} GB/s; page fill {fill:.3f} s; "
               f"restorer cpu {cpu:.3f} s)   restore/floor {ratio:4.2f}x (median of per-run "
               f"ratios; runs {' '.join(f'{x[3]:.2f}' for x in r)})   restore/dump {took / d:4.2f}x")
+        print("                 breakdown (medians, ms): " + "  ".join(
+            f"{k} {med(p[k] for p in parts[m]) * 1e3:.1f}" for k in BREAKDOWN))
+
+
+# One restore's wall time in sections: parse (tree -> Source), plan (checks), create (helpers
+# forked in shape), maps (everything before the page fill starts), fill (wall time of the page
+# copy, which runs on its own threads), wait (of that, the restorer idle, waiting for the copy:
+# the rest of the task went in meanwhile), after (what follows the copy: per-thread state,
+# registers, release), other (open, isolation check, reaping ... what is left).
+BREAKDOWN = ("parse", "plan", "create", "maps", "fill", "wait", "after", "other")
+
+
+def breakdown(took: float, t: dict) -> dict:
+    out = {k: t.get(k, 0.0) for k in ("parse", "plan", "create")}
+    out["maps"] = t.get("fill_start", 0.0) - out["create"]
+    out["fill"], out["wait"] = t.get("fill", 0.0), t.get("fill_wait", 0.0)
+    out["after"] = t.get("total", 0.0) - t.get("fill_start", 0.0) - out["fill"]
+    out["other"] = took - out["parse"] - out["plan"] - t.get("total", 0.0)
+    return out
 
 
 def main() -> None:

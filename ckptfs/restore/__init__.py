@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 
 from ..errors import CkptError, RestoreFailed, Unsupported
 from ..model import Source
@@ -98,6 +99,7 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
         raise RestoreFailed("pidns and same_pids exclude each other", step="restore")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     from .plan import make_plan
+    t0 = time.monotonic()
     try:
         source = open_source(path_or_source)
     except CkptError as e:
@@ -111,12 +113,14 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
         if dry_run:
             return RestoreResult(problems=[str(e)])
         raise
+    t1 = time.monotonic()
     problems = tree_problems(source) + binary_problems(source)
     if iso is not None:
         problems += ct.problems(source, iso, same_pids)
         pidns = pidns or ("pid" in iso.own_namespaces and not same_pids)
     plan = make_plan(source, same_pids=same_pids, pidns=pidns)
     plan.problems[:0] = problems
+    timing = {"parse": t1 - t0, "plan": time.monotonic() - t1}
     if dry_run:
         return RestoreResult(problems=plan.problems, warnings=plan.warnings)
     if plan.problems:
@@ -124,12 +128,12 @@ def restore(path_or_source, *, pidns: bool = False, same_pids: bool = False,
                             step="validate")
     if iso is not None:
         r = ct.run(plan, iso, pidns=pidns, same_pids=same_pids, log=log)
-        return RestoreResult(pids=r.pids, warnings=plan.warnings, timing=r.timing,
+        return RestoreResult(pids=r.pids, warnings=plan.warnings, timing={**timing, **r.timing},
                              cgroups=r.cgroups, init=r.init)
     from .linux import LinuxRestorer
     r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log)
     pids = r.run()
-    return RestoreResult(pids=pids, warnings=plan.warnings, timing=r.timing,
+    return RestoreResult(pids=pids, warnings=plan.warnings, timing={**timing, **r.timing},
                          init=ns_init(r, pids, pidns))
 
 

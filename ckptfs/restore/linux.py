@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -45,7 +46,7 @@ import time
 
 from .. import flags as F
 from .. import inject, ptrace, xsave
-from ..errors import CkptError, KernelError, RestoreFailed
+from ..errors import CkptError, KernelError, ProcessGone, RestoreFailed
 from ..inject import NR, Injector
 from . import memory, signals
 from .files import FileTable
@@ -82,6 +83,7 @@ INIT_CODE = bytes.fromhex(
     "4883f8f6" "75e6" "31ff" "b8e7000000" "0f05")
 
 ERESTARTNOHAND, ERESTART_RESTARTBLOCK, EINTR = 514, 516, 4
+SIG_DFL, SIG_IGN = 0, 1
 NR_NANOSLEEP, NR_CLOCK_NANOSLEEP, TIMER_ABSTIME = 35, 230, 1
 
 
@@ -93,6 +95,7 @@ class Live:
     ns_pid: int                              # pid as its own namespace sees it
     tids: dict[int, int] = dataclasses.field(default_factory=dict)      # old tid -> host tid
     injs: dict[int, Injector] = dataclasses.field(default_factory=dict)  # host tid -> injector
+    added_write: list = dataclasses.field(default_factory=list)   # maps writable for the fill
 
     @property
     def inj(self) -> Injector:
@@ -149,6 +152,7 @@ class LinuxRestorer:
         self.xcr0 = 0
         self.xsize = 0
         self.timing: dict[str, float] = {}
+        self._t0 = self._fill_t0 = time.monotonic()
         self.populate: set[int] = set()        # maps of the current task to fault in ahead
         self.uffd: set[int] = set()            # maps of the current task to fill by userfaultfd
 
@@ -172,7 +176,7 @@ class LinuxRestorer:
             tracer.close()
 
     def _run(self) -> dict[int, int]:
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         self._create_tree()
         self.timing["create"] = time.monotonic() - t0
         for live in self.live.values():
@@ -380,11 +384,22 @@ class LinuxRestorer:
     # -- one task -------------------------------------------------------------------------
     def _restore_task(self, live: Live) -> None:
         self._rlimits(live)
-        self._memory(live)
-        self._finish_task(live, rlimits=False)
+        filling = self._memory(live)
+        try:
+            self._finish_task(live, rlimits=False, filling=filling)
+        except BaseException:
+            filling.cancel()
+            if filling.error is not None:
+                self.log(f"note: the page fill of {self._where(live.plan.pid)} failed too: "
+                         f"{filling.error}")
+            raise
 
-    def _finish_task(self, live: Live, *, rlimits: bool = True) -> None:
-        """Everything of a task after its memory (prepare.py builds the memory ahead)."""
+    def _finish_task(self, live: Live, *, rlimits: bool = True, filling=None) -> None:
+        """Everything of a task after its memory (prepare.py builds the memory ahead).
+        `filling` (the task's page fill, still copying on its own threads) is joined once
+        nothing left touches the task's memory: descriptors, fs, signal handlers, names and
+        threads go in while pages are copied; per-thread state (rseq writes to its area)
+        comes after."""
         t, inj = live.plan, live.inj
         if rlimits:
             self._rlimits(live)
@@ -393,6 +408,8 @@ class LinuxRestorer:
         self._signals(live)
         self._task_misc(live)
         self._threads(live)
+        if filling is not None:
+            self._end_fill(live, filling)
         for old_tid, tid in live.tids.items():
             self._thread_state(live, old_tid, live.injs[tid])
         inj.reset_scratch()
@@ -400,34 +417,52 @@ class LinuxRestorer:
         if self.init and t.pid == self.plan.tasks[0].pid:
             self._start_init()
 
-    def _memory(self, live: Live) -> None:
+    def _memory(self, live: Live) -> memory.Filling:
+        """Map everything and start the page fill; the maps made writable only for it are
+        remembered in live.added_write (their protections come back after the join)."""
         t, inj, s = live.plan, live.inj, self.scratch
         step = "unmap helper"
         inj.call(NR["munmap"], 0, s, step=step)
         inj.call(NR["munmap"], s + SCRATCH_SIZE, TASK_END - s - SCRATCH_SIZE, step=step)
         self._vdso(live)
         self._mm_map(live)
-        added_write, fill, task_fds = [], [], {}
+        fill, ranges, task_fds = [], {}, {}
         for vma in t.vmas:
             if vma.status & SPECIAL:
                 continue
-            if self._map(live, vma, task_fds):
+            got = self._map(live, vma, task_fds)
+            if got:
                 fill.append(vma)
+                ranges[vma.start] = got
                 if not vma.prot & PROT_WRITE:
-                    added_write.append(vma)
+                    live.added_write.append(vma)
         for fd in task_fds.values():
             inj.call(NR["close"], fd, step="close map files")
+        self._fill_t0 = time.monotonic()
+        self.timing.setdefault("fill_start", self._fill_t0 - self._t0)
+        try:
+            return memory.start_fill(self.src, t.pid, live.pid, fill,
+                                     lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"),
+                                     inj=inj, populate=self.populate, uffd=self.uffd,
+                                     ranges=ranges)
+        finally:
+            self.populate.clear()
+            self.uffd.clear()
+
+    def _end_fill(self, live: Live, filling: memory.Filling) -> None:
+        """Every page in place (the copy's error, naming its map, is raised here), maps
+        unregistered, then the protections the fill had to widen."""
+        t, inj = live.plan, live.inj
         t0 = time.monotonic()
-        n = memory.fill(self.src, t.pid, live.pid, fill,
-                        lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"),
-                        inj=inj, populate=self.populate, uffd=self.uffd)
-        self.populate.clear()
-        self.uffd.clear()
-        self.timing["fill"] = self.timing.get("fill", 0) + time.monotonic() - t0
+        n = filling.join()
+        now = time.monotonic()
+        self.timing["fill"] = self.timing.get("fill", 0) + now - self._fill_t0
+        self.timing["fill_wait"] = self.timing.get("fill_wait", 0) + now - t0
         self.timing["bytes"] = self.timing.get("bytes", 0) + n
-        for vma in added_write:
+        for vma in live.added_write:
             inj.call(NR["mprotect"], vma.start, vma.end - vma.start, vma.prot, step="mprotect",
                      path=self._where(t.pid, f"maps/{vma.start:x}-{vma.end:x}/prot"))
+        live.added_write.clear()
 
     def _vdso(self, live: Live) -> None:
         kinds = vdso_layout(live.plan)
@@ -459,9 +494,9 @@ class LinuxRestorer:
                  path=self._where(t.pid, "mm"))
         inj.call(NR["close"], efd, step="PR_SET_MM_MAP")
 
-    def _map(self, live: Live, vma, task_fds: dict) -> bool:
-        """mmap one VMA at its place; True if its saved pages are to be written into it (it is
-        then mapped writable until they are in). Shared file maps keep their data in the file;
+    def _map(self, live: Live, vma, task_fds: dict) -> list:
+        """mmap one VMA at its place; the page ranges to write into it (it is then mapped
+        writable until they are in), [] if none. Shared file maps keep their data in the file;
         a shared anonymous object is filled once, by the first task that maps it."""
         t, inj = live.plan, live.inj
         path = self._where(t.pid, f"maps/{vma.start:x}-{vma.end:x}")
@@ -498,7 +533,7 @@ class LinuxRestorer:
             if vma.madv & bit:
                 inj.call(NR["madvise"], vma.start, vma.end - vma.start, F.MADV[name],
                          step=f"madvise {name}", path=path + "/madv")
-        return fill
+        return ranges
 
     def _task_fd(self, inj: Injector, local: int, task_fds: dict) -> int:
         if local not in task_fds:
@@ -538,17 +573,30 @@ class LinuxRestorer:
             inj.call(NR["umask"], t.fs.umask, step="umask", path=self._where(t.pid, "umask"))
 
     def _rlimits(self, live: Live) -> None:
-        t, inj = live.plan, live.inj
-        import resource
+        """Each limit that differs from the helper's (inherited from us: usually none), set
+        by this process with prlimit(pid) — no round trip through the task; an injected
+        prlimit64 only where ours is refused (another user namespace)."""
+        t = live.plan
         for i, lim in enumerate(t.core.tc.rlimits.rlimits):
             name = F.RLIMITS[i]
             cur, mx = lim.cur, lim.max
-            now_max = resource.prlimit(live.pid, i)[1]
-            now_max = F.RLIM_INFINITY if now_max == resource.RLIM_INFINITY else now_max
-            if mx > now_max:
+            now = tuple(_rlim_in(v) for v in resource.prlimit(live.pid, i))
+            if mx > now[1]:
                 self.log(f"warning: {self._where(t.pid, 'rlimits/' + name)}: hard limit {mx} "
-                         f"above this machine's {now_max}: kept at {now_max}")
-                mx, cur = now_max, min(cur, now_max)
+                         f"above this machine's {now[1]}: kept at {now[1]}")
+                mx, cur = now[1], min(cur, now[1])
+            if (cur, mx) == now:
+                continue
+            try:
+                resource.prlimit(live.pid, i, (_rlim_out(cur), _rlim_out(mx)))
+                continue
+            except PermissionError:
+                pass
+            except OSError as e:
+                self.log(f"warning: {self._where(t.pid, 'rlimits/' + name)}: prlimit failed "
+                         f"({errno.errorcode.get(e.errno, e.errno)}): left as is")
+                continue
+            inj = live.inj
             inj.reset_scratch()
             ret = inj.syscall(NR["prlimit64"], 0, i, inj.put(struct.pack("<QQ", cur, mx)), 0)
             if ret < 0:
@@ -556,16 +604,22 @@ class LinuxRestorer:
                          f"({errno.errorcode.get(-ret, -ret)}): left as is")
 
     def _signals(self, live: Live) -> None:
+        """Signal handlers that differ from the helper's (one rt_sigaction each: a program
+        usually sets a handful of its 62), then interval timers."""
         t, inj = live.plan, live.inj
         acts = list(t.core.tc.sigactions)
         if len(acts) != len(F.SIGACTION_SIGNALS):
             raise RestoreFailed(f"{len(acts)} sigactions, want {len(F.SIGACTION_SIGNALS)}",
                                 path=self._where(t.pid, "sigactions"), step="sigactions")
+        ignored, caught = _dispositions(live.pid)
         inj.reset_scratch()
-        blob = b"".join(struct.pack("<4Q", a.sigaction, a.flags, a.restorer, a.mask) for a in acts)
-        base = inj.put(blob)
-        for i, (sig, a) in enumerate(zip(F.SIGACTION_SIGNALS, acts)):
-            inj.call(NR["rt_sigaction"], sig, base + 32 * i, 0, 8, step="rt_sigaction",
+        for sig, a in zip(F.SIGACTION_SIGNALS, acts):
+            bit = 1 << (sig - 1)
+            now = (SIG_IGN if ignored & bit else SIG_DFL, 0, 0, 0)
+            if not caught & bit and (a.sigaction, a.flags, a.restorer, a.mask) == now:
+                continue
+            arg = inj.put(struct.pack("<4Q", a.sigaction, a.flags, a.restorer, a.mask))
+            inj.call(NR["rt_sigaction"], sig, arg, 0, 8, step="rt_sigaction",
                      path=self._where(t.pid, f"sigactions/{F.SIGNAL_NAMES[sig]}"))
         timers = t.core.tc.timers
         for which, name in enumerate(("real", "virt", "prof")):
@@ -696,6 +750,30 @@ class LinuxRestorer:
         if old not in live.tids:
             return None
         return old if self.keep_pids else live.tids[old]
+
+
+def _rlim_in(v: int) -> int:
+    """resource.prlimit's value in the tree's form (infinity is 2**64-1, not -1)."""
+    return F.RLIM_INFINITY if v == resource.RLIM_INFINITY else v
+
+
+def _rlim_out(v: int) -> int:
+    return resource.RLIM_INFINITY if v == F.RLIM_INFINITY else v
+
+
+def _dispositions(pid: int) -> tuple[int, int]:
+    """(ignored, caught) signal masks of a task. After exec every action the kernel keeps
+    is SIG_IGN or SIG_DFL with no flags, mask or restorer (flush_signal_handlers), so a
+    task that is not catching a signal holds exactly one of those two for it."""
+    path = f"/proc/{pid}/status"
+    try:
+        with open(path) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["SigIgn"], 16), int(fields["SigCgt"], 16)
+    except FileNotFoundError:
+        raise ProcessGone(f"task {pid} is gone", path=path, step="sigactions") from None
+    except (KeyError, ValueError):
+        raise RestoreFailed("no SigIgn/SigCgt line", path=path, step="sigactions") from None
 
 
 def _wait_new(tid: int) -> None:

@@ -44,19 +44,32 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
 
 
-def fill(source, pid: int, new_pid: int, vmas, where, *, inj=None, populate=(), uffd=()) -> int:
+def fill(source, pid: int, new_pid: int, vmas, where, *, inj=None, populate=(), uffd=(),
+         ranges=None) -> int:
     """Write every saved page of `vmas` (of checkpoint task `pid`) into `new_pid`; bytes.
+    start_fill(...).join(): see there."""
+    return start_fill(source, pid, new_pid, vmas, where, inj=inj, populate=populate, uffd=uffd,
+                      ranges=ranges).join()
+
+
+def start_fill(source, pid: int, new_pid: int, vmas, where, *, inj=None, populate=(), uffd=(),
+               ranges=None) -> "Filling":
+    """Start writing every saved page of `vmas` into `new_pid`; the Filling to join.
 
     With `inj` (the task's injector): maps listed in `uffd` (by start address; fresh private
-    anonymous maps with no page present) are filled through a userfaultfd; maps listed in
+    anonymous maps with no page present) are filled through a userfaultfd, on COPIERS threads
+    that keep running after this returns (the caller does the task's other work meanwhile
+    and must join() before the task runs: join also unregisters the maps). Maps listed in
     `populate` are faulted in by the task itself with madvise(MADV_POPULATE_WRITE), one
     batch ahead, on its own CPU, while this thread copies the previous batch into pages
-    already present: fresh-page faults inside process_vm_writev cost four times as much."""
-    pieces = [(r.start, r.end - r.start, vma) for vma in vmas
-              for r in source.page_ranges(pid, vma)]
+    already present: fresh-page faults inside process_vm_writev cost four times as much.
+    `ranges` ({map start: [PageRange]}) spares listing the chunks again."""
+    def ranges_of(vma):
+        return ranges[vma.start] if ranges is not None else source.page_ranges(pid, vma)
+    pieces = [(r.start, r.end - r.start, vma) for vma in vmas for r in ranges_of(vma)]
     direct = [p for p in pieces if p[2].start in uffd] if inj is not None else []
     rest = [p for p in pieces if inj is None or p[2].start not in uffd]
-    total = 0
+    filling = Filling()
     if direct:
         maps = {(v.start, v.end) for _, _, v in direct}
         u = Uffd(inj, new_pid, maps, where(direct[0][2]))
@@ -67,15 +80,87 @@ def fill(source, pid: int, new_pid: int, vmas, where, *, inj=None, populate=(), 
                 raise
             rest, populate = pieces, set(populate) | {s for s, _ in maps}   # slower, same result
         else:
-            with u:
-                total += _fill_direct(source, pid, direct, where, u)
-    if not rest:
-        return total
+            # All in the background: the rest (copy-on-write pages of file maps, a few
+            # hundred KiB) goes with process_vm_writev, which needs no injected call.
+            def work() -> int:
+                return (_fill_rest(source, pid, new_pid, rest, where, None, (), filling.stop)
+                        + _fill_direct(source, pid, direct, where, u, filling.stop))
+            filling.start(u, work)
+            return filling
+    filling.bytes += _fill_rest(source, pid, new_pid, rest, where, inj, populate)
+    return filling
+
+
+def _fill_rest(source, pid, new_pid, rest, where, inj, populate, stop=None) -> int:
+    if not rest or stop is not None and stop.is_set():
+        return 0
     if hasattr(source, "chunk_path") and inj is not None:
-        return total + _fill_populating(source, pid, new_pid, rest, where, inj, set(populate))
+        return _fill_populating(source, pid, new_pid, rest, where, inj, set(populate))
     if hasattr(source, "chunk_path"):
-        return total + _fill_from_chunks(source, pid, new_pid, rest, where)
-    return total + _fill_pipelined(source, pid, new_pid, rest, where)
+        return _fill_from_chunks(source, pid, new_pid, rest, where)
+    return _fill_pipelined(source, pid, new_pid, rest, where)
+
+
+class Filling:
+    """The userfaultfd part of a fill, copying on its own threads until join().
+
+    join() waits, unregisters the maps and closes the userfaultfd, and raises the copy's
+    error (a KernelError naming the map's file); cancel() stops the copy at the next piece
+    and waits, for a restore that failed elsewhere (its own error goes to `error`)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._uffd: Uffd | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, u: "Uffd", work) -> None:
+        self._uffd = u
+
+        def run():
+            try:
+                background()
+                self.bytes += work()
+            except BaseException as e:     # handed to join(), which raises it
+                self.error = e
+        self._thread = threading.Thread(target=run, name="ckptfs-fill", daemon=True)
+        self._thread.start()
+
+    def join(self) -> int:
+        self._wait()
+        if self.error is not None:
+            raise self.error
+        return self.bytes
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self._wait(raise_errors=False)
+
+    def _wait(self, raise_errors: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._uffd is not None:
+            u, self._uffd = self._uffd, None
+            try:
+                u.close(raise_errors=raise_errors and self.error is None)
+            except BaseException as e:
+                self.error = self.error or e
+
+
+def background() -> None:
+    """This thread runs at a lower priority (nice COPY_NICE): a copy running beside the
+    restorer's injected calls must not take the CPU those round trips wait for (each needs
+    the tracer and the task scheduled at once; at equal priority two copiers on two cores
+    make every call wait a time slice). The copy still gets every idle cycle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COPY_NICE)
+    except OSError:
+        pass          # only slower: the copy then competes with the tracer as an equal
+
+
+COPY_NICE = 10
 
 
 # -- userfaultfd ----------------------------------------------------------------------------
@@ -174,11 +259,14 @@ class Uffd:
             self.fd = -1
 
 
-def _fill_direct(source, pid, pieces, where, u: Uffd) -> int:
+def _fill_direct(source, pid, pieces, where, u: Uffd, stop: threading.Event) -> int:
     """Pieces copied with UFFDIO_COPY by COPIERS threads (ctypes drops the GIL): straight
-    from each mapped chunk file, or from read_memory's buffers for other Sources."""
+    from each mapped chunk file, or from read_memory's buffers for other Sources. A set
+    `stop` ends it at the next piece (the restore failed elsewhere)."""
     if hasattr(source, "chunk_path"):
         def one(piece) -> int:
+            if stop.is_set():
+                return 0
             addr, n, vma = piece
             local = _map_file(source.chunk_path(pid, vma, addr - vma.start), n)
             try:
@@ -187,10 +275,13 @@ def _fill_direct(source, pid, pieces, where, u: Uffd) -> int:
                 _libc.munmap(local, n)
         if len(pieces) < 2:
             return sum(map(one, pieces))
-        with ThreadPoolExecutor(COPIERS, thread_name_prefix="ckptfs-uffd") as pool:
+        with ThreadPoolExecutor(COPIERS, thread_name_prefix="ckptfs-uffd",
+                                initializer=background) as pool:
             return sum(pool.map(one, pieces))
 
     def write(local, remote, where_) -> int:
+        if stop.is_set():
+            return 0
         return sum(u.copy(la, ra, n, where_) for (la, n), (ra, _) in zip(local, remote))
     return _fill_pipelined(source, pid, 0, pieces, where, write=write)
 
