@@ -188,21 +188,26 @@ def _restore_cgroups() -> set[str]:
     ("isolation/mounts", "tmpfs /nonexistent/dir tmpfs rw,size=1m\n", "/nonexistent/dir"),
     ("isolation/mounts", "/nonexistent/src /tmp none bind,rw\n", "/nonexistent/src"),
     ("isolation/mounts", "x /tmp nosuchfs rw\n", "nosuchfs"),     # namespaces exist by then
+    ("isolation/tmpfs/1/index", "x 0644 0 0 sub/data\n", "'x 0644 0 0 sub/data'"),  # up front
+    ("isolation/tmpfs/1/target", "/elsewhere\n", "'/elsewhere'"),                     # up front
+    ("isolation/tmpfs/1/index", "d 0755 0 0 .\nf 0644 0 0 nothere\n", "missing"),    # up front
+    ("isolation/time/monotonic", "1 2 3\n", "'1 2 3'"),          # checked up front
 ])
 def test_impossible_isolation_is_refused_and_leaves_nothing(dumped, tmp_path, rel, text, value):
     tree_dir = tmp_path / "tree"
     shutil.copytree(dumped[0], tree_dir)
+    if rel == "isolation/mounts":    # one more line after the recorded ones
+        text = (tree_dir / rel).read_text() + text
     edit(tree_dir, rel, text)
-    if rel == "isolation/mounts":    # the recorded tmpfs's line is gone: its files go too
-        drop(tree_dir, "isolation/tmpfs")
     before_procs, before_cgroups = _ours(), _restore_cgroups()
     with pytest.raises(CkptError) as e:
         restore.restore(tree_dir)
-    assert f"{tree_dir}/{rel}" in str(e.value) and value in str(e.value)
+    named = f"{tree_dir}/isolation/tmpfs/1/files/nothere" if "nothere" in text else f"{tree_dir}/{rel}"
+    assert named in str(e.value) and value in str(e.value)
     assert _restore_cgroups() == before_cgroups
     assert _ours() <= before_procs
     problems = restore.restore(tree_dir, dry_run=True).problems
-    assert any(f"{tree_dir}/{rel}" in p and value in p for p in problems) or \
+    assert any((f"{tree_dir}/{rel}" in p or "nothere" in p) and value in p for p in problems) or \
         "0-999" in text or "nosuchfs" in text     # only the kernel can tell
 
 
@@ -360,3 +365,67 @@ def test_time_namespace_clocks_continue(clock_loop, tmp_path):
         assert values == sorted(values)               # never backwards
         assert after[0][clock] - before[-1][clock] < DOWNTIME   # the downtime did not pass
     assert after[0][0] >= 100000 and after[0][1] >= 50000
+
+
+# -- tmpfs contents ------------------------------------------------------------------------------
+def test_tmpfs_contents_are_in_the_tree(dumped):
+    tree_dir, ct, _ = dumped
+    d = tree_dir / "isolation/tmpfs/1"
+    assert (d / "target").read_text() == f"{ct.scratch}\n"
+    index = (d / "index").read_text().splitlines()
+    uid, gid = ctr.TMPFS_OWNER.split(":")
+    assert f"d 0750 0 0 sub" in index and f"f 0640 {uid} {gid} sub/data" in index
+    assert "l 0777 0 0 link sub/data" in index and "p 0600 0 0 fifo" in index
+    assert (d / "files/sub/data").read_text() == ctr.TMPFS_DATA
+    assert "isolation/tmpfs/1/files/sub/data" in json.loads((tree_dir / "manifest").read_text())["files"]
+
+
+def test_restored_tmpfs_holds_its_files_and_the_open_one(dumped):
+    """The tmpfs comes back with its files, owners, modes, link and fifo; the init's fd 3 is
+    that file again, at the same offset, in the container's own tmpfs."""
+    tree_dir, ct, _ = dumped
+    s = ct.scratch
+    with restored(tree_dir) as r:
+        init = r.pids[1]
+        assert inside(init, ["cat", f"{s}/sub/data"]) == ctr.TMPFS_DATA
+        assert inside(init, ["stat", "-c", "%a %u:%g %F", f"{s}/sub/data", f"{s}/sub", f"{s}/fifo"]
+                      ).splitlines() == [f"640 {ctr.TMPFS_OWNER} regular file", "750 0:0 directory",
+                                         "600 0:0 fifo"]
+        assert inside(init, ["readlink", f"{s}/link"]).strip() == "sub/data"
+        assert os.readlink(f"/proc/{init}/fd/3") == f"{s}/sub/data"
+        assert f"pos:\t{ctr.TMPFS_OFFSET}\n" in Path(f"/proc/{init}/fdinfo/3").read_text()
+        # it is the container's tmpfs file: a write through the container shows in the fd
+        inside(init, ["sh", "-c", f"echo more >> {s}/sub/data"])
+        with open(f"/proc/{init}/fd/3") as f:
+            assert f.read() == ctr.TMPFS_DATA + "more\n"
+        assert not os.path.exists(f"{s}/sub")          # nothing was made on the host
+
+
+def test_tmpfs_fill_refused_by_the_kernel_leaves_nothing(dumped, tmp_path):
+    """A tmpfs with room for fewer files than recorded: the namespace init fails filling it;
+    the error names the tree file and errno, and nothing of the container is left."""
+    tree_dir = tmp_path / "tree"
+    shutil.copytree(dumped[0], tree_dir)
+    lines = (tree_dir / "isolation/mounts").read_text().splitlines()
+    edit(tree_dir, "isolation/mounts", "".join(
+        (line + ",nr_inodes=3" if " tmpfs " in line else line) + "\n" for line in lines))
+    before_procs, before_cgroups = _ours(), _restore_cgroups()
+    with pytest.raises(CkptError) as e:
+        restore.restore(tree_dir)
+    assert "ENOSPC" in str(e.value) and f"{tree_dir}/isolation/tmpfs/1/" in str(e.value)
+    assert _restore_cgroups() == before_cgroups
+    assert _ours() <= before_procs
+
+
+def test_tmpfs_above_the_limit_is_refused_at_dump(tmp_path):
+    """Dumping a container whose tmpfs holds more than CKPTFS_TMPFS_LIMIT bytes fails naming
+    the file, and the container goes on running."""
+    with ctr.running_container(tmp_path) as ct:
+        env = {**os.environ, "CKPTFS_TMPFS_LIMIT": "10"}
+        r = subprocess.run([sys.executable, "-m", "ckptfs.cli", "dump", "--container", "--kill",
+                            str(ct.init_pid), str(tmp_path / "tree")], capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.returncode != 0
+        assert "CKPTFS_TMPFS_LIMIT" in r.stderr and f"/proc/{ct.init_pid}/root{ct.scratch}/sub/data" in r.stderr
+        n = len(ct.out.read_text().split())
+        assert len(_wait_lines(ct.out, n + 3)) > n            # still counting

@@ -352,3 +352,76 @@ def test_without_leaves_a_kind_to_the_caller(tmp_path):
         assert c.init_pid == c.popen.pid and int(_wait_lines(out, 1)[0]) == c.init_pid
         assert _inside(c, ["hostname"]).strip() == "x"
         assert "pid" not in c.iso.own_namespaces and "pid" in iso.own_namespaces
+
+
+# -- time, user namespace and tmpfs records ---------------------------------------------------
+def test_time_user_and_tmpfs_files_round_trip(tmp_path):
+    from ckptfs.isolation import load_extra, tmpfs, timens, userns
+    src = tmp_path / "src"
+    (src / "a b").mkdir(parents=True)
+    (src / "a b" / "f").write_bytes(b"\x00\xffdata")
+    os.chmod(src / "a b" / "f", 0o4750)
+    os.symlink("a b/f", src / "ln")
+    os.mkfifo(src / "q", 0o640)
+    contents, left = tmpfs.capture(str(src), 100)
+    assert left == 100 - 6
+    iso = _iso(mounts=[Mount("tmpfs", "/run", "tmpfs", "rw,size=1m", contents)])
+    iso.time = timens.TimeNs({"monotonic": (100000, 5), "boottime": (50000, 999999999)})
+    iso.userns = userns.UserNs([(0, 100000, 65536)], [(0, 100000, 65536)], "deny")
+    files = render_extra(iso)
+    assert files["time/monotonic"] == "100000 5\n" and files["user/setgroups"] == "deny\n"
+    assert "f 04750 0 0 a\\040b/f" in files["tmpfs/1/index"].splitlines()
+    assert "l 0777 0 0 ln a\\040b/f" in files["tmpfs/1/index"].splitlines()
+    assert files["tmpfs/1/files/a b/f"].encode() == b"\x00\xffdata"
+    tree = tmp_path / "tree"
+    for rel, text in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(text.encode())
+    read = lambda rel: (tree / rel).read_text(errors="surrogateescape") if (tree / rel).is_file() else None  # noqa: E731
+    listdir = lambda rel: sorted(os.listdir(tree / rel)) if (tree / rel).is_dir() else []  # noqa: E731
+    back = load_extra(_iso(), read, listdir, lambda rel: str(tree / rel))
+    assert back.time == iso.time and back.userns == iso.userns and back.mounts == iso.mounts
+    got = back.mounts[0].contents
+    assert got.entries == contents.entries and got.read("a b/f") == b"\x00\xffdata"
+    # filled elsewhere: the same entries, modes and bytes
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    tmpfs.fill(str(dst), tmpfs.to_config(got, "unused"))
+    again, _ = tmpfs.capture(str(dst), 100)
+    assert again.entries == contents.entries and again.data == contents.data
+
+
+@pytest.mark.parametrize("rel, text", [
+    ("time/monotonic", "12 1000000000\n"), ("time/boottime", "-1 0\n"),
+    ("user/uid_map", "0 100000\n"), ("user/setgroups", "maybe\n"),
+    ("user/gid_map", "0 1000 10\n5 2000 10\n"),
+    ("tmpfs/1/index", "f 0644 0 0 ../escape\n"), ("tmpfs/1/index", "l 0777 0 0 nolinktarget\n"),
+])
+def test_bad_time_user_tmpfs_files_are_refused(rel, text):
+    from ckptfs.isolation import load_extra
+    files = {"time/monotonic": "1 0\n", "time/boottime": "1 0\n", "user/uid_map": "0 0 1\n",
+             "user/gid_map": "0 0 1\n", "user/setgroups": "allow\n", "tmpfs/1/target": "/run\n",
+             "tmpfs/1/index": "d 0755 0 0 .\n", "mounts": "tmpfs /run tmpfs rw\n", rel: text}
+    listdir = lambda rel: ["1"] if rel == "tmpfs" else []  # noqa: E731
+    with pytest.raises(BadTree) as e:
+        load_extra(_iso(), files.get, listdir, lambda rel: "/nonexistent/" + rel)
+    assert e.value.path == f"isolation/{rel}"
+
+
+def test_tmpfs_capture_stays_on_its_filesystem_and_within_the_limit(tmp_path):
+    from ckptfs.isolation import tmpfs
+    (tmp_path / "big").write_bytes(b"x" * 50)
+    with pytest.raises(Unsupported) as e:
+        tmpfs.capture(str(tmp_path), 49)
+    assert e.value.path == f"{tmp_path}/big" and "CKPTFS_TMPFS_LIMIT" in str(e.value)
+    # another filesystem mounted below: its mount point stays, its files do not
+    (tmp_path / "big").unlink()
+    (tmp_path / "inner").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tmp_path / "inner")],
+                   check=True)
+    try:
+        (tmp_path / "inner" / "hidden").write_text("x")
+        contents, _ = tmpfs.capture(str(tmp_path), 1 << 20)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "inner")], check=True)
+    assert [(e.kind, e.path) for e in contents.entries] == [("d", "."), ("d", "inner")]

@@ -24,8 +24,10 @@ Files on the container's own mounts (its tmpfs, its bind mounts): the restorer o
 files itself, from the host's mount namespace, where such a path means something else or
 nothing. `ContainerPaths` shows the checkpoint with those names changed: before the container
 exists, to where the file is now (a tmpfs file's copy in the tree, a bind mount's source) for
-the plan's checks; once it exists, to /proc/<its init>/root/<name>, which resolves in the
-container's mount namespace (its tmpfs, filled by then).
+the plan's checks; once it exists, to /proc/self/fd/<root>/<name>, where <root> is the
+restorer's O_PATH descriptor of the container's root directory (taken through its init's
+/proc/PID/root, so it outlives the helper): it resolves in the container's mount namespace
+(its tmpfs, filled by then).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import subprocess
 import uuid
 
 from .. import flags as F
-from ..errors import CkptError, RestoreFailed
+from ..errors import CkptError, KernelError, RestoreFailed
 from ..model import Isolation, Source
 
 NAME_PREFIX = "ckptfs-restore-"
@@ -89,7 +91,7 @@ class ContainerPaths:
 
     def __init__(self, inner: Source, iso: Isolation):
         self.inner, self.container_paths = inner, self
-        self.init: int | None = None      # host pid whose root is the container's, once made
+        self.root_fd: int | None = None   # the container's root directory, once it exists
         self._file = inner.file
         self._own = sorted(iso.mounts or [], key=lambda m: -len(m.target))
 
@@ -113,8 +115,8 @@ class ContainerPaths:
                   name.startswith(m.target.rstrip("/") + "/")), None)
         if m is None:
             return name
-        if self.init is not None:
-            return f"/proc/{self.init}/root{name}"
+        if self.root_fd is not None:
+            return f"/proc/self/fd/{self.root_fd}{name}"
         rest = os.path.relpath(name, m.target)
         if m.is_bind:
             return os.path.normpath(os.path.join(m.source, rest))
@@ -126,6 +128,15 @@ class ContainerPaths:
             return os.path.join(c.dir, rest)
         # a directory or node of the recorded tmpfs: it exists (only its kind is checked)
         return os.path.dirname(c.dir) if kind is not None else name
+
+
+def _open_root(pid: int) -> int:
+    path = f"/proc/{pid}/root"
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError("cannot hold the container's root directory", e.errno, path=path,
+                          step="create container") from e
 
 
 def attach_paths(source: Source, iso: Isolation) -> ContainerPaths:
@@ -162,9 +173,24 @@ def problems(source: Source, iso: Isolation, same_pids: bool) -> list[str]:
         from ..isolation.mounts import missing_paths
         out += [p.replace("isolation/mounts", tree_path(source, "isolation/mounts"), 1)
                 for p in missing_paths(iso.mounts)]
+        out += _missing_contents(source, iso.mounts)
     if "pid" in iso.own_namespaces and same_pids:
         out.append(f"{tree_path(source, 'isolation/own')}: 'pid' is own: the tree restores "
                    "into a new pid namespace (pidns), not with the same pids here")
+    return out
+
+
+def _missing_contents(source: Source, mounts: list) -> list[str]:
+    """Files a tmpfs index lists that its files/ directory lacks."""
+    out = []
+    for m in mounts:
+        c = m.contents
+        if c is None or c.dir is None:
+            continue
+        for e in c.entries:
+            if e.kind == "f" and not os.path.isfile(os.path.join(c.dir, e.path)):
+                out.append(f"{tree_path(source, f'{c.tree}/files/{e.path}')}: missing "
+                           f"(listed in {c.tree}/index)")
     return out
 
 
@@ -211,9 +237,9 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> Restored:
     except CkptError as e:   # Container.start removed what it had made
         raise _failed(source, e, "undone: nothing of the container is left") from e
     view = getattr(source, "container_paths", None)
-    if isinstance(view, ContainerPaths):
-        view.init = c.init_pid     # the tasks' files are opened in the container from now on
     try:
+        if isinstance(view, ContainerPaths):   # the tasks' files are opened in it from now on
+            view.root_fd = _open_root(c.init_pid)
         r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log, container=c,
                           mount_proc={"pid", "mnt"} <= own)
         pids = r.run()
@@ -223,6 +249,10 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> Restored:
             raise _failed(source, e, "undone: tasks, namespaces and cgroups removed",
                           _hint(source, iso, e)) from e
         raise
+    finally:
+        if isinstance(view, ContainerPaths) and view.root_fd is not None:
+            os.close(view.root_fd)
+            view.root_fd = None
     if "pid" in own and "mnt" not in own:
         log("note: the container's pid namespace has no mount namespace of its own: "
             "its /proc is the restorer's")

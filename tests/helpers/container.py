@@ -12,6 +12,8 @@ captures can be checked against what was really set up:
 - eth0 with ADDR and a default route via GATEWAY. This kernel has no dummy driver, so eth0 is
   one end of a veth pair whose other end (eth0p) is also inside; a dummy is used where it exists;
 - a tmpfs on <tmp>/scratch (size 1 MiB) and a bind mount of <tmp>/src on <tmp>/bound;
+  on the tmpfs: sub/ (0750), sub/data (TMPFS_DATA, owner TMPFS_OWNER, 0640), link -> sub/data,
+  fifo (0600); the init holds sub/data open as fd 3 at offset TMPFS_OFFSET;
 - v1 cgroups named ckptfs-test-<id> with LIMITS (memory below this process's own memory
   cgroup, so the container stays inside the limits the tests run under);
 - a workload: a shell loop appending a counter to <tmp>/out every 20 ms (the container's
@@ -40,6 +42,7 @@ V1_FILES = [("memory", "memory.limit_in_bytes", LIMITS["memory.max"]),
             ("pids", "pids.max", LIMITS["pids.max"]),
             ("cpu", "cpu.cfs_period_us", "100000"), ("cpu", "cpu.cfs_quota_us", "50000")]
 CG_ROOT = "/sys/fs/cgroup"
+TMPFS_DATA, TMPFS_OWNER, TMPFS_OFFSET = "hello tmpfs world\n", "1234:5678", 6
 SLEEPER_ARGV = ["sleep", "3600"]
 
 
@@ -102,13 +105,19 @@ def _script(tmp: Path, sleeper: bool) -> str:
            f"ip route add default via {GATEWAY} dev eth0")
     mounts = (f"mount -t tmpfs -o size=1m,nosuid tmpfs {tmp}/scratch && "
               f"mount --bind {tmp}/src {tmp}/bound")
+    s = f"{tmp}/scratch"
+    # files on the tmpfs, one of them held open by the init at offset TMPFS_OFFSET (fd 3)
+    files = (f"mkdir -m 750 {s}/sub && printf '%s\\n' '{TMPFS_DATA.strip()}' > {s}/sub/data && "
+             f"chown {TMPFS_OWNER} {s}/sub/data && chmod 640 {s}/sub/data && "
+             f"ln -s sub/data {s}/link && mkfifo -m 600 {s}/fifo; "
+             f"exec 3< {s}/sub/data; dd bs=1 count={TMPFS_OFFSET} <&3 >/dev/null 2>&1")
     uts = f"hostname {HOSTNAME} && echo {DOMAIN} > /proc/sys/kernel/domainname"
     loop = f"i=0; while :; do i=$((i+1)); echo $i >> {tmp}/out; sleep 0.02; done"
     # ready only once the background child is sleep itself, not the shell forked to exec it
     bg = (f"{' '.join(SLEEPER_ARGV)} & echo $! > {tmp}/sleeper; "
           f"until [ \"$(cat /proc/$!/comm)\" = {SLEEPER_ARGV[0]} ]; do sleep 0.01; done; "
           if sleeper else "")
-    return f"set -e; {uts} && {net} && {mounts} && {bg}echo ready > {tmp}/ready; {loop}"
+    return f"set -e; {uts} && {net} && {mounts} && {files}; {bg}echo ready > {tmp}/ready; {loop}"
 
 
 def _child_of(ppid: int, timeout: float) -> int:
