@@ -120,7 +120,6 @@ class Filling:
 
         def run():
             try:
-                background()
                 self.bytes += work()
             except BaseException as e:     # handed to join(), which raises it
                 self.error = e
@@ -147,20 +146,6 @@ class Filling:
                 u.close(raise_errors=raise_errors and self.error is None)
             except BaseException as e:
                 self.error = self.error or e
-
-
-def background() -> None:
-    """This thread runs at a lower priority (nice COPY_NICE): a copy running beside the
-    restorer's injected calls must not take the CPU those round trips wait for (each needs
-    the tracer and the task scheduled at once; at equal priority two copiers on two cores
-    make every call wait a time slice). The copy still gets every idle cycle."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COPY_NICE)
-    except OSError:
-        pass          # only slower: the copy then competes with the tracer as an equal
-
-
-COPY_NICE = 10
 
 
 # -- userfaultfd ----------------------------------------------------------------------------
@@ -275,8 +260,7 @@ def _fill_direct(source, pid, pieces, where, u: Uffd, stop: threading.Event) -> 
                 _libc.munmap(local, n)
         if len(pieces) < 2:
             return sum(map(one, pieces))
-        with ThreadPoolExecutor(COPIERS, thread_name_prefix="ckptfs-uffd",
-                                initializer=background) as pool:
+        with ThreadPoolExecutor(COPIERS, thread_name_prefix="ckptfs-uffd") as pool:
             return sum(pool.map(one, pieces))
 
     def write(local, remote, where_) -> int:
