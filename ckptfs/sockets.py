@@ -19,13 +19,17 @@ One file per value (docs/FORMAT.md, fds/<n>/):
     opts/<name> socket options (SOL_SOCKET), getsockopt's values
     queue/<n>   bytes waiting to be read on THIS end, one file per message in queue order
                 (a stream's bytes are one file); absent: nothing queued
+    tcp/        an ESTABLISHED TCP socket's repair state (tcp.py; CRIU's tcp_stream_entry):
+                inq_seq outq_seq options snd_wscale rcv_wscale mss timestamp snd_wl1 snd_wnd
+                max_window rcv_wnd rcv_wup nodelay cork unsent, and outq (the send queue's
+                bytes, the last `unsent` of them never sent); the receive queue is queue/0
 """
 from __future__ import annotations
 
 import os
 import socket
 
-from . import pb
+from . import pb, tcp
 
 SOCK_FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
 SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
@@ -45,6 +49,13 @@ OPTS = {"sndbuf": "so_sndbuf", "rcvbuf": "so_rcvbuf", "reuseaddr": "reuseaddr",
         "snd_timeout_usec": "so_snd_tmo_usec", "rcv_timeout_sec": "so_rcv_tmo_sec",
         "rcv_timeout_usec": "so_rcv_tmo_usec"}
 TREE_QUEUES = "_ckptfs_socket_queues"   # on a TreeSource: file id -> queue file paths
+TREE_TCP = "_ckptfs_tcp_streams"        # on a TreeSource: file id -> (entry, outq path)
+# tcp/<name> -> tcp_stream_entry field (integers; options symbolic)
+TCP_FIELDS = {"inq_seq": "inq_seq", "outq_seq": "outq_seq", "options": "opt_mask",
+              "snd_wscale": "snd_wscale", "rcv_wscale": "rcv_wscale", "mss": "mss_clamp",
+              "timestamp": "timestamp", "snd_wl1": "snd_wl1", "snd_wnd": "snd_wnd",
+              "max_window": "max_window", "rcv_wnd": "rcv_wnd", "rcv_wup": "rcv_wup",
+              "nodelay": "nodelay", "cork": "cork", "unsent": "unsq_len"}
 
 
 # -- names --------------------------------------------------------------------------------
@@ -106,6 +117,29 @@ def queue(src, file_id: int) -> list[bytes]:
     return cached(("socket-queue", file_id), get) if cached else get()
 
 
+def tcp_stream(src, file_id: int):
+    """(tcp_stream_entry, send queue bytes) of an ESTABLISHED TCP socket, or None when the
+    source has none (or is a running live source: repair mode is for a stopped owner)."""
+    own = getattr(src, "tcp_stream", None)
+    if own is not None:
+        return own(file_id)
+    kept = getattr(src, TREE_TCP, {}).get(file_id)
+    if kept is not None:
+        return kept[0], _read_bytes(kept[1])
+    table = getattr(src, "_files", None)          # LiveSource (capture.linux)
+    if table is None or file_id not in getattr(table, "refs", {}) or not src.frozen:
+        return None
+    from .capture import files as capture_files
+    get = lambda: capture_files.tcp_stream(table.refs[file_id])   # noqa: E731
+    cached = getattr(src, "_cached", None)
+    return cached(("tcp-stream", file_id), get) if cached else get()
+
+
+def is_tcp_connected(sk) -> bool:
+    return sk.DESCRIPTOR.name == "inet_sk_entry" and sk.proto == socket.IPPROTO_TCP and \
+        sk.state == TCP_ESTABLISHED
+
+
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -128,7 +162,27 @@ def render(src, fdi, tname: str, sub) -> dict[str, object]:
             out[f"opts/{name}"] = int(getattr(sub.opts, field))
     for i, msg in enumerate(queue(src, fdi.id)):
         out[f"queue/{i}"] = bytes(msg)
+    if is_tcp_connected(sub):
+        out.update(_render_tcp(tcp_stream(src, fdi.id)))
     return out
+
+
+def _render_tcp(stream) -> dict[str, object]:
+    if stream is None:
+        return {}
+    e, outq = stream
+    out: dict[str, object] = {}
+    for name, field in TCP_FIELDS.items():
+        if e.HasField(field):
+            value = getattr(e, field)
+            out[f"tcp/{name}"] = _render_bits(value, tcp.OPTIONS) if name == "options" else int(value)
+    out["tcp/outq"] = bytes(outq)
+    return out
+
+
+def _render_bits(value: int, table: dict[str, int]) -> str:
+    from .flags import render_bits
+    return render_bits(value, table)
 
 
 def _render_unix(u) -> dict[str, object]:
@@ -183,6 +237,8 @@ def load(ts, base: str, key: tuple, flags: int):
         _load_opts(ts, f"{base}/opts", sub.opts)
         build(ts, base, sub, family)
         _load_queue(ts, f"{base}/queue", fid)
+        if ts._exists(f"{base}/tcp"):
+            _load_tcp(ts, f"{base}/tcp", fid)
         return fe
     return pb.fd_types.Value(kind), ts._file_id(key, make)
 
@@ -255,6 +311,30 @@ def _load_queue(ts, base: str, fid: int) -> None:
                       path=ts._p(base))
     queues = ts.__dict__.setdefault(TREE_QUEUES, {})
     queues[fid] = [ts._p(base, str(n)) for n in order]
+
+
+def _load_tcp(ts, base: str, fid: int) -> None:
+    from . import tree as T
+    e = pb.tcp_stream_entry()
+    for name, field in TCP_FIELDS.items():
+        if not ts._exists(f"{base}/{name}"):
+            continue
+        codec = T.bits(tcp.OPTIONS) if name == "options" else T.DEC
+        value = ts._read(f"{base}/{name}", codec)
+        setattr(e, field, bool(value) if field in ("nodelay", "cork") else value)
+    outq = ts._p(base, "outq")
+    if not os.path.exists(outq):
+        from .errors import BadTree
+        raise BadTree("a TCP socket's repair state needs its send queue", path=outq)
+    queued = getattr(ts, TREE_QUEUES, {}).get(fid, [])
+    e.inq_len = sum(os.path.getsize(p) for p in queued)
+    e.outq_len = os.path.getsize(outq)
+    missing = [n for n in ("inq_seq", "outq_seq", "options", "snd_wscale", "mss")
+               if not e.HasField(TCP_FIELDS[n])]
+    if missing:
+        from .errors import BadTree
+        raise BadTree(f"missing TCP state file(s) {', '.join(missing)}", path=ts._p(base))
+    ts.__dict__.setdefault(TREE_TCP, {})[fid] = (e, outq)
 
 
 def _name_codec():

@@ -259,19 +259,59 @@ def problems_of(ts, pid: int, fd: int) -> list[str]:
     return rsk.problems(ts, ts.file(fdinfo_of(ts, pid, fd).id))
 
 
-def test_connected_tcp_is_refused_with_its_addresses(procs, tmp_path):
+TCP_PAIR = LISTENERS + """
+c = socket.create_connection(("127.0.0.1", FACTS["port"])); s, _ = t.accept()
+c.send(b"c->s" * 1000); s.send(b"s->c")
+time.sleep(0.2)
+FACTS.update(c=c.fileno(), s=s.fileno(), cport=c.getsockname()[1])
+"""
+
+
+def test_tcp_connection_made_again_by_repair(procs, tmp_path):
+    proc, fx = py_child(procs, tmp_path, TCP_PAIR)
+    d = dump(proc.pid, tmp_path / "tree")
+    c_dir = fd_dir(d, proc.pid, fx["c"])
+    assert (c_dir / "state").read_text() == "established\n"
+    assert (c_dir / "dst_port").read_text() == f"{fx['port']}\n"
+    assert (c_dir / "queue/0").read_bytes() == b"s->c"
+    assert (c_dir / "tcp/options").read_text() == \
+        "TCPI_OPT_TIMESTAMPS|TCPI_OPT_SACK|TCPI_OPT_WSCALE\n"
+    assert (c_dir / "tcp/outq").read_bytes() == b""          # all of it acknowledged
+    ts = tree.TreeSource(str(d))
+    assert problems_of(ts, proc.pid, fx["c"]) == []
+    maker = rsk.Sockets(ts)
+    c, s = (made(ts, proc.pid, fx[n], maker) for n in ("c", "s"))
+    try:
+        assert c.getpeername() == ("127.0.0.1", fx["port"]) and c.getsockname()[1] == fx["cport"]
+        assert c.recv(100) == b"s->c"
+        got = b""
+        while len(got) < 4000:
+            got += s.recv(4000)
+        assert got == b"c->s" * 1000
+        c.send(b"new")
+        assert s.recv(10) == b"new"                           # the connection lives on
+        s.send(b"back")
+        assert c.recv(10) == b"back"
+    finally:
+        c.close()
+        s.close()
+        maker.close()
+
+
+def test_half_closed_tcp_is_refused_with_its_addresses(procs, tmp_path):
     body = LISTENERS + """
 c = socket.create_connection(("127.0.0.1", FACTS["port"])); s, _ = t.accept()
-FACTS.update(c=c.fileno(), cport=c.getsockname()[1])
+cport = c.getsockname()[1]; c.close(); time.sleep(0.2)
+FACTS.update(s=s.fileno(), cport=cport)
 """
     proc, fx = py_child(procs, tmp_path, body)
     ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
-    found = problems_of(ts, proc.pid, fx["c"])
-    assert found and f"tcp 127.0.0.1:{fx['cport']} -> 127.0.0.1:{fx['port']}" in found[0]
-    assert "connected TCP socket" in found[0]
+    found = problems_of(ts, proc.pid, fx["s"])
+    assert found == [f"TCP socket tcp 127.0.0.1:{fx['port']} -> 127.0.0.1:{fx['cport']} is "
+                     "close_wait: only established connections are restored"]
     with pytest.raises(RestoreFailed) as e:
-        made(ts, proc.pid, fx["c"])
-    assert f"fds/{fx['c']}" in str(e.value)
+        made(ts, proc.pid, fx["s"])
+    assert f"fds/{fx['s']}" in str(e.value)
 
 
 def test_port_in_use_is_refused(procs, tmp_path):
@@ -311,12 +351,13 @@ needs_crit = pytest.mark.skipif(not os.path.exists("/usr/bin/crit"), reason="cri
 
 @needs_crit
 def test_criu_images_carry_sockets_and_queues(procs, tmp_path):
-    proc, fx = py_child(procs, tmp_path, PAIRS + LISTENERS.replace("FACTS =", "FACTS2 =")
+    proc, fx = py_child(procs, tmp_path, PAIRS + TCP_PAIR.replace("FACTS", "FACTS2")
                         + "\nFACTS.update(FACTS2)\n")
     d = dump(proc.pid, tmp_path / "tree")
     ts = tree.TreeSource(str(d))
     criu.export(ts, tmp_path / "img")
-    for name in ("files.img", "sk-queues.img"):
+    c_ino = int((fd_dir(d, proc.pid, fx["c"]) / "inode").read_text())
+    for name in ("files.img", "sk-queues.img", f"tcp-stream-{c_ino:x}.img"):
         img = tmp_path / "img" / name
         js = subprocess.run(["/usr/bin/crit", "decode", "-i", str(img)], capture_output=True,
                             check=True).stdout
@@ -330,7 +371,8 @@ def test_criu_images_carry_sockets_and_queues(procs, tmp_path):
     assert [e["length"] for e in entries if e["id_for"] == fdinfo_of(ts, proc.pid, fx["da"]).id] \
         == [1, 700, 5000]
     with criu.ImageSource(tmp_path / "img") as img:
-        for fd in (fx["sa"], fx["sb"], fx["da"], fx["qa"], fx["t"], fx["u"], fx["a"], fx["v6"]):
+        for fd in (fx["sa"], fx["sb"], fx["da"], fx["qa"], fx["t"], fx["u"], fx["a"], fx["v6"],
+                   fx["c"], fx["s"]):
             want = tree.fd_values(ts, fdinfo_of(ts, proc.pid, fd))
             got = tree.fd_values(img, fdinfo_of(img, proc.pid, fd))
             assert {k: v for k, v in got.items() if k != "open_file"} == \

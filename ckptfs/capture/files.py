@@ -373,6 +373,21 @@ def _addr_words(family: int, text: str) -> list[int]:
     return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
 
 
+def tcp_stream(ref: Ref) -> tuple[object, bytes]:
+    """(tcp_stream_entry, send queue) of an ESTABLISHED TCP socket whose task is stopped,
+    read in TCP_REPAIR mode (tcp.py); its receive queue is the socket's queue."""
+    from .. import tcp
+    sk = socket.socket(fileno=grab_fd(ref.pid, ref.fd))
+    try:
+        entry, _inq, outq = tcp.read(sk)
+        return entry, outq
+    except OSError as e:
+        raise KernelError("read TCP state (TCP_REPAIR)", e.errno or errno.EIO, path=ref.path,
+                          step="tcp repair") from None
+    finally:
+        sk.close()
+
+
 # -- socket queues without consuming them ---------------------------------------------------
 SO_PEEK_OFF = 42
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -411,9 +426,11 @@ def socket_queue(ref: Ref) -> list[bytes]:
 
 def _peek_all(sk: socket.socket, where: str) -> list[bytes]:
     buf, out = bytearray(QUEUE_BUF), []
+    # MSG_TRUNC tells a datagram's whole length; on TCP it would drop the data instead
+    flags = PEEK if sk.type == socket.SOCK_STREAM else PEEK | socket.MSG_TRUNC
     while True:
         try:
-            n, _anc, mflags, _addr = sk.recvmsg_into([buf], 0, PEEK | socket.MSG_TRUNC)
+            n, _anc, mflags, _addr = sk.recvmsg_into([buf], 0, flags)
         except BlockingIOError:
             return out
         except OSError as e:

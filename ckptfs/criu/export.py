@@ -230,13 +230,26 @@ class _Export:
 
     def socket_queues(self, files) -> None:
         """sk-queues.img: what waits on each socket, keyed by the socket's file id (written
-        only when something waits, as CRIU does)."""
+        only when something waits, as CRIU does); a TCP connection's queues go to its
+        tcp-stream image instead."""
         packets = []
         for fid in sorted(files):
-            if files[fid].HasField("usk") or files[fid].HasField("isk"):
+            f = files[fid]
+            if f.HasField("isk") and sockets.is_tcp_connected(f.isk):
+                self.tcp_stream(fid, f.isk)
+            elif f.HasField("usk") or f.HasField("isk"):
                 packets += [(fid, msg) for msg in sockets.queue(self.src, fid)]
         if packets:
             skqueue.write(self.path(skqueue.NAME), packets)
+
+    def tcp_stream(self, fid: int, isk) -> None:
+        """tcp-stream-<ino>.img of a connection: its repair state and both queues."""
+        stream = sockets.tcp_stream(self.src, fid)
+        if stream is None:
+            return      # no repair state: restore refuses the connection, as ours does
+        entry, outq = stream
+        inq = b"".join(sockets.queue(self.src, fid))
+        skqueue.write_tcp(self.path(skqueue.tcp_name(isk.ino)), entry, inq, outq)
 
     def ghosts(self, files) -> None:
         """Files unlinked while open: remap-fpath.img says "ghost", ghost-file-<id>.img holds

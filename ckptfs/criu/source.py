@@ -14,7 +14,7 @@ import bisect
 import os
 import threading
 
-from .. import model, pb, xsave
+from .. import model, pb, sockets, xsave
 from ..errors import BadImage
 from ..flags import VMA_STATUS
 from ..model import PAGE_SIZE, PageRange
@@ -158,11 +158,30 @@ class ImageSource(model.Source):
         return b""
 
     def socket_queue(self, file_id: int) -> list[bytes]:
-        """Messages waiting on socket `file_id` (sk-queues.img), oldest first."""
+        """Messages waiting on socket `file_id` (sk-queues.img), oldest first; a TCP
+        connection's receive queue (its tcp-stream image)."""
+        stream = self._tcp(file_id)
+        if stream is not None:
+            return [stream[1]] if stream[1] else []
         with self._lock:
             if "#sk-queues" not in self._images:
                 self._images["#sk-queues"] = skqueue.read(self.path(skqueue.NAME))
             return self._images["#sk-queues"].get(file_id, [])
+
+    def tcp_stream(self, file_id: int):
+        """(tcp_stream_entry, send queue) of a TCP connection, None without its image."""
+        stream = self._tcp(file_id)
+        return None if stream is None else (stream[0], stream[2])
+
+    def _tcp(self, file_id: int):
+        f = self.file(file_id)
+        if not f.HasField("isk") or not sockets.is_tcp_connected(f.isk):
+            return None
+        name = skqueue.tcp_name(f.isk.ino)
+        with self._lock:
+            if name not in self._images:
+                self._images[name] = skqueue.read_tcp(self.path(name))
+            return self._images[name]
 
     # Optional Source methods (LiveSource has them too): files unlinked while open.
     def file_deleted(self, file_id: int) -> bool:

@@ -10,9 +10,11 @@ What is made, per unix_sk_entry / inet_sk_entry:
   A socket file left at the path (the original's, dead or alive) is replaced, as CRIU does:
   the restored program is the one its clients must reach now. Any other file there is refused;
 - a bound or listening TCP/UDP socket: options, bind to the address and port, listen;
-- on the same host, a listener whose original is still frozen here (a move in progress) is
-  the original socket itself, taken with pidfd_getfd: connections waiting in its backlog come
-  along, and the port/path is not in use twice.
+- an established TCP connection: TCP_REPAIR (tcp.py) re-makes it with its sequence numbers,
+  options, window and both queues, without a packet on the wire;
+- on the same host, a listener or TCP connection whose original is still frozen here (a move
+  in progress) is the original socket itself, taken with pidfd_getfd: connections waiting in
+  a backlog come along, and no address or connection exists twice.
 `problems()` says, before anything is made, why a socket cannot be restored (a connected TCP
 socket, a peer outside the tree, a port in use, a queue too big for this host's buffers ...).
 """
@@ -27,6 +29,7 @@ import threading
 
 from .. import flags as F
 from .. import sockets as S
+from .. import tcp
 from ..errors import KernelError, RestoreFailed
 from ..capture import files as capture_files
 
@@ -153,14 +156,24 @@ def _inet_problems(i, q: list[bytes], index: Index, fid: int) -> list[str]:
     if i.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
         return [f"{where}: protocol {i.proto} is not TCP or UDP"]
     if i.proto == socket.IPPROTO_TCP and i.state not in (S.TCP_LISTEN, S.TCP_CLOSE):
-        return [f"connected TCP socket {where} ({S.STATES.get(i.state, i.state)}) cannot be "
-                "restored (no TCP_REPAIR support yet)"]
+        return _tcp_problems(i, index, fid, where)
     if q:
         return [f"{where}: {sum(map(len, q))} queued bytes on an internet socket are not "
                 "restored (their senders are not in the tree)"]
     if not i.src_port or _original(index, fid, i.ino) is not None:
         return []
     return _probe_bind(i, where)
+
+
+def _tcp_problems(i, index: Index, fid: int, where: str) -> list[str]:
+    state = S.STATES.get(i.state, i.state)
+    if i.state != S.TCP_ESTABLISHED:
+        return [f"TCP socket {where} is {state}: only established connections are restored"]
+    if _original(index, fid, i.ino) is not None:
+        return []
+    if S.tcp_stream(index.source, fid) is None:
+        return [f"connected TCP socket {where} has no repair state (tcp/) in the checkpoint"]
+    return []
 
 
 def _probe_bind(i, where: str) -> list[str]:
@@ -217,6 +230,8 @@ class Sockets:
         held = self._take_original(fe)
         if held is not None:
             return held
+        if fe.HasField("isk") and S.is_tcp_connected(fe.isk):
+            return _detach(self._tcp(fe, where))
         if fe.HasField("isk"):
             return _detach(self._inet(fe.isk, where))
         u = fe.usk
@@ -225,9 +240,10 @@ class Sockets:
         return _detach(self._unix_alone(u, where))
 
     def _take_original(self, fe) -> int | None:
-        """A listener whose original is frozen on this host is handed over itself."""
+        """A listener or TCP connection whose original is frozen on this host is handed over
+        itself (a second socket could not have its address, or its connection)."""
         sk = entry(fe)
-        if sk.state != S.TCP_LISTEN:
+        if sk.state != S.TCP_LISTEN and not S.is_tcp_connected(sk):
             return None
         held = _original(self.index, fe.id, sk.ino)
         if held is None:
@@ -273,7 +289,26 @@ class Sockets:
             raise
         return sk
 
-    # TCP / UDP
+    # TCP connections (TCP_REPAIR) / TCP and UDP sockets
+    def _tcp(self, fe, where: str) -> socket.socket:
+        i = fe.isk
+        e, outq = S.tcp_stream(self.source, fe.id)
+        inq = b"".join(S.queue(self.source, fe.id))
+        src = (S.addr_text(i.family, i.src_addr), i.src_port)
+        dst = (S.addr_text(i.family, i.dst_addr), i.dst_port)
+        try:
+            sk = tcp.make(e, i.family, src, dst, inq, outq)
+        except OSError as err:
+            raise KernelError(f"re-make TCP connection {describe(i)} (TCP_REPAIR)", err.errno,
+                              path=where, step="tcp repair") from None
+        try:
+            _set_opts(sk, i.opts)
+            fcntl.fcntl(sk.fileno(), fcntl.F_SETFL, i.flags & SETFL)
+        except BaseException:
+            sk.close()
+            raise
+        return sk
+
     def _inet(self, i, where: str) -> socket.socket:
         sk = _inet_socket(i)
         try:
