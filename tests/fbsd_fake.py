@@ -25,7 +25,8 @@ LINUX_NR = {v: k for k, v in RF.NR.items()}
 LINUX_OPEN_BITS = 3                                # O_ACCMODE
 for _v in L.OPEN_FLAGS.values():
     LINUX_OPEN_BITS |= _v
-LINUX_CLONE_OK = {RF.CLONE_THREAD_FLAGS}          # what linux_clone_thread is given here
+LINUX_CLONE_OK = {RF.CLONE_THREAD_FLAGS,           # what linux_clone_thread is given here
+                  RF.CLONE_THREAD_FLAGS | RF.CLONE_CHILD_CLEARTID}
 PAGE = 4096
 RLIM_INFINITY = (1 << 64) - 1
 PIPE_SIZE, BIG_PIPE_SIZE, PIPE_MINDIRECT = 16384, 65536, 8192     # sys/sys/pipe.h
@@ -118,6 +119,7 @@ class Proc:
             self.mem.write(addr, data)
         self.regs_of = {}                            # unused
         self.fsbase, self.gsbase, self.masks, self.names = {}, {}, {}, {}
+        self.clear_tid = {}                          # lwp -> em->child_clear_tid
         self.cwd, self.root, self.umask, self.text = "/", "/", 0o22, "/usr/local/libexec/ckptfs/linux-helper"
         self.limits = {i: (RLIM_INFINITY, RLIM_INFINITY) for i in range(16)}
         self.limits[7] = (1024, 1 << 20)             # RLIMIT_NOFILE, as a jail's default
@@ -260,12 +262,32 @@ class FakeFreeBSD:
         p = self._traced(pid, "PT_IO read")
         if not self._mapped(p, addr, size):
             self._err(f"PT_IO read {addr:#x}+{size}", errno.EFAULT, pid)
-        return p.mem.read(addr, size)
+        return self._contents(p, addr, size)
+
+    def _contents(self, p, addr, size):
+        """What the process sees: written pages, else the mapped file's bytes (the page
+        cache of the jail's file, this host's file here), else zeros."""
+        out = bytearray(p.mem.read(addr, size))
+        for page in range(addr & ~(PAGE - 1), addr + size, PAGE):
+            if page in p.mem.pages:
+                continue
+            m = next((m for m in p.maps if m.start <= page < m.end and m.path), None)
+            if m is None or not os.path.isfile(m.path):
+                continue
+            with open(m.path, "rb") as f:
+                f.seek(m.offset + page - m.start)
+                raw = f.read(PAGE).ljust(PAGE, b"\0")
+            lo, hi = max(page, addr), min(page + PAGE, addr + size)
+            out[lo - addr:hi - addr] = raw[lo - page:hi - page]
+        return bytes(out)
 
     def write_memory(self, pid, addr, data):
         p = self._traced(pid, "PT_IO write")
         if not self._mapped(p, addr, len(data)):
             self._err(f"PT_IO write {addr:#x}+{len(data)}", errno.EFAULT, pid)
+        for page in range(addr & ~(PAGE - 1), addr + len(data), PAGE):
+            if page not in p.mem.pages:              # copy on write from the mapped file
+                p.mem.pages[page] = bytearray(self._contents(p, page, PAGE))
         p.mem.write(addr, bytes(data))
         if bytes(data) == RF.TRAP_CODE:
             p.scratch = addr                         # where the injector runs its calls
@@ -529,11 +551,11 @@ class FakeFreeBSD:
     def _fifo_open(self, node, flags):
         acc, nonblock = flags & 3, flags & L.OPEN_FLAGS["O_NONBLOCK"]
         if acc == 0 and not nonblock and not node.pipe.writers:
-            raise AssertionError(f"blocking O_RDONLY open of a FIFO without a writer: hangs")
+            raise AssertionError("blocking O_RDONLY open of a FIFO without a writer: hangs")
         if acc == 1 and not node.pipe.readers:
             if nonblock:
                 return -errno.ENXIO
-            raise AssertionError(f"blocking O_WRONLY open of a FIFO without a reader: hangs")
+            raise AssertionError("blocking O_WRONLY open of a FIFO without a reader: hangs")
         return 0
 
     def linux_close(self, p, fd, *_):
@@ -783,11 +805,17 @@ class FakeFreeBSD:
         self.next_lwp += 1
         p.lwps[lwp] = G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0, r_rsp=sp))
         p.masks[lwp] = p.masks.get(p.pid, (0, 0, 0, 0))     # a new thread inherits the mask
+        if flags & RF.CLONE_CHILD_CLEARTID:
+            p.clear_tid[lwp] = ctid
         p.pending_stops.append(0x57f)                # the born lwp's stop
         p.lwpflags = getattr(p, "lwpflags", {})
         p.lwpflags[lwp] = O.PL_FLAG_BORN
         self._linux(p.pid, "clone", flags)
         return lwp
+
+    def linux_set_tid_address(self, p, addr, *_):
+        p.clear_tid[p.pid] = addr
+        return p.pid
 
     def linux_setsid(self, p, *_):
         p.sid = p.pgid = p.pid

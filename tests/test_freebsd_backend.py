@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ckptfs import flags as L, tree
-from ckptfs.errors import KernelError, Unsupported
+from ckptfs.errors import KernelError
 from ckptfs.restore import freebsd as RF
 from fbsd_fake import FakeFreeBSD, spawn
 
@@ -133,12 +133,13 @@ def test_threads_by_injected_clone_and_lwp_registers(threaded, tmp_path, monkeyp
     assert len(tids) == 2
     kit = FakeFreeBSD()
     monkeypatch.setattr(RF, "spawn_helper", spawn(kit))
-    try:
-        [new] = RF.restore(src, RF.Target(kit=kit))
-    except Unsupported as e:
-        pytest.skip(f"this process has a descriptor the FreeBSD restore refuses: {e}")
-    assert linux(kit, new, "clone") == [(RF.CLONE_THREAD_FLAGS,)]
+    [new] = RF.restore(src, RF.Target(kit=kit))
+    assert linux(kit, new, "clone") == [(RF.CLONE_THREAD_FLAGS | RF.CLONE_CHILD_CLEARTID,)]
     lwp = next(e[1] for e in kit.log if e[0] == "suspend")
+    other = next(t for t in tids if t != threaded)
+    assert kit.procs[new].clear_tid == {
+        new: src.core(threaded).thread_info.clear_tid_addr,
+        lwp: src.core(other).thread_info.clear_tid_addr}
     assert lwp != new and ("resume", lwp) in kit.log
     # each thread's registers and fs base set on its own lwp id (FreeBSD ptrace per lwp)
     assert {e[1] for e in kit.log if e[0] == "setregs"} == {new, lwp}

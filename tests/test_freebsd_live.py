@@ -2,7 +2,6 @@
 what comes back equals what the capture saw, up to the documented equivalences."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 
 from .. import flags as L, model, pb, xsave
-from ..errors import Unsupported
+from ..errors import KernelError, Unsupported
 from ..oskit import freebsd as kit_default
 from ..translate import LossLog
 from ..translate.freebsd import elf, flags as F, fpu as FPU, jail as J, rctl as R, regs as G
@@ -69,6 +69,7 @@ def vma_entry(e) -> pb.vma_entry:
                         prot=e.prot & 7, flags=flags, status=status, fd=-1)
 
 
+GLIBC_TID_OFFSET = 0x2d0           # offsetof(struct pthread, tid), x86_64 (checked: glibc 2.36)
 NAMED_BASE = 1 << 20              # file ids of files known by name only (cwd, root, exe, maps)
 KF_CWD, KF_ROOT = -1, -2
 # Linux sees no capabilities under the Linuxulator (linux_prctl: "the capability sets are
@@ -136,6 +137,7 @@ class FreeBSDSource(model.Source):
         c.thread_info.gpregs.CopyFrom(pb.user_x86_regs_entry(
             mode=pb.NATIVE, **{criu: lin[tree] for tree, criu in L.GP_REGS}))
         c.thread_info.fpregs.CopyFrom(xsave.split(self.xsave(tid)))
+        c.thread_info.clear_tid_addr = self.clear_tid(tid, lin["fs_base"], where)
         info = self.kit.lwpinfo(lwp)
         blocked = F.sigset_to_linux(info.sigmask, self.log, f"{where}/sigmask")
         c.thread_core.CopyFrom(pb.thread_core_entry(comm=self.comm(info.name, f"{where}/comm")))
@@ -155,6 +157,26 @@ class FreeBSDSource(model.Source):
         tc.sigactions.extend(acts)
         tc.rlimits.rlimits.extend(pb.rlimit_entry(cur=c, max=m) for c, m in limits)
         return tc
+
+    def clear_tid(self, tid: int, fs_base: int, where: str) -> int:
+        """The address the kernel clears when the thread exits (pthread_join waits on it).
+        FreeBSD offers no way to read the Linuxulator's em->child_clear_tid (no
+        PR_GET_TID_ADDRESS); glibc always points it at its thread descriptor's tid field,
+        GLIBC_TID_OFFSET past the thread pointer, so that is where it is when fs_base holds a
+        glibc thread control block (whose first and third words point to itself)."""
+        if not fs_base:
+            return 0
+        try:
+            tcb, _dtv, me = struct.unpack("<3Q", self.kit.read_memory(self.pid, fs_base, 24))
+        except KernelError:
+            tcb = me = None
+        if tcb == me == fs_base:
+            self.log.note(f"{where}/clear_tid_addr", hex(fs_base + GLIBC_TID_OFFSET),
+                          "derived from glibc's thread descriptor (FreeBSD cannot report it)")
+            return fs_base + GLIBC_TID_OFFSET
+        self.log.note(f"{where}/clear_tid_addr", "0", "not a glibc thread: unknown, so a "
+                      "thread joining this one after a restore on Linux would wait forever")
+        return 0
 
     def comm(self, name: str, where: str) -> str:
         """Linux keeps 15 bytes of a name, FreeBSD up to 19 (MAXCOMLEN)."""

@@ -13,8 +13,9 @@ Order: check the binary (a native FreeBSD binary cannot come from Linux, nor go 
 (jail_set) and RCTL rules; the root helper; the tree: each child by an injected Linux fork in
 its parent's helper (PT_FOLLOW_FORK makes it traced from birth), setsid where the process led
 its session, then process groups; per process: descriptors, memory, cwd/root/umask,
-rlimits, sigactions, each extra thread by an injected clone (with that thread's signal mask,
-then PT_SUSPEND so later injections do not run it), the leader's mask, credentials last;
+rlimits, sigactions, each extra thread by an injected clone (with that thread's signal mask
+and clear-tid address, then PT_SUSPEND so later injections do not run it), the leader's mask
+and set_tid_address, credentials last;
 then registers, fs/gs base and XSAVE per thread (by lwp id), PT_RESUME, PT_DETACH.
 
 All or nothing: on any error every helper created so far is killed and the jail removed;
@@ -40,7 +41,7 @@ NR = {"write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
       "fcntl": 72, "chdir": 80, "umask": 95, "setpgid": 109, "setsid": 112,
       "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
       "dup3": 292, "pipe2": 293, "prlimit64": 302, "unlink": 87, "fchmod": 91,
-      "mknod": 133, "eventfd2": 290}
+      "mknod": 133, "eventfd2": 290, "set_tid_address": 218}
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
 TRAP_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SIGTRAP = 5                          # FreeBSD
@@ -52,6 +53,10 @@ DATA_SIZE = PAGE                     # the helper's writable page used for argum
 # (plus the tid/TLS ones the restore does not need: registers are set by ptrace afterwards).
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
 #                    VM      FS      FILES   SIGHAND THREAD    SYSVSEM
+# The address the kernel zeroes and futex-wakes when the thread exits (pthread_join waits on
+# it): linux_clone_thread keeps it in the thread's emuldata (em->child_clear_tid), and
+# linux_set_tid_address does the same for the calling (main) thread.
+CLONE_CHILD_CLEARTID = 0x00200000
 F_DUPFD_CLOEXEC, F_SETFL = 1030, 4   # Linux fcntl commands
 OPEN_DROP = L.O_CLOEXEC | L.OPEN_FLAGS["O_CREAT"] | L.OPEN_FLAGS["O_TRUNC"] | \
     L.OPEN_FLAGS["O_EXCL"]           # meaningful at open time only
@@ -275,7 +280,9 @@ class Restorer:
                 continue
             where = f"tasks/{task.pid}/threads/{th.tid}"
             set_mask(calls, values.sigmask[th.tid], where)
-            lwp = calls("clone", CLONE_THREAD_FLAGS, calls.data + DATA_SIZE, 0, 0, 0,
+            ctid = self.src.core(th.tid).thread_info.clear_tid_addr
+            flags = CLONE_THREAD_FLAGS | (CLONE_CHILD_CLEARTID if ctid else 0)
+            lwp = calls("clone", flags, calls.data + DATA_SIZE, 0, ctid, 0,
                         step="clone thread", path=where)
             self.kit.wait(proc.new)                       # the new lwp's birth stop
             info = self.kit.lwpinfo(lwp)
@@ -285,6 +292,10 @@ class Restorer:
             self.kit.suspend(lwp)
             proc.lwps[th.tid] = lwp
         set_mask(calls, values.sigmask[task.pid], f"tasks/{task.pid}/sigmask")
+        ctid = self.src.core(task.pid).thread_info.clear_tid_addr
+        if ctid:
+            calls("set_tid_address", ctid, step="set_tid_address",
+                  path=f"tasks/{task.pid}/threads/{task.pid}/clear_tid_addr")
 
     def finish(self, task) -> None:
         proc = self.procs[task.pid]
