@@ -258,6 +258,11 @@ def cmd_migrate(a) -> int:
     return migrate.run(a) or 0
 
 
+def cmd_receive(a) -> int:
+    from . import stream
+    return stream.receive(a.job, timeout=a.timeout)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckptfs", description="A running process as files, and back.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -322,6 +327,13 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("pid", type=int)
     mg.add_argument("dest", metavar="[USER@]HOST:PATH/JOB")
     mg.set_defaults(fn=cmd_migrate)
+
+    rv = sub.add_parser("receive", help="write a migration's final-pass stream (stdin) into "
+                                        "a job; used by `ckptfs migrate` over ssh")
+    rv.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds to follow JOB/status after the stream")
+    rv.add_argument("job")
+    rv.set_defaults(fn=cmd_receive)
     return p
 
 

@@ -339,13 +339,79 @@ def guess_chunks(passes: list[Pass]) -> list[str]:
     return [n for n in passes[-1].names if "/pages/" in n and n in before]
 
 
+def gone_paths(files: dict, gone: set) -> list[str]:
+    """What to delete so that the job holds no file `files` lacks: the `gone` files, then the
+    directories left without any listed file, deepest first."""
+    kept = {os.path.dirname(rel) for rel in files}
+    kept |= {d for rel in kept for d in _parents(rel)}
+    dirs = {d for rel in gone for d in _parents(os.path.dirname(rel))} - kept
+    return sorted(gone) + sorted(dirs, key=lambda d: (-d.count("/"), d))
+
+
+def _parents(rel: str) -> list[str]:
+    out = []
+    while rel:
+        out.append(rel)
+        rel = os.path.dirname(rel)
+    return out
+
+
+def streamed_pass(mnt: str, rx, held: dict, guess: list[str], mark) -> Pass:
+    """The final pass into a job of another host, through the receiver's session: the
+    `guess`ed chunks while the mount builds the frozen manifest, then deletions, the
+    manifest, the rest of the difference, and those guesses the manifest says changed again."""
+    t0 = time.monotonic()
+    w = rx.writer()
+    got: dict = {}
+    failed: list = []
+
+    def send_guesses():
+        try:
+            for rel in guess:
+                if (r := w.file(mnt, rel, rel not in held, missing_ok=True)) is not None:
+                    got[rel] = (r[1], r[0])
+        except CkptError as e:
+            failed.append(e)
+
+    sender = threading.Thread(target=send_guesses, name="ckptfs-guess", daemon=True)
+    sender.start()
+    try:
+        doc, raw = read_manifest(mnt, raw=True)
+        mark("frozen manifest read")
+        sender.join()
+        if failed:
+            raise failed[0]
+        files = doc.get("files")
+        if files is None:
+            raise CkptError("the frozen manifest lists no files", step="final pass",
+                            path=os.path.join(mnt, "manifest"))
+        mark(f"{len(got)} guessed chunks sent")
+        for rel in gone_paths(files, (set(held) | set(got)) - set(files)):
+            w.delete(rel)
+        w.data("manifest", raw)
+        rest = _stale(files, held, sorted(set(files) - set(got)))
+        for rel in rest + _stale(files, got, sorted(set(got) & set(files))):
+            w.file(mnt, rel, rel not in held)
+        w.end()
+        mark("final pass sent")
+        rx.received(RESTORE_TIMEOUT)
+    except CkptError as e:
+        raise rx.why(e) from None
+    sent = sorted(set(got) | set(rest))
+    return Pass("final pass", w.bytes, len(sent), sum("/pages/" in n for n in sent),
+                time.monotonic() - t0, sent)
+
+
 def after_freeze(mnt: str, dest: Dest, held: dict | None, guess: list[str], tracked: bool,
-                 mark) -> Pass:
+                 mark, rx=None) -> Pass:
     """The final pass: the difference between the frozen manifest and `held` when the
     target said what it holds (into a local job, copied here, starting with the `guess`ed
-    chunks while the mount builds the manifest), else a whole rsync pass."""
+    chunks while the mount builds the manifest; to another host streamed through the
+    receiver `rx`), else a whole rsync pass."""
     if held is None:
         return final_pass(mnt, dest, tracked)
+    if rx is not None:
+        return streamed_pass(mnt, rx, held, guess, mark)
     if dest.host:
         doc = read_manifest(mnt)
         mark("frozen manifest read")
@@ -609,6 +675,25 @@ class Result:
     source_mount: str | None = None       # --keep-source: where the frozen source still is
 
 
+def start_receiver(dest: Dest):
+    """The remote final pass's session (remote.Receiver), opened before the freeze; None when
+    the far side cannot receive (no `ckptfs receive` there, a job that cannot say what it
+    holds): then the final pass goes through rsync, as before."""
+    from .remote import Receiver
+    t0 = time.monotonic()
+    try:
+        rx = Receiver(dest, rsh())
+    except CkptError as e:
+        log(f"no receiver on {dest.host} ({e}): the final pass goes through rsync")
+        return None
+    if rx.held is None:
+        rx.close()
+        return None
+    log(f"receiver on {dest.host} ready in {time.monotonic() - t0:.2f} s "
+        f"(the job holds {len(rx.held)} files)")
+    return rx
+
+
 def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int = MAX_PASSES,
             mount_cmd: list[str] | None = None, restore_timeout: float = RESTORE_TIMEOUT) -> Result:
     t0 = time.monotonic()
@@ -623,16 +708,25 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
             waited = wait_prepared(dest)
             if waited > 0.1:
                 log(f"waited {waited:.2f} s for the target to prepare the process")
-        held = fetch_held(dest) if passes and tracking else None
+        rx = start_receiver(dest) if dest.host and passes and tracking else None
+        if rx is not None:
+            held = rx.held
+        else:
+            held = fetch_held(dest) if passes and tracking else None
         guess = guess_chunks(passes) if held is not None else []
         t_freeze = time.monotonic()
-        src.ctl("freeze")
+        try:
+            src.ctl("freeze")
+        except BaseException:
+            if rx is not None:
+                rx.close()
+            raise
         frozen = True
         marks = [(time.monotonic() - t_freeze, "frozen")]
-        watch = LocalStatusWatch(dest) if dest.host is None else StatusWatch(dest)
+        watch = rx or (LocalStatusWatch(dest) if dest.host is None else StatusWatch(dest))
         try:
             p = after_freeze(src.dir, dest, held, guess, tracking is not None,
-                             lambda what: marks.append((time.monotonic() - t_freeze, what)))
+                             lambda what: marks.append((time.monotonic() - t_freeze, what)), rx)
             passes.append(p)
             t_copied = time.monotonic()
             log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} chunks), "
@@ -690,8 +784,14 @@ def back_out(src: SourceMount, dest: Dest) -> bool:
 
 
 def run(args) -> int:
-    migrate(args.pid, Dest.parse(args.dest), keep_source=args.keep_source,
-            max_passes=getattr(args, "passes", MAX_PASSES))
+    result = migrate(args.pid, Dest.parse(args.dest), keep_source=args.keep_source,
+                     max_passes=getattr(args, "passes", MAX_PASSES))
+    if getattr(args, "json", None):
+        doc = dataclasses.asdict(result)
+        for p in doc["passes"]:
+            del p["names"]
+        with open(args.json, "w") as f:
+            json.dump(doc, f)
     return 0
 
 
@@ -703,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("run", help="same as `ckptfs migrate`")
     g.add_argument("--keep-source", action="store_true")
     g.add_argument("--passes", type=int, default=MAX_PASSES)
+    g.add_argument("--json", metavar="FILE", help="write the result (passes, downtime, "
+                   "timeline) there as JSON: for tools/bench_migrate.py")
     g.add_argument("pid", type=int)
     g.add_argument("dest")
     a = p.parse_args(argv)

@@ -3,6 +3,7 @@ between two simulated hosts over ssh; the source thaws when the target never res
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -149,6 +150,15 @@ def test_failure_thaws_the_source(wset_bin, procs, tmp_path):
     assert verify(src.pid, str(out)) != line1              # rounds go on: it runs
 
 
+def remote_env(host, receive: list[str] = ()) -> dict:
+    """Environment for a migrate run on `host`: ssh through the hosts' config, the far side's
+    receiver from this checkout (optionally behind a `receive` wrapper)."""
+    top = str(Path(__file__).parents[1])
+    return dict(os.environ, CKPTFS_RSH=host.ssh_cmd(), PYTHONPATH=top,
+                CKPTFS_RECEIVE=shlex.join([*receive, sys.executable, "-m", "ckptfs.cli",
+                                           "receive"]))
+
+
 @pytest.mark.two_hosts
 def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount, two_hosts):
     a, b, disk = two_hosts.a, two_hosts.b, two_hosts.disk
@@ -162,14 +172,15 @@ def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount
     if not os.path.exists(b.path(str(out))):              # no shared /tmp: the log travels too
         b.run(["mkdir", "-p", str(logdir)], check=True)
         a.run(["rsync", "-a", "-e", a.ssh_cmd(), f"{logdir}/", f"{b.name}:{logdir}/"], check=True)
-    env = dict(os.environ, CKPTFS_RSH=a.ssh_cmd(), PYTHONPATH=str(Path(__file__).parents[1]))
     r = a.run([sys.executable, "-m", "ckptfs.migrate", "run", str(src.pid),
-               f"{b.name}:{dst}/job"], env=env, timeout=120)
+               f"{b.name}:{dst}/job"], env=remote_env(a), timeout=120)
     assert r.returncode == 0, r.stderr
     status = open(b.path(f"{dst}/job/status")).read().strip()
     new = restored_pid(status)
     procs.adopt(new)
     assert "pass 2:" in r.stderr and "downtime" in r.stderr, r.stderr
+    # the final pass went through the receiver's session, opened before the freeze
+    assert "receiver on hostb ready" in r.stderr and "final pass sent" in r.stderr, r.stderr
     assert P.wait_gone(src.pid, 10)
     assert verify(new, b.path(str(out))).startswith("ok round=")
 

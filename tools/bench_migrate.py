@@ -9,6 +9,12 @@ process then checks all of its memory:
       passes);
   (b) pre-copy: rsync passes while it runs until they stop shrinking, freeze, final pass
       (the difference to what the target holds, copied by migrate itself into the local job).
+With --remote the same runs go between two simulated hosts (tests/helpers/hosts.py: network
+and mount namespaces joined by a veth pair, a real sshd on each): the workload runs on hosta,
+`ckptfs migrate` runs there too, the target is mounted on hostb, and every copy goes through
+ssh. Ways: (a) stop-and-copy, one rsync pass over ssh; (b) pre-copy, final pass streamed into
+`ckptfs receive` on hostb through one ssh session opened before the freeze; (c) pre-copy with
+the final pass through `rsync --files-from` over ssh (no receiver), the way before (b).
 Figures: downtime (freeze until the target says `restored`) and its split (freeze, frozen
 manifest read, final pass until the target checks, verify, restore; a verify the status
 watch did not see counts in the final pass), total time, bytes per pass and in the final
@@ -16,11 +22,14 @@ pass, the load average. Goal: (b)'s downtime <= 0.2 x (a)'s and under 250 ms.
 Each job is removed after its run, the work directory at the end.
 
 Usage: .venv/bin/python tools/bench_migrate.py [--size MIB] [--wset MIB] [--runs N] [--ways ab]
+                                              [--remote] (then --ways abc)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -34,7 +43,11 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TOP))
 
+sys.path.insert(0, str(TOP / "tests"))
+
 from ckptfs import migrate  # noqa: E402
+
+NAMES = {"a": "stop-and-copy", "b": "pre-copy", "c": "pre-copy, rsync final"}
 
 
 def workload_binary(d: Path) -> str:
@@ -87,6 +100,59 @@ def one(binary: str, work: Path, target: Path, job: str, size: int, wset: int,
         shutil.rmtree(target / job, ignore_errors=True)   # a job holds SIZE MiB of chunks
 
 
+def as_result(doc: dict) -> migrate.Result:
+    doc["passes"] = [migrate.Pass(**p) for p in doc["passes"]]
+    doc["timeline"] = [tuple(x) for x in doc["timeline"]]
+    return migrate.Result(**doc)
+
+
+class Remote:
+    """Two simulated hosts with a target mounted on hostb; `one()` migrates a workload started
+    on hosta. Everything (namespaces, sshd, mounts, processes) goes when the `with` ends."""
+
+    def __init__(self, stack: contextlib.ExitStack, work: Path):
+        from helpers import hosts, mounts, procs
+        self.work, self.procs = work, procs.ProcSet(work / "procs")
+        stack.callback(self.procs.kill_all)
+        self.h = stack.enter_context(hosts.two_hosts())
+        self.mnt = f"{work}/in-remote"                    # /tmp is the same on both hosts
+        stack.enter_context(mounts.fuse_mount(
+            mounts.ckptfs_cmd("target", "-f", "--store", work / "store-remote", self.mnt),
+            self.mnt, runner=self.h.b, timeout=30))
+
+    def env(self, way: str) -> dict:
+        receive = [sys.executable, "-m", "ckptfs.cli", "receive"] if way != "c" else ["false"]
+        return dict(os.environ, CKPTFS_RSH=self.h.a.ssh_cmd(), PYTHONPATH=str(TOP),
+                    CKPTFS_RECEIVE=" ".join(receive))
+
+    def one(self, binary: str, job: str, size: int, wset: int, passes: int, way: str
+            ) -> migrate.Result:
+        p = self.h.a.spawn([binary, size, wset, size // 4, "loop", "1000"], procs=self.procs,
+                           logdir=self.work / job)
+        out, res = self.work / job / "stdout", self.work / f"{job}.json"
+        new = None
+        try:
+            wait_line(out, 1)
+            time.sleep(0.5)
+            r = self.h.a.run([sys.executable, "-m", "ckptfs.migrate", "run", "--passes", passes,
+                              "--json", res, p.pid, f"{self.h.b.name}:{self.mnt}/{job}"],
+                             env=self.env(way), timeout=900)
+            if r.returncode:
+                raise SystemExit(f"{job}: migrate failed:\n{r.stderr}")
+            result = as_result(json.loads(res.read_text()))
+            new = int(result.status.split("=", 1)[1])
+            os.kill(new, signal.SIGUSR1)
+            verdict = wait_line(out, 2)
+            if not verdict.startswith("ok"):
+                raise SystemExit(f"{job}: restored process reports {verdict!r}")
+            return result
+        finally:
+            kill(p.pid)
+            if new:
+                kill(new)
+            shutil.rmtree(self.h.b.path(f"{self.mnt}/{job}"), ignore_errors=True)
+
+
 def split(result: migrate.Result) -> tuple[float, float, float, float, float]:
     """(freeze, manifest, final pass, verify, restore) from the timeline: the manifest until
     the frozen manifest was read (0 when not read apart), the final pass until the target
@@ -109,51 +175,68 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024, help="MiB held by the workload")
     ap.add_argument("--wset", type=int, default=16, help="MiB rewritten continuously")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--ways", default="ab", help="which to run: a, b or ab (the ratio needs both)")
+    ap.add_argument("--ways", default=None, help="which to run: a, b, c (--remote) or any "
+                    "combination; the ratio needs a (default: ab, abc with --remote)")
+    ap.add_argument("--remote", action="store_true", help="between two simulated hosts, ssh")
     a = ap.parse_args()
+    ways = a.ways or ("abc" if a.remote else "ab")
+    if "c" in ways and not a.remote:
+        ap.error("way c (rsync final pass) is remote only")
     load0 = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="ckptfs-bench-migrate-"))
-    binary = workload_binary(work / "bin")
+    rows = {w: [] for w in "abc" if w in ways}
+    try:
+        with contextlib.ExitStack() as stack:
+            binary = workload_binary(work / "bin")
+            run = Remote(stack, work).one if a.remote else local_runner(stack, work)
+            for i in range(a.runs):
+                for way in rows:
+                    passes = 0 if way == "a" else migrate.MAX_PASSES
+                    rows[way].append(run(binary, f"{way}{i}", a.size, a.wset, passes, way))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(a, rows, load0)
+    return 0
+
+
+def local_runner(stack: contextlib.ExitStack, work: Path):
     target, store = work / "in", work / "store"
     target.mkdir()
     r = subprocess.run([sys.executable, "-m", "ckptfs.cli", "target", "--store", str(store),
                         str(target)], cwd=TOP)
     if r.returncode:
-        return r.returncode
-    rows = {w: [] for w in "ab" if w in a.ways}
-    try:
-        for i in range(a.runs):
-            for way, passes in (("a", 0), ("b", migrate.MAX_PASSES)):
-                if way in rows:
-                    rows[way].append(one(binary, work, target, f"{way}{i}", a.size, a.wset, passes))
-    finally:
-        subprocess.run(["fusermount3", "-u", str(target)])
-        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(f"ckptfs target exited {r.returncode}")
+    stack.callback(subprocess.run, ["fusermount3", "-u", str(target)])
+    return lambda binary, job, size, wset, passes, way: one(binary, work, target, job, size,
+                                                            wset, passes)
+
+
+def report(a, rows: dict, load0) -> None:
     print(f"\nworkload: {a.size} MiB touched, {a.wset} MiB rewritten continuously; "
+          f"{'two hosts over ssh' if a.remote else 'this machine'}; "
           f"{a.runs} run(s), medians; load average before {load0[0]:.2f}, after "
           f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     med = {w: {k: statistics.median(getattr(x, k) for x in rs) for k in ("downtime", "total")}
            for w, rs in rows.items()}
-    for way, name in (("a", "stop-and-copy"), ("b", "pre-copy")):
-        if way not in rows:
-            continue
-        last = rows[way][-1]
-        print(f"({way}) {name:14s} downtime {med[way]['downtime'] * 1000:7.0f} ms   total "
+    for way, rs in rows.items():
+        last = rs[-1]
+        print(f"({way}) {NAMES[way]:22s} downtime {med[way]['downtime'] * 1000:7.0f} ms   total "
               f"{med[way]['total']:6.2f} s   final pass {last.passes[-1].bytes / 1e6:7.1f} MB "
               f"in {last.passes[-1].seconds * 1000:.0f} ms   passes (MB): "
               + ", ".join(f"{p.bytes / 1e6:.1f}" for p in last.passes))
-        print("    downtimes (ms): " + ", ".join(f"{r.downtime * 1000:.0f}" for r in rows[way]))
+        print("    downtimes (ms): " + ", ".join(f"{r.downtime * 1000:.0f}" for r in rs))
     print("downtime split (ms, medians: freeze | frozen manifest read | final pass until the "
           "target checks | verify | restore):")
     for way in rows:
         parts = [split(r) for r in rows[way]]
         cols = [statistics.median(p[i] for p in parts) * 1000 for i in range(5)]
         print(f"({way}) " + " | ".join(f"{c:6.0f}" for c in cols))
-    if len(rows) == 2:
-        ratio = med["b"]["downtime"] / med["a"]["downtime"]
-        print(f"pre-copy downtime / stop-and-copy downtime = {ratio:.2f} (goal <= 0.20); "
-              f"pre-copy downtime {med['b']['downtime'] * 1000:.0f} ms (goal < 250 ms)")
-    return 0
+    for way in "bc":
+        if way in rows and "a" in rows:
+            ratio = med[way]["downtime"] / med["a"]["downtime"]
+            print(f"({way}) {NAMES[way]} downtime / stop-and-copy downtime = {ratio:.2f} "
+                  f"(goal <= 0.20); downtime {med[way]['downtime'] * 1000:.0f} ms "
+                  f"(goal < 250 ms)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The final pass to another host through one ssh session running `ckptfs receive JOB`.
+
+The session is opened before the freeze (ssh's key exchange, the far Python's start and its
+reading of JOB/held all happen while the source still runs); after the freeze migrate writes
+exactly the difference between the frozen manifest and JOB/held into it (stream.py), starting
+with the chunks the last pre-copy passes both sent while the mount builds the manifest, and
+the same session then reports the job's status until `restored`: nothing else is started
+after the freeze.
+
+The far command is $CKPTFS_RECEIVE (default "ckptfs receive"), the job path appended.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+
+from .errors import CkptError
+from .stream import FINAL, StreamWriter
+
+START_TIMEOUT = 60.0
+ERROR_GRACE = 2.0       # after a failed write: how long the receiver may take to say why
+
+
+class _Silent(CkptError):
+    """The receiver said nothing within the time given."""
+
+
+def receive_command() -> list[str]:
+    return shlex.split(os.environ.get("CKPTFS_RECEIVE", "ckptfs receive"))
+
+
+class Receiver:
+    """`ssh HOST ckptfs receive JOB`. `held` is what the job holds ({path: (xxh3, size)}) or
+    None when it cannot say. Its status lines land in `seen` as (arrival time, line), as
+    StatusWatch's do, and `wait()` / `close()` answer like StatusWatch's."""
+
+    def __init__(self, dest, rsh: list[str], timeout: float = START_TIMEOUT):
+        self.dest = dest
+        remote = shlex.join(receive_command() + [dest.path])
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(rsh + [dest.host, remote], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._err)
+        self.seen: list[tuple[float, str]] = []
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name="ckptfs-receiver").start()
+        self.held = self._handshake(timeout)
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            self._lines.put((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+        self._lines.put(None)
+
+    def _stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace").strip()[-2000:]
+
+    def _next(self, timeout: float, what: str) -> tuple[float, str]:
+        """The next reply line; its `error` line or its going away as a CkptError."""
+        try:
+            item = self._lines.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            raise _Silent(f"no {what} from the receiver within {timeout:.0f} s",
+                            step="final pass", path=str(self.dest)) from None
+        if item is None:
+            self._lines.put(None)            # every later call sees the end too
+            rc = self.proc.wait()
+            raise CkptError(f"the receiver ended (exit {rc}) before its {what}"
+                            + (f": {self._stderr()}" if self._stderr() else ""),
+                            step="final pass", path=str(self.dest))
+        if item[1].startswith("error "):
+            raise CkptError(f"the receiver says: {item[1][6:]}", step="final pass",
+                            path=str(self.dest))
+        return item
+
+    def _handshake(self, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        _, first = self._next(timeout, "answer")
+        if not first.startswith("held "):
+            raise CkptError(f"unexpected first answer {first!r}", step="final pass",
+                            path=str(self.dest))
+        held = None if first == "held none" else {}
+        for _ in range(int(first[5:]) if held is not None else 0):
+            parts = self._next(deadline - time.monotonic(), "held list")[1].split(" ", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise CkptError(f"bad held line {' '.join(parts)!r}", step="final pass",
+                                path=f"{self.dest}held")
+            held[parts[2]] = (parts[0], int(parts[1]))
+        if self._next(deadline - time.monotonic(), "ready")[1] != "ready":
+            raise CkptError("the receiver did not say ready", step="final pass",
+                            path=str(self.dest))
+        return held
+
+    def writer(self) -> StreamWriter:
+        return StreamWriter(self.proc.stdin.fileno())
+
+    def why(self, e: CkptError) -> CkptError:
+        """After a failed send: the receiver's own reason when it gives one soon, else `e`."""
+        try:
+            while True:
+                self._next(ERROR_GRACE, "reason")
+        except _Silent:
+            return e
+        except CkptError as reason:
+            return reason
+
+    def received(self, timeout: float) -> tuple[int, int]:
+        """(files, bytes) the receiver wrote, once the whole stream arrived."""
+        t, line = self._next(timeout, "receipt")
+        if not line.startswith("received "):
+            raise CkptError(f"unexpected answer {line!r}", step="final pass", path=str(self.dest))
+        files, nbytes = line.split()[1:3]
+        return int(files), int(nbytes)
+
+    def wait(self, timeout: float) -> str:
+        """The final status line, once it says restored; CkptError if it failed or timed out."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        try:
+            while not last.startswith(FINAL):
+                t, line = self._next(deadline - time.monotonic(), "status")
+                if line.startswith("status "):
+                    last = line[7:]
+                    self.seen.append((t, last))
+        finally:
+            self.close()
+        if last.startswith("restored"):
+            return last
+        raise CkptError(f"target says: {last}", step="restore", path=f"{self.dest}status")
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass                          # the receiver is gone already: nothing to flush
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
