@@ -39,7 +39,7 @@ import subprocess
 import uuid
 
 from .. import flags as F
-from ..errors import CkptError, KernelError, RestoreFailed
+from ..errors import CkptError, KernelError, RestoreFailed, Unsupported
 from ..model import Isolation, Source
 
 NAME_PREFIX = "ckptfs-restore-"
@@ -174,10 +174,45 @@ def problems(source: Source, iso: Isolation, same_pids: bool) -> list[str]:
         out += [p.replace("isolation/mounts", tree_path(source, "isolation/mounts"), 1)
                 for p in missing_paths(iso.mounts)]
         out += _missing_contents(source, iso.mounts)
+    if getattr(iso, "userns", None) is not None:
+        out += _creds_problems(source, iso.userns)
     if "pid" in iso.own_namespaces and same_pids:
         out.append(f"{tree_path(source, 'isolation/own')}: 'pid' is own: the tree restores "
                    "into a new pid namespace (pidns), not with the same pids here")
     return out
+
+
+CRED_FIELDS = (("uid", "euid", "suid", "fsuid"), ("gid", "egid", "sgid", "fsgid"))
+
+
+def _creds_problems(source: Source, u) -> list[str]:
+    from .plan import where
+    """Creds in the tree are as the host saw them (/proc/PID/status); set inside the new user
+    namespace they mean those ids there. That is right only for ids the maps send to
+    themselves (`unshare --map-root-user` by root: 0 0 1); others are refused, not shifted."""
+    out = []
+    for e in source.pstree():
+        core = source.core(e.pid)
+        if not core.thread_core.HasField("creds"):
+            continue       # a zombie has none
+        c = core.thread_core.creds
+        ids = [(getattr(c, f), u.uid_map, "uid_map") for f in CRED_FIELDS[0]] + \
+              [(getattr(c, f), u.gid_map, "gid_map") for f in CRED_FIELDS[1]] + \
+              [(g, u.gid_map, "gid_map") for g in c.groups]
+        bad = sorted({(i, name) for i, ranges, name in ids if _maps_to(ranges, i) != i})
+        if bad:
+            i, name = bad[0]
+            out.append(f"{where(source, e.pid, 'creds')}: id {i} is not mapped to "
+                       f"itself by {tree_path(source, 'isolation/user/' + name)} (creds are "
+                       "recorded as the host sees them; shifting them is not supported yet)")
+    return out
+
+
+def _maps_to(ranges, host_id: int) -> int | None:
+    for inside, outside, count in ranges:
+        if outside <= host_id < outside + count:
+            return inside + host_id - outside
+    return None
 
 
 def _missing_contents(source: Source, mounts: list) -> list[str]:
@@ -240,8 +275,9 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> Restored:
     try:
         if isinstance(view, ContainerPaths):   # the tasks' files are opened in it from now on
             view.root_fd = _open_root(c.init_pid)
-        r = LinuxRestorer(plan, pidns=pidns, same_pids=same_pids, log=log, container=c,
-                          mount_proc={"pid", "mnt"} <= own)
+        cls = restorer_class(LinuxRestorer) if "user" in own else LinuxRestorer
+        r = cls(plan, pidns=pidns, same_pids=same_pids, log=log, container=c,
+                mount_proc={"pid", "mnt"} <= own)
         pids = r.run()
     except BaseException as e:
         c.cleanup()
@@ -258,3 +294,106 @@ def run(plan, iso: Isolation, *, pidns: bool, same_pids: bool, log) -> Restored:
             "its /proc is the restorer's")
     from . import ns_init
     return Restored(pids, c.release(), r.timing, ns_init(r, pids, pidns))
+
+
+# -- a container with its own user namespace: descriptors passed over a socket ---------------
+# The restorer hands every task the descriptions it opened with pidfd_getfd(2), called by the
+# task on a pidfd of the restorer. The kernel allows that only if the task may ptrace the
+# restorer (PTRACE_MODE_ATTACH_REALCREDS): the uids match (root both), but then the
+# capability check (cap_ptrace_access_check) requires the task to be in the restorer's user
+# namespace with a subset of its capabilities, or to hold CAP_SYS_PTRACE in the restorer's
+# user namespace. A task in a child user namespace has neither: EPERM. The other direction
+# works (the restorer, in the parent namespace, may ptrace and pidfd_getfd the task).
+# So here descriptors go over SCM_RIGHTS instead: the helper makes a socketpair, the restorer
+# takes one end with pidfd_getfd, the other sits where the pidfd of the restorer would (the
+# restorer's slot, inherited by every task forked from the helper and closed by each at the
+# end), and each "take" is a sendmsg here and an injected recvmsg in the task.
+AF_UNIX, SOCK_SEQPACKET, SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 1, 5, 0o2000000, 0x40000000
+SOL_SOCKET, SCM_RIGHTS = 1, 1
+NR_SOCKETPAIR, NR_RECVMSG, NR_PIDFD_GETFD = 53, 47, 438
+# one scratch block per take: msghdr (56) | iovec (16) | cmsg buffer (24: header + one int) | byte
+MSG_AT, IOV_AT, CMSG_AT, BYTE_AT, BLOCK = 0, 56, 72, 96, 112
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    got = libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return got
+
+
+def restorer_class(base):
+    """`base` (LinuxRestorer) with descriptors passed over SCM_RIGHTS (see above)."""
+    import socket
+    import struct
+    from ..inject import NR
+
+    class UserNsRestorer(base):
+        _fd_sock = None
+
+        def _prepare_helper(self, pid):
+            inj = super()._prepare_helper(pid)   # its pidfd of us is of no use in the user ns
+            pair = inj.put(bytes(8))
+            inj.call(NR_SOCKETPAIR, AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair,
+                     step="descriptor socket")
+            theirs, ours = struct.unpack("<ii", inj.read(pair, 8))
+            pidfd = os.pidfd_open(pid)
+            try:
+                fd = pidfd_getfd(pidfd, ours)
+            except OSError as e:
+                raise KernelError(f"pidfd_getfd of the helper's socket {ours}", e.errno,
+                                  path=f"/proc/{pid}", step="descriptor socket") from e
+            finally:
+                os.close(pidfd)
+            if self._fd_sock is not None:
+                self._fd_sock.close()
+            self._fd_sock = socket.socket(fileno=fd)
+            inj.call(NR["close"], ours, step="descriptor socket")
+            inj.call(NR["dup3"], theirs, self.pidfd_slot, SOCK_CLOEXEC, step="descriptor socket")
+            inj.call(NR["close"], theirs, step="descriptor socket")
+            return inj
+
+        def _take(self, inj, local: int) -> int:
+            socket.send_fds(self._fd_sock, [b"f"], [local])
+            at = inj.scratch(BLOCK)      # fresh: callers may hold scratch data across a take
+            block = struct.pack("<QIIQQQQII", 0, 0, 0, at + IOV_AT, 1, at + CMSG_AT, 24, 0, 0)
+            block += struct.pack("<QQ", at + BYTE_AT, 1)
+            inj.write(at, block.ljust(BLOCK, b"\0"))
+            inj.call(NR_RECVMSG, self.pidfd_slot, at, MSG_CMSG_CLOEXEC, step="recvmsg descriptor")
+            _len, level, kind, fd = struct.unpack("<QiiI", inj.read(at + CMSG_AT, 20))
+            if (level, kind) != (SOL_SOCKET, SCM_RIGHTS):
+                raise RestoreFailed(f"no descriptor came with the message ({level}, {kind})",
+                                    step="recvmsg descriptor")
+            return fd
+
+        def _creds(self, inj, c, path: str) -> None:
+            """With setgroups denied in the namespace (as `unshare --map-root-user` makes it),
+            no task may call setgroups: the groups it already has (the helper's) must be the
+            recorded ones, and the call is left out."""
+            with open(f"/proc/{inj.tid}/setgroups") as f:
+                if f.read().strip() == "allow":
+                    return super()._creds(inj, c, path)
+            with open(f"/proc/{inj.tid}/status") as f:
+                have = next(line.split()[1:] for line in f if line.startswith("Groups:"))
+            if sorted(int(g) for g in have) != sorted(c.groups):
+                raise Unsupported(f"groups {' '.join(map(str, c.groups)) or '(none)'} cannot be "
+                                  f"set: setgroups is deny in the user namespace (the task has "
+                                  f"{' '.join(have) or '(none)'})", path=path + "/creds/groups",
+                                  step="setgroups")
+            inj.call(NR["setresgid"], c.gid, c.egid, c.sgid, step="setresgid", path=path + "/creds")
+            inj.call(NR["setfsgid"], c.fsgid)
+            inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=path + "/creds")
+            inj.call(NR["setfsuid"], c.fsuid)
+
+        def run(self):
+            try:
+                return super().run()
+            finally:
+                if self._fd_sock is not None:
+                    self._fd_sock.close()
+                    self._fd_sock = None
+
+    return UserNsRestorer
