@@ -1,4 +1,3 @@
-// zdtm-known: *: restore/plan.py refuses socket descriptors until check_files asks restore.sockets.problems (change asked of the lead; remove this line with it)
 /*
  * sk_tcp: an established TCP connection over 127.0.0.1, both ends here (fds 10 and 11),
  * with 5000 bytes waiting on 11 and 300 on 10, and TCP_NODELAY on 10. The listener is

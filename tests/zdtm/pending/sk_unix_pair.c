@@ -1,4 +1,3 @@
-// zdtm-known: *: restore/plan.py refuses socket descriptors until check_files asks restore.sockets.problems (change asked of the lead; remove this line with it)
 /*
  * sk_unix_pair: unix socket pairs with data queued in both directions.
  *   fds 10/11: a stream pair; 3000 bytes wait on 10, 1500 on 11.

@@ -1,4 +1,3 @@
-// zdtm-known: *: restore/plan.py refuses socket descriptors until check_files asks restore.sockets.problems (change asked of the lead; remove this line with it)
 /*
  * sk_listen: listening sockets.
  *   fd 10: TCP on 127.0.0.1 (port chosen by the kernel), SO_REUSEADDR, backlog 7
