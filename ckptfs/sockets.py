@@ -146,7 +146,12 @@ def _read_bytes(path: str) -> bytes:
 
 
 # -- render: Source -> files ----------------------------------------------------------------
+OTHER_KINDS = {"NETLINKSK": "netlink", "PACKETSK": "packet"}   # shown, never restored
+
+
 def render(src, fdi, tname: str, sub) -> dict[str, object]:
+    if tname in OTHER_KINDS:
+        return {"family": OTHER_KINDS[tname]}
     if tname not in ("UNIXSK", "INETSK") or sub is None:
         return {}
     out: dict[str, object] = {}
@@ -218,7 +223,7 @@ def _render_inet(i) -> dict[str, object]:
 def load(ts, base: str, key: tuple, flags: int):
     """file id of a socket's entry built from fds/<n>/ (None: a family restore cannot make)."""
     from . import tree as T
-    family = ts._read(f"{base}/family", T.STR)
+    family = ts._read(f"{base}/family", T.STR) if ts._exists(f"{base}/family") else None
     if family not in ("unix", "inet", "inet6"):
         return None
     kind = "UNIXSK" if family == "unix" else "INETSK"

@@ -72,10 +72,12 @@ def _queue(sk: socket.socket, which: int, length: int) -> tuple[int, bytes]:
     return seq, data
 
 
-def make(e, family: int, src: tuple, dst: tuple, inq: bytes, outq: bytes) -> socket.socket:
+def make(e, family: int, src: tuple, dst: tuple, inq: bytes, outq: bytes,
+         new=socket.socket) -> socket.socket:
     """An ESTABLISHED socket from `src` to `dst` carrying the recorded state and queues; the
-    unsent tail of the send queue is sent normally once the socket is live."""
-    sk = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC, TCP)
+    unsent tail of the send queue is sent normally once the socket is live. `new` makes the
+    bare socket (in another network namespace, say)."""
+    sk = new(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC, TCP)
     try:
         sk.setsockopt(TCP, TCP_REPAIR, REPAIR_ON)
         _set_seq(sk, RECV_QUEUE, e.inq_seq - len(inq))

@@ -207,6 +207,29 @@ def test_pairs_made_again_with_their_queues(procs, tmp_path):
         sk.close()
 
 
+def test_sockets_made_in_the_tasks_network_namespace(procs, tmp_path):
+    import fcntl
+    proc, fx = py_child(procs, tmp_path, PAIRS)
+    ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
+    holder = procs.spawn(["unshare", "-n", "sleep", "100"])
+    ns = f"/proc/{holder.pid}/ns/net"
+    deadline = time.monotonic() + 5
+    while os.stat(ns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+        assert time.monotonic() < deadline, "unshare -n never made its namespace"
+        time.sleep(0.01)
+    maker = rsk.Sockets(ts, netns=ns)
+    try:
+        sk = made(ts, proc.pid, fx["da"], maker)
+        nsfd = fcntl.ioctl(sk.fileno(), 0x894C)          # SIOCGSKNS: the socket's namespace
+        assert os.fstat(nsfd).st_ino == os.stat(ns).st_ino
+        assert os.stat("/proc/self/ns/net").st_ino != os.stat(ns).st_ino
+        assert drain(sk) == [b"1", b"22" * 350, b"3" * 5000]
+        os.close(nsfd)
+        sk.close()
+    finally:
+        maker.close()
+
+
 def test_listeners_made_again(procs, tmp_path):
     proc, fx = py_child(procs, tmp_path, LISTENERS)
     ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
@@ -343,6 +366,18 @@ def test_bad_trees_are_refused(procs, tmp_path):
     ts = tree.TreeSource(str(d))
     assert "peer socket 12345 is not in the tree" in problems_of(ts, proc.pid, fx["sa"])[0]
     assert "exists and is not a socket file" in problems_of(ts, proc.pid, fx["u"])[0]
+
+
+def test_other_families_are_shown_and_refused(procs, tmp_path):
+    body = "import socket\nn = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n" \
+           "FACTS = {'n': n.fileno()}\n"
+    proc, fx = py_child(procs, tmp_path, body)
+    d = dump(proc.pid, tmp_path / "tree")
+    assert (fd_dir(d, proc.pid, fx["n"]) / "family").read_text() == "netlink\n"
+    ts = tree.TreeSource(str(d))
+    assert (str(fd_dir(d, proc.pid, fx["n"])), "socket") in ts.unsupported()
+    assert problems_of(ts, proc.pid, fx["n"]) == [
+        "socket of an unknown family (only unix, inet and inet6 are restored)"]
 
 
 # -- CRIU images --------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def _diag_socket_for(sock: socket.socket, where: str) -> socket.socket:
     try:
         if os.fstat(ns).st_ino == os.stat("/proc/self/ns/net").st_ino:
             return _netlink()
-        return _in_netns(ns, _netlink, where)
+        return in_netns(ns, _netlink, where)
     finally:
         os.close(ns)
 
@@ -178,7 +178,7 @@ def _socket_netns(sock: socket.socket) -> int:
     return fcntl.ioctl(sock.fileno(), SIOCGSKNS)
 
 
-def _in_netns(ns_fd: int, make, where: str):
+def in_netns(ns_fd: int, make, where: str):
     """make() run on a thread of ours that entered `ns_fd` (setns changes one thread only);
     the thread goes back to our own namespace before it ends."""
     result: dict = {}

@@ -34,6 +34,11 @@ class FileTable:
         self._pipes: dict[int, tuple[int, int]] = {}
         self._sockets = Sockets(source)
 
+    def use_netns(self, ns_path: str) -> None:
+        """Sockets made from now on belong to this network namespace (/proc/PID/ns/net of a
+        task), not the restorer's: for tasks restored into a namespace of their own."""
+        self._sockets.netns = ns_path
+
     def close(self) -> None:
         self._sockets.close()
         fds = list(self._by_key.values()) + [fd for pair in self._pipes.values() for fd in pair]

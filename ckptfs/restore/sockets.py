@@ -32,6 +32,7 @@ from .. import sockets as S
 from .. import tcp
 from ..errors import KernelError, RestoreFailed
 from ..capture import files as capture_files
+from ..capture import sockdiag
 
 SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_BUF_LOCK = 32, 33, 72
 SETFL = os.O_NONBLOCK          # the status flag a socket description carries that we set
@@ -196,12 +197,33 @@ def _probe_bind(i, where: str) -> list[str]:
 # -- making them ------------------------------------------------------------------------------
 class Sockets:
     """The restorer's sockets, by file id. `make` returns a descriptor the caller owns;
-    the other end of a pair waits here until asked for, and close() ends what is left."""
+    the other end of a pair waits here until asked for, and close() ends what is left.
 
-    def __init__(self, source):
-        self.source = source
+    `netns`: a /proc/PID/ns/net path the sockets must belong to when the tasks live in a
+    network namespace other than the restorer's (a container's); a socket belongs to the
+    namespace it is created in, so each is created on a thread that entered it."""
+
+    def __init__(self, source, netns: str | None = None):
+        self.source, self.netns = source, netns
         self._index: Index | None = None
         self._waiting: dict[int, int] = {}
+
+    def _new(self, *args) -> socket.socket:
+        return self._in_netns(lambda: socket.socket(*args))
+
+    def _new_pair(self, *args) -> tuple[socket.socket, socket.socket]:
+        return self._in_netns(lambda: socket.socketpair(*args))
+
+    def _in_netns(self, make):
+        if self.netns is None:
+            return make()
+        fd = os.open(self.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+                return make()
+            return sockdiag.in_netns(fd, make, self.netns)
+        finally:
+            os.close(fd)
 
     @property
     def index(self) -> Index:
@@ -255,7 +277,7 @@ class Sockets:
     def _pair(self, fe, where: str) -> int:
         u = fe.usk
         peer_id = self.index.peer_of(u)
-        a, b = socket.socketpair(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        a, b = self._new_pair(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             peer = self.source.file(peer_id).usk if peer_id else None
             _fill(b, a, S.queue(self.source, fe.id), where)
@@ -276,7 +298,7 @@ class Sockets:
 
     # bound / unconnected unix sockets
     def _unix_alone(self, u, where: str) -> socket.socket:
-        sk = socket.socket(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC)
+        sk = self._new(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC)
         try:
             _set_opts(sk, u.opts)
             if u.name:
@@ -297,7 +319,7 @@ class Sockets:
         src = (S.addr_text(i.family, i.src_addr), i.src_port)
         dst = (S.addr_text(i.family, i.dst_addr), i.dst_port)
         try:
-            sk = tcp.make(e, i.family, src, dst, inq, outq)
+            sk = tcp.make(e, i.family, src, dst, inq, outq, new=self._new)
         except OSError as err:
             raise KernelError(f"re-make TCP connection {describe(i)} (TCP_REPAIR)", err.errno,
                               path=where, step="tcp repair") from None
@@ -310,7 +332,7 @@ class Sockets:
         return sk
 
     def _inet(self, i, where: str) -> socket.socket:
-        sk = _inet_socket(i)
+        sk = _inet_socket(i, self._new)
         try:
             _set_opts(sk, i.opts)
             if i.src_port:
@@ -462,8 +484,8 @@ def _in_dir(directory: str, fn) -> None:
         raise err[0]
 
 
-def _inet_socket(i) -> socket.socket:
-    sk = socket.socket(i.family, i.type | socket.SOCK_CLOEXEC, i.proto)
+def _inet_socket(i, new=socket.socket) -> socket.socket:
+    sk = new(i.family, i.type | socket.SOCK_CLOEXEC, i.proto)
     if i.family == socket.AF_INET6 and i.HasField("v6only"):
         sk.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(i.v6only))
     for field in ("reuseaddr", "so_reuseport"):
