@@ -30,6 +30,10 @@ class _Silent(CkptError):
     """The receiver said nothing within the time given."""
 
 
+class ReceiverFailed(CkptError):
+    """The receiver said why it stopped, or it ended without saying."""
+
+
 def receive_command() -> list[str]:
     return shlex.split(os.environ.get("CKPTFS_RECEIVE", "ckptfs receive"))
 
@@ -69,11 +73,11 @@ class Receiver:
         if item is None:
             self._lines.put(None)            # every later call sees the end too
             rc = self.proc.wait()
-            raise CkptError(f"the receiver ended (exit {rc}) before its {what}"
+            raise ReceiverFailed(f"the receiver ended (exit {rc}) before its {what}"
                             + (f": {self._stderr()}" if self._stderr() else ""),
                             step="final pass", path=str(self.dest))
         if item[1].startswith("error "):
-            raise CkptError(f"the receiver says: {item[1][6:]}", step="final pass",
+            raise ReceiverFailed(f"the receiver says: {item[1][6:]}", step="final pass",
                             path=str(self.dest))
         return item
 
@@ -100,9 +104,11 @@ class Receiver:
 
     def why(self, e: CkptError) -> CkptError:
         """After a failed send: the receiver's own reason when it gives one soon, else `e`."""
+        if isinstance(e, ReceiverFailed):
+            return e
         try:
             while True:
-                self._next(ERROR_GRACE, "reason")
+                self._next(ERROR_GRACE, "answer to the stream")
         except _Silent:
             return e
         except CkptError as reason:

@@ -2,7 +2,10 @@
 between two simulated hosts over ssh; the source thaws when the target never restores."""
 from __future__ import annotations
 
+import io
 import os
+import re
+import struct
 import shlex
 import signal
 import subprocess
@@ -12,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptfs import migrate
+import xxhash
+
+from ckptfs import migrate, stream
 from ckptfs.errors import CkptError
 from helpers import procs as P
 from test_dirty import build_workload
@@ -150,6 +155,97 @@ def test_failure_thaws_the_source(wset_bin, procs, tmp_path):
     assert verify(src.pid, str(out)) != line1              # rounds go on: it runs
 
 
+# -- the final-pass stream, without hosts ----------------------------------------------------
+def make_stream(tmp_path: Path, build) -> Path:
+    """The bytes `build(writer)` frames, in a file."""
+    path = tmp_path / "stream"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        build(stream.StreamWriter(fd))
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_stream_writes_the_difference_into_the_job(tmp_path):
+    mnt, job = tmp_path / "mnt", tmp_path / "job"
+    (mnt / "t" / "pages").mkdir(parents=True)
+    big = os.urandom(3 * stream.BLOCK + 5)
+    (mnt / "t" / "pages" / "0x0").write_bytes(big)
+    (mnt / "t" / "new").write_bytes(b"fresh\n")
+    os.chmod(mnt / "t" / "new", 0o444)
+    (job / "t" / "pages").mkdir(parents=True)
+    (job / "t" / "pages" / "0x0").write_bytes(b"old" * 1000)
+    (job / "t" / "stale").write_bytes(b"x")
+    (job / "gone" / "deep").mkdir(parents=True)
+    (job / "gone" / "deep" / "f").write_bytes(b"y")
+    inode = (job / "t" / "pages" / "0x0").stat().st_ino
+
+    def build(w):
+        for rel in migrate.gone_paths({"t/pages/0x0": {}, "t/new": {}},
+                                      {"t/stale", "gone/deep/f"}):
+            w.delete(rel)
+        w.data("manifest", b"{}\n")
+        assert w.file(str(mnt), "t/pages/0x0", with_mode=False) == \
+            (len(big), xxhash.xxh3_64_hexdigest(big))
+        w.file(str(mnt), "t/new")
+        assert w.file(str(mnt), "t/absent", missing_ok=True) is None
+        w.end()
+    with open(make_stream(tmp_path, build), "rb") as f:
+        assert stream.apply_stream(f, str(job)) == (3, len(big) + 6 + 3)
+    assert (job / "t" / "pages" / "0x0").read_bytes() == big
+    assert (job / "t" / "pages" / "0x0").stat().st_ino == inode      # rewritten in place
+    assert (job / "t" / "new").read_bytes() == b"fresh\n"
+    assert (job / "t" / "new").stat().st_mode & 0o777 == 0o444       # a new file: its mode
+    assert (job / "manifest").read_bytes() == b"{}\n"
+    assert not (job / "t" / "stale").exists() and not (job / "gone").exists()
+
+
+def test_gone_paths_removes_emptied_directories_deepest_first():
+    files = {"tasks/1/comm": {}, "tasks/1/maps/a-b/pages/0x0": {}}
+    gone = {"tasks/1/maps/c-d/pages/0x0", "tasks/1/maps/c-d/flags", "tasks/2/comm"}
+    assert migrate.gone_paths(files, gone) == [
+        "tasks/1/maps/c-d/flags", "tasks/1/maps/c-d/pages/0x0", "tasks/2/comm",
+        "tasks/1/maps/c-d/pages", "tasks/1/maps/c-d", "tasks/2"]
+
+
+def test_stream_flaws_are_refused_naming_the_file(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "chunk").write_bytes(b"held before")
+
+    def build(w):
+        w.data("first", b"a" * 100)
+        w.data("chunk", b"b" * 1000)
+        w.end()
+    good = make_stream(tmp_path, build).read_bytes()
+    at = good.index(b"b" * 1000) + 500                   # one byte inside `chunk`'s bytes
+    bad = good[:at] + bytes([good[at] ^ 1]) + good[at + 1:]
+    with pytest.raises(stream.StreamError, match=r"receive: chunk: checksum mismatch"):
+        stream.apply_stream(io.BytesIO(bad), str(job))
+    assert (job / "first").read_bytes() == b"a" * 100    # the files before it arrived
+    assert (job / "chunk").read_bytes() == b"held before"  # verified before it was written
+    with pytest.raises(stream.StreamError, match=r"receive: chunk: stream ended 600 bytes"):
+        stream.apply_stream(io.BytesIO(good[:at - 100]), str(job))
+    with pytest.raises(stream.StreamError, match=r"end of stream: stream ended"):
+        stream.apply_stream(io.BytesIO(good[:-3]), str(job))
+    with pytest.raises(stream.StreamError, match=r"stream header: not a ckptfs stream"):
+        stream.apply_stream(io.BytesIO(b"rsync..." + good[8:]), str(job))
+    # an end record that does not match what arrived: a stream cut between two records
+    second = 10 + 1 + 2 + len("first") + 12 + 100 + 8   # header, first record
+    assert good[second:second + 1] == b"F"
+    cut = good[:second] + good[-13:]
+    with pytest.raises(stream.StreamError, match=r"says 2 files, 1100 bytes; 1 files, 100"):
+        stream.apply_stream(io.BytesIO(cut), str(job))
+    for rel in ("../escape", "/abs", "a//b", "ctl", "held", "status", "a/./b"):
+        with pytest.raises(stream.StreamError, match="is not a file of a job"):
+            stream.check_path(rel)
+    raw = b"../x"
+    evil = good[:10] + b"D" + struct.pack("<H", len(raw)) + raw + good[-13:]
+    with pytest.raises(stream.StreamError, match=r"'\.\./x' is not a file of a job"):
+        stream.apply_stream(io.BytesIO(evil), str(job))
+
+
 def remote_env(host, receive: list[str] = ()) -> dict:
     """Environment for a migrate run on `host`: ssh through the hosts' config, the far side's
     receiver from this checkout (optionally behind a `receive` wrapper)."""
@@ -159,8 +255,8 @@ def remote_env(host, receive: list[str] = ()) -> dict:
                                            "receive"]))
 
 
-@pytest.mark.two_hosts
-def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount, two_hosts):
+def remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin):
+    """A target mounted on hostb, the workload running on hosta: (dst, src, out)."""
     a, b, disk = two_hosts.a, two_hosts.b, two_hosts.disk
     dst, store = f"{disk}/in-{tmp_path.name}", f"{disk}/store-{tmp_path.name}"
     os.makedirs(b.path(dst))
@@ -172,17 +268,107 @@ def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount
     if not os.path.exists(b.path(str(out))):              # no shared /tmp: the log travels too
         b.run(["mkdir", "-p", str(logdir)], check=True)
         a.run(["rsync", "-a", "-e", a.ssh_cmd(), f"{logdir}/", f"{b.name}:{logdir}/"], check=True)
-    r = a.run([sys.executable, "-m", "ckptfs.migrate", "run", str(src.pid),
-               f"{b.name}:{dst}/job"], env=remote_env(a), timeout=120)
+    return dst, src, out
+
+
+def migrate_on(host, pid: int, dest: str, env: dict):
+    return host.run([sys.executable, "-m", "ckptfs.migrate", "run", str(pid), dest], env=env,
+                    timeout=120)
+
+
+@pytest.mark.two_hosts
+def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount, two_hosts):
+    a, b = two_hosts.a, two_hosts.b
+    dst, src, out = remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin)
+    r = migrate_on(a, src.pid, f"{b.name}:{dst}/job", remote_env(a))
     assert r.returncode == 0, r.stderr
     status = open(b.path(f"{dst}/job/status")).read().strip()
     new = restored_pid(status)
     procs.adopt(new)
     assert "pass 2:" in r.stderr and "downtime" in r.stderr, r.stderr
-    # the final pass went through the receiver's session, opened before the freeze
+    # the final pass went through the receiver's session, opened before the freeze: the
+    # working set's chunks, not a whole pass
     assert "receiver on hostb ready" in r.stderr and "final pass sent" in r.stderr, r.stderr
+    final = re.search(r"final pass: ([\d.]+) MB in (\d+) files \((\d+) chunks\)", r.stderr)
+    assert final and 0 < float(final[1]) < WSET + 4 and int(final[3]) <= WSET // 2 + 3, r.stderr
     assert P.wait_gone(src.pid, 10)
-    assert verify(new, b.path(str(out))).startswith("ok round=")
+    assert verify(new, b.path(str(out))).startswith("ok round=")   # every page as it was
+
+
+FAULT = """\
+import os, signal, subprocess, sys
+mode, at, marker, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+child = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+seen = 0
+while data := os.read(0, 65536):
+    if seen <= at < seen + len(data):
+        if mode == "kill":
+            child.stdin.write(data[:at - seen])
+            child.stdin.flush()
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+            open(marker, "w").write(f"killed at {at}\\n")
+            sys.exit(137)
+        data = bytearray(data)
+        data[at - seen] ^= 0xFF
+        open(marker, "w").write(f"flipped byte {at}\\n")
+    child.stdin.write(data)
+    seen += len(data)
+child.stdin.close()
+sys.exit(child.wait())
+"""
+
+
+def fault_wrapper(tmp_path: Path, mode: str, at: int) -> tuple[list[str], Path]:
+    """A receive wrapper for hostb: passes the stream on to the real receiver but, at byte
+    `at` of it, kills the receiver (mode kill) or flips that byte (mode flip)."""
+    script, marker = tmp_path / "fault.py", tmp_path / "fault.marker"
+    script.write_text(FAULT)
+    return [sys.executable, str(script), mode, str(at), str(marker)], marker
+
+
+def assert_left_running(src, out: Path) -> None:
+    """The source was thawed: not stopped, not traced, no mount left, still working."""
+    assert src.alive()
+    status = Path(f"/proc/{src.pid}/status").read_text()
+    assert "TracerPid:\t0" in status and "State:\tT" not in status
+    assert not [l for l in Path("/proc/self/mountinfo").read_text().splitlines()
+                if f"ckptfs-migrate-{src.pid}-" in l]
+    line1 = verify(src.pid, str(out))
+    assert line1.startswith("ok round=")
+    time.sleep(0.05)
+    assert verify(src.pid, str(out)) != line1              # rounds go on: it runs
+
+
+@pytest.mark.two_hosts
+def test_receiver_killed_mid_stream_leaves_the_source_running(wset_bin, procs, tmp_path,
+                                                              tmp_mount, two_hosts):
+    a, b = two_hosts.a, two_hosts.b
+    dst, src, out = remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin)
+    wrap, marker = fault_wrapper(tmp_path, "kill", 1 << 20)   # 1 MiB into the final pass
+    r = migrate_on(a, src.pid, f"{b.name}:{dst}/job", remote_env(a, wrap))
+    assert r.returncode == 1, r.stderr
+    assert marker.read_text() == f"killed at {1 << 20}\n"   # it did die mid-stream
+    assert "receiver on hostb ready" in r.stderr and "thawing process" in r.stderr, r.stderr
+    status = open(b.path(f"{dst}/job/status")).read()
+    assert status.startswith("failed: aborted"), status       # nothing restored there
+    assert_left_running(src, out)
+
+
+@pytest.mark.two_hosts
+def test_corrupted_stream_is_refused_naming_the_file(wset_bin, procs, tmp_path, tmp_mount,
+                                                     two_hosts):
+    a, b = two_hosts.a, two_hosts.b
+    dst, src, out = remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin)
+    wrap, marker = fault_wrapper(tmp_path, "flip", 5000)      # inside the first file's bytes
+    r = migrate_on(a, src.pid, f"{b.name}:{dst}/job", remote_env(a, wrap))
+    assert r.returncode == 1, r.stderr
+    assert marker.read_text() == "flipped byte 5000\n"
+    m = re.search(r"receive: (\S+): checksum mismatch", r.stderr)
+    assert m and (m[1] == "manifest" or m[1].startswith("tasks/")), r.stderr
+    status = open(b.path(f"{dst}/job/status")).read()
+    assert status.startswith("failed: aborted"), status
+    assert_left_running(src, out)
 
 
 def test_keep_source_leaves_it_frozen_under_its_mount(wset_bin, procs, tmp_path, tmp_mount):
