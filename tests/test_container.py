@@ -325,6 +325,8 @@ def test_mount_container_shows_its_own_pids(tmp_path, tmp_mount):
         assert (Path(m) / "tasks" / "1" / "ppid").read_text() == "0\n"
         own = (Path(m) / "isolation" / "own").read_text().split()
         assert {"pid", "uts", "net", "mnt", "ipc"} <= set(own)
+        assert any(t.read_text() == f"{ct.scratch}\n" and (t.parent / "files/sub/data")
+                   .read_text() == ctr.TMPFS_DATA for t in Path(m).glob("isolation/tmpfs/*/target"))
 
 
 # -- time namespace ---------------------------------------------------------------------------

@@ -425,3 +425,58 @@ def test_tmpfs_capture_stays_on_its_filesystem_and_within_the_limit(tmp_path):
     finally:
         subprocess.run(["umount", str(tmp_path / "inner")], check=True)
     assert [(e.kind, e.path) for e in contents.entries] == [("d", "."), ("d", "inner")]
+
+
+def test_user_namespace_with_shifted_ids(tmp_path):
+    """Maps 0 -> 100000 (65536 ids): the program is root inside with its capabilities there
+    (it set the hostname, mounted and filled a tmpfs owned by inside ids), and every other
+    namespace belongs to the new user namespace."""
+    import shutil
+    import tempfile
+    from ckptfs.isolation import tmpfs, userns
+    # the mount point must be reachable by the container's root (host uid 100000): not below
+    # pytest's 0700 directories
+    top = Path(tempfile.mkdtemp(prefix="ckptfs-userns-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        (top / "t").mkdir()
+        _shifted_ids(top / "t")
+    finally:
+        shutil.rmtree(top)
+
+
+def _shifted_ids(target: Path):
+    from ckptfs.isolation import tmpfs, userns
+    contents = tmpfs.Contents([tmpfs.Entry("d", ".", 0o755, 0, 0),
+                               tmpfs.Entry("f", "f", 0o600, 1000, 1000)], data={"f": b"inside\n"})
+    iso = _iso(own_namespaces=("user", "mnt", "uts", "net", "ipc", "pid"), limits={},
+               mounts=[Mount("tmpfs", str(target), "tmpfs", "rw,size=64k", contents)])
+    iso.userns = userns.UserNs([(0, 100000, 65536)], [(0, 100000, 65536)], "allow")
+    script = (f"id -u; hostname; stat -c '%u %g %a' {target}/f; cat {target}/f; "
+              f"grep ^CapEff /proc/self/status; sleep 30")
+    with Container.create(iso, ["sh", "-c", script], stdout=subprocess.PIPE, text=True) as c:
+        got = [c.popen.stdout.readline().strip() for _ in range(5)]
+        assert got[:4] == ["0", "x", "1000 1000 600", "inside"]
+        assert got[4].split()[1] != "0000000000000000"
+        assert Path(f"/proc/{c.init_pid}/uid_map").read_text().split() == ["0", "100000", "65536"]
+        assert Path(f"/proc/{c.init_pid}/status").read_text().split("Uid:\t")[1].split()[0] == "100000"
+        user = os.readlink(f"/proc/{c.init_pid}/ns/user")
+        assert user != os.readlink("/proc/self/ns/user")
+        # the host sees the file's owner shifted
+        stat = subprocess.run(["nsenter", "-t", str(c.init_pid), "-m", "stat", "-c", "%u",
+                               f"{target}/f"], capture_output=True, text=True, check=True)
+        assert stat.stdout.strip() == "101000"
+        # captured back: the maps, and the tmpfs owners as the container sees them
+        again = capture_isolation(c.init_pid)
+        assert again.userns == iso.userns and "user" in again.own_namespaces
+        m = next(m for m in again.mounts if m.target == str(target))
+        assert [(e.path, e.uid) for e in m.contents.entries] == [(".", 0), ("f", 1000)]
+    assert not os.path.exists(f"/proc/{c.init_pid}/ns")
+
+
+def test_user_namespace_without_maps_is_refused_before_anything_exists():
+    iso = _iso(own_namespaces=("user", "uts"), limits={"pids.max": "5"})
+    with pytest.raises(Unsupported) as e:
+        Container.start(iso, ["true"], name="ckptfs-nomaps-test")
+    assert e.value.path == "isolation/own" and "isolation/user/" in str(e.value)
+    assert _cgroup_dirs("ckptfs-nomaps-test") == []

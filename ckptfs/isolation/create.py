@@ -331,6 +331,8 @@ def _nsinit(fd: int) -> None:
             _send(sock, {"userns": os.getpid()})
             if not json.loads(lines.readline() or b"{}").get("go"):
                 os._exit(127)     # the parent gave up (and says why itself)
+            if _root_mapped() and os.getuid() != 0:   # its root is not who we are
+                _AS_ROOT.append(True)
             step = "unshare"
         lines.close()   # it holds the socket open: end-of-file after "ready" must mean exec
         flags = sum(CLONE[k] for k in cfg["unshare"])
@@ -361,19 +363,26 @@ def _nsinit(fd: int) -> None:
         os._exit(127)
 
 
+def _root_mapped() -> bool:
+    with open("/proc/self/uid_map") as f:
+        return any(line.split()[0] == "0" for line in f)
+
+
+def _root_ids() -> None:
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
 def _become_root() -> None:
     """Uid and gid 0 of the new user namespace (when mapped), so that the program keeps its
     capabilities there across exec (a restorer's helper needs them: clone3 with set_tid,
     mounting /proc); its supplementary groups are dropped where setgroups is allowed."""
-    with open("/proc/self/uid_map") as f:
-        mapped = any(line.split()[0] == "0" for line in f)
-    if not mapped:
+    if not _root_mapped():
         return
     with open("/proc/self/setgroups") as f:
         if f.read().strip() == "allow":
             os.setgroups([])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    _root_ids()
 
 
 def _set_time_offsets(offsets: dict, clocks: dict | None = None) -> None:
@@ -408,8 +417,15 @@ def _outer(sock: socket.socket, child: int) -> None:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
+_AS_ROOT: list = []    # set in a new user namespace: helper programs run as its root
+
+
 def _run(argv: list) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True)
+    # mount(8) refuses to work for a non-root uid ("must be superuser"); in a new user namespace
+    # whose root is not us (host root unmapped: we are 65534 there, with every capability), the
+    # helper becomes its root for the call, while we stay who may read the tree and join cgroups
+    r = subprocess.run(argv, capture_output=True, text=True,
+                       preexec_fn=_root_ids if _AS_ROOT else None)
     if r.returncode != 0:
         raise OSError(f"{' '.join(argv)}: {r.stderr.strip()}")
 
@@ -426,10 +442,62 @@ def _setup(cfg: dict) -> dict:
             f.write(cfg["domainname"])
     links = _setup_net(cfg)
     tmpfs = cfg["tmpfs"]
+    fill = _fill_as_root if _AS_ROOT else _tmpfs.fill
     _mounts.apply([Mount(**m) for m in cfg["mounts"]], _run,
-                  after=lambda m: _tmpfs.fill(m.target, tmpfs[m.target]) if m.target in tmpfs else None)
+                  after=lambda m: fill(m.target, tmpfs[m.target]) if m.target in tmpfs else None)
     _join_cgroups(cfg)
     return links
+
+
+def _fill_as_root(target: str, cfg: dict) -> None:
+    """Fill a tmpfs of a user namespace that does not map us: a new file's owner must be
+    an id of that namespace (else EOVERFLOW), and we cannot become one and come back (our
+    host uid has no number there). So the recorded files are opened here, where we may read
+    the tree, and a child that becomes the namespace's root creates everything from them."""
+    import resource
+    files = [e.path for e in _tmpfs.entries_of(cfg) if e.kind == "f"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if len(files) + 64 > soft:
+        if len(files) + 64 > hard:
+            raise Unsupported(f"{len(files)} files: more than this process may hold open "
+                              f"({hard})", path=f"{cfg['tree']}/index", step="fill tmpfs")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fds = {}
+    try:
+        for path in files:
+            try:
+                fds[path] = os.open(os.path.join(cfg["dir"], path), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise KernelError("cannot open recorded file", e.errno,
+                                  path=f"{cfg['tree']}/files/{path}", step="fill tmpfs") from e
+        _in_child_as_root(lambda: _tmpfs.fill(
+            target, cfg, open_src=lambda p: os.fdopen(os.dup(fds[p]), "rb")))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _in_child_as_root(fn) -> None:
+    """Run fn in a forked child that is the user namespace's root; its error comes back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            _root_ids()
+            fn()
+            os._exit(0)
+        except BaseException as e:
+            os.write(w, json.dumps(_error_msg(e, "fill tmpfs")).encode())
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = f.read()
+    _, status = os.waitpid(pid, 0)
+    if report:
+        raise _rebuild(json.loads(report))
+    if status != 0:
+        raise CkptError(f"filling child ended with status {status:#x}", step="fill tmpfs")
 
 
 def _join_cgroups(cfg: dict) -> None:

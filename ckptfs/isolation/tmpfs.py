@@ -237,14 +237,20 @@ def stage(c: Contents, into: str) -> None:
                 f.write(c.data[e.path])
 
 
-def fill(target: str, cfg: dict) -> None:
-    """Re-create the entries below the freshly mounted `target`."""
-    entries = [Entry(*t) for t in cfg["entries"]]
+def entries_of(cfg: dict) -> list[Entry]:
+    return [Entry(*t) for t in cfg["entries"]]
+
+
+def fill(target: str, cfg: dict, open_src: Callable | None = None) -> None:
+    """Re-create the entries below the freshly mounted `target`. `open_src(path)`: the
+    recorded bytes of a regular file as a binary file object (default: from cfg["dir"])."""
+    entries = entries_of(cfg)
     tree = cfg["tree"]
+    open_src = open_src or (lambda p: open(os.path.join(cfg["dir"], p), "rb"))
     for e in sorted(entries, key=lambda e: e.path.count("/")):
         path = os.path.join(target, e.path)
         try:
-            _make(e, path, cfg["dir"])
+            _make(e, path, open_src)
         except OSError as err:
             src = f"{tree}/files/{e.path}" if e.kind == "f" else f"{tree}/index"
             raise KernelError(f"cannot re-create {path} ({index_line(e)!r})", err.errno,
@@ -260,13 +266,12 @@ def fill(target: str, cfg: dict) -> None:
                               err.errno, path=f"{tree}/index", step="fill tmpfs") from err
 
 
-def _make(e: Entry, path: str, src_dir: str) -> None:
+def _make(e: Entry, path: str, open_src: Callable) -> None:
     if e.kind == "d":
         if e.path != ".":
             os.mkdir(path, 0o700)
     elif e.kind == "f":
-        with open(os.path.join(src_dir, e.path), "rb") as src, \
-                open(path, "xb") as dst:
+        with open_src(e.path) as src, open(path, "xb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
     elif e.kind == "l":
