@@ -135,6 +135,21 @@ def test_pairs_in_the_tree_and_the_queues_stay(procs, tmp_path):
         sk.close()
 
 
+def test_long_datagrams_are_peeked_whole(procs, tmp_path):
+    body = """
+import socket
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for m in (b"s", b"L" * 150000, b"t"):
+    b.send(m)
+FACTS = {"a": a.fileno()}
+"""
+    proc, fx = py_child(procs, tmp_path, body)
+    with LiveSource(proc.pid) as live:
+        live.freeze()
+        got = sockets.queue(live, fdinfo_of(live, proc.pid, fx["a"]).id)
+    assert got == [b"s", b"L" * 150000, b"t"]
+
+
 def test_tree_reads_back_what_was_rendered(procs, tmp_path):
     proc, fx = py_child(procs, tmp_path, PAIRS + LISTENERS.replace("FACTS =", "FACTS2 =")
                         + "\nFACTS.update(FACTS2)\n")

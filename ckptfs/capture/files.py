@@ -391,20 +391,17 @@ def tcp_stream(ref: Ref) -> tuple[object, bytes]:
 # -- socket queues without consuming them ---------------------------------------------------
 SO_PEEK_OFF = 42
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-QUEUE_BUF = 4 << 20        # bigger than any message a unix socket can hold with our buffers
+PEEK_BUF = 64 << 10        # first buffer for a queued message; grown to the longest one
 
 
 def socket_queue(ref: Ref) -> list[bytes]:
     """Messages waiting to be read on the socket `ref` names, oldest first, left in place
     (CRIU's way: SO_PEEK_OFF at 0, then MSG_PEEK reads that each move the offset on; the
     socket's own peek offset is put back). A stream's bytes come as one message. Queued
-    descriptors (SCM_RIGHTS) or a message longer than QUEUE_BUF are refused, naming it."""
+    descriptors (SCM_RIGHTS) are refused, naming the socket."""
     sk = socket.socket(fileno=grab_fd(ref.pid, ref.fd))
     try:
         if sk.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
-            return []
-        if sk.family == socket.AF_UNIX and sockdiag.unix(sk, os.fstat(sk.fileno()).st_ino,
-                                                          ref.path) is None:
             return []
         if sk.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return []
@@ -425,7 +422,7 @@ def socket_queue(ref: Ref) -> list[bytes]:
 
 
 def _peek_all(sk: socket.socket, where: str) -> list[bytes]:
-    buf, out = bytearray(QUEUE_BUF), []
+    buf, out, offset = bytearray(PEEK_BUF), [], 0
     # MSG_TRUNC tells a datagram's whole length; on TCP it would drop the data instead
     flags = PEEK if sk.type == socket.SOCK_STREAM else PEEK | socket.MSG_TRUNC
     while True:
@@ -441,14 +438,16 @@ def _peek_all(sk: socket.socket, where: str) -> list[bytes]:
             raise Unsupported("a queued message carries descriptors or credentials "
                               "(SCM_RIGHTS), which are not captured", path=where,
                               step="socket queue")
-        if n > len(buf):
-            raise Unsupported(f"a queued message of {n} bytes is larger than {len(buf)}",
-                              path=where, step="socket queue")
+        if n > len(buf) and sk.type != socket.SOCK_STREAM:
+            buf = bytearray(n)                # longer than the buffer: peek it again whole
+            sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+            continue
         if n == 0:
             # the peer shut down its side (a zero-length datagram reads the same: CRIU
             # stops there too, so such a message is not kept)
             return out
         out.append(bytes(buf[:n]))
+        offset += n
 
 
 # -- pipe contents without consuming them -------------------------------------------------
