@@ -352,9 +352,24 @@ class FakeFreeBSD:
                 continue
             acc = {0: 1, 1: 2, 2: 3}.get(d.flags & 3, 3)
             kf = acc | sum(O.KF_FLAG[k] for k, lin in KF_BITS if d.flags & L.OPEN_FLAGS[lin])
-            out.append(O.FileEntry(fd, d.kind, kf, d.pos, d.path))
-        return out + [O.FileEntry(-1, "vnode", 1, 0, p.cwd), O.FileEntry(-2, "vnode", 1, 0, p.root),
-                      O.FileEntry(-5, "vnode", 1, 0, p.text)]
+            out.append(O.FileEntry(fd, d.kind, kf, d.pos, d.path, **self._kf_un(d)))
+        out += [O.FileEntry(-1, "vnode", 1, 0, p.cwd), O.FileEntry(-2, "vnode", 1, 0, p.root),
+                O.FileEntry(-5, "vnode", 1, 0, p.text)]
+        # through the real record layout, as kern.proc.filedesc copies it out
+        return O.parse_filedesc(b"".join(O.pack_kinfo_file(e) for e in out))
+
+    def _kf_un(self, d):
+        """kf_un of a description: a pipe end's struct pipe and its peer (data queued toward
+        the reader is counted on the read end's), an eventfd's counter and EFD_ flags."""
+        if d.kind == "pipe":
+            base = 0xfffff80000100000 + 0x100 * d.pipe.id
+            mine, peer = (base, base + 0x80) if d.reads else (base + 0x80, base)
+            return dict(pipe_addr=mine, pipe_peer=peer,
+                        pipe_count=len(d.pipe.buf) if d.reads else 0)
+        if d.kind == "eventfd":
+            nonblock = 0x4 if d.flags & L.OPEN_FLAGS["O_NONBLOCK"] else 0
+            return dict(efd_value=d.count, efd_flags=int(d.semaphore) | nonblock)
+        return {}
 
     def proc_jid(self, pid):
         return self.procs[pid].jid
@@ -581,6 +596,8 @@ class FakeFreeBSD:
             return -errno.EBADF
         if cmd == RF.F_DUPFD_CLOEXEC:
             return self._install(p, p.fds[fd], low=arg, cloexec=True)
+        if cmd == 3:                                 # F_GETFL
+            return p.fds[fd].flags & ~L.O_CLOEXEC
         if cmd == RF.F_SETFL:
             desc = p.fds[fd]
             desc.flags = (desc.flags & ~RF.SETFL_BITS) | (arg & RF.SETFL_BITS)
@@ -626,6 +643,23 @@ class FakeFreeBSD:
         desc.node.data[desc.pos:desc.pos + n] = data
         desc.pos += n
         return n
+
+    def linux_read(self, p, fd, addr, n, *_):
+        if fd not in p.fds or p.fds[fd].flags & 3 == 1:
+            return -errno.EBADF
+        desc = p.fds[fd]
+        if not self._writable(p, addr, n):
+            return -errno.EFAULT
+        if desc.pipe is None or not desc.reads:
+            raise AssertionError(f"fake: read of a {desc.kind} is not modelled")
+        if not desc.pipe.buf:
+            if desc.flags & L.OPEN_FLAGS["O_NONBLOCK"] or not desc.pipe.writers:
+                return -errno.EAGAIN if desc.pipe.writers else 0
+            raise AssertionError("blocking read of an empty pipe: the process would hang")
+        data = bytes(desc.pipe.buf[:n])
+        del desc.pipe.buf[:len(data)]
+        p.mem.write(addr, data)
+        return len(data)
 
     def _pipe_write(self, desc, data):
         pipe, nonblock = desc.pipe, desc.flags & L.OPEN_FLAGS["O_NONBLOCK"]

@@ -19,7 +19,8 @@ from ckptfs import tree
 from ckptfs.capture import freebsd as CF
 from ckptfs.oskit import freebsd as O
 from ckptfs.restore import freebsd as RF
-from fbsd_fake import FakeFreeBSD, spawn
+from ckptfs.errors import Unsupported
+from fbsd_fake import Desc, FakeFreeBSD, Pipe, spawn
 from helpers import zdtm
 
 CLI = [sys.executable, "-m", "ckptfs.cli"]
@@ -116,3 +117,41 @@ def test_kinfo_proc_layout_round_trips_through_the_record():
     with pytest.raises(Exception) as e:
         O.parse_kinfo_proc(raw[:1000])
     assert "1088" in str(e.value)
+
+
+def pipe_process(both_ends):
+    """A fake process holding a pipe's read end (fd 5) with 10 bytes queued, and its
+    (blocking) write end as fd 6 if `both_ends`."""
+    kit = FakeFreeBSD()
+    p = kit.new_helper()
+    kit.attach(p.pid)
+    pipe = kit.pipes[0] = Pipe(0)
+    pipe.buf += b"0123456789"
+    pipe.readers = pipe.writers = 1
+    kit._install(p, Desc("pipe", "pipe:0:r", 0, pipe=pipe, reads=True), fd=5)
+    if both_ends:
+        kit._install(p, Desc("pipe", "pipe:0:w", 1, pipe=pipe, writes=True), fd=6)
+    src = CF.FreeBSDSource(p.pid, kit)
+    info = {i.fd: i for i in src.fdinfo(p.pid)}
+    return kit, p, src, src.file(info[5].id).pipe.pipe_id
+
+
+def test_pipe_data_is_read_and_put_back():
+    """No tee(2) on FreeBSD: read out and written back, the pipe holds what it held and the
+    write end is blocking again; both ends carry one pipe id."""
+    kit, p, src, pipe_id = pipe_process(both_ends=True)
+    info = {i.fd: i for i in src.fdinfo(p.pid)}
+    assert src.file(info[6].id).pipe.pipe_id == pipe_id and info[5].id != info[6].id
+    assert src.pipe_data(pipe_id) == b"0123456789"
+    assert bytes(kit.pipes[0].buf) == b"0123456789"
+    assert not p.fds[6].flags & 0o4000
+    assert [e for e in kit.log if e[:3] == ("linux", p.pid, "setfl")] == \
+        [("linux", p.pid, "setfl", "pipe:0:w", 1 | 0o4000), ("linux", p.pid, "setfl", "pipe:0:w", 1)]
+
+
+def test_pipe_data_without_the_write_end_is_refused_naming_the_file():
+    kit, p, src, pipe_id = pipe_process(both_ends=False)
+    with pytest.raises(Unsupported) as e:
+        src.pipe_data(pipe_id)
+    assert f"tasks/{p.pid}/fds/5/data" in str(e.value) and "10 bytes" in str(e.value)
+    assert bytes(kit.pipes[0].buf) == b"0123456789"          # nothing was read

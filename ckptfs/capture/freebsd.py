@@ -23,6 +23,7 @@ map is saved), queued pipe bytes, child processes.
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from .. import flags as L, model, pb, xsave
@@ -69,6 +70,10 @@ def vma_entry(e) -> pb.vma_entry:
                         prot=e.prot & 7, flags=flags, status=status, fd=-1)
 
 
+PIPE_END_BASE = 1 << 19           # file ids of pipe ends (one per struct pipe)
+CAPTURED = ("REG", "PIPE", "EVENTFD")
+EFD_SEMAPHORE = 1                  # Linux; bit 0 of the checkpoint's eventfd flags
+FBSD_EFD_SEMAPHORE = 0x1           # sys/sys/eventfd.h
 GLIBC_TID_OFFSET = 0x2d0           # offsetof(struct pthread, tid), x86_64 (checked: glibc 2.36)
 NAMED_BASE = 1 << 20              # file ids of files known by name only (cwd, root, exe, maps)
 KF_CWD, KF_ROOT = -1, -2
@@ -211,20 +216,26 @@ class FreeBSDSource(model.Source):
     def linux_state(self):
         """(62 sa_entry, 16 (cur, max) rlimits, umask) as the Linux process sees them, by
         injected Linux calls in one stop: rt_sigaction(sig, NULL, &old) (FreeBSD's ptrace
-        has no request for handlers), prlimit64(0, res, NULL, &old), umask twice. The code,
-        data and registers the calls used are put back."""
+        has no request for handlers), prlimit64(0, res, NULL, &old), umask twice."""
         if self._linux is None:
-            from ..restore.freebsd import LinuxCalls, helper_pages
-            calls = LinuxCalls(self.kit, self.pid, *helper_pages(self.kit, self.pid))
-            saved = calls.kit.read_memory(self.pid, calls.data, 32)
-            try:
+            with self.injected() as calls:
                 self._linux = (self._read_sigactions(calls), self._read_rlimits(calls),
                                self._read_umask(calls))
-            finally:
-                calls.kit.write_memory(self.pid, calls.data, saved)
-                calls.close()
-                self.kit.set_regs(self.pid, calls.saved_regs)
         return self._linux
+
+    @contextlib.contextmanager
+    def injected(self):
+        """Linux calls run in the stopped process; the code, data and registers they used
+        are put back afterwards."""
+        from ..restore.freebsd import LinuxCalls, helper_pages
+        calls = LinuxCalls(self.kit, self.pid, *helper_pages(self.kit, self.pid))
+        saved = calls.kit.read_memory(self.pid, calls.data, 32)
+        try:
+            yield calls
+        finally:
+            calls.kit.write_memory(self.pid, calls.data, saved)
+            calls.close()
+            self.kit.set_regs(self.pid, calls.saved_regs)
 
     def _read_sigactions(self, calls) -> list:
         out = []
@@ -297,11 +308,37 @@ class FreeBSDSource(model.Source):
             if fd < 0:
                 continue
             kind = KF_KIND.get(e.kind)
+            where = f"tasks/{pid}/fds/{fd}"
             if kind is None:
                 raise Unsupported(f"fd {fd} is a FreeBSD {e.kind}: no Linux counterpart",
-                                  path=f"tasks/{pid}/fds/{fd}")
-            out.append(pb.fdinfo_entry(id=fd + 1, flags=0, type=L.FD_TYPES[kind], fd=fd))
+                                  path=where)
+            if kind not in CAPTURED:
+                raise Unsupported(f"a {e.kind} descriptor is not captured on FreeBSD yet",
+                                  path=where)
+            if kind == "REG" and not e.path:
+                raise Unsupported("a file with no name (unlinked?): FreeBSD gives no path "
+                                  "to read it back from", path=where)
+            out.append(pb.fdinfo_entry(id=self.file_id(e), flags=0, type=L.FD_TYPES[kind],
+                                       fd=fd))
         return out
+
+    def file_id(self, e) -> int:
+        """Descriptors of one pipe end share their open file description (a pipe end can
+        only be dup'd or inherited): one id per struct pipe. Others: one per descriptor."""
+        if e.kind == "pipe":
+            ends = sorted({f.pipe_addr for f in self.files.values() if f.kind == "pipe"})
+            return PIPE_END_BASE + ends.index(e.pipe_addr)
+        return e.fd + 1
+
+    def entry_of(self, file_id: int):
+        return next(e for fd, e in sorted(self.files.items())
+                    if fd >= 0 and self.file_id(e) == file_id)
+
+    def pipe_id(self, e) -> int:
+        """Both ends of a pipe: one id (the pair of struct pipe addresses)."""
+        pairs = sorted({frozenset((f.pipe_addr, f.pipe_peer)) for f in self.files.values()
+                        if f.kind == "pipe"}, key=min)
+        return 1 + pairs.index(frozenset((e.pipe_addr, e.pipe_peer)))
 
     def file(self, file_id: int):
         if file_id in self.paths:
@@ -309,7 +346,7 @@ class FreeBSDSource(model.Source):
             entry.reg.CopyFrom(pb.reg_file_entry(id=file_id, flags=0, pos=0,
                                                  name=self.paths[file_id]))
             return entry
-        e = self.files[file_id - 1]
+        e = self.entry_of(file_id)
         kind = KF_KIND[e.kind]
         flags = F.open_to_linux(kf_to_fbsd_open(e.flags), self.log,
                                 f"tasks/{self.pid}/fds/{e.fd}/flags", kind)
@@ -318,9 +355,36 @@ class FreeBSDSource(model.Source):
             entry.reg.CopyFrom(pb.reg_file_entry(id=file_id, flags=flags, pos=e.offset,
                                                  name=e.path))
         elif kind == "PIPE":
-            entry.pipe.CopyFrom(pb.pipe_entry(id=file_id, pipe_id=file_id, flags=flags))
+            entry.pipe.CopyFrom(pb.pipe_entry(id=file_id, pipe_id=self.pipe_id(e), flags=flags))
+        elif kind == "EVENTFD":
+            sem = EFD_SEMAPHORE if e.efd_flags & FBSD_EFD_SEMAPHORE else 0
+            entry.efd.CopyFrom(pb.eventfd_file_entry(id=file_id, flags=flags | sem,
+                                                     fown=pb.fown_entry(uid=0, euid=0, signum=0,
+                                                                        pid_type=0, pid=0),
+                                                     counter=e.efd_value))
         return entry
 
+    def pipe_data(self, pipe_id: int) -> bytes:
+        """The bytes queued in a pipe. FreeBSD has no tee(2): they are read out of the read
+        end by an injected read and written straight back through the write end (made
+        non-blocking for that write: a blocking one of 8 KiB or more waits for a reader), so
+        the process finds them as they were. A pipe whose write end it does not hold cannot
+        be refilled: refused, unless it is empty."""
+        ends = [e for fd, e in sorted(self.files.items())
+                if fd >= 0 and e.kind == "pipe" and self.pipe_id(e) == pipe_id]
+        reader = next((e for e in ends if e.flags & kit_default.KF_FLAG["READ"]), None)
+        count = reader.pipe_count if reader else 0
+        if not count:
+            return b""
+        where = f"tasks/{self.pid}/fds/{reader.fd}/data"
+        writer = next((e for e in ends if e.pipe_addr == reader.pipe_peer
+                       and e.flags & kit_default.KF_FLAG["WRITE"]), None)
+        if writer is None:
+            raise Unsupported(f"{count} bytes queued in a pipe whose write end this process "
+                              "does not hold: they cannot be read without losing them",
+                              path=where)
+        with self.injected() as calls:
+            return drain_and_refill(calls, reader.fd, writer.fd, count, where)
     def page_ranges(self, pid: int, vma) -> list:
         """No pagemap on FreeBSD: every page of a private or anonymous map is saved."""
         if vma.status & (S["VMA_ANON_PRIVATE"] | S["VMA_ANON_SHARED"] | S["VMA_FILE_PRIVATE"]):
@@ -345,6 +409,30 @@ class FreeBSDSource(model.Source):
                  for text in self.kit.rctl_get_rules(f"jail:{params['name']}")]
         iso.limits = R.from_rctl(rules, None, params["name"], self.log, "isolation/rctl")
         return iso
+
+
+def drain_and_refill(calls, rfd: int, wfd: int, count: int, where: str) -> bytes:
+    """Read `count` queued bytes from rfd in the process and write them back through wfd."""
+    from ..restore.freebsd import F_SETFL, MAP_ANON, PAGE
+    F_GETFL, nonblock = 3, L.OPEN_FLAGS["O_NONBLOCK"]
+    size = (count + PAGE - 1) & ~(PAGE - 1)
+    buf = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON, -1, 0,
+                step="read pipe data", path=where)
+    try:
+        got = calls("read", rfd, buf, count, step="read pipe data", path=where)
+        data = calls.kit.read_memory(calls.pid, buf, got) if got > 0 else b""
+        old = calls("fcntl", wfd, F_GETFL, 0, step="put pipe data back", path=where)
+        calls("fcntl", wfd, F_SETFL, old | nonblock, step="put pipe data back", path=where)
+        try:
+            back = calls("write", wfd, buf, got, step="put pipe data back", path=where) \
+                if got > 0 else 0
+        finally:
+            calls("fcntl", wfd, F_SETFL, old, step="put pipe data back", path=where)
+    finally:
+        calls("munmap", buf, size, step="read pipe data", path=where)
+    if got != count or back != got:
+        raise Unsupported(f"pipe held {count} bytes; read {got}, put back {back}", path=where)
+    return data
 
 
 STACK_GAP = 8

@@ -68,6 +68,13 @@ KVE = struct.Struct("<iiQQQQIiiiiiiiQIHHQQ")      # through kve_vn_rdev (offset 
 KVE_PATH_OFFSET, KINFO_VMENTRY_SIZE = 136, 1160
 KF = struct.Struct("<iiiiiiq")                    # structsize, type, fd, ref_count, flags, pad, offset
 KF_STATUS_OFFSET, KF_PATH_OFFSET, KINFO_FILE_SIZE = 336, 368, 1392
+# kf_un at 32 (after kf_offset); kf_pipe: 16 + 256 spare bytes, then kf_pipe_addr,
+# kf_pipe_peer (u64) and kf_pipe_buffer_cnt (u32); kf_eventfd: kf_eventfd_value (u64),
+# kf_eventfd_flags (u32) at the start of the union
+KF_UN_OFFSET, KF_PIPE_OFFSET = 32, 32 + 16 + 256
+KF_PIPE = struct.Struct("<QQI")
+KF_EVENTFD = struct.Struct("<QI")
+assert KF_PIPE_OFFSET + KF_PIPE.size + 12 == KF_STATUS_OFFSET      # kf_pipe_pad0[3]
 
 
 # struct ptrace_lwpinfo (amd64): lwpid, event, flags, sigmask[4], siglist[4], then siginfo
@@ -115,6 +122,13 @@ class FileEntry:
     flags: int             # KF_FLAG bits (not O_ bits)
     offset: int
     path: str
+    # kf_un, by kind: a pipe end's own struct pipe, its peer's, and the bytes queued in it
+    # (queued toward this end's reader); an eventfd's counter and EFD_ flags
+    pipe_addr: int = 0
+    pipe_peer: int = 0
+    pipe_count: int = 0
+    efd_value: int = 0
+    efd_flags: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +257,34 @@ def parse_filedesc(buf: bytes) -> list[FileEntry]:
     out = []
     for rec in _records(buf, "kern.proc.filedesc"):
         f = KF.unpack_from(rec.ljust(KF.size, b"\0"))
-        out.append(FileEntry(fd=f[2], kind=KF_TYPE.get(f[1], str(f[1])), flags=f[4],
-                             offset=f[6], path=_cstr(rec[KF_PATH_OFFSET:])))
+        kind = KF_TYPE.get(f[1], str(f[1]))
+        extra = {}
+        if kind == "pipe":
+            a, b, n = KF_PIPE.unpack_from(rec.ljust(KF_PIPE_OFFSET + KF_PIPE.size, b"\0"),
+                                          KF_PIPE_OFFSET)
+            extra = dict(pipe_addr=a, pipe_peer=b, pipe_count=n)
+        elif kind == "eventfd":
+            v, fl = KF_EVENTFD.unpack_from(rec.ljust(KF_UN_OFFSET + KF_EVENTFD.size, b"\0"),
+                                           KF_UN_OFFSET)
+            extra = dict(efd_value=v, efd_flags=fl)
+        out.append(FileEntry(fd=f[2], kind=kind, flags=f[4], offset=f[6],
+                             path=_cstr(rec[KF_PATH_OFFSET:]), **extra))
     return out
+
+
+def pack_kinfo_file(e: FileEntry) -> bytes:
+    """One kinfo_file record as the kernel fills it (for tests and fakes)."""
+    path = e.path.encode() + b"\0"
+    size = (KF_PATH_OFFSET + len(path) + 7) & ~7            # truncated after the path
+    rec = bytearray(size)
+    kind = {v: k for k, v in KF_TYPE.items()}[e.kind]
+    KF.pack_into(rec, 0, size, kind, e.fd, 1, e.flags, 0, e.offset)
+    if e.kind == "pipe":
+        KF_PIPE.pack_into(rec, KF_PIPE_OFFSET, e.pipe_addr, e.pipe_peer, e.pipe_count)
+    elif e.kind == "eventfd":
+        KF_EVENTFD.pack_into(rec, KF_UN_OFFSET, e.efd_value, e.efd_flags)
+    rec[KF_PATH_OFFSET:KF_PATH_OFFSET + len(path)] = path
+    return bytes(rec)
 
 
 def jail_value(name: str, value) -> tuple[bytes, bytes | None]:

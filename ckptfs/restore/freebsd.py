@@ -36,7 +36,7 @@ from ..translate import LossLog
 from ..translate.freebsd import convert, elf, fpu as FPU, regs as G
 
 # Linux x86_64 system call numbers (the Linuxulator's amd64 table uses Linux's numbering).
-NR = {"write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
+NR = {"read": 0, "write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
       "munmap": 11, "rt_sigaction": 13, "rt_sigprocmask": 14, "clone": 56, "fork": 57,
       "fcntl": 72, "chdir": 80, "umask": 95, "setpgid": 109, "setsid": 112,
       "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
