@@ -273,6 +273,27 @@ def test_listeners_made_again(procs, tmp_path):
             sk.close()
 
 
+def test_datagram_client_connects_to_its_named_server_again(procs, tmp_path):
+    body = """
+import socket
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); srv.bind("log.sock")
+cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); cli.connect("log.sock")
+FACTS = {"cli": cli.fileno(), "srv": srv.fileno()}
+"""
+    proc, fx = py_child(procs, tmp_path, body)
+    ts = tree.TreeSource(str(dump(proc.pid, tmp_path / "tree")))
+    assert problems_of(ts, proc.pid, fx["cli"]) == []
+    maker = rsk.Sockets(ts)
+    try:
+        cli = made(ts, proc.pid, fx["cli"], maker)           # the client first: it makes the server
+        srv = made(ts, proc.pid, fx["srv"], maker)
+        assert cli.getpeername() == "log.sock"
+        cli.send(b"line")
+        assert srv.recv(10) == b"line"
+    finally:
+        maker.close()
+
+
 def test_frozen_original_listener_is_handed_over(procs, tmp_path):
     """Same host, original frozen (a move in progress): the listener is the original socket
     (its port is not free, and connections waiting in its backlog come along)."""

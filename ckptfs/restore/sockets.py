@@ -88,6 +88,15 @@ class Index:
                 if fdi.type == F.FD_TYPES["UNIXSK"]:
                     self.by_ino.setdefault(source.file(fdi.id).usk.ino, fdi.id)
 
+    def named_peer(self, u) -> int | None:
+        """File id of the bound datagram socket of the tree that `u` is connect()ed to (a
+        one-way peer: the server is not connected back), or None."""
+        fid = self.by_ino.get(u.peer) if u.peer and u.type == socket.SOCK_DGRAM else None
+        if fid is None:
+            return None
+        other = self.source.file(fid).usk
+        return fid if other.peer != u.ino and other.name else None
+
     def peer_of(self, u) -> int | None:
         """File id of a unix socket's peer when the two are a pair (each the other's peer)."""
         fid = self.by_ino.get(u.peer) if u.peer else None
@@ -113,10 +122,15 @@ def _unix_problems(source, u, q: list[bytes], index: Index) -> list[str]:
     if u.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
         return [f"unix socket type {u.type} is not stream, dgram or seqpacket"]
     out = []
-    connected = u.state == S.TCP_ESTABLISHED or u.peer
-    if connected and u.peer and index.peer_of(u) is None:
+    connected = _connected(u)
+    server = index.named_peer(u)
+    if server is not None and q:
+        out.append(f"{len(q)} message(s) queued on a datagram socket connected to a named "
+                   "one: their senders are not known, so they cannot be queued again")
+    elif connected and u.peer and index.peer_of(u) is None and server is None:
         out.append(f"peer socket {u.peer} is not in the tree (or not connected back to "
-                   f"{u.ino}): only pairs of the tree's own sockets are restored")
+                   f"{u.ino}, or not a named datagram socket): only the tree's own pairs "
+                   "and named datagram sockets are connected again")
     if q and not connected:
         out.append(f"{len(q)} message(s) queued on an unconnected socket: their senders are "
                    "not known, so they cannot be queued again")
@@ -124,6 +138,12 @@ def _unix_problems(source, u, q: list[bytes], index: Index) -> list[str]:
         out.extend(_path_problems(u))
     out.extend(_queue_problems(q))
     return out
+
+
+def _connected(u) -> bool:
+    """A unix socket with a peer, or a stream one whose peer is gone (it reads what is left,
+    then end of file). A datagram socket reads `established` even when it never connected."""
+    return bool(u.peer) or (u.type != socket.SOCK_DGRAM and u.state == S.TCP_ESTABLISHED)
 
 
 def _path_problems(u) -> list[str]:
@@ -207,6 +227,7 @@ class Sockets:
         self.source, self.netns = source, netns
         self._index: Index | None = None
         self._waiting: dict[int, int] = {}
+        self._made: set[int] = set()         # file ids handed out (or being made)
 
     def _new(self, *args) -> socket.socket:
         return self._in_netns(lambda: socket.socket(*args))
@@ -238,7 +259,9 @@ class Sockets:
 
     def make(self, fe, where: str) -> int:
         if fe.id in self._waiting:
+            self._made.add(fe.id)
             return self._waiting.pop(fe.id)
+        self._made.add(fe.id)
         found = problems(self.source, fe, self.index)
         if found:
             raise RestoreFailed("; ".join(found), path=where, step="socket")
@@ -257,9 +280,26 @@ class Sockets:
         if fe.HasField("isk"):
             return _detach(self._inet(fe.isk, where))
         u = fe.usk
-        if u.state == S.TCP_ESTABLISHED or u.peer:
+        server = self.index.named_peer(u)
+        if server is not None:
+            return _detach(self._dgram_client(u, server, where))
+        if _connected(u):
             return self._pair(fe, where)
         return _detach(self._unix_alone(u, where))
+
+    def _dgram_client(self, u, server_id: int, where: str) -> socket.socket:
+        """A datagram socket connect()ed to a named one of the tree: that one is made first
+        (it waits here for its own descriptor), then this one connects to its name."""
+        if server_id not in self._waiting and server_id not in self._made:
+            server = self.source.file(server_id)
+            self._waiting[server_id] = self.make(server, where + " (its peer)")
+        sk = self._unix_alone(u, where)
+        try:
+            _unix_connect(sk, self.source.file(server_id).usk)
+        except BaseException:
+            sk.close()
+            raise
+        return sk
 
     def _take_original(self, fe) -> int | None:
         """A listener or TCP connection whose original is frozen on this host is handed over
@@ -458,6 +498,19 @@ def _unix_bind(sk: socket.socket, u) -> None:
         os.lchown(path, u.file_perms.uid, u.file_perms.gid)
     if u.HasField("deleted") and u.deleted:
         os.unlink(path)
+
+
+def _unix_connect(sk: socket.socket, server) -> None:
+    """Connect to a unix socket of the tree by its recorded name (a relative one from its
+    name_dir, like the bind)."""
+    if server.name[:1] == b"\0":
+        sk.connect(server.name)
+        return
+    name = _path_name(server)
+    if os.path.isabs(name) or not server.HasField("name_dir"):
+        sk.connect(name)
+    else:
+        _in_dir(server.name_dir, lambda: sk.connect(name))
 
 
 CLONE_FS = 0x200
