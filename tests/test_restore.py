@@ -63,7 +63,12 @@ def mover(restored, **opts):
 
 # -- ZDTM workloads: each keeps one kernel object, then checks itself after the move ----------
 @pytest.mark.parametrize("name", zdtm.PROGRAMS)
-def test_zdtm_dump_restore(name, zdtm_bin, procs, restored, tmp_path):
+def test_zdtm_dump_restore(name, zdtm_bin, procs, restored, tmp_path, request):
+    """The in-process dump path (tests/test_zdtm.py's `dump` through the CLI): a program's
+    known failure of that path (`// zdtm-known: dump: why`) is expected here too."""
+    why = zdtm.KNOWN.get((name, "dump")) or zdtm.KNOWN.get((name, "*"))
+    if why:
+        request.applymarker(pytest.mark.xfail(reason=why, strict=True))
     assert zdtm.run_case(zdtm_bin, name, tmp_path, procs, move=mover(restored)) == "PASS"
 
 
@@ -595,3 +600,58 @@ def test_deleted_file_comes_back_deleted_when_its_name_is_taken(procs, restored,
     assert int(Path(f"/proc/{new}/fdinfo/{fd}").read_text().split()[1]) == 7     # pos
     assert (work / "data").read_text() == "another file now\n"
     assert sorted(os.listdir(work)) == ["data", "ready"]          # no ghost left behind
+
+
+CAP_CHOWN, CAP_KILL, CAP_NET_BIND_SERVICE, CAP_MKNOD, CAP_SYS_RESOURCE = 0, 5, 10, 27, 24
+
+
+def _set_creds(d: Path, pid: int, values: dict[str, str]) -> None:
+    for name, text in values.items():
+        (d / "tasks" / str(pid) / "creds" / name).write_text(text + "\n")
+    reseal(d)
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def test_uid_change_keeps_the_recorded_capabilities(procs, restored, tmp_path):
+    """A root-started task recorded as uid 1000 / gid 1001 holding a few capabilities (one
+    ambient), a trimmed bounding set, securebits and no_new_privs comes back exactly so: the
+    uid change must not wipe the sets (SECBIT_NO_SETUID_FIXUP while switching)."""
+    p = procs.spawn(["sleep", "60"])
+    time.sleep(0.2)
+    d = dump(p.pid, tmp_path / "tree")
+    bnd = int((d / "tasks" / str(p.pid) / "creds" / "cap_bnd").read_text(), 16) & ~(1 << CAP_MKNOD)
+    prm = 1 << CAP_CHOWN | 1 << CAP_KILL | 1 << CAP_NET_BIND_SERVICE
+    inh = amb = 1 << CAP_NET_BIND_SERVICE
+    _set_creds(d, p.pid, {**{k: "1000" for k in ("uid", "euid", "suid", "fsuid")},
+                          **{k: "1001" for k in ("gid", "egid", "sgid", "fsgid")},
+                          "groups": "1002", "cap_prm": f"{prm:#018x}", "cap_eff": f"{1 << CAP_KILL:#018x}",
+                          "cap_inh": f"{inh:#018x}", "cap_amb": f"{amb:#018x}",
+                          "cap_bnd": f"{bnd:#018x}", "secbits": "0x11", "no_new_privs": "1"})
+    new = restored(restore(str(d))).pids[p.pid]
+    st = _status(new)
+    assert st["Uid"].split() == ["1000"] * 4 and st["Gid"].split() == ["1001"] * 4, st
+    assert st["Groups"] == "1002", st
+    got = {k: int(st[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    assert got == {"CapInh": inh, "CapPrm": prm, "CapEff": 1 << CAP_KILL, "CapBnd": bnd,
+                   "CapAmb": amb}, {k: hex(v) for k, v in got.items()}
+    assert st["NoNewPrivs"] == "1", st
+    assert st["State"].startswith("S"), st       # and it runs: back in its nanosleep
+
+
+def test_capabilities_beyond_ours_are_refused_by_name(procs, restored, tmp_path):
+    p = procs.spawn(["sleep", "60"])
+    time.sleep(0.2)
+    d = dump(p.pid, tmp_path / "tree")
+    ours = int(_status(os.getpid())["CapPrm"], 16)
+    missing = next(c for c in range(40, -1, -1) if not ours >> c & 1)   # CAP_SYS_RESOURCE here
+    _set_creds(d, p.pid, {"cap_prm": f"{1 << missing:#018x}"})
+    problems = restore(str(d), dry_run=True).problems
+    assert any(f"tasks/{p.pid}/creds/cap_prm" in line for line in problems), problems
+    ours_before = set(_procs.children(os.getpid()))
+    with pytest.raises(RestoreFailed, match="cap_prm"):
+        restored(restore(str(d)))
+    assert set(_procs.children(os.getpid())) <= ours_before

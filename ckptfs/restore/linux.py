@@ -50,7 +50,9 @@ from ..errors import CkptError, KernelError, ProcessGone, RestoreFailed
 from ..inject import NR, Injector
 from . import memory, signals
 from .files import FileTable
-from .plan import SCRATCH_SIZE, SPECIAL, TASK_END, Plan, TaskPlan, V, vdso_layout, where
+from .plan import (SCRATCH_SIZE, SPECIAL, TASK_END, Plan, TaskPlan, V, cap_last, caps_of,
+                   vdso_layout, where)
+from .plan import creds_caps as plan_creds_caps
 
 PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK, PTRACE_O_TRACECLONE = 2, 4, 8
 PTRACE_O_EXITKILL = 1 << 20
@@ -84,6 +86,10 @@ INIT_CODE = bytes.fromhex(
 
 ERESTARTNOHAND, ERESTART_RESTARTBLOCK, EINTR = 514, 516, 4
 SIG_DFL, SIG_IGN = 0, 1
+PR_CAPBSET_DROP, PR_GET_SECUREBITS, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS = 24, 27, 28, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+CAP_V3 = 0x20080522
 NR_NANOSLEEP, NR_CLOCK_NANOSLEEP, TIMER_ABSTIME = 35, 230, 1
 
 
@@ -412,6 +418,9 @@ class LinuxRestorer:
             self._end_fill(live, filling)
         for old_tid, tid in live.tids.items():
             self._thread_state(live, old_tid, live.injs[tid])
+        if t.mm.HasField("dumpable"):    # after the creds: a change of euid resets it
+            inj.call(NR["prctl"], PR_SET_DUMPABLE, t.mm.dumpable, 0, 0, 0, step="dumpable",
+                     path=self._where(t.pid, "mm/dumpable"))
         inj.reset_scratch()
         inj.call(NR["close"], self.pidfd_slot, step="close restorer pidfd")
         if self.init and t.pid == self.plan.tasks[0].pid:
@@ -634,9 +643,6 @@ class LinuxRestorer:
         t, inj, tc = live.plan, live.inj, live.plan.core.tc
         path = self._where(t.pid)
         inj.call(NR["personality"], tc.personality, step="personality", path=path)
-        if t.mm.HasField("dumpable"):
-            inj.call(NR["prctl"], PR_SET_DUMPABLE, t.mm.dumpable, 0, 0, 0, step="dumpable",
-                     path=self._where(t.pid, "mm/dumpable"))
         if tc.child_subreaper:
             inj.call(NR["prctl"], PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, step="subreaper", path=path)
 
@@ -679,14 +685,59 @@ class LinuxRestorer:
                     else tcore.creds, path)
 
     def _creds(self, inj: Injector, c, path: str) -> None:
-        """Groups, gids, uids: last, since dropping root ends what we may do."""
+        """Groups, gids, capabilities, uids, securebits: last, since dropping root ends what
+        we may do. The order is forced by the kernel's rules (the thread starts as root with
+        the helper's full sets, and CRIU's restorer keeps to the same constraints):
+        inheritable first (it may not exceed the bounding set, which is trimmed later),
+        ambient raised while everything is still permitted, bounding set trimmed (needs
+        CAP_SETPCAP), SECBIT_NO_SETUID_FIXUP so that changing uids leaves the sets alone,
+        uids, the recorded securebits (CAP_SETPCAP is still effective), then capset of the
+        recorded effective/permitted/inheritable, which only lowers. Each step is skipped
+        when the helper already holds the recorded value."""
         groups = list(c.groups)
         arg = inj.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0
         inj.call(NR["setgroups"], len(groups), arg, step="setgroups", path=path + "/creds/groups")
         inj.call(NR["setresgid"], c.gid, c.egid, c.sgid, step="setresgid", path=path + "/creds")
         inj.call(NR["setfsgid"], c.fsgid)
-        inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=path + "/creds")
+        now, want = task_caps(inj.tid), creds_caps(c)
+        where_ = path + "/creds"
+        if want["inh"] != now["inh"]:
+            self._capset(inj, now["eff"], now["prm"], want["inh"], where_ + "/cap_inh")
+        if now["amb"] & ~want["amb"]:
+            inj.call(NR["prctl"], PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0,
+                     step="clear ambient capabilities", path=where_ + "/cap_amb")
+            now["amb"] = 0
+        for cap in _bits(want["amb"] & ~now["amb"]):
+            inj.call(NR["prctl"], PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                     step=f"raise ambient capability {cap}", path=where_ + "/cap_amb")
+        for cap in _bits(now["bnd"] & ~want["bnd"]):
+            inj.call(NR["prctl"], PR_CAPBSET_DROP, cap, 0, 0, 0,
+                     step=f"drop capability {cap} from the bounding set", path=where_ + "/cap_bnd")
+        secbits = inj.call(NR["prctl"], PR_GET_SECUREBITS, 0, 0, 0, 0, step="securebits")
+        uids = (c.uid, c.euid, c.suid, c.fsuid)
+        if uids != (0, 0, 0, 0) and not secbits & SECBIT_NO_SETUID_FIXUP:
+            secbits |= SECBIT_NO_SETUID_FIXUP
+            inj.call(NR["prctl"], PR_SET_SECUREBITS, secbits, 0, 0, 0,
+                     step="keep capabilities across setresuid", path=where_ + "/secbits")
+        inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=where_)
         inj.call(NR["setfsuid"], c.fsuid)
+        if c.secbits != secbits:
+            inj.call(NR["prctl"], PR_SET_SECUREBITS, c.secbits, 0, 0, 0, step="securebits",
+                     path=where_ + "/secbits")
+        if (want["eff"], want["prm"], want["inh"]) != (now["eff"], now["prm"], want["inh"]):
+            self._capset(inj, want["eff"], want["prm"], want["inh"], where_ + "/cap_eff")
+        if c.HasField("no_new_privs") and c.no_new_privs:
+            inj.call(NR["prctl"], PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, step="no_new_privs",
+                     path=where_ + "/no_new_privs")
+
+    @staticmethod
+    def _capset(inj: Injector, eff: int, prm: int, inh: int, path: str) -> None:
+        """capset (version 3: two 32-bit words per set) on the injecting thread itself."""
+        m = 0xFFFFFFFF
+        hdr = inj.put(struct.pack("<Ii", CAP_V3, 0))
+        data = inj.put(struct.pack("<6I", eff & m, prm & m, inh & m, eff >> 32, prm >> 32,
+                                   inh >> 32))
+        inj.call(NR["capset"], hdr, data, step="capset", path=path)
 
     def _start_init(self) -> None:
         """The namespace's init (a copy of the helper) runs the reaper loop from now on."""
@@ -774,6 +825,27 @@ def _dispositions(pid: int) -> tuple[int, int]:
         raise ProcessGone(f"task {pid} is gone", path=path, step="sigactions") from None
     except (KeyError, ValueError):
         raise RestoreFailed("no SigIgn/SigCgt line", path=path, step="sigactions") from None
+
+
+def task_caps(tid: int) -> dict[str, int]:
+    """A thread's capability sets now (/proc/TID/status)."""
+    try:
+        return caps_of(str(tid))
+    except FileNotFoundError:
+        raise ProcessGone(f"thread {tid} is gone", path=f"/proc/{tid}/status", step="creds") from None
+    except (KeyError, ValueError):
+        raise RestoreFailed("no capability lines", path=f"/proc/{tid}/status", step="creds") from None
+
+
+def creds_caps(c) -> dict[str, int]:
+    """A creds_entry's capability sets, limited to the capabilities this kernel has
+    (plan.check_creds warns about any beyond)."""
+    valid = (1 << (cap_last() + 1)) - 1
+    return {k: v & valid for k, v in plan_creds_caps(c).items()}
+
+
+def _bits(mask: int) -> list[int]:
+    return [i for i in range(mask.bit_length()) if mask >> i & 1]
 
 
 def _wait_new(tid: int) -> None:

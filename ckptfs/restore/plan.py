@@ -309,13 +309,54 @@ def reg_problems(reg, check_size: bool = False) -> list[str]:
 
 
 def check_creds(plan: Plan) -> None:
-    """We can only restore what this process may become (root here: anything but caps above ours)."""
-    if os.geteuid() == 0:
-        return
+    """We can only restore what this process may become: any uid as root, no capability we
+    do not hold ourselves (permitted, effective, inheritable, ambient: the task starts with
+    ours and capset only lowers). A bounding set wider than ours stays ours (a warning):
+    it only limits what later programs may gain."""
+    ours = caps_of()
+    valid = (1 << (cap_last() + 1)) - 1
     for t in plan.tasks:
-        c = t.core.thread_core.creds
-        if (c.uid, c.euid, c.suid) != (os.getuid(),) * 3:
-            plan.problems.append(f"{where(plan.source, t.pid, 'creds')}: uid {c.uid} needs root")
+        for tid, core in t.cores.items():
+            c = core.thread_core.creds if core.thread_core.HasField("creds") \
+                else t.core.thread_core.creds
+            name = where(plan.source, t.pid, "creds" if tid == t.pid else f"threads/{tid}/creds")
+            if os.geteuid() != 0 and (c.uid, c.euid, c.suid) != (os.getuid(),) * 3:
+                plan.problems.append(f"{name}: uid {c.uid} needs root")
+            sets = creds_caps(c)
+            for k, v in sets.items():
+                if v & ~valid:
+                    plan.warnings.append(f"{name}/cap_{k}: capabilities {v & ~valid:#x} are "
+                                         f"unknown to this kernel (last is {cap_last()}): left out")
+            held = ours["prm"]
+            for k in ("inh", "prm", "eff", "amb"):
+                extra = sets[k] & valid & ~held
+                if extra:
+                    plan.problems.append(f"{name}/cap_{k}: {sets[k]:#x} needs capabilities "
+                                         f"{extra:#x} this restorer does not hold ({held:#x})")
+            if sets["bnd"] & valid & ~ours["bnd"]:
+                plan.warnings.append(f"{name}/cap_bnd: {sets['bnd']:#x} is wider than this "
+                                     f"restorer's {ours['bnd']:#x}: restored as the common part")
+
+
+CAP_SETS = ("inh", "prm", "eff", "bnd", "amb")
+
+
+def cap_last() -> int:
+    """The highest capability number this kernel knows."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def caps_of(proc: str = "self") -> dict[str, int]:
+    """Capability sets of /proc/<proc> (a tid or "self"): {'inh': ..., 'amb': ...}."""
+    with open(f"/proc/{proc}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {k: int(fields["Cap" + k.capitalize()], 16) for k in CAP_SETS}
+
+
+def creds_caps(c) -> dict[str, int]:
+    """A creds_entry's capability sets as integers ([low, high] words joined)."""
+    return {k: sum(w << (32 * i) for i, w in enumerate(getattr(c, "cap_" + k))) for k in CAP_SETS}
 
 
 def check_pids_free(plan: Plan) -> None:
