@@ -151,6 +151,7 @@ class FakeFreeBSD:
         self.jails, self.rules, self.killed = {}, [], []
         self.fail_on = None                          # (linux call name, errno): inject a failure
         self.fs, self.gone = {}, set()               # jail files touched; paths unlinked
+        self.inodes = {}
         self.next_map = SCRATCH_BASE
 
     def __getattr__(self, name):            # anything not faked is a test failure
@@ -366,6 +367,8 @@ class FakeFreeBSD:
             mine, peer = (base, base + 0x80) if d.reads else (base + 0x80, base)
             return dict(pipe_addr=mine, pipe_peer=peer,
                         pipe_count=len(d.pipe.buf) if d.reads else 0)
+        if d.kind in ("fifo", "vnode") and d.node is not None:
+            return dict(fileid=self._inode(d.node))
         if d.kind == "eventfd":
             nonblock = 0x4 if d.flags & L.OPEN_FLAGS["O_NONBLOCK"] else 0
             return dict(efd_value=d.count, efd_flags=int(d.semaphore) | nonblock)
@@ -643,6 +646,22 @@ class FakeFreeBSD:
         desc.node.data[desc.pos:desc.pos + n] = data
         desc.pos += n
         return n
+
+    def _inode(self, node):
+        return self.inodes.setdefault(id(node), 1000 + len(self.inodes))
+
+    def linux_ioctl(self, p, fd, cmd, arg, *_):
+        if fd not in p.fds:
+            return -errno.EBADF
+        if cmd != 0x541B:                            # FIONREAD only
+            return -errno.ENOTTY
+        desc = p.fds[fd]
+        if desc.pipe is None or not desc.reads:
+            return -errno.ENOTTY
+        if not self._writable(p, arg, 4):
+            return -errno.EFAULT
+        p.mem.write(arg, struct.pack("<i", len(desc.pipe.buf)))
+        return 0
 
     def linux_read(self, p, fd, addr, n, *_):
         if fd not in p.fds or p.fds[fd].flags & 3 == 1:

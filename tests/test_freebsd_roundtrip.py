@@ -227,10 +227,10 @@ def move_through_fake_freebsd(pid: int, tmp: Path, kits: list) -> int:
 
 
 # What a FreeBSD restore and a FreeBSD capture both carry (the others: timers, alternate
-# stacks and queued signals are not re-made on FreeBSD (plan/lossy says so); FIFOs, unlinked
-# files and process trees are restored there but not captured back yet).
+# stacks and queued signals are not re-made on FreeBSD (plan/lossy says so); unlinked files
+# and process trees are restored there but not captured back yet).
 ROUND_TRIP = ["sleeping", "pipe_data", "half_read_file", "mmap_pattern", "avx_regs",
-              "eventfd", "cwd_umask"]
+              "eventfd", "cwd_umask", "fifo"]
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)

@@ -71,7 +71,10 @@ def vma_entry(e) -> pb.vma_entry:
 
 
 PIPE_END_BASE = 1 << 19           # file ids of pipe ends (one per struct pipe)
-CAPTURED = ("REG", "PIPE", "EVENTFD")
+CAPTURED = ("REG", "PIPE", "FIFO", "EVENTFD")
+KF_READ, KF_WRITE = kit_default.KF_FLAG["READ"], kit_default.KF_FLAG["WRITE"]
+FIFO_ID_BASE = 1 << 30             # FIFO ids, apart from pipe ids
+FIONREAD = 0x541B                  # Linux; the Linuxulator maps it to FreeBSD's FIONREAD
 EFD_SEMAPHORE = 1                  # Linux; bit 0 of the checkpoint's eventfd flags
 FBSD_EFD_SEMAPHORE = 0x1           # sys/sys/eventfd.h
 GLIBC_TID_OFFSET = 0x2d0           # offsetof(struct pthread, tid), x86_64 (checked: glibc 2.36)
@@ -105,13 +108,13 @@ class FreeBSDSource(model.Source):
         self.paths: dict[int, str] = {}
         self._linux = None
 
-    def named(self, path: str) -> int:
-        """A file id for a file known by its path only."""
+    def named(self, path: str, flags: int = 0) -> int:
+        """A file id for a file known by its path (and open flags) only."""
         for fid, known in self.paths.items():
-            if known == path:
+            if known == (path, flags):
                 return fid
         fid = NAMED_BASE + len(self.paths)
-        self.paths[fid] = path
+        self.paths[fid] = (path, flags)
         return fid
 
     def meta(self) -> model.Meta:
@@ -342,9 +345,9 @@ class FreeBSDSource(model.Source):
 
     def file(self, file_id: int):
         if file_id in self.paths:
+            path, flags = self.paths[file_id]
             entry = pb.file_entry(type=L.FD_TYPES["REG"], id=file_id)
-            entry.reg.CopyFrom(pb.reg_file_entry(id=file_id, flags=0, pos=0,
-                                                 name=self.paths[file_id]))
+            entry.reg.CopyFrom(pb.reg_file_entry(id=file_id, flags=flags, pos=0, name=path))
             return entry
         e = self.entry_of(file_id)
         kind = KF_KIND[e.kind]
@@ -356,6 +359,9 @@ class FreeBSDSource(model.Source):
                                                  name=e.path))
         elif kind == "PIPE":
             entry.pipe.CopyFrom(pb.pipe_entry(id=file_id, pipe_id=self.pipe_id(e), flags=flags))
+        elif kind == "FIFO":
+            entry.fifo.CopyFrom(pb.fifo_entry(id=file_id, pipe_id=self.fifo_id(e),
+                                              regf_id=self.named(e.path, flags)))
         elif kind == "EVENTFD":
             sem = EFD_SEMAPHORE if e.efd_flags & FBSD_EFD_SEMAPHORE else 0
             entry.efd.CopyFrom(pb.eventfd_file_entry(id=file_id, flags=flags | sem,
@@ -364,7 +370,44 @@ class FreeBSDSource(model.Source):
                                                      counter=e.efd_value))
         return entry
 
+    def fifo_id(self, e) -> int:
+        """Every descriptor of one FIFO: one id (by its inode), apart from pipe ids."""
+        inodes = sorted({f.fileid for f in self.files.values() if f.kind == "fifo"})
+        return FIFO_ID_BASE + inodes.index(e.fileid)
+
     def pipe_data(self, pipe_id: int) -> bytes:
+        if pipe_id >= FIFO_ID_BASE:
+            return self.fifo_data(pipe_id)
+        return self._pipe_data(pipe_id)
+
+    def fifo_data(self, pipe_id: int) -> bytes:
+        """A FIFO's queued bytes: counted with FIONREAD on a read end, read out and written
+        back through a write end; an end the process does not hold is opened by the FIFO's
+        path for that (O_NONBLOCK, so it never waits) and closed again."""
+        ends = [e for fd, e in sorted(self.files.items())
+                if fd >= 0 and e.kind == "fifo" and self.fifo_id(e) == pipe_id]
+        path, where = ends[0].path, f"tasks/{self.pid}/fds/{ends[0].fd}/data"
+        with self.injected() as calls:
+            opened = []
+            try:
+                rfd = next((e.fd for e in ends if e.flags & KF_READ), None)
+                if rfd is None:
+                    rfd = _open_in(calls, path, 0, where, opened)
+                calls.reset()
+                count = calls.put(bytes(8))
+                calls("ioctl", rfd, FIONREAD, count, step="FIONREAD", path=where)
+                count = struct.unpack("<i", calls.kit.read_memory(self.pid, count, 4))[0]
+                if not count:
+                    return b""
+                wfd = next((e.fd for e in ends if e.flags & KF_WRITE), None)
+                if wfd is None:
+                    wfd = _open_in(calls, path, 1, where, opened)
+                return drain_and_refill(calls, rfd, wfd, count, where)
+            finally:
+                for fd in opened:
+                    calls("close", fd, step="close FIFO end", path=where)
+
+    def _pipe_data(self, pipe_id: int) -> bytes:
         """The bytes queued in a pipe. FreeBSD has no tee(2): they are read out of the read
         end by an injected read and written straight back through the write end (made
         non-blocking for that write: a blocking one of 8 KiB or more waits for a reader), so
@@ -409,6 +452,14 @@ class FreeBSDSource(model.Source):
                  for text in self.kit.rctl_get_rules(f"jail:{params['name']}")]
         iso.limits = R.from_rctl(rules, None, params["name"], self.log, "isolation/rctl")
         return iso
+
+
+def _open_in(calls, path: str, access: int, where: str, opened: list) -> int:
+    calls.reset()
+    fd = calls("open", calls.put(path.encode() + b"\0"), access | L.OPEN_FLAGS["O_NONBLOCK"] |
+               L.O_CLOEXEC, 0, step="open FIFO end", path=f"{where} {path}")
+    opened.append(fd)
+    return fd
 
 
 def drain_and_refill(calls, rfd: int, wfd: int, count: int, where: str) -> bytes:

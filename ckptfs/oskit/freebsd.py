@@ -73,6 +73,9 @@ KF_STATUS_OFFSET, KF_PATH_OFFSET, KINFO_FILE_SIZE = 336, 368, 1392
 # kf_eventfd_flags (u32) at the start of the union
 KF_UN_OFFSET, KF_PIPE_OFFSET = 32, 32 + 16 + 256
 KF_PIPE = struct.Struct("<QQI")
+# kf_file: kf_file_type, 3 spare ints, 30 spare u64, then kf_file_fsid, kf_file_rdev,
+# kf_file_fileid (u64 each)
+KF_FILEID_OFFSET = KF_UN_OFFSET + 16 + 240 + 16
 KF_EVENTFD = struct.Struct("<QI")
 assert KF_PIPE_OFFSET + KF_PIPE.size + 12 == KF_STATUS_OFFSET      # kf_pipe_pad0[3]
 
@@ -129,6 +132,7 @@ class FileEntry:
     pipe_count: int = 0
     efd_value: int = 0
     efd_flags: int = 0
+    fileid: int = 0        # kf_file_fileid of a vnode or FIFO (its inode number)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +271,9 @@ def parse_filedesc(buf: bytes) -> list[FileEntry]:
             v, fl = KF_EVENTFD.unpack_from(rec.ljust(KF_UN_OFFSET + KF_EVENTFD.size, b"\0"),
                                            KF_UN_OFFSET)
             extra = dict(efd_value=v, efd_flags=fl)
+        elif kind in ("vnode", "fifo"):
+            extra = dict(fileid=struct.unpack_from("<Q", rec.ljust(KF_FILEID_OFFSET + 8, b"\0"),
+                                                   KF_FILEID_OFFSET)[0])
         out.append(FileEntry(fd=f[2], kind=kind, flags=f[4], offset=f[6],
                              path=_cstr(rec[KF_PATH_OFFSET:]), **extra))
     return out
@@ -283,6 +290,8 @@ def pack_kinfo_file(e: FileEntry) -> bytes:
         KF_PIPE.pack_into(rec, KF_PIPE_OFFSET, e.pipe_addr, e.pipe_peer, e.pipe_count)
     elif e.kind == "eventfd":
         KF_EVENTFD.pack_into(rec, KF_UN_OFFSET, e.efd_value, e.efd_flags)
+    elif e.kind in ("vnode", "fifo"):
+        struct.pack_into("<Q", rec, KF_FILEID_OFFSET, e.fileid)
     rec[KF_PATH_OFFSET:KF_PATH_OFFSET + len(path)] = path
     return bytes(rec)
 

@@ -41,7 +41,8 @@ NR = {"read": 0, "write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mpro
       "fcntl": 72, "chdir": 80, "umask": 95, "setpgid": 109, "setsid": 112,
       "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
       "dup3": 292, "pipe2": 293, "prlimit64": 302, "unlink": 87, "fchmod": 91,
-      "mknod": 133, "eventfd2": 290, "set_tid_address": 218}
+      "mknod": 133, "eventfd2": 290, "set_tid_address": 218,
+      "ioctl": 16}
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
 TRAP_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SIGTRAP = 5                          # FreeBSD
