@@ -175,3 +175,16 @@ def test_pipe_beyond_big_pipe_size_is_refused_naming_the_file(procs, tmp_path):
         restore(src, kit)
     assert f"tasks/{old}/fds/20/data" in str(e.value) and "100000" in str(e.value)
     assert kit.killed and not kit.jails
+
+
+def test_memory_shared_between_processes_is_refused_naming_the_map(program):
+    """shared_anon: a MAP_SHARED anonymous map shared with a forked child. Mapped again in
+    each process after the forks it would no longer be shared: refused before anything."""
+    old, src, _ = program("shared_anon")
+    kit = FakeFreeBSD()
+    with pytest.raises(Unsupported) as e:
+        restore(src, kit)
+    child = src.pids()[1]
+    assert f"tasks/{child}/maps/" in str(e.value) and "/shmid" in str(e.value)
+    assert f"process {old}" in str(e.value)
+    assert kit.log == []

@@ -161,6 +161,7 @@ def restore(source, target: Target | None = None, strict: bool = False,
 
 def check(source, plan) -> None:
     """What this restore cannot do, refused before anything is created."""
+    check_shared_memory(source, [task.pid for task in plan.tasks])
     for task in plan.tasks:
         for info in source.fdinfo(task.pid):
             kind = fd_kind(info)
@@ -168,6 +169,22 @@ def check(source, plan) -> None:
                 raise Unsupported(f"a {kind} descriptor is not restored on FreeBSD (regular "
                                   "and deleted files, pipes, FIFOs and eventfds are)",
                                   path=f"tasks/{task.pid}/fds/{info.fd}")
+
+
+def check_shared_memory(source, pids) -> None:
+    """Shared anonymous memory between processes of the tree is refused: each process maps
+    its own after the forks here, so writes would no longer be seen by the others."""
+    owners: dict[int, int] = {}
+    for pid in pids:
+        for vma in source.mm(pid).vmas:
+            if not vma.status & L.VMA_STATUS["VMA_ANON_SHARED"]:
+                continue
+            first = owners.setdefault(vma.shmid, pid)
+            if first != pid:
+                raise Unsupported(f"shared anonymous memory {vma.shmid} is also mapped by "
+                                  f"process {first}: memory shared between processes is not "
+                                  "restored on FreeBSD", path=f"tasks/{pid}/maps/"
+                                  f"{vma.start:x}-{vma.end:x}/shmid")
 
 
 class Restorer:
