@@ -5,7 +5,6 @@ files, mountinfo) are also checked on their own with known inputs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -433,7 +432,6 @@ def test_user_namespace_with_shifted_ids(tmp_path):
     namespace belongs to the new user namespace."""
     import shutil
     import tempfile
-    from ckptfs.isolation import tmpfs, userns
     # the mount point must be reachable by the container's root (host uid 100000): not below
     # pytest's 0700 directories
     top = Path(tempfile.mkdtemp(prefix="ckptfs-userns-", dir="/tmp"))

@@ -19,6 +19,13 @@ Tree files for the two records (render_extra / parse_extra; docs/FORMAT.md `isol
                                                              itself for an address are left out)
     isolation/mounts                     tmpfs /scratch tmpfs rw,nosuid,size=1024k   (fstab form)
 
+Further records, each in its own module (render / parse there; load_extra reads them all):
+
+    isolation/time/{monotonic,boottime}   the container's clocks at the capture (timens.py)
+    isolation/user/{uid_map,gid_map,setgroups}   its user namespace (userns.py)
+    isolation/tmpfs/<n>/{target,index,files/...}   the files of each own tmpfs (tmpfs.py;
+                                          kept on the Mount as `contents`)
+
 `isolation/mounts` holds one line per mount the container has of its own, in fstab order
 (source, mount point, type, options), with fstab's octal escapes for blanks. The facts come
 from /proc/PID/mountinfo; the form is fstab's because mountinfo's ids and device numbers mean
@@ -28,6 +35,8 @@ option `bind`). The net tree exists only when the container has its own net name
 
 Public API:
     capture_isolation(pid, reference=None) -> ContainerIsolation        (capture.py)
+    render_extra(iso) -> {rel: text}; load_extra(iso, read, listdir, locate=None) -> iso
+    copy_extra(src, dst): the records kept beside the dataclass fields (time, userns)
     Container.start(iso, argv, **popen_kw) / Container.create(...)      (create.py)
     spawn_in_namespaces(iso, argv, **popen_kw) -> Container             (create.py)
 """

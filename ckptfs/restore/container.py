@@ -14,6 +14,11 @@ A tree is a container when its isolation says the root had namespaces of its own
         gets the reaper init in front) and the others their old pids; /proc of the new
         namespace is mounted by its first task
 
+A container with its own user namespace: the namespace init makes it first and we write its
+maps, so it owns every other namespace; the restorer's tasks get their descriptors over
+SCM_RIGHTS there (restorer_class, below, says why pidfd_getfd cannot work across it).
+A time namespace continues the recorded clocks (isolation/timens.py).
+
 All or nothing: the isolation is checked with the rest of the tree before anything exists
 (problems name `<tree>/isolation/<file>` and the value); a failure later kills every task,
 then the container goes (its init, its cgroups; the namespaces die with their last task).
@@ -325,6 +330,20 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     return got
 
 
+class _WithoutSetgroups:
+    """An Injector whose setgroups calls succeed without being made."""
+
+    def __init__(self, inj):
+        self._inj = inj
+
+    def __getattr__(self, name):
+        return getattr(self._inj, name)
+
+    def call(self, nr: int, *args, **kw) -> int:
+        from ..inject import NR
+        return 0 if nr == NR["setgroups"] else self._inj.call(nr, *args, **kw)
+
+
 def restorer_class(base):
     """`base` (LinuxRestorer) with descriptors passed over SCM_RIGHTS (see above)."""
     import socket
@@ -372,7 +391,7 @@ def restorer_class(base):
         def _creds(self, inj, c, path: str) -> None:
             """With setgroups denied in the namespace (as `unshare --map-root-user` makes it),
             no task may call setgroups: the groups it already has (the helper's) must be the
-            recorded ones, and the call is left out."""
+            recorded ones, and the call is left out; the rest is the base class's."""
             with open(f"/proc/{inj.tid}/setgroups") as f:
                 if f.read().strip() == "allow":
                     return super()._creds(inj, c, path)
@@ -383,10 +402,7 @@ def restorer_class(base):
                                   f"set: setgroups is deny in the user namespace (the task has "
                                   f"{' '.join(have) or '(none)'})", path=path + "/creds/groups",
                                   step="setgroups")
-            inj.call(NR["setresgid"], c.gid, c.egid, c.sgid, step="setresgid", path=path + "/creds")
-            inj.call(NR["setfsgid"], c.fsgid)
-            inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=path + "/creds")
-            inj.call(NR["setfsuid"], c.fsuid)
+            return super()._creds(_WithoutSetgroups(inj), c, path)
 
         def run(self):
             try:
