@@ -294,6 +294,22 @@ FACTS = {"cli": cli.fileno(), "srv": srv.fileno()}
         maker.close()
 
 
+def test_unlinked_bound_path_stays_unlinked(procs, tmp_path):
+    body = """
+import socket
+s = socket.socket(socket.AF_UNIX); s.bind("gone.sock"); s.listen(1); os.unlink("gone.sock")
+FACTS = {"s": s.fileno()}
+"""
+    proc, fx = py_child(procs, tmp_path, body)
+    d = dump(proc.pid, tmp_path / "tree")
+    assert (fd_dir(d, proc.pid, fx["s"]) / "deleted").read_text() == "1\n"
+    assert not (fd_dir(d, proc.pid, fx["s"]) / "perms").exists()
+    sk = made(tree.TreeSource(str(d)), proc.pid, fx["s"])
+    assert sk.getsockname() == "gone.sock" and sk.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    assert not (tmp_path / "work" / "gone.sock").exists()
+    sk.close()
+
+
 def test_frozen_original_listener_is_handed_over(procs, tmp_path):
     """Same host, original frozen (a move in progress): the listener is the original socket
     (its port is not free, and connections waiting in its backlog come along)."""

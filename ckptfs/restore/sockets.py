@@ -457,7 +457,12 @@ def _set_opts(sk: socket.socket, o) -> None:
         sk.setsockopt(sol, SO_SNDBUFFORCE, o.so_sndbuf // 2)
     if o.so_rcvbuf:
         sk.setsockopt(sol, SO_RCVBUFFORCE, o.so_rcvbuf // 2)
-    sk.setsockopt(sol, SO_BUF_LOCK, o.so_buf_lock if o.HasField("so_buf_lock") else 0)
+    lock = o.so_buf_lock if o.HasField("so_buf_lock") else 0
+    try:
+        sk.setsockopt(sol, SO_BUF_LOCK, lock)     # forcing the sizes locked them: as recorded
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT or lock:  # before 5.14 there is no such option
+            raise
     for prefix, opt in capture_files.TIMEOUTS.items():
         sec, usec = getattr(o, f"{prefix}_sec"), getattr(o, f"{prefix}_usec")
         if sec or usec:
