@@ -50,6 +50,7 @@ class Receiver:
         self.proc = subprocess.Popen(rsh + [dest.host, remote], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err)
         self.seen: list[tuple[float, str]] = []
+        self._writer: StreamWriter | None = None
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True, name="ckptfs-receiver").start()
         self.held = self._handshake(timeout)
@@ -100,7 +101,14 @@ class Receiver:
         return held
 
     def writer(self) -> StreamWriter:
-        return StreamWriter(self.proc.stdin.fileno())
+        """The session's one stream (its header is sent on the first call)."""
+        if self._writer is None:
+            self._writer = StreamWriter(self.proc.stdin.fileno())
+        return self._writer
+
+    def synced(self, timeout: float) -> tuple[int, int]:
+        """After a sync record: (files, bytes) the receiver has written so far."""
+        return self._counts(timeout, "synced")
 
     def why(self, e: CkptError) -> CkptError:
         """After a failed send: the receiver's own reason when it gives one soon, else `e`."""
@@ -116,9 +124,13 @@ class Receiver:
 
     def received(self, timeout: float) -> tuple[int, int]:
         """(files, bytes) the receiver wrote, once the whole stream arrived."""
-        t, line = self._next(timeout, "receipt")
-        if not line.startswith("received "):
-            raise CkptError(f"unexpected answer {line!r}", step="final pass", path=str(self.dest))
+        return self._counts(timeout, "received")
+
+    def _counts(self, timeout: float, word: str) -> tuple[int, int]:
+        t, line = self._next(timeout, f"`{word}`")
+        if not line.startswith(word + " "):
+            raise CkptError(f"unexpected answer {line!r} (waiting for `{word}`)",
+                            step="final pass", path=str(self.dest))
         files, nbytes = line.split()[1:3]
         return int(files), int(nbytes)
 

@@ -15,6 +15,7 @@ Stream (every integer little-endian):
                       or 0600 for a new file), u64 size, size bytes, u64 xxh3-64 of the bytes
       b"D"   delete:  u16 path length, path (a file is unlinked, a directory removed; absent
                       is fine)
+      b"S"   sync:    nothing; the receiver answers once everything before it is written
       b"E"   end:     u32 files, u64 bytes (what the F records carried: a short stream is
                       never mistaken for a complete one)
 
@@ -28,6 +29,7 @@ Replies, one text line each on the receiver's stdout:
     held N        then N lines `<xxh3> <size> <path>`: JOB/held, what the job holds
     held none     the job cannot say (a plain directory, an older target)
     ready         the stream may start
+    synced N B    after a sync record: N files, B bytes written so far
     received N B  the end record arrived: N files, B bytes written
     status LINE   every change of JOB/status's first line after that, until `restored`,
                   `failed` or `dry run`, or until the stream's writer goes away
@@ -149,6 +151,9 @@ class StreamWriter:
 
     def delete(self, rel: str) -> None:
         self._put(b"D" + self._name(rel), rel)
+
+    def sync(self) -> None:
+        self._put(b"S", "sync")
 
     def end(self) -> None:
         self._put(b"E" + END.pack(self.files, self.bytes), "end of stream")
@@ -292,8 +297,9 @@ class Applier:
         self.thread.join()
 
 
-def apply_stream(f, job: str) -> tuple[int, int]:
-    """Everything `f` carries, written into `job`: (files, bytes) once the end record came."""
+def apply_stream(f, job: str, synced=None) -> tuple[int, int]:
+    """Everything `f` carries, written into `job`: (files, bytes) once the end record came.
+    `synced(files, bytes)` is called at each sync record, once all before it is written."""
     reader, applier = StreamReader(f), Applier(job)
     files = 0
     try:
@@ -301,6 +307,11 @@ def apply_stream(f, job: str) -> tuple[int, int]:
             if kind == b"D":
                 rel = reader.path()
                 applier.put(lambda rel=rel: remove(job, rel))
+                continue
+            if kind == b"S":
+                applier.drain()
+                if synced:
+                    synced(files, applier.bytes)
                 continue
             if kind != b"F":
                 raise StreamError(f"unknown record kind {kind!r}", step="receive",
@@ -372,7 +383,7 @@ def receive(job: str, *, stdin=None, stdout=None, timeout: float = WATCH_TIMEOUT
         for line in held or ():
             say(line)
         say("ready")
-        files, nbytes = apply_stream(stdin, job)
+        files, nbytes = apply_stream(stdin, job, lambda n, b: say(f"synced {n} {b}"))
         say(f"received {files} {nbytes}")
     except CkptError as e:
         say(f"error {e}")

@@ -140,6 +140,8 @@ class Remote:
             if r.returncode:
                 raise SystemExit(f"{job}: migrate failed:\n{r.stderr}")
             result = as_result(json.loads(res.read_text()))
+            print(f"{job}: " + "; ".join(f"+{t * 1000:.0f} {what}"
+                                        for t, what in result.timeline), flush=True)
             new = int(result.status.split("=", 1)[1])
             os.kill(new, signal.SIGUSR1)
             verdict = wait_line(out, 2)
