@@ -180,7 +180,8 @@ def _render_tcp(stream) -> dict[str, object]:
     for name, field in TCP_FIELDS.items():
         if e.HasField(field):
             value = getattr(e, field)
-            out[f"tcp/{name}"] = _render_bits(value, tcp.OPTIONS) if name == "options" else int(value)
+            shown = _render_bits(value, tcp.OPTIONS) if name == "options" else int(value)
+            out[f"tcp/{name}"] = shown
     out["tcp/outq"] = bytes(outq)
     return out
 

@@ -6,7 +6,6 @@ Whole-process moves of sockets are the ZDTM programs sk_unix_pair and sk_listen
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -52,7 +51,8 @@ t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 t.bind(("127.0.0.1", 0)); t.listen(7)
 u = socket.socket(socket.AF_UNIX); u.bind("here.sock"); u.listen(3)
 os.chmod("here.sock", 0o600)
-a = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); a.bind(b"\\0ckptfs-test-%d" % os.getpid()); a.listen(2)
+a = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+a.bind(b"\\0ckptfs-test-%d" % os.getpid()); a.listen(2)
 v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); v6.bind(("::1", 0))
 FACTS = {"t": t.fileno(), "port": t.getsockname()[1], "u": u.fileno(), "a": a.fileno(),
          "v6": v6.fileno(), "v6port": v6.getsockname()[1]}
@@ -64,8 +64,9 @@ def py_child(procs, tmp_path: Path, body: str):
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     out = tmp_path / f"facts{len(procs.procs)}.json"
+    tmp = f"{out}.tmp"
     code = ("import json, os, sys, time\n" + body +
-            f"\njson.dump(FACTS, open({str(out)!r} + '.tmp', 'w')); os.rename({str(out)!r} + '.tmp', {str(out)!r})\n"
+            f"\njson.dump(FACTS, open({tmp!r}, 'w')); os.rename({tmp!r}, {str(out)!r})\n"
             "while True: time.sleep(100)\n")
     proc = procs.spawn([PY, "-c", code], cwd=str(work))
     deadline = time.monotonic() + 10
@@ -118,7 +119,8 @@ def test_pairs_in_the_tree_and_the_queues_stay(procs, tmp_path):
     ino = {n: os.stat(f"/proc/{proc.pid}/fd/{fd}").st_ino for n, fd in fx.items()}
     assert f("sa", "family") == b"unix\n" and f("sa", "sock_type") == b"stream\n"
     assert f("sa", "inode") == f"{ino['sa']}\n".encode()
-    assert f("sa", "peer") == f"{ino['sb']}\n".encode() and f("sb", "peer") == f"{ino['sa']}\n".encode()
+    assert f("sa", "peer") == f"{ino['sb']}\n".encode()
+    assert f("sb", "peer") == f"{ino['sa']}\n".encode()
     assert f("sa", "state") == b"established\n"
     assert f("sa", "queue/0") == b"to b" and f("sb", "queue/0") == b"A" * 3000
     assert not (fd_dir(d, proc.pid, fx["db"]) / "queue").exists()     # nothing waits there
@@ -181,7 +183,8 @@ def test_listeners_in_the_tree(procs, tmp_path):
     t, u, a, v6 = (fd_dir(d, proc.pid, fx[n]) for n in ("t", "u", "a", "v6"))
     assert (t / "state").read_text() == "listen\n" and (t / "backlog").read_text() == "7\n"
     assert (t / "src_addr").read_text() == "127.0.0.1\n"
-    assert (t / "src_port").read_text() == f"{fx['port']}\n" and (t / "opts/reuseaddr").read_text() == "1\n"
+    assert (t / "src_port").read_text() == f"{fx['port']}\n"
+    assert (t / "opts/reuseaddr").read_text() == "1\n"
     assert not (t / "dst_addr").exists()
     assert (u / "name").read_text() == "here.sock\n"
     assert (u / "name_dir").read_text() == f"{tmp_path / 'work'}\n"
@@ -305,7 +308,8 @@ FACTS = {"s": s.fileno()}
     assert (fd_dir(d, proc.pid, fx["s"]) / "deleted").read_text() == "1\n"
     assert not (fd_dir(d, proc.pid, fx["s"]) / "perms").exists()
     sk = made(tree.TreeSource(str(d)), proc.pid, fx["s"])
-    assert sk.getsockname() == "gone.sock" and sk.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    assert sk.getsockname() == "gone.sock"
+    assert sk.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     assert not (tmp_path / "work" / "gone.sock").exists()
     sk.close()
 

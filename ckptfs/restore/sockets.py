@@ -25,6 +25,7 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 import threading
 
 from .. import flags as F
@@ -62,7 +63,8 @@ def describe(sk) -> str:
     src = _inet_addr(sk.family, sk.src_addr, sk.src_port)
     if sk.state in (S.TCP_LISTEN, S.TCP_CLOSE) and not sk.dst_port:
         return f"{S.PROTOS.get(sk.proto, sk.proto)} {src}"
-    return f"{S.PROTOS.get(sk.proto, sk.proto)} {src} -> {_inet_addr(sk.family, sk.dst_addr, sk.dst_port)}"
+    dst = _inet_addr(sk.family, sk.dst_addr, sk.dst_port)
+    return f"{S.PROTOS.get(sk.proto, sk.proto)} {src} -> {dst}"
 
 
 def _inet_addr(family: int, words, port: int) -> str:
@@ -466,7 +468,7 @@ def _set_opts(sk: socket.socket, o) -> None:
     for prefix, opt in capture_files.TIMEOUTS.items():
         sec, usec = getattr(o, f"{prefix}_sec"), getattr(o, f"{prefix}_usec")
         if sec or usec:
-            sk.setsockopt(sol, opt, int(sec).to_bytes(8, "little") + int(usec).to_bytes(8, "little"))
+            sk.setsockopt(sol, opt, struct.pack("<qq", sec, usec))     # struct timeval
     for field, opt in SETTABLE.items():
         if o.HasField(field) and (getattr(o, field) or field == "so_rcvlowat"):
             try:
