@@ -465,12 +465,14 @@ def _owner(pid: int, kind: str) -> str:
 
 @pytest.fixture(scope="module")
 def userns_tree(tmp_path_factory):
-    """A container made by `unshare --user --map-root-user` (+ pid, mnt, uts, net), dumped."""
+    """A container made by `unshare --user --map-root-user` (+ pid, mnt, uts, net, time),
+    dumped."""
     tmp = tmp_path_factory.mktemp("userns")
     out = tmp / "out"
     loop = f"i=0; while :; do i=$((i+1)); echo $i >> {out}; sleep 0.02; done"
     script = f"hostname uct && ip link set lo up && touch {tmp}/ready && {loop}"
-    with ctr.unshared(tmp, ["--user", "--map-root-user", "--uts", "--net"], script) as init:
+    flags = ["--user", "--map-root-user", "--uts", "--net", "--time", "--boottime", "7000"]
+    with ctr.unshared(tmp, flags, script) as init:
         _wait_lines(out, 3)
         dump_container(init, tmp / "tree")
     return tmp / "tree", out
@@ -492,7 +494,9 @@ def _unless_caps_blocker(tree_dir: Path) -> None:
 def test_user_namespace_round_trip(userns_tree):
     tree, out = userns_tree
     _unless_caps_blocker(tree)
-    assert set((tree / "isolation/own").read_text().split()) >= {"user", "pid", "mnt", "uts", "net"}
+    assert set((tree / "isolation/own").read_text().split()) >= {"user", "pid", "mnt", "uts", "net",
+                                                                "time"}
+    assert int((tree / "isolation/time/boottime").read_text().split()[0]) >= 7000
     assert (tree / "isolation/user/uid_map").read_text() == "0 0 1\n"
     assert (tree / "isolation/user/setgroups").read_text() == "deny\n"
     last = len(out.read_text().split())
@@ -502,13 +506,16 @@ def test_user_namespace_round_trip(userns_tree):
         assert user != os.readlink("/proc/self/ns/user")
         assert Path(f"/proc/{init}/uid_map").read_text().split() == ["0", "0", "1"]
         assert Path(f"/proc/{init}/setgroups").read_text() == "deny\n"
-        for kind in ("pid", "mnt", "uts", "net"):     # made after it: its own
+        for kind in ("pid", "mnt", "uts", "net", "time"):     # made after it: its own
             assert _owner(init, kind) == user, kind
         ns = ["nsenter", "-t", str(init), "-U", "-m", "-u", "-n", "-p", "--preserve-credentials", "--"]
         assert subprocess.run(ns + ["hostname"], capture_output=True, text=True,
                               check=True).stdout.strip() == "uct"
         assert subprocess.run(ns + ["cat", "/proc/1/comm"], capture_output=True, text=True,
                               check=True).stdout.strip() == "sh"
+        uptime = float(subprocess.run(["nsenter", "-t", str(init), "-T", "cat", "/proc/uptime"],
+                                      capture_output=True, text=True, check=True).stdout.split()[0])
+        assert uptime >= 7000
         lines = _wait_lines(out, last + 5)
         assert lines == [str(i) for i in range(1, len(lines) + 1)]
 
