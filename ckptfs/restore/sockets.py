@@ -80,12 +80,11 @@ class Index:
         self.source = source
         self.by_ino: dict[int, int] = {}
         self.holders: dict[int, tuple[int, int]] = {}
+        dead = (F.TASK_STATES["zombie"], F.TASK_STATES["dead"])
         for pid in source.pids():
-            try:
-                fdis = source.fdinfo(pid)
-            except Exception:      # a zombie has none; a real error shows where it is used
-                continue
-            for fdi in fdis:
+            if source.core(pid).tc.task_state in dead:
+                continue          # a zombie holds no descriptors (and an image has no fdinfo)
+            for fdi in source.fdinfo(pid):
                 self.holders.setdefault(fdi.id, (pid, fdi.fd))
                 if fdi.type == F.FD_TYPES["UNIXSK"]:
                     self.by_ino.setdefault(source.file(fdi.id).usk.ino, fdi.id)
