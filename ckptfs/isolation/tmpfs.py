@@ -13,12 +13,14 @@ sees it), without crossing into mounts below. In the tree:
                                         l 0777 0 0 current notes/a.txt    (symlink target)
                                         p 0600 0 0 queue                  (a fifo)
                                         c 0666 0 0 null 1:3               (device major:minor)
+                                        s 0755 0 0 app.sock               (a unix socket's name)
     isolation/tmpfs/<n>/files/<path>  the bytes of each `f` entry, as a plain file
 
 Paths use fstab's octal escapes (\\040 for a blank). Owners are as the container sees them
 (through its user namespace's maps when it has one). Two names of one inode come back as two
-files; times are not kept. A unix socket's file is refused (what would bind it again?), and
-so is a tmpfs whose files add up to more than LIMIT bytes (CKPTFS_TMPFS_LIMIT), naming it.
+files; times are not kept. A unix socket's name is listed but not made again: only a bind()
+makes a socket, and whoever restores the listening socket binds that name itself. A tmpfs
+whose files add up to more than LIMIT bytes (CKPTFS_TMPFS_LIMIT) is refused, naming the file.
 
 A restore fills each tmpfs right after the namespace init mounts it (create.py), before any
 later mount and before any task exists: directories, then files and links, then owners and
@@ -37,7 +39,7 @@ from ..errors import BadTree, KernelError, Unsupported
 LIMIT = int(os.environ.get("CKPTFS_TMPFS_LIMIT", 64 << 20))
 TREE_DIR = "isolation/tmpfs"
 KINDS = {stat.S_IFDIR: "d", stat.S_IFREG: "f", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
-         stat.S_IFCHR: "c", stat.S_IFBLK: "b"}
+         stat.S_IFCHR: "c", stat.S_IFBLK: "b", stat.S_IFSOCK: "s"}
 NODE_TYPES = {"p": stat.S_IFIFO, "c": stat.S_IFCHR, "b": stat.S_IFBLK}
 
 
@@ -50,7 +52,7 @@ class Blob(bytes):
 
 @dataclasses.dataclass
 class Entry:
-    kind: str           # d f l p c b
+    kind: str           # d f l p c b s
     path: str           # relative to the mount point; "." is the mount's root
     mode: int           # permission bits (07777)
     uid: int
@@ -95,10 +97,7 @@ def capture(root: str, budget: int, ids: IdMap = lambda u, g: (u, g)) -> tuple[C
                 # (the hidden directory's own mode cannot be seen: the mount's root's is kept)
                 entries.append(_entry("d", path, st, ids))
                 continue
-            kind = KINDS.get(stat.S_IFMT(st.st_mode))
-            if kind is None:
-                raise Unsupported(f"{path} is a socket: a tmpfs's sockets cannot be carried",
-                                  path=full, step="capture tmpfs")
+            kind = KINDS[stat.S_IFMT(st.st_mode)]
             what = ""
             if kind == "d":
                 stack.append(path)
@@ -181,8 +180,8 @@ def parse_index(text: str, where: str) -> list[Entry]:
             continue
         f = line.split()
         bad = lambda why: BadTree(f"line {no} {line!r}: {why}", path=where)  # noqa: E731
-        if len(f) not in (5, 6) or f[0] not in "dflpcb" or len(f[0]) != 1:
-            raise bad("expected 'kind mode uid gid path [what]' with kind one of d f l p c b")
+        if len(f) not in (5, 6) or f[0] not in "dflpcbs" or len(f[0]) != 1:
+            raise bad("expected 'kind mode uid gid path [what]' with kind one of d f l p c b s")
         try:
             mode, uid, gid = int(f[1], 8), int(f[2]), int(f[3])
         except ValueError:
@@ -256,6 +255,8 @@ def fill(target: str, cfg: dict, open_src: Callable | None = None) -> None:
             raise KernelError(f"cannot re-create {path} ({index_line(e)!r})", err.errno,
                               path=src, step="fill tmpfs") from err
     for e in sorted(entries, key=lambda e: -e.path.count("/")):
+        if e.kind == "s":
+            continue
         path = os.path.join(target, e.path)
         try:
             os.lchown(path, e.uid, e.gid)
@@ -276,6 +277,8 @@ def _make(e: Entry, path: str, open_src: Callable) -> None:
                 dst.write(chunk)
     elif e.kind == "l":
         os.symlink(e.what, path)
+    elif e.kind == "s":
+        pass        # bound again by the socket's own restore, if it is restored
     else:
         major, minor = (int(x) for x in e.what.split(":")) if e.what else (0, 0)
         os.mknod(path, 0o600 | NODE_TYPES[e.kind], os.makedev(major, minor))
