@@ -100,6 +100,14 @@ def vdso_syscall_offset() -> int | None:
     return None if _VDSO_SYSCALL_OFFSET < 0 else _VDSO_SYSCALL_OFFSET
 
 
+OFF = ptrace.REG_OFFSET
+
+
+def _regs_dict(raw: bytes) -> dict[str, int]:
+    """Raw user_regs_struct bytes as ptrace.get_regs() gives them."""
+    return {name: int.from_bytes(raw[off:off + 8], "little") for name, off in OFF.items()}
+
+
 def _signed(v: int) -> int:
     return v - 2**64 if v >= 2**63 else v
 
@@ -185,6 +193,7 @@ class Injector:
         self.last_child: int | None = None  # task created by the last fork/clone call
         self._insn = syscall_addr
         self._saved: dict[str, int] | None = None   # registers before our first call
+        self._saved_raw = bytearray()                  # the same, as SETREGSET bytes
         self._patch: tuple[int, bytes] | None = None
         self._scratch: tuple[int, int] | None = None   # the area scratch() hands out from
         self._scratch_used = 0
@@ -286,13 +295,19 @@ class Injector:
         return self._step_through_call()
 
     def _launch(self, nr: int, args: tuple[int, ...]) -> None:
+        """The saved registers with rip at the syscall insn, rax = nr, orig_rax = -1 and
+        the arguments, set in one SETREGSET of raw bytes (no per-field conversion)."""
         if self._saved is None:
-            self._saved = ptrace.get_regs(self.tid)
-        regs = dict(self._saved)
-        regs.update(rip=self._insn_addr(), rax=nr, orig_rax=2**64 - 1)
+            self._saved_raw = ptrace.get_regs_raw(self.tid)
+            self._saved = _regs_dict(self._saved_raw)
+        regs = bytearray(self._saved_raw)
+        pack = struct.pack_into
+        pack("<Q", regs, OFF["rip"], self._insn_addr())
+        pack("<Q", regs, OFF["rax"], nr)
+        pack("<Q", regs, OFF["orig_rax"], 2**64 - 1)
         for reg, val in zip(ARG_REGS, args):
-            regs[reg] = val & (2**64 - 1)
-        ptrace.set_regs(self.tid, regs)
+            pack("<Q", regs, OFF[reg], val & (2**64 - 1))
+        ptrace.set_regs_raw(self.tid, regs)
 
     def start(self, nr: int, *args: int) -> None:
         """Launch a call and return while the tracee runs it (on its own CPU); finish() waits.
@@ -326,7 +341,7 @@ class Injector:
         stops alternate. A call interrupted by a signal (-ERESTART* at its exit) is let run
         on: the kernel restarts it once the (suppressed) signal is out of the way."""
         if resume:
-            ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")
+            ptrace.resume_syscall(self.tid)
         while True:
             _, status = ptrace.wait(self.tid)
             if not os.WIFSTOPPED(status):
@@ -335,18 +350,19 @@ class Injector:
             event, sig = ptrace.stop_event(status), os.WSTOPSIG(status)
             if event in (PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_EVENT_CLONE):
                 self.last_child = self._event_msg()
-            elif not event and (sig & 0x7F) == SIGTRAP and self._is_syscall_stop():
+            elif not event and (sig == SIGTRAP | 0x80   # PTRACE_O_TRACESYSGOOD says so
+                                or sig == SIGTRAP and self._is_syscall_stop()):
                 if in_call:
                     ret = self._result()
                     if -ret not in RESTART_CODES:
                         return ret
                 in_call = not in_call
                 if in_call and until_entry:     # let it run the call; finish() collects
-                    ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")
+                    ptrace.resume_syscall(self.tid)
                     return None
             elif not event:
                 self.pending.append(sig)
-            ptrace._call(PTRACE_SYSCALL, self.tid, 0, 0, step="PTRACE_SYSCALL")
+            ptrace.resume_syscall(self.tid)
 
     def _is_syscall_stop(self) -> bool:
         si = ctypes.create_string_buffer(128)
@@ -355,7 +371,7 @@ class Injector:
         return struct.unpack_from("<i", si.raw, 8)[0] in (SIGTRAP, SIGTRAP | 0x80)
 
     def _result(self) -> int:
-        return _signed(ptrace.get_regs(self.tid)["rax"])
+        return _signed(ptrace.peek_reg(self.tid, "rax"))
 
     def _event_msg(self) -> int:
         msg = ctypes.c_ulong()

@@ -164,6 +164,52 @@ def get_xstate(tid: int) -> bytes:
     return buf.raw[:n]
 
 
+# -- raw registers: the injector's hot path (one injected call = one SETREGSET, two resumes,
+# two waits, one PEEKUSER), without python-ptrace's per-field struct conversions -------------
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+PTRACE_PEEKUSER = 3
+REGS_SIZE = ctypes.sizeof(user_regs_struct)
+REG_OFFSET = {name: 8 * i for i, name in enumerate(f[0] for f in user_regs_struct._fields_)}
+
+
+def _raw(request: int, tid: int, addr: int, data: int, step: str) -> int:
+    ctypes.set_errno(0)
+    ret = _libc.ptrace(request, tid, addr, data)
+    err = ctypes.get_errno()
+    if ret == -1 and err:
+        if err == errno.ESRCH:
+            raise ProcessGone(f"thread {tid} is gone or not stopped", step=step,
+                              path=f"/proc/{tid}")
+        raise KernelError(f"ptrace({step}) on {tid}", err, step=step, path=f"/proc/{tid}")
+    return ret
+
+
+def get_regs_raw(tid: int) -> bytearray:
+    """struct user_regs_struct as bytes (fields at REG_OFFSET, little-endian u64)."""
+    buf = ctypes.create_string_buffer(REGS_SIZE)
+    iov = _IoVec(ctypes.addressof(buf), REGS_SIZE)
+    _raw(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov), "GETREGSET NT_PRSTATUS")
+    return bytearray(buf.raw)
+
+
+def set_regs_raw(tid: int, regs: bytearray) -> None:
+    buf = (ctypes.c_char * REGS_SIZE).from_buffer(regs)
+    iov = _IoVec(ctypes.addressof(buf), REGS_SIZE)
+    _raw(PTRACE_SETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov), "SETREGSET NT_PRSTATUS")
+
+
+def peek_reg(tid: int, name: str) -> int:
+    """One register (PTRACE_PEEKUSER), as an unsigned 64-bit value."""
+    return _raw(PTRACE_PEEKUSER, tid, REG_OFFSET[name], 0, "PTRACE_PEEKUSER") & (2**64 - 1)
+
+
+def resume_syscall(tid: int) -> None:
+    """PTRACE_SYSCALL through the raw path (the injector's loop)."""
+    _raw(PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")
+
+
 def set_xstate(tid: int, data: bytes) -> None:
     buf = ctypes.create_string_buffer(bytes(data), len(data))
     _regset(PTRACE_SETREGSET, tid, NT_X86_XSTATE, buf, len(data), "SETREGSET NT_X86_XSTATE")

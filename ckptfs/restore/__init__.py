@@ -154,7 +154,8 @@ def _restore(path_or_source, *, pidns: bool, same_pids: bool, dry_run: bool, os_
     if iso is not None:
         problems += ct.problems(source, iso, same_pids)
         pidns = pidns or ("pid" in iso.own_namespaces and not same_pids)
-    plan = make_plan(source, same_pids=same_pids, pidns=pidns)
+    plan = make_plan(source, same_pids=same_pids, pidns=pidns,
+                     userns=iso is not None and "user" in iso.own_namespaces)
     plan.problems[:0] = problems
     timing = {"parse": t1 - t0, "plan": time.monotonic() - t1}
     if dry_run:

@@ -58,6 +58,7 @@ class Plan:
     scratch: int = 0                    # address free in every task's layout
     problems: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    userns: bool = False                # restored into a new user namespace
 
     def task(self, pid: int) -> TaskPlan:
         return next(t for t in self.tasks if t.pid == pid)
@@ -118,9 +119,12 @@ def read_tasks(source: Source) -> list[TaskPlan]:
     return tasks
 
 
-def make_plan(source: Source, *, same_pids: bool = False, pidns: bool = False) -> Plan:
-    """Read and check everything; problems are collected, not raised."""
-    plan = Plan(source=source, tasks=[])
+def make_plan(source: Source, *, same_pids: bool = False, pidns: bool = False,
+              userns: bool = False) -> Plan:
+    """Read and check everything; problems are collected, not raised. `userns`: the tasks
+    go into a new user namespace (a container's), where they start with every capability
+    of that namespace, whatever ours are."""
+    plan = Plan(source=source, tasks=[], userns=userns)
     try:
         plan.tasks = read_tasks(source)
     except CkptError as e:
@@ -311,10 +315,10 @@ def reg_problems(reg, check_size: bool = False) -> list[str]:
 def check_creds(plan: Plan) -> None:
     """We can only restore what this process may become: any uid as root, no capability we
     do not hold ourselves (permitted, effective, inheritable, ambient: the task starts with
-    ours and capset only lowers). A bounding set wider than ours stays ours (a warning):
+    ours and capset only lowers; in a new user namespace it starts with all of them). A bounding set wider than ours stays ours (a warning):
     it only limits what later programs may gain."""
-    ours = caps_of()
     valid = (1 << (cap_last() + 1)) - 1
+    ours = {k: valid for k in CAP_SETS} if plan.userns else caps_of()
     for t in plan.tasks:
         for tid, core in t.cores.items():
             c = core.thread_core.creds if core.thread_core.HasField("creds") \
