@@ -377,6 +377,31 @@ def test_tcp_connection_made_again_by_repair(procs, tmp_path):
         maker.close()
 
 
+def test_silenced_connections_close_without_a_word(procs, tmp_path):
+    """After a move the original is killed; its connections must not reset the peers (who
+    talk to the restored copy now)."""
+    body = """
+import socket
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+FACTS = {"c": c.fileno()}
+"""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(2)
+    proc, fx = py_child(procs, tmp_path, body.replace("sys.argv[1]", str(lst.getsockname()[1])))
+    peer, _ = lst.accept()
+    with LiveSource(proc.pid) as live:
+        live.freeze()
+        assert capture_files.silence_connections(proc.pid) == [fx["c"]]
+        os.kill(proc.pid, signal.SIGKILL)
+    assert _procs.wait_gone(proc.pid, 5)
+    time.sleep(0.1)
+    with pytest.raises(BlockingIOError):          # no end of file, no reset: silence
+        peer.recv(1, socket.MSG_DONTWAIT)
+    peer.close()
+    lst.close()
+
+
 def test_half_closed_tcp_is_refused_with_its_addresses(procs, tmp_path):
     body = LISTENERS + """
 c = socket.create_connection(("127.0.0.1", FACTS["port"])); s, _ = t.accept()

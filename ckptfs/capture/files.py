@@ -388,6 +388,31 @@ def tcp_stream(ref: Ref) -> tuple[object, bytes]:
         sk.close()
 
 
+def silence_connections(pid: int) -> list[int]:
+    """Put every ESTABLISHED TCP socket of process `pid` into TCP_REPAIR mode, so that when it
+    is killed after a move its connections close without a FIN or RST reaching the peers
+    (which now talk to the restored copy): what CRIU does to a dumped task. Returns the fds."""
+    from .. import tcp
+    done = []
+    for name in procfs.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if not link.startswith("socket:["):
+            continue
+        sk = socket.socket(fileno=grab_fd(pid, int(name)))
+        try:
+            if sk.family in (socket.AF_INET, socket.AF_INET6) and \
+                    sk.type == socket.SOCK_STREAM and sk.getsockopt(socket.IPPROTO_TCP,
+                                                                    socket.TCP_INFO, 1)[0] == 1:
+                sk.setsockopt(socket.IPPROTO_TCP, tcp.TCP_REPAIR, tcp.REPAIR_ON)
+                done.append(int(name))
+        finally:
+            sk.close()
+    return done
+
+
 # -- socket queues without consuming them ---------------------------------------------------
 SO_PEEK_OFF = 42
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
