@@ -3,21 +3,25 @@ ELF files, and the FreeBSD capture/restore backends against a fake FreeBSD kerne
 mock: there is no FreeBSD here)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import types
 
 import pytest
 
-from ckptfs import flags as L, model, pb
+from ckptfs import flags as L, tree
 from ckptfs.errors import KernelError, Unsupported
 from ckptfs.oskit import freebsd as O
 from ckptfs.restore import freebsd as RF
 from ckptfs.capture import freebsd as CF
 from ckptfs.translate.freebsd import elf, fpu, regs as G
+from ckptfs.translate.freebsd import to_freebsd
 from fbsd_fake import FakeFreeBSD, spawn
+from helpers import procs as procs_mod, zdtm
 
 
 # -- oskit on Linux -------------------------------------------------------------------------------
@@ -259,97 +263,101 @@ def test_capture_reads_linux_form(exe):
     assert src.file(fds[0].id).type == L.FD_TYPES["PIPE"]
 
 
-class OneProcess(model.Source):
-    """A Linux source with one anonymous map and one saved page, for the restore sequence."""
-
-    def meta(self):
-        return model.Meta(kernel="6.18.44")
-
-    def pstree(self):
-        return [pb.pstree_entry(pid=50, ppid=1, pgid=50, sid=50, threads=[50])]
-
-    def core(self, tid):
-        c = pb.core_entry(mtype=pb.core_entry.X86_64)
-        vals = {criu: 0 for _, criu in L.GP_REGS}
-        vals.update(ip=0x401000, cs=0x33, ss=0x2b, flags=0x246, orig_ax=G.U64, fs_base=0x5000)
-        c.thread_info.gpregs.CopyFrom(pb.user_x86_regs_entry(mode=pb.NATIVE, **vals))
-        c.tc.blk_sigset = 1 << 9
-        for sig in L.SIGACTION_SIGNALS:
-            h = 0x401100 if sig == L.SIGNALS["SIGUSR1"] else 0
-            c.tc.sigactions.add(sigaction=h, flags=0x04000000 if h else 0,
-                                restorer=0x7f0000 if h else 0, mask=0)
-        return c
-
-    def mm(self, pid):
-        return pb.mm_entry(vmas=[pb.vma_entry(start=0x600000, end=0x602000, pgoff=0, shmid=0,
-                                              prot=3, flags=0x22, fd=-1,
-                                              status=L.VMA_STATUS["VMA_ANON_PRIVATE"] | 1)])
-
-    def page_ranges(self, pid, vma):
-        return [model.PageRange(0x600000, 0x601000)]
-
-    def read_memory(self, pid, addr, size):
-        return b"A" * size
-
-    def fdinfo(self, pid):
-        return []
-
-    def fs(self, pid):
-        return pb.fs_entry(cwd_id=1, root_id=1, umask=0o22)
-
-    def file(self, file_id):
-        return pb.file_entry(type=1, id=1, reg=pb.reg_file_entry(id=1, flags=0, pos=0,
-                                                                   fown=pb.fown_entry(),
-                                                                   name="/"))
-
-    def isolation(self):
-        return model.Isolation(limits={"pids.max": "32"})
+# -- the restore sequence on a real Linux checkpoint -------------------------------------------------
+@pytest.fixture(scope="module")
+def sleeping_tree(zdtm_bin, tmp_path_factory):
+    """The sleeping ZDTM program dumped (and killed) on this host: its tree directory."""
+    tmp = tmp_path_factory.mktemp("oskit")
+    ps = procs_mod.ProcSet(tmp / "logs")
+    try:
+        run = zdtm.start(zdtm_bin, "sleeping", tmp / "work", ps.spawn)
+        r = subprocess.run([sys.executable, "-m", "ckptfs.cli", "dump", "--kill", str(run.pid),
+                            str(tmp / "tree")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        ps.kill_all()
+    return tmp / "tree"
 
 
-def test_restore_sequence(monkeypatch):
+def one_process(sleeping_tree, dest, binary_os=None):
+    """A copy of the dumped tree whose only limit is pids.max 32 (two RCTL rules); with
+    binary_os, the manifest says the program is that OS's binary."""
+    shutil.copytree(sleeping_tree, dest)
+    shutil.rmtree(dest / "isolation/limits")
+    (dest / "isolation/limits").mkdir()
+    (dest / "isolation/limits/pids.max").write_text("32\n")
+    if binary_os:
+        path = dest / "manifest"
+        doc = json.loads(path.read_text())
+        doc["source"]["binary_os"] = binary_os
+        os.chmod(path, 0o644)
+        path.write_text(json.dumps(doc))
+    return tree.TreeSource(str(dest))
+
+
+def anon_private(src, pid):
+    """The first private anonymous map (not heap or stack) that has pages saved."""
+    bits = L.VMA_STATUS["VMA_ANON_PRIVATE"]
+    for v in src.mm(pid).vmas:
+        if v.status & bits and v.flags == L.MAP_FLAGS["MAP_PRIVATE"] | L.MAP_FLAGS["MAP_ANONYMOUS"] \
+                and src.page_ranges(pid, v):
+            return v
+    raise AssertionError(f"no private anonymous map with pages in {src.root}")
+
+
+def test_restore_sequence(monkeypatch, sleeping_tree, tmp_path):
+    src = one_process(sleeping_tree, tmp_path / "tree")
+    [pid] = [p for p, _ in src.tasks()]
     kit = FakeFreeBSD()
     monkeypatch.setattr(RF, "spawn_helper", spawn(kit))
-    pids = RF.restore(OneProcess(), RF.Target(kit=kit))
+    pids = RF.restore(src, RF.Target(kit=kit))
     assert pids == [900]
     names = [e[0] for e in kit.log]
     assert names[:4] == ["jail_set", "rctl", "rctl", "attach"]
-    assert ("rctl", "jail:ckptfs_50:nthr:deny=32") in kit.log
-    assert ("linux", 900, "mmap", 0x600000, 0x2000, 0x32) in kit.log   # Linux FIXED|ANON|PRIVATE
-    assert ("write", 900, 0x600000, 0x1000) in kit.log
+    assert ("rctl", f"jail:ckptfs_{pid}:nthr:deny=32") in kit.log
+    vma = anon_private(src, pid)
+    assert ("linux", 900, "mmap", vma.start, vma.end - vma.start, 0x32) in kit.log  # FIXED|ANON|PRIVATE
+    for r in src.page_ranges(pid, vma):          # the saved pages are what the helper holds
+        assert kit.procs[900].mem.read(r.start, r.end - r.start) == \
+            src.read_memory(pid, r.start, r.end - r.start)
+    assert any(e[:2] == ("write", 900) and vma.start <= e[2] < vma.end for e in kit.log)
     sigact = next(e for e in kit.log if e[:3] == ("linux", 900, "rt_sigaction"))
-    assert sigact[3] == L.SIGNALS["SIGUSR1"]                    # Linux number: a Linux helper
+    assert sigact[3] == L.SIGNALS["SIGUSR2"]     # Linux number (FreeBSD's is 31): a Linux helper
     assert names.index("linux") < names.index("fsbase")
+    want = to_freebsd(src).tasks[0].threads[0]
     final = G.unpack(kit.procs[900].lwps[900])
-    assert (final["r_rip"], final["r_cs"]) == (0x401000, 0x43)
-    assert ("fsbase", 900, 0x5000) in kit.log and names[-1] == "detach"
+    assert (final["r_rip"], final["r_cs"]) == (want.reg["r_rip"], 0x43)
+    fs_base = src.core(pid).thread_info.gpregs.fs_base
+    assert fs_base and ("fsbase", 900, fs_base) in kit.log and names[-1] == "detach"
 
 
-def test_restore_applies_an_edited_plan(monkeypatch, tmp_path):
+def test_restore_applies_an_edited_plan(monkeypatch, sleeping_tree, tmp_path):
     """The plan files a dry run wrote, edited, are what the FreeBSD restore applies."""
     from ckptfs.translate.freebsd import plan_dry_run, read_plan
+    src = one_process(sleeping_tree, tmp_path / "tree")
+    [pid] = [p for p, _ in src.tasks()]
     kit = FakeFreeBSD()
     monkeypatch.setattr(RF, "spawn_helper", spawn(kit))
-    root = plan_dry_run(OneProcess(), str(tmp_path)).root
+    root = plan_dry_run(src, str(tmp_path)).root
     with open(f"{root}/rctl.rules", "a") as f:
-        f.write("jail:ckptfs_50:memoryuse:deny=1g\n")
-    text = open(f"{root}/tasks/50/regs").read()
-    with open(f"{root}/tasks/50/regs", "w") as f:
-        f.write(text.replace("r_rip 0x401000", "r_rip 0x401010"))
-    again = plan_dry_run(OneProcess(), str(tmp_path))        # kept and checked, not rewritten
-    assert not again.fresh and "r_rip 0x401010" in open(f"{root}/tasks/50/regs").read()
-    RF.restore(OneProcess(), RF.Target(kit=kit), plan=read_plan(root))
-    assert ("rctl", f"jail:ckptfs_50:memoryuse:deny={1 << 30}") in kit.log
-    assert G.unpack(kit.procs[900].lwps[900])["r_rip"] == 0x401010
+        f.write(f"jail:ckptfs_{pid}:memoryuse:deny=1g\n")
+    text = open(f"{root}/tasks/{pid}/regs").read()
+    old = next(ln for ln in text.splitlines() if ln.startswith("r_rip "))
+    rip = int(old.split()[1], 16) + 0x10
+    with open(f"{root}/tasks/{pid}/regs", "w") as f:
+        f.write(text.replace(old, f"r_rip {rip:#x}"))
+    again = plan_dry_run(src, str(tmp_path))        # kept and checked, not rewritten
+    assert not again.fresh and f"r_rip {rip:#x}" in open(f"{root}/tasks/{pid}/regs").read()
+    RF.restore(src, RF.Target(kit=kit), plan=read_plan(root))
+    assert ("rctl", f"jail:ckptfs_{pid}:memoryuse:deny={1 << 30}") in kit.log
+    assert G.unpack(kit.procs[900].lwps[900])["r_rip"] == rip
 
 
-def test_restore_refuses_native_freebsd():
-    class Native(OneProcess):
-        def meta(self):
-            return model.Meta(binary_os="freebsd")
+def test_restore_refuses_native_freebsd(sleeping_tree, tmp_path):
+    native = one_process(sleeping_tree, tmp_path / "tree", binary_os="freebsd")
     with pytest.raises(Unsupported) as e:
-        RF.restore(Native(), RF.Target(kit=FakeKit()))
+        RF.restore(native, RF.Target(kit=FakeKit()))
     assert "native FreeBSD binary" in str(e.value)
-
 
 
 def test_restore_on_linux_says_unsupported():
