@@ -3,11 +3,13 @@
 render(src, fdi, tname, sub) -> the files of fds/<n>/ beyond type/flags/open_file;
 load(ts, base, key, flags) -> (fd type value, file id), or None for a socket kind restore
 cannot make (TreeSource then lists it as unsupported and restore refuses it by path).
-queue(src, file_id) -> the messages waiting to be read on a socket (any Source).
+queue(src, file_id) -> the messages waiting to be read on a socket (any Source);
+tcp_stream(src, file_id) -> an established TCP socket's repair state and send queue, or None.
 
 One file per value (docs/FORMAT.md, fds/<n>/):
 
-    family      unix | inet | inet6            sock_type  stream | dgram | seqpacket
+    family      unix | inet | inet6 (netlink, packet: shown only)
+    sock_type   stream | dgram | seqpacket
     inode       the socket's inode             state      established | listen | close ...
     peer        inode of the connected peer (unix; absent: none or gone)
     name        unix: the bound address: a path, or @name for an abstract one (\\xNN escapes)
@@ -30,10 +32,12 @@ import os
 import socket
 
 from . import pb, tcp
+from .flags import render_bits
 
 SOCK_FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
 SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
 KINDS = ("UNIXSK", "INETSK", "PACKETSK", "NETLINKSK")
+OTHER_KINDS = {"NETLINKSK": "netlink", "PACKETSK": "packet"}   # shown, never restored
 # sk_state as the kernel keeps it (TCP_* numbers, unix sockets use the same ones)
 STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2",
           6: "time_wait", 7: "close", 8: "close_wait", 9: "last_ack", 10: "listen",
@@ -146,9 +150,6 @@ def _read_bytes(path: str) -> bytes:
 
 
 # -- render: Source -> files ----------------------------------------------------------------
-OTHER_KINDS = {"NETLINKSK": "netlink", "PACKETSK": "packet"}   # shown, never restored
-
-
 def render(src, fdi, tname: str, sub) -> dict[str, object]:
     if tname in OTHER_KINDS:
         return {"family": OTHER_KINDS[tname]}
@@ -180,15 +181,10 @@ def _render_tcp(stream) -> dict[str, object]:
     for name, field in TCP_FIELDS.items():
         if e.HasField(field):
             value = getattr(e, field)
-            shown = _render_bits(value, tcp.OPTIONS) if name == "options" else int(value)
+            shown = render_bits(value, tcp.OPTIONS) if name == "options" else int(value)
             out[f"tcp/{name}"] = shown
     out["tcp/outq"] = bytes(outq)
     return out
-
-
-def _render_bits(value: int, table: dict[str, int]) -> str:
-    from .flags import render_bits
-    return render_bits(value, table)
 
 
 def _render_unix(u) -> dict[str, object]:
