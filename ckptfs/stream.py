@@ -38,6 +38,7 @@ Replies, one text line each on the receiver's stdout:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import queue
 import select
@@ -57,6 +58,7 @@ FILEHEAD = struct.Struct("<IQ")
 DIGEST = struct.Struct("<Q")
 END = struct.Struct("<IQ")
 BLOCK = 1 << 20
+F_SETPIPE_SZ, PIPE_SIZE = 1031, 1 << 20
 BUFFERED = 64 << 20        # files up to this are verified before they reach the job
 RESERVED = ("ctl", "status", "held")    # the job's own files: never written by a stream
 WATCH_FAST = 0.002
@@ -66,6 +68,17 @@ FINAL = ("restored", "failed", "dry run")
 
 class StreamError(CkptError):
     """The stream is malformed, truncated or corrupted: names the file it was carrying."""
+
+
+def widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe buffer (the most an unprivileged process may set), so that reading the
+    next block overlaps with ssh sending the last one; the 64 KiB default lets ssh idle while
+    the sender reads. Not a pipe (a socket, a file) or refused: the default stays, only the
+    overlap is lost, so the error is not raised."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
 
 
 def check_path(rel: str) -> str:
@@ -84,6 +97,7 @@ class StreamWriter:
 
     def __init__(self, fd: int):
         self.fd, self.files, self.bytes = fd, 0, 0
+        widen_pipe(fd)
         self._put(HEADER.pack(MAGIC, VERSION), "stream header")
 
     def _put(self, data, what: str) -> None:
@@ -375,6 +389,7 @@ def receive(job: str, *, stdin=None, stdout=None, timeout: float = WATCH_TIMEOUT
         stdout.write(line + "\n")
         stdout.flush()
 
+    widen_pipe(stdin.fileno())
     try:
         if not os.path.isdir(job):
             raise CkptError("no such job directory", step="receive", path=job)

@@ -295,6 +295,22 @@ def test_migrate_between_two_hosts_over_ssh(wset_bin, procs, tmp_path, tmp_mount
     assert verify(new, b.path(str(out))).startswith("ok round=")   # every page as it was
 
 
+@pytest.mark.two_hosts
+def test_without_a_receiver_the_final_pass_goes_through_rsync(wset_bin, procs, tmp_path,
+                                                              tmp_mount, two_hosts):
+    a, b = two_hosts.a, two_hosts.b
+    dst, src, out = remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin)
+    env = dict(remote_env(a), CKPTFS_RECEIVE="ckptfs-no-such-command")
+    r = migrate_on(a, src.pid, f"{b.name}:{dst}/job", env)
+    assert r.returncode == 0, r.stderr
+    assert "no receiver on hostb" in r.stderr and "exit 127" in r.stderr, r.stderr
+    assert "(stream)" not in r.stderr and "final pass sent" not in r.stderr, r.stderr
+    new = restored_pid(open(b.path(f"{dst}/job/status")).read().strip())
+    procs.adopt(new)
+    assert P.wait_gone(src.pid, 10)
+    assert verify(new, b.path(str(out))).startswith("ok round=")
+
+
 FAULT = """\
 import os, signal, struct, subprocess, sys
 mode, at, marker, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
