@@ -449,6 +449,25 @@ def test_bad_trees_are_refused(procs, tmp_path):
     assert "exists and is not a socket file" in problems_of(ts, proc.pid, fx["u"])[0]
 
 
+def test_queue_bigger_than_this_hosts_buffers_is_refused(procs, tmp_path, monkeypatch):
+    proc, fx = py_child(procs, tmp_path, PAIRS)
+    d = dump(proc.pid, tmp_path / "tree")
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    (fd_dir(d, proc.pid, fx["sa"]) / "queue" / "0").write_bytes(b"q" * (2 * wmem_max + 1))
+    ts = tree.TreeSource(str(d))
+    assert problems_of(ts, proc.pid, fx["sa"]) == []           # CAP_NET_ADMIN: forced buffers
+    maker = rsk.Sockets(ts)
+    try:
+        sa = made(ts, proc.pid, fx["sa"], maker)
+        assert len(b"".join(drain(sa))) == 2 * wmem_max + 1
+        sa.close()
+    finally:
+        maker.close()
+    monkeypatch.setattr(rsk, "_has_net_admin", lambda: False)
+    found = problems_of(ts, proc.pid, fx["sa"])
+    assert len(found) == 1 and f"{2 * wmem_max + 1} queued bytes need a send buffer" in found[0]
+
+
 def test_other_families_are_shown_and_refused(procs, tmp_path):
     body = "import socket\nn = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n" \
            "FACTS = {'n': n.fileno()}\n"

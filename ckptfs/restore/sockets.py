@@ -167,9 +167,10 @@ def _path_problems(u) -> list[str]:
 
 
 def _queue_problems(q: list[bytes]) -> list[str]:
-    need = sum(len(m) + SKB_OVERHEAD for m in q)
-    if need > MAX_BUF // 2:
-        return [f"{sum(map(len, q))} queued bytes do not fit a socket buffer here"]
+    need, limit = _fill_need(q), _buffer_limit()
+    if need > limit:
+        return [f"{sum(map(len, q))} queued bytes need a send buffer of {need} bytes; this "
+                f"host allows {limit} (net.core.wmem_max, or more with CAP_NET_ADMIN)"]
     return []
 
 
@@ -421,9 +422,9 @@ def _fill(sender: socket.socket, receiver: socket.socket, q: list[bytes], where:
     buffer is forced big enough for the whole queue first (its recorded size is set after)."""
     if not q:
         return
-    need = sum(len(m) + SKB_OVERHEAD for m in q) + (64 << 10)
+    need = _fill_need(q)
     if need > sender.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
-        sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, min(need, MAX_BUF // 2))
+        _set_buf(sender, SO_SNDBUFFORCE, socket.SO_SNDBUF, need)
     for n, msg in enumerate(q):
         view = memoryview(msg)
         while True:
@@ -435,6 +436,35 @@ def _fill(sender: socket.socket, receiver: socket.socket, q: list[bytes], where:
             if sender.type != socket.SOCK_STREAM or sent == len(view):
                 break
             view = view[sent:]
+
+
+def _fill_need(q: list[bytes]) -> int:
+    """Send buffer that holds all of `q` at once (what the kernel charges per message)."""
+    return sum(len(m) + SKB_OVERHEAD for m in q) + (64 << 10) if q else 0
+
+
+def _has_net_admin() -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    return bool(int(eff, 16) >> 12 & 1)          # CAP_NET_ADMIN
+
+
+def _buffer_limit() -> int:
+    """The largest send buffer this process can give a socket (the kernel doubles the value
+    it is given, up to net.core.wmem_max unless forced with CAP_NET_ADMIN)."""
+    if _has_net_admin():
+        return MAX_BUF // 2
+    with open("/proc/sys/net/core/wmem_max") as f:
+        return int(f.read()) * 2
+
+
+def _set_buf(sk: socket.socket, forced: int, plain: int, value: int) -> None:
+    """A buffer size past net.core.[rw]mem_max where CAP_NET_ADMIN allows (as CRIU does),
+    else as far as the limit lets it (the plan refused queues that need more)."""
+    try:
+        sk.setsockopt(socket.SOL_SOCKET, forced, min(value, MAX_BUF // 2))
+    except PermissionError:
+        sk.setsockopt(socket.SOL_SOCKET, plain, min(value, MAX_BUF // 2))
 
 
 def _finish(sk: socket.socket, rec, opts: bool = True) -> None:
@@ -455,9 +485,9 @@ def _set_opts(sk: socket.socket, o) -> None:
     then the program's own lock bits), timeouts, and the SOL_SOCKET options."""
     sol = socket.SOL_SOCKET
     if o.so_sndbuf:
-        sk.setsockopt(sol, SO_SNDBUFFORCE, o.so_sndbuf // 2)
+        _set_buf(sk, SO_SNDBUFFORCE, socket.SO_SNDBUF, o.so_sndbuf // 2)
     if o.so_rcvbuf:
-        sk.setsockopt(sol, SO_RCVBUFFORCE, o.so_rcvbuf // 2)
+        _set_buf(sk, SO_RCVBUFFORCE, socket.SO_RCVBUF, o.so_rcvbuf // 2)
     lock = o.so_buf_lock if o.HasField("so_buf_lock") else 0
     try:
         sk.setsockopt(sol, SO_BUF_LOCK, lock)     # forcing the sizes locked them: as recorded
