@@ -51,7 +51,7 @@ from ..inject import NR, Injector
 from . import memory, signals
 from .files import FileTable
 from .plan import (SCRATCH_SIZE, SPECIAL, TASK_END, Plan, TaskPlan, V, cap_last, caps_of,
-                   vdso_layout, where)
+                   table_owner, vdso_layout, where)
 from .plan import creds_caps as plan_creds_caps
 
 PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK, PTRACE_O_TRACECLONE = 2, 4, 8
@@ -322,6 +322,8 @@ class LinuxRestorer:
 
     def _fork(self, t: TaskPlan, parent: Injector, flags: int, set_tid: bool) -> None:
         path = self._where(t.pid)
+        if table_owner(self.plan, t) is not None:
+            flags |= CLONE_FILES        # one descriptor table with its parent, as recorded
         child = self._clone3(parent, flags, SIGCHLD, t.pid if set_tid else None,
                              "create task", path)
         self.created.append(child)
@@ -411,7 +413,8 @@ class LinuxRestorer:
         t, inj = live.plan, live.inj
         if rlimits:
             self._rlimits(live)
-        self._fds(live)
+        if table_owner(self.plan, t) is None:    # a shared table got them from its owner
+            self._fds(live)
         self._fs(live)
         self._signals(live)
         self._task_misc(live)
@@ -424,43 +427,58 @@ class LinuxRestorer:
             inj.call(NR["prctl"], PR_SET_DUMPABLE, t.mm.dumpable, 0, 0, 0, step="dumpable",
                      path=self._where(t.pid, "mm/dumpable"))
         inj.reset_scratch()
-        inj.call(NR["close"], self.pidfd_slot, step="close restorer pidfd")
+        if self._last_sharer(t):     # the slot is in the table: its last user closes it
+            inj.call(NR["close"], self.pidfd_slot, step="close restorer pidfd")
         if self.init and t.pid == self.plan.tasks[0].pid:
             self._start_init()
 
-    def _memory(self, live: Live) -> memory.Filling:
+    def _last_sharer(self, t: TaskPlan) -> bool:
+        """No task restored after `t` uses its descriptor table."""
+        later = self.plan.tasks[[u is t for u in self.plan.tasks].index(True) + 1:]
+        return not any(table_owner(self.plan, u) is not None and u.files_id == t.files_id
+                       for u in later if not u.zombie)
+
+    def _memory(self, live: Live) -> memory.Fillings:
         """Map everything and start the page fill; the maps made writable only for it are
-        remembered in live.added_write (their protections come back after the join)."""
+        remembered in live.added_write (their protections come back after the join).
+        Private anonymous maps (nearly all the memory) are mapped first and their copy
+        starts at once; the file and shared maps are mapped while it runs."""
         t, inj, s = live.plan, live.inj, self.scratch
         step = "unmap helper"
         inj.call(NR["munmap"], 0, s, step=step)
         inj.call(NR["munmap"], s + SCRATCH_SIZE, TASK_END - s - SCRATCH_SIZE, step=step)
         self._vdso(live)
         self._mm_map(live)
-        fill, ranges, task_fds = [], {}, {}
-        for vma in t.vmas:
-            if vma.status & SPECIAL:
-                continue
-            got = self._map(live, vma, task_fds)
-            if got:
-                fill.append(vma)
-                ranges[vma.start] = got
-                if not vma.prot & PROT_WRITE:
-                    live.added_write.append(vma)
-        for fd in task_fds.values():
-            inj.call(NR["close"], fd, step="close map files")
-        self._fill_t0 = time.monotonic()
-        self.timing.setdefault("fill_start", self._fill_t0 - self._t0)
+        fillings, task_fds = memory.Fillings(), {}
         try:
-            return memory.start_fill(self.src, t.pid, live.pid, fill,
-                                     lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"),
-                                     inj=inj, populate=self.populate, uffd=self.uffd,
-                                     ranges=ranges)
+            for later, group in enumerate(_anon_first(t.vmas)):
+                fill, ranges = [], {}
+                for vma in group:
+                    got = self._map(live, vma, task_fds)
+                    if got:
+                        fill.append(vma)
+                        ranges[vma.start] = got
+                        if not vma.prot & PROT_WRITE:
+                            live.added_write.append(vma)
+                if not later:
+                    self._fill_t0 = time.monotonic()
+                    self.timing.setdefault("fill_start", self._fill_t0 - self._t0)
+                fillings.append(memory.start_fill(
+                    self.src, t.pid, live.pid, fill,
+                    lambda v: self._where(t.pid, f"maps/{v.start:x}-{v.end:x}"), inj=inj,
+                    populate=self.populate, uffd=self.uffd, ranges=ranges,
+                    background=bool(later)))
+            for fd in task_fds.values():
+                inj.call(NR["close"], fd, step="close map files")
+        except BaseException:
+            fillings.cancel()
+            raise
         finally:
             self.populate.clear()
             self.uffd.clear()
+        return fillings
 
-    def _end_fill(self, live: Live, filling: memory.Filling) -> None:
+    def _end_fill(self, live: Live, filling: memory.Fillings) -> None:
         """Every page in place (the copy's error, naming its map, is raised here), maps
         unregistered, then the protections the fill had to widen."""
         t, inj = live.plan, live.inj
@@ -844,6 +862,13 @@ def creds_caps(c) -> dict[str, int]:
     (plan.check_creds warns about any beyond)."""
     valid = (1 << (cap_last() + 1)) - 1
     return {k: v & valid for k, v in plan_creds_caps(c).items()}
+
+
+def _anon_first(vmas) -> tuple[list, list]:
+    """(private anonymous maps, every other map but the vDSO's), in address order each."""
+    shared = V["VMA_FILE_PRIVATE"] | V["VMA_FILE_SHARED"] | V["VMA_ANON_SHARED"]
+    mine = [v for v in vmas if not v.status & SPECIAL]
+    return [v for v in mine if not v.status & shared], [v for v in mine if v.status & shared]
 
 
 def _bits(mask: int) -> list[int]:

@@ -41,6 +41,8 @@ class TaskPlan:
     fs: object
     fdinfo: list
     zombie: bool = False
+    files_id: int = 0                   # descriptor table (task_kobj_ids); 0: its own
+
 
     @property
     def core(self):
@@ -115,8 +117,25 @@ def read_tasks(source: Source) -> list[TaskPlan]:
                               threads=list(ps.threads), cores=cores,
                               mm=None if zombie else source.mm(ps.pid),
                               fs=None if zombie else source.fs(ps.pid),
-                              fdinfo=[] if zombie else source.fdinfo(ps.pid), zombie=zombie))
+                              fdinfo=[] if zombie else source.fdinfo(ps.pid), zombie=zombie,
+                              files_id=0 if zombie else _files_id(source, ps.pid)))
     return tasks
+
+
+def _files_id(source: Source, pid: int) -> int:
+    try:
+        return source.ids(pid).files_id
+    except NotImplementedError:
+        return 0
+
+
+def table_owner(plan: Plan, t: TaskPlan) -> TaskPlan | None:
+    """The task whose descriptor table `t` shares (its parent, restored before it), or None
+    when `t` has a table of its own."""
+    parent = next((p for p in plan.tasks if p.pid == t.ppid), None)
+    if t.files_id and parent is not None and not parent.zombie and parent.files_id == t.files_id:
+        return parent
+    return None
 
 
 def make_plan(source: Source, *, same_pids: bool = False, pidns: bool = False,
@@ -130,7 +149,8 @@ def make_plan(source: Source, *, same_pids: bool = False, pidns: bool = False,
     except CkptError as e:
         plan.problems.append(str(e))
         return plan
-    checks = [check_meta, check_cpu, check_memory, check_vdso, check_files, check_creds]
+    checks = [check_meta, check_cpu, check_memory, check_vdso, check_files, check_creds,
+              check_shared_tables]
     if same_pids:
         checks.append(check_pids_free)
     for check in checks:
@@ -297,6 +317,21 @@ def check_files(plan: Plan) -> None:
                 reg = src.file(vma.shmid).reg
                 plan.problems.extend(f"{where(src, t.pid, f'maps/{vma.start:x}-{vma.end:x}/path')}: {p}"
                                      for p in reg_problems(reg))
+
+
+def check_shared_tables(plan: Plan) -> None:
+    """Tasks sharing one descriptor table (clone CLONE_FILES) are restored by forking each
+    from its parent with CLONE_FILES, so every sharer but the first must be the child of
+    another sharer."""
+    first: dict[int, int] = {}
+    for t in plan.tasks:
+        if t.zombie or not t.files_id:
+            continue
+        if t.files_id in first and table_owner(plan, t) is None:
+            plan.problems.append(f"{where(plan.source, t.pid, 'fds')}: shares its descriptor "
+                                 f"table with task {first[t.files_id]} but not with its parent "
+                                 f"{t.ppid}: such a table is not restored")
+        first.setdefault(t.files_id, t.pid)
 
 
 def reg_problems(reg, check_size: bool = False) -> list[str]:
