@@ -9,15 +9,19 @@ The whole dance, with ordinary tools:
      and what the target says it holds (JOB/held, fetched before the freeze). Into a job on
      this machine the difference is copied by migrate itself (LocalCopier), starting with
      the chunks the last pre-copy pass sent while the mount builds the manifest; to another
-     host it goes through `rsync --files-from`; a whole rsync pass when the target cannot
-     say what it holds;
+     host it is streamed the same way into `ckptfs receive JOB` through one ssh session
+     opened before the freeze (remote.py, stream.py: the session also reads JOB/held, takes
+     the working set once more just before the freeze to warm the connection, and reports
+     the job's status afterwards); through `rsync --files-from` when the far side has no
+     receiver; a whole rsync pass when the target cannot say what it holds;
   4. wait until the target's `JOB/status` says `restored pid=N` (the target restores by itself
      once the copied tree is complete per its manifest);
   5. `echo kill > ctl` (or, with --keep-source, leave the source frozen under its mount).
 Any failure before the target reports `restored` thaws the source: it keeps running here.
 
-Remote destinations go through ssh (`rsync -e`, `ssh HOST cat JOB/status`); the remote shell
-command comes from $CKPTFS_RSH (default "ssh"), e.g. "ssh -F /tmp/cfg" in tests.
+Remote destinations go through ssh (`rsync -e`, `ssh HOST ckptfs receive JOB`); the remote
+shell command comes from $CKPTFS_RSH (default "ssh"), e.g. "ssh -F /tmp/cfg" in tests, the
+far receiver from $CKPTFS_RECEIVE (default "ckptfs receive").
 
 Figures go to stderr: per pass the bytes and chunk files sent and the time taken; at the end
 the downtime (freeze until the target said `restored`), bytes per pass and the total time.
