@@ -153,6 +153,7 @@ class FakeFreeBSD:
         self.fs, self.gone = {}, set()               # jail files touched; paths unlinked
         self.inodes = {}
         self.next_map = SCRATCH_BASE
+        self.next_file = 0                           # struct file addresses handed out
 
     def __getattr__(self, name):            # anything not faked is a test failure
         raise AssertionError(f"unexpected FreeBSD call {name}")
@@ -952,6 +953,27 @@ class FakeFreeBSD:
                           p.comm, p.comm[:16], "Linux ELF64", p.jid, len(p.lwps),
                           len(c["groups"]) > 16)
         return O.parse_kinfo_proc(O.pack_kinfo_proc(rec))     # through the real layout
+
+    def all_procs(self):
+        """kern.proc.proc: one kinfo_proc per process, through the real layout."""
+        return O.parse_procs(b"".join(O.pack_kinfo_proc(self.kinfo_proc(pid))
+                                      for pid in sorted(self.procs)))
+
+    def xfiles(self):
+        """kern.file: a struct xfile per descriptor of every process; xf_file is the open
+        file description's own address (one Desc, one address, however many fds hold it)."""
+        out = b""
+        for pid in sorted(self.procs):
+            p = self.procs[pid]
+            for fd, d in sorted(p.fds.items()):
+                if not isinstance(d, Desc):
+                    continue
+                if not hasattr(d, "addr"):
+                    self.next_file += 1
+                    d.addr = 0xfffff80003000000 + 0x100 * self.next_file
+                acc = {0: 1, 1: 2, 2: 3}.get(d.flags & 3, 3)      # FREAD/FWRITE
+                out += O.pack_xfile(O.XFile(pid, fd, d.addr, d.refs, d.pos, acc))
+        return O.parse_xfiles(out)
 
     def lwps(self, pid):
         """PT_GETNUMLWPS then PT_GETLWPLIST: oldest thread first."""

@@ -28,19 +28,23 @@ def move_through_fake_freebsd(pid: int, tmp: Path, kits: list) -> int:
     kits.append(kit)
     saved, RF.spawn_helper = RF.spawn_helper, spawn(kit)
     try:
-        [there] = RF.restore(src, RF.Target(kit=kit), plan=read_plan(str(tmp / "fbsd")))
+        there = RF.restore(src, RF.Target(kit=kit), plan=read_plan(str(tmp / "fbsd")))[0]
     finally:
         RF.spawn_helper = saved
     kit.attach(there)                          # the capture there attaches and stops it
-    tree.write_tree(CF.FreeBSDSource(there, kit), str(tmp / "back"))
+    src = CF.FreeBSDTreeSource(there, kit)     # and the descendants, parents first
+    try:
+        tree.write_tree(src, str(tmp / "back"))
+    finally:
+        src.release()
     return new_root(ckptfs("restore", tmp / "back").stdout, there)
 
 
 # What a FreeBSD restore and a FreeBSD capture both carry (the others: timers, alternate
 # stacks and queued signals are not re-made on FreeBSD (plan/lossy says so); unlinked files
-# and process trees are restored there but not captured back yet).
+# are restored there but not captured back yet).
 ROUND_TRIP = ["sleeping", "pipe_data", "half_read_file", "mmap_pattern", "avx_regs",
-              "eventfd", "cwd_umask", "fifo"]
+              "eventfd", "cwd_umask", "fifo", "fork_tree"]
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)

@@ -70,7 +70,6 @@ def vma_entry(e) -> pb.vma_entry:
                         prot=e.prot & 7, flags=flags, status=status, fd=-1)
 
 
-PIPE_END_BASE = 1 << 19           # file ids of pipe ends (one per struct pipe)
 CAPTURED = ("REG", "PIPE", "FIFO", "EVENTFD")
 KF_READ, KF_WRITE = kit_default.KF_FLAG["READ"], kit_default.KF_FLAG["WRITE"]
 FIFO_ID_BASE = 1 << 30             # FIFO ids, apart from pipe ids
@@ -96,17 +95,39 @@ class FreeBSDSource(model.Source):
     PT_GETXSTATE and PT_LWPINFO (signal mask, thread name) on its lwp. Ids, credentials and
     the command name come from kern.proc.pid (kinfo_proc)."""
 
-    def __init__(self, pid: int, kit=kit_default):
+    def __init__(self, pid: int, kit=kit_default, ids: "Ids | None" = None,
+                 xfiles: dict | None = None, log: LossLog | None = None):
         self.pid, self.kit = pid, kit
-        self.log = LossLog()
+        self.log = log if log is not None else LossLog()
+        self.ids = ids if ids is not None else Ids()
         self.kp = kit.kinfo_proc(pid)
+        if self.kp.stat == kit_default.SZOMB:
+            raise Unsupported(f"process {pid} is a zombie: FreeBSD keeps no registers or "
+                              "memory of it to capture", path=f"tasks/{pid}/state")
         self.files = {e.fd: e for e in kit.filedesc(pid)}
+        # fd -> struct file address (kern.file): which descriptors share one description
+        self.xfiles = xfiles if xfiles is not None else descriptions(kit, pid, self.log)
         lwps = list(kit.lwps(pid))
         if not lwps:
             raise Unsupported(f"process {pid} has no threads (PT_GETLWPLIST)", path=f"tasks/{pid}")
         self.lwp = {pid: lwps[0], **{lwp: lwp for lwp in lwps[1:]}}
-        self.paths: dict[int, str] = {}
+        self.paths = self.ids.paths
         self._linux = None
+        if not self.xfiles:
+            self._note_unshared()
+
+    def _note_unshared(self) -> None:
+        """Without struct file addresses, descriptors of one file are captured as separate
+        opens: a shared offset (dup, inheritance) becomes two independent ones."""
+        seen: dict[str, int] = {}
+        for fd, e in sorted(self.files.items()):
+            if fd >= 0 and e.kind == "vnode" and e.path:
+                if e.path in seen:
+                    self.log.note(f"tasks/{self.pid}/fds/{fd}/open_file", e.path,
+                                  f"kern.file gave no struct file addresses: whether fd {fd} "
+                                  f"shares fd {seen[e.path]}'s open file description (and so "
+                                  "its offset) is unknown; captured as a separate open")
+                seen.setdefault(e.path, fd)
 
     def named(self, path: str, flags: int = 0) -> int:
         """A file id for a file known by its path (and open flags) only."""
@@ -326,22 +347,24 @@ class FreeBSDSource(model.Source):
         return out
 
     def file_id(self, e) -> int:
-        """Descriptors of one pipe end share their open file description (a pipe end can
-        only be dup'd or inherited): one id per struct pipe. Others: one per descriptor."""
+        """One id per open file description: the struct file address kern.file gives (shared
+        by dup'ed and inherited descriptors, in every process of the tree). Without it a pipe
+        end still has one (a pipe end can only be dup'ed or inherited: one per struct pipe),
+        anything else one per descriptor."""
+        addr = self.xfiles.get(e.fd)
+        if addr:
+            return self.ids.get("desc", addr)
         if e.kind == "pipe":
-            ends = sorted({f.pipe_addr for f in self.files.values() if f.kind == "pipe"})
-            return PIPE_END_BASE + ends.index(e.pipe_addr)
-        return e.fd + 1
+            return self.ids.get("desc", ("pipe end", e.pipe_addr))
+        return self.ids.get("desc", ("fd", self.pid, e.fd))
 
     def entry_of(self, file_id: int):
         return next(e for fd, e in sorted(self.files.items())
                     if fd >= 0 and self.file_id(e) == file_id)
 
     def pipe_id(self, e) -> int:
-        """Both ends of a pipe: one id (the pair of struct pipe addresses)."""
-        pairs = sorted({frozenset((f.pipe_addr, f.pipe_peer)) for f in self.files.values()
-                        if f.kind == "pipe"}, key=min)
-        return 1 + pairs.index(frozenset((e.pipe_addr, e.pipe_peer)))
+        """Both ends of a pipe: one id (the pair of struct pipe addresses), in every process."""
+        return self.ids.get("pipe", frozenset((e.pipe_addr, e.pipe_peer)))
 
     def file(self, file_id: int):
         if file_id in self.paths:
@@ -372,8 +395,7 @@ class FreeBSDSource(model.Source):
 
     def fifo_id(self, e) -> int:
         """Every descriptor of one FIFO: one id (by its inode), apart from pipe ids."""
-        inodes = sorted({f.fileid for f in self.files.values() if f.kind == "fifo"})
-        return FIFO_ID_BASE + inodes.index(e.fileid)
+        return self.ids.get("fifo", e.fileid)
 
     def pipe_data(self, pipe_id: int) -> bytes:
         if pipe_id >= FIFO_ID_BASE:
@@ -452,6 +474,39 @@ class FreeBSDSource(model.Source):
                  for text in self.kit.rctl_get_rules(f"jail:{params['name']}")]
         iso.limits = R.from_rctl(rules, None, params["name"], self.log, "isolation/rctl")
         return iso
+
+
+class Ids:
+    """Ids that agree across the processes of one tree: open file descriptions (file ids),
+    pipes (pipe ids), FIFOs, and files known by name only."""
+    BASES = {"desc": 1, "pipe": 1, "fifo": FIFO_ID_BASE}
+
+    def __init__(self):
+        self.known: dict[tuple, int] = {}
+        self.count = {space: 0 for space in self.BASES}
+        self.paths: dict[int, tuple] = {}
+
+    def get(self, space: str, key) -> int:
+        if (space, key) not in self.known:
+            self.known[(space, key)] = self.BASES[space] + self.count[space]
+            self.count[space] += 1
+        return self.known[(space, key)]
+
+
+def descriptions(kit, pid: int | None, log: LossLog) -> dict:
+    """fd -> struct file address for `pid` (or {pid: {fd: addr}} for pid None) from kern.file;
+    empty where the kernel hides the addresses (they read as 0) or offers no kern.file."""
+    try:
+        rows = kit.xfiles()
+    except (KernelError, Unsupported) as e:
+        log.note("tasks", "kern.file", f"no struct file addresses ({e}): descriptors sharing "
+                 "one open file description are captured as separate opens")
+        rows = []
+    by_pid: dict[int, dict[int, int]] = {}
+    for x in rows:
+        if x.file:
+            by_pid.setdefault(x.pid, {})[x.fd] = x.file
+    return by_pid if pid is None else by_pid.get(pid, {})
 
 
 def _open_in(calls, path: str, access: int, where: str, opened: list) -> int:
@@ -540,3 +595,103 @@ def decode_jail_value(key: str, raw: bytes):
                               path="isolation/jail")
         return JAILSYS_NAMES[num]
     return num
+
+
+class FreeBSDTreeSource(model.Source):
+    """A process and all its descendants on FreeBSD, in Linux form.
+
+    The root is stopped (PT_ATTACHed) by the caller. The children are found by ki_ppid in
+    kern.proc.proc and attached here, parents before children: a stopped parent cannot fork,
+    so once a level is stopped the next level is complete. Descriptors that share one open
+    file description, within a process or across the tree, get one file id (kern.file's
+    struct file address); the ends of one pipe one pipe id (kf_pipe_addr/peer); one FIFO
+    one id (its inode). `release()` detaches what this capture attached."""
+
+    def __init__(self, pid: int, kit=kit_default):
+        self.kit, self.root = kit, pid
+        self.log = LossLog()
+        self.attached: list[int] = []
+        order = [pid]
+        try:
+            for parent in order:                     # grows while walking: breadth first
+                kids = sorted(k.pid for k in kit.all_procs() if k.ppid == parent
+                              and k.pid not in order)
+                for kid in kids:
+                    kit.attach(kid)
+                    self.attached.append(kid)
+                order += kids
+            self.ids = Ids()
+            shared = descriptions(kit, None, self.log)
+            self.procs = {p: FreeBSDSource(p, kit, self.ids, shared.get(p, {}), self.log)
+                          for p in order}
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Detach (and so resume) the descendants this capture stopped."""
+        while self.attached:
+            self.kit.detach(self.attached.pop(), 0)
+
+    def _of(self, pid: int) -> FreeBSDSource:
+        try:
+            return self.procs[pid]
+        except KeyError:
+            raise Unsupported(f"process {pid} is not in the captured tree",
+                              path=f"tasks/{pid}") from None
+
+    def _owner(self, tid: int) -> FreeBSDSource:
+        for src in self.procs.values():
+            if tid in src.lwp:
+                return src
+        raise Unsupported(f"thread {tid} is in no captured process", path=f"threads/{tid}")
+
+    def meta(self):
+        return self.procs[self.root].meta()
+
+    def pstree(self) -> list:
+        return [entry for src in self.procs.values() for entry in src.pstree()]
+
+    def core(self, tid: int):
+        return self._owner(tid).core(tid)
+
+    def mm(self, pid: int):
+        return self._of(pid).mm(pid)
+
+    def fs(self, pid: int):
+        return self._of(pid).fs(pid)
+
+    def fdinfo(self, pid: int) -> list:
+        return self._of(pid).fdinfo(pid)
+
+    def file(self, file_id: int):
+        if file_id in self.ids.paths:
+            return self.procs[self.root].file(file_id)
+        for src in self.procs.values():
+            if any(fd >= 0 and e.kind in KF_KIND and src.file_id(e) == file_id
+                   for fd, e in src.files.items()):
+                return src.file(file_id)
+        raise Unsupported(f"no descriptor of the tree has file id {file_id}", path="tasks")
+
+    def pipe_data(self, pipe_id: int) -> bytes:
+        """Asked of the process holding the pipe's read end (else any end)."""
+        holders = []
+        for src in self.procs.values():
+            for fd, e in sorted(src.files.items()):
+                if fd < 0 or e.kind not in ("pipe", "fifo"):
+                    continue
+                pid_of = src.pipe_id(e) if e.kind == "pipe" else src.fifo_id(e)
+                if pid_of == pipe_id:
+                    holders.append((not e.flags & KF_READ, src))
+        if not holders:
+            raise Unsupported(f"no descriptor of the tree is pipe {pipe_id}", path="tasks")
+        return min(holders, key=lambda h: h[0])[1].pipe_data(pipe_id)
+
+    def page_ranges(self, pid: int, vma) -> list:
+        return self._of(pid).page_ranges(pid, vma)
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        return self._of(pid).read_memory(pid, addr, size)
+
+    def isolation(self):
+        return self.procs[self.root].isolation()

@@ -39,6 +39,8 @@ PIOD_READ_D, PIOD_WRITE_D, PIOD_READ_I, PIOD_WRITE_I = 1, 2, 3, 4
 CTL_KERN, KERN_PROC, KERN_PROC_VMMAP, KERN_PROC_FILEDESC = 1, 14, 32, 33
 KERN_PROC_PID = 1
 KERN_PROC_AUXV = 36                                # sys/sys/sysctl.h
+KERN_PROC_PROC = 8                                 # every process, one record each (no threads)
+KERN_FILE = 15                                     # kern.file: every open descriptor (struct xfile)
 KI_JID_OFFSET, KINFO_PROC_SIZE = 0x250, 1088      # struct kinfo_proc (amd64): ki_jid
 SIGKILL = 9
 
@@ -296,6 +298,49 @@ def pack_kinfo_file(e: FileEntry) -> bytes:
     return bytes(rec)
 
 
+# struct xfile (sys/sys/file.h), what kern.file (sysctl_kern_file in kern_descrip.c) gives for
+# every descriptor of every process the caller may see: xf_file is the address of the struct
+# file, the open file description itself, so descriptors dup'ed or inherited from one open
+# share it (kinfo_file has no such field: kf_offset equality is not identity).
+XFILE = struct.Struct("<qiiiiQhhiiiqQQIi48x")    # 128 bytes on amd64
+
+
+@dataclasses.dataclass(frozen=True)
+class XFile:
+    pid: int
+    fd: int
+    file: int              # struct file address: one per open file description
+    count: int             # f_count: descriptors (and other references) holding it
+    offset: int
+    flag: int              # f_flag (FREAD/FWRITE/... bits)
+
+
+def parse_xfiles(buf: bytes) -> list[XFile]:
+    """kern.file output: struct xfile records, each xf_size long (checked)."""
+    out = []
+    for pos in range(0, len(buf) - len(buf) % XFILE.size, XFILE.size):
+        f = XFILE.unpack_from(buf, pos)
+        if f[0] != XFILE.size:
+            raise Unsupported(f"kern.file: a record of xf_size {f[0]}, not the amd64 struct "
+                              f"xfile of {XFILE.size}")
+        out.append(XFile(pid=f[1], fd=f[3], file=f[5], count=f[8], offset=f[11], flag=f[14]))
+    if len(buf) % XFILE.size:
+        raise Unsupported(f"kern.file: {len(buf)} bytes is no whole number of {XFILE.size}-"
+                          "byte records")
+    return out
+
+
+def pack_xfile(x: XFile, uid: int = 0, kind: int = 1) -> bytes:
+    """One struct xfile as the kernel fills it (for tests and fakes)."""
+    return XFILE.pack(XFILE.size, x.pid, uid, x.fd, 0, x.file, kind, 0, x.count, 0, 0,
+                      x.offset, 0, 0, x.flag, 0)
+
+
+def parse_procs(buf: bytes) -> list[KinfoProc]:
+    """kern.proc.proc output: one kinfo_proc per process."""
+    return [parse_kinfo_proc(rec) for rec in _records(buf, "kern.proc.proc")]
+
+
 def jail_value(name: str, value) -> tuple[bytes, bytes | None]:
     """One jail_set name/value pair as bytes, the way libjail encodes them: strings
     NUL-terminated, numbers and jailsys words as a C int, booleans as a name with no value
@@ -534,6 +579,16 @@ def vmmap(pid: int) -> list[VmEntry]:
 def filedesc(pid: int) -> list[FileEntry]:
     return parse_filedesc(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_FILEDESC, pid],
                                   "kern.proc.filedesc"))
+
+
+def all_procs() -> list[KinfoProc]:
+    """Every process (kern.proc.proc): the capture follows a tree's children by ki_ppid."""
+    return parse_procs(_sysctl([CTL_KERN, KERN_PROC, KERN_PROC_PROC, 0], "kern.proc.proc"))
+
+
+def xfiles() -> list[XFile]:
+    """Every open descriptor the caller may see (kern.file), with its struct file address."""
+    return parse_xfiles(_sysctl([CTL_KERN, KERN_FILE], "kern.file"))
 
 
 def _iov(pairs: list[tuple[bytes, bytes | None]]):
