@@ -57,7 +57,7 @@ from .. import ptrace
 from ..errors import CkptError, KernelError, ProcessGone
 from ..model import DEFAULT_CHUNK, PAGE_SIZE
 from . import procfs
-from .pages import ANON, Memory, Pagemap
+from .pages import ANON, Memory, Pagemap, _oserror
 
 UFFD_METHOD = "uffd-wp+pagemap-scan"
 CHECKSUM_METHOD = "checksum"
@@ -259,6 +259,13 @@ class DirtyTracker:
         self._pagemap = Pagemap(self.pid)
         self.maps: list[procfs.MapLine] = []
         self.method = CHECKSUM_METHOD
+        try:
+            self._start(method, injector)
+        except BaseException:
+            self.close()            # nothing registered or open is left behind
+            raise
+
+    def _start(self, method: str, injector) -> None:
         if method in ("auto", UFFD_METHOD):
             try:
                 self._open_uffd(injector)
@@ -326,7 +333,10 @@ class DirtyTracker:
             self._uffd = -1
             raise TrackingUnavailable(f"UFFDIO_API refuses WP_ASYNC: {os.strerror(err)}",
                                       path=f"/proc/{self.pid}", step="UFFDIO_API")
-        self._pm_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._pm_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:        # a child that ended after its userfaultfd was made
+            raise _oserror("open", self.path, e.errno) from None
 
     def _register(self, m: procfs.MapLine) -> bool:
         reg = UffdioRegister(range=UffdioRange(m.start, m.end - m.start), mode=UFFDIO_REGISTER_MODE_WP)
