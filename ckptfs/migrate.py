@@ -372,12 +372,16 @@ def stream_pass(mnt: str, rx, held: dict, rels: list[str], name: str) -> Pass:
     t0 = time.monotonic()
     w = rx.writer()
     b0, sent = w.bytes, []
-    for rel in rels:
-        if (r := w.file(mnt, rel, rel not in held, missing_ok=True)) is not None:
-            held[rel] = (r[1], r[0])
-            sent.append(rel)
-    w.sync()
-    rx.synced(RESTORE_TIMEOUT)
+    try:
+        with rx.bounded():
+            for rel in rels:
+                if (r := w.file(mnt, rel, rel not in held, missing_ok=True)) is not None:
+                    held[rel] = (r[1], r[0])
+                    sent.append(rel)
+            w.sync()
+            rx.synced(rx.timeout)
+    except CkptError as e:
+        raise rx.why(e) from None
     p = Pass(f"{name} (stream)", w.bytes - b0, len(sent), sum("/pages/" in n for n in sent),
              time.monotonic() - t0, sent)
     log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} dirty chunks), "
@@ -392,7 +396,18 @@ def streamed_pass(mnt: str, rx, held: dict, guess: list[str], mark) -> Pass:
     t0 = time.monotonic()
     w = rx.writer()
     b0 = w.bytes
-    got: dict = {}
+    try:
+        with rx.bounded():
+            sent = _stream_difference(mnt, w, held, guess, mark)
+            rx.received(rx.timeout)
+    except CkptError as e:
+        raise rx.why(e) from None
+    return Pass("final pass", w.bytes - b0, len(sent), sum("/pages/" in n for n in sent),
+                time.monotonic() - t0, sent)
+
+
+def _stream_difference(mnt: str, w, held: dict, guess: list[str], mark) -> list[str]:
+    got: dict = {}            # guessed chunks sent: {rel: (xxh3, size)}
     failed: list = []
 
     def send_guesses():
@@ -408,28 +423,25 @@ def streamed_pass(mnt: str, rx, held: dict, guess: list[str], mark) -> Pass:
     try:
         doc, raw = read_manifest(mnt, raw=True)
         mark("frozen manifest read")
+    finally:
         sender.join()
-        if failed:
-            raise failed[0]
-        files = doc.get("files")
-        if files is None:
-            raise CkptError("the frozen manifest lists no files", step="final pass",
-                            path=os.path.join(mnt, "manifest"))
-        mark(f"{len(got)} guessed chunks sent")
-        for rel in gone_paths(files, (set(held) | set(got)) - set(files)):
-            w.delete(rel)
-        w.data("manifest", raw)
-        rest = _stale(files, held, sorted(set(files) - set(got)))
-        for rel in rest + _stale(files, got, sorted(set(got) & set(files))):
-            w.file(mnt, rel, rel not in held)
-        w.end()
-        mark("final pass sent")
-        rx.received(RESTORE_TIMEOUT)
-    except CkptError as e:
-        raise rx.why(e) from None
-    sent = sorted(set(got) | set(rest))
-    return Pass("final pass", w.bytes - b0, len(sent), sum("/pages/" in n for n in sent),
-                time.monotonic() - t0, sent)
+    if failed:
+        raise failed[0]
+    files = doc.get("files")
+    if files is None:
+        raise CkptError("the frozen manifest lists no files", step="final pass",
+                        path=os.path.join(mnt, "manifest"))
+    mark(f"{len(got)} guessed chunks sent")
+    # as into a local job: vanished files go before the manifest, the manifest before the rest
+    for rel in gone_paths(files, (set(held) | set(got)) - set(files)):
+        w.delete(rel)
+    w.data("manifest", raw)
+    rest = _stale(files, held, sorted(set(files) - set(got)))
+    for rel in rest + _stale(files, got, sorted(set(got) & set(files))):
+        w.file(mnt, rel, rel not in held)
+    w.end()
+    mark("final pass sent")
+    return sorted(set(got) | set(rest))
 
 
 def after_freeze(mnt: str, dest: Dest, held: dict | None, guess: list[str], tracked: bool,
@@ -705,14 +717,15 @@ class Result:
     source_mount: str | None = None       # --keep-source: where the frozen source still is
 
 
-def start_receiver(dest: Dest):
+def start_receiver(dest: Dest, timeout: float = RESTORE_TIMEOUT):
     """The remote final pass's session (remote.Receiver), opened before the freeze; None when
     the far side cannot receive (no `ckptfs receive` there, a job that cannot say what it
-    holds): then the final pass goes through rsync, as before."""
+    holds): then the final pass goes through rsync, as before. A pass through it that takes
+    longer than `timeout` fails."""
     from .remote import Receiver
     t0 = time.monotonic()
     try:
-        rx = Receiver(dest, rsh())
+        rx = Receiver(dest, rsh(), stream_timeout=timeout)
     except CkptError as e:
         log(f"no receiver on {dest.host} ({e}): the final pass goes through rsync")
         return None
@@ -738,7 +751,8 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
             waited = wait_prepared(dest)
             if waited > 0.1:
                 log(f"waited {waited:.2f} s for the target to prepare the process")
-        rx = start_receiver(dest) if dest.host and passes and tracking else None
+        rx = (start_receiver(dest, restore_timeout) if dest.host and passes and tracking
+              else None)
         if rx is not None:
             held = rx.held
         else:
@@ -818,7 +832,8 @@ def back_out(src: SourceMount, dest: Dest) -> bool:
 
 def run(args) -> int:
     result = migrate(args.pid, Dest.parse(args.dest), keep_source=args.keep_source,
-                     max_passes=getattr(args, "passes", MAX_PASSES))
+                     max_passes=getattr(args, "passes", MAX_PASSES),
+                     restore_timeout=getattr(args, "timeout", RESTORE_TIMEOUT))
     if getattr(args, "json", None):
         doc = dataclasses.asdict(result)
         for p in doc["passes"]:
@@ -836,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("run", help="same as `ckptfs migrate`")
     g.add_argument("--keep-source", action="store_true")
     g.add_argument("--passes", type=int, default=MAX_PASSES)
+    g.add_argument("--timeout", type=float, default=RESTORE_TIMEOUT,
+                   help="seconds the final pass and the restore may take")
     g.add_argument("--json", metavar="FILE", help="write the result (passes, downtime, "
                    "timeline) there as JSON: for tools/bench_migrate.py")
     g.add_argument("pid", type=int)

@@ -11,6 +11,7 @@ The far command is $CKPTFS_RECEIVE (default "ckptfs receive"), the job path appe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shlex
@@ -23,6 +24,7 @@ from .errors import CkptError
 from .stream import FINAL, StreamWriter
 
 START_TIMEOUT = 60.0
+STREAM_TIMEOUT = 120.0  # a pass through the session, until the receiver says it is written
 ERROR_GRACE = 2.0       # after a failed write: how long the receiver may take to say why
 
 
@@ -43,8 +45,9 @@ class Receiver:
     None when it cannot say. Its status lines land in `seen` as (arrival time, line), as
     StatusWatch's do, and `wait()` / `close()` answer like StatusWatch's."""
 
-    def __init__(self, dest, rsh: list[str], timeout: float = START_TIMEOUT):
-        self.dest = dest
+    def __init__(self, dest, rsh: list[str], timeout: float = START_TIMEOUT,
+                 stream_timeout: float = STREAM_TIMEOUT):
+        self.dest, self.timeout, self.expired = dest, stream_timeout, None
         remote = shlex.join(receive_command() + [dest.path])
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(rsh + [dest.host, remote], stdin=subprocess.PIPE,
@@ -110,8 +113,28 @@ class Receiver:
         """After a sync record: (files, bytes) the receiver has written so far."""
         return self._counts(timeout, "synced")
 
+    @contextlib.contextmanager
+    def bounded(self):
+        """A pass through the session: should the far side stop reading, a write would block
+        for ever (and the source stay frozen); after `timeout` the session is killed, the
+        write fails, and `why()` says so."""
+        timer = threading.Timer(self.timeout, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        self.expired = self.timeout
+        self.proc.kill()
+
     def why(self, e: CkptError) -> CkptError:
         """After a failed send: the receiver's own reason when it gives one soon, else `e`."""
+        if self.expired:
+            return CkptError(f"the stream did not get through within {self.expired:.0f} s "
+                             "(the session was killed)", step="final pass", path=str(self.dest))
         if isinstance(e, ReceiverFailed):
             return e
         try:

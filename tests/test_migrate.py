@@ -271,9 +271,9 @@ def remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin):
     return dst, src, out
 
 
-def migrate_on(host, pid: int, dest: str, env: dict):
-    return host.run([sys.executable, "-m", "ckptfs.migrate", "run", str(pid), dest], env=env,
-                    timeout=120)
+def migrate_on(host, pid: int, dest: str, env: dict, *options: str):
+    return host.run([sys.executable, "-m", "ckptfs.migrate", "run", *options, str(pid), dest],
+                    env=env, timeout=120)
 
 
 @pytest.mark.two_hosts
@@ -312,7 +312,7 @@ def test_without_a_receiver_the_final_pass_goes_through_rsync(wset_bin, procs, t
 
 
 FAULT = """\
-import os, signal, struct, subprocess, sys
+import os, signal, struct, subprocess, sys, time
 mode, at, marker, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 child = subprocess.Popen(cmd, stdin=subprocess.PIPE)
 stdin, armed, after = sys.stdin.buffer, False, 0
@@ -341,6 +341,10 @@ while (kind := take(1)) != b"E":
         continue
     head = take(12)
     put(head)
+    if armed and mode == "stall":             # stops reading, as a hung host would
+        open(marker, "w").write(f"{os.getpid()}\\n")
+        time.sleep(60)
+        sys.exit(1)
     data = bytearray(take(struct.unpack("<IQ", head)[1] + 8))
     if armed and mode == "kill" and after + len(data) > at:
         put(data[:at - after])
@@ -364,7 +368,8 @@ def fault_wrapper(tmp_path: Path, mode: str, at: int) -> tuple[list[str], Path]:
     """A receive wrapper for hostb: passes the stream on to the real receiver but after the
     freeze (the sync record before it), at byte `at` of the files sent, kills the receiver
     (mode kill) or flips byte `at` of the first file longer than that (mode flip); the
-    marker file says which file."""
+    marker file says which file. Mode stall stops reading at the first file after the
+    freeze (the marker holds the wrapper's pid)."""
     script, marker = tmp_path / "fault.py", tmp_path / "fault.marker"
     script.write_text(FAULT)
     return [sys.executable, str(script), mode, str(at), str(marker)], marker
@@ -408,6 +413,24 @@ def test_corrupted_stream_is_refused_naming_the_file(wset_bin, procs, tmp_path, 
     r = migrate_on(a, src.pid, f"{b.name}:{dst}/job", remote_env(a, wrap))
     assert r.returncode == 1, r.stderr
     assert f"receive: {marker.read_text()}: checksum mismatch" in r.stderr, r.stderr
+    status = open(b.path(f"{dst}/job/status")).read()
+    assert status.startswith("failed: aborted"), status
+    assert_left_running(src, out)
+
+
+@pytest.mark.two_hosts
+def test_a_stalled_receiver_times_out_and_the_source_thaws(wset_bin, procs, tmp_path,
+                                                           tmp_mount, two_hosts):
+    a, b = two_hosts.a, two_hosts.b
+    dst, src, out = remote_job(two_hosts, procs, tmp_path, tmp_mount, wset_bin)
+    wrap, marker = fault_wrapper(tmp_path, "stall", 0)
+    t0 = time.monotonic()
+    r = migrate_on(a, src.pid, f"{b.name}:{dst}/job", remote_env(a, wrap), "--timeout", "3")
+    took = time.monotonic() - t0
+    procs.adopt(int(marker.read_text()))                  # the stalled wrapper on hostb
+    assert r.returncode == 1, r.stderr
+    assert "did not get through within 3 s" in r.stderr, r.stderr
+    assert took < 60, took
     status = open(b.path(f"{dst}/job/status")).read()
     assert status.startswith("failed: aborted"), status
     assert_left_running(src, out)
