@@ -28,7 +28,6 @@ import dataclasses
 import errno
 import os
 import ctypes
-import resource
 import struct
 import threading
 import time
@@ -306,16 +305,28 @@ def robust_list(tid: int) -> tuple[int, int]:
 
 
 def rlimits(pid: int) -> list[tuple[int, int]]:
-    out = []
-    for res in range(len(lf.RLIMITS)):
-        try:
-            cur, mx = resource.prlimit(pid, res)
-        except ProcessLookupError:
-            raise ProcessGone("process is gone", step="prlimit", path=f"/proc/{pid}") from None
-        except OSError as e:
-            raise KernelError(f"prlimit({pid}, {lf.RLIMITS[res]})", e.errno, step="prlimit") from None
-        out.append((cur & lf.RLIM_INFINITY, mx & lf.RLIM_INFINITY))
-    return out
+    """(soft, hard) per resource, in RLIMIT_* order, from /proc/PID/limits: one read, and it
+    works for another uid's process (prlimit(pid) wants CAP_SYS_RESOURCE for that)."""
+    path = f"/proc/{pid}/limits"
+    rows = procfs.read_text(path).splitlines()[1:]   # rows come in resource number order
+    if len(rows) != len(lf.RLIMITS):
+        raise CkptError(f"{len(rows)} limits, want {len(lf.RLIMITS)}", step="read limits",
+                        path=path)
+    return [tuple(_limit(word, path) for word in row[LIMITS_NAME_WIDTH:].split()[:2])
+            for row in rows]
+
+
+LIMITS_NAME_WIDTH = 26        # the kernel prints the name left-aligned in 25 columns + a blank
+
+
+def _limit(word: str, path: str) -> int:
+    if word == "unlimited":
+        return lf.RLIM_INFINITY
+    try:
+        return int(word)
+    except ValueError:
+        raise CkptError(f"limit {word!r} is not a number", step="read limits",
+                        path=path) from None
 
 
 def _cap_words(hex_text: str) -> list[int]:

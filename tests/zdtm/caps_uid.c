@@ -1,7 +1,3 @@
-// zdtm-known: dump: capture reads rlimits with prlimit(pid), which another uid refuses (EPERM) without CAP_SYS_RESOURCE
-// zdtm-known: pidns: capture reads rlimits with prlimit(pid), which another uid refuses (EPERM) without CAP_SYS_RESOURCE
-// zdtm-known: cp: capture reads rlimits with prlimit(pid), which another uid refuses (EPERM) without CAP_SYS_RESOURCE
-// zdtm-known: rsync: capture reads rlimits with prlimit(pid), which another uid refuses (EPERM) without CAP_SYS_RESOURCE
 /*
  * caps_uid: caps.c after a change to uid 1000 / gid 1001 that kept capabilities
  * (SECBIT_KEEP_CAPS): the restore must change uids without losing them.
