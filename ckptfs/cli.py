@@ -150,11 +150,7 @@ def live_fs(pid: int, chunk_size: int, *, freeze: bool, container: bool, track: 
         return run
 
     def kill():
-        for p in reversed(source.pids()):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        source.kill()
         source.thaw()
 
     control = {"freeze": act(source.freeze), "thaw": act(source.thaw), "kill": act(kill)}
@@ -187,8 +183,7 @@ def cmd_dump(a) -> int:
             shown = PidNsView(source)
         files = tree.write_tree(shown, out, a.chunk_size)
         if a.kill:
-            for p in reversed(pids):
-                os.kill(p, signal.SIGKILL)
+            source.kill(pids)
     finally:
         close_source(source, leave_frozen=a.leave_frozen)
     size = sum(s for s, _ in files.values())

@@ -24,10 +24,11 @@ calls would end its stop); `warnings` lists every field left at its default whil
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import os
-import ctypes
+import signal
 import struct
 import threading
 import time
@@ -607,6 +608,20 @@ class LiveSource(Source):
                 self._cache.clear()
                 self._key_locks.clear()
             self._extras = {}
+
+    def kill(self, pids: list[int] | None = None) -> None:
+        """SIGKILL every task (children first) after a move. Their established TCP
+        connections go into repair mode first, so the kill sends no FIN or RST to peers that
+        now talk to the restored copy (what CRIU does to a dumped task)."""
+        for pid in reversed(pids if pids is not None else self.pids()):
+            try:
+                files.silence_connections(pid)
+            except (ProcessGone, FileNotFoundError, ProcessLookupError):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _release_all(self) -> None:
         stops, self._stops = self._stops, {}
