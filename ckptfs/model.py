@@ -118,6 +118,16 @@ class Source:
     def isolation(self) -> Isolation:
         raise NotImplementedError
 
+    def socket_queue(self, file_id: int) -> list[bytes]:
+        """Messages waiting to be read on socket `file_id`, oldest first (a stream's queued
+        bytes are one message)."""
+        return []
+
+    def tcp_stream(self, file_id: int):
+        """(tcp_stream_entry, send queue bytes) of an established TCP socket; None for any
+        other socket, or while the owner runs (repair mode wants a stopped owner)."""
+        return None
+
     # -- helpers every consumer wants -------------------------------------------------------
     def pids(self) -> list[int]:
         return [e.pid for e in self.pstree()]

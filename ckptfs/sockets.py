@@ -3,8 +3,7 @@
 render(src, fdi, tname, sub) -> the files of fds/<n>/ beyond type/flags/open_file;
 load(ts, base, key, flags) -> (fd type value, file id), or None for a socket kind restore
 cannot make (TreeSource then lists it as unsupported and restore refuses it by path).
-queue(src, file_id) -> the messages waiting to be read on a socket (any Source);
-tcp_stream(src, file_id) -> an established TCP socket's repair state and send queue, or None.
+Queued messages and TCP repair state come from Source.socket_queue / Source.tcp_stream.
 
 One file per value (docs/FORMAT.md, fds/<n>/):
 
@@ -52,8 +51,6 @@ OPTS = {"sndbuf": "so_sndbuf", "rcvbuf": "so_rcvbuf", "reuseaddr": "reuseaddr",
         "mark": "so_mark", "buf_lock": "so_buf_lock", "snd_timeout_sec": "so_snd_tmo_sec",
         "snd_timeout_usec": "so_snd_tmo_usec", "rcv_timeout_sec": "so_rcv_tmo_sec",
         "rcv_timeout_usec": "so_rcv_tmo_usec"}
-TREE_QUEUES = "_ckptfs_socket_queues"   # on a TreeSource: file id -> queue file paths
-TREE_TCP = "_ckptfs_tcp_streams"        # on a TreeSource: file id -> (entry, outq path)
 # tcp/<name> -> tcp_stream_entry field (integers; options symbolic)
 TCP_FIELDS = {"inq_seq": "inq_seq", "outq_seq": "outq_seq", "options": "opt_mask",
               "snd_wscale": "snd_wscale", "rcv_wscale": "rcv_wscale", "mss": "mss_clamp",
@@ -102,51 +99,9 @@ def addr_words(family: int, text: str) -> list[int]:
     return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
 
 
-# -- queues -------------------------------------------------------------------------------
-def queue(src, file_id: int) -> list[bytes]:
-    """Messages waiting on a socket, oldest first. A Source with socket_queue() answers
-    itself; a TreeSource gives what load() found; a LiveSource peeks the live socket."""
-    own = getattr(src, "socket_queue", None)
-    if own is not None:
-        return own(file_id)
-    paths = getattr(src, TREE_QUEUES, {}).get(file_id)
-    if paths is not None:
-        return [_read_bytes(p) for p in paths]
-    table = getattr(src, "_files", None)          # LiveSource (capture.linux)
-    if table is None or file_id not in getattr(table, "refs", {}):
-        return []
-    from .capture import files as capture_files
-    get = lambda: capture_files.socket_queue(table.refs[file_id])   # noqa: E731
-    cached = getattr(src, "_cached", None)
-    return cached(("socket-queue", file_id), get) if cached else get()
-
-
-def tcp_stream(src, file_id: int):
-    """(tcp_stream_entry, send queue bytes) of an ESTABLISHED TCP socket, or None when the
-    source has none (or is a running live source: repair mode is for a stopped owner)."""
-    own = getattr(src, "tcp_stream", None)
-    if own is not None:
-        return own(file_id)
-    kept = getattr(src, TREE_TCP, {}).get(file_id)
-    if kept is not None:
-        return kept[0], _read_bytes(kept[1])
-    table = getattr(src, "_files", None)          # LiveSource (capture.linux)
-    if table is None or file_id not in getattr(table, "refs", {}) or not src.frozen:
-        return None
-    from .capture import files as capture_files
-    get = lambda: capture_files.tcp_stream(table.refs[file_id])   # noqa: E731
-    cached = getattr(src, "_cached", None)
-    return cached(("tcp-stream", file_id), get) if cached else get()
-
-
 def is_tcp_connected(sk) -> bool:
     return sk.DESCRIPTOR.name == "inet_sk_entry" and sk.proto == socket.IPPROTO_TCP and \
         sk.state == TCP_ESTABLISHED
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # -- render: Source -> files ----------------------------------------------------------------
@@ -166,10 +121,10 @@ def render(src, fdi, tname: str, sub) -> dict[str, object]:
     for name, field in OPTS.items():
         if sub.opts.HasField(field):
             out[f"opts/{name}"] = int(getattr(sub.opts, field))
-    for i, msg in enumerate(queue(src, fdi.id)):
+    for i, msg in enumerate(src.socket_queue(fdi.id)):
         out[f"queue/{i}"] = bytes(msg)
     if is_tcp_connected(sub):
-        out.update(_render_tcp(tcp_stream(src, fdi.id)))
+        out.update(_render_tcp(src.tcp_stream(fdi.id)))
     return out
 
 
@@ -311,8 +266,7 @@ def _load_queue(ts, base: str, fid: int) -> None:
         from .errors import BadTree
         raise BadTree(f"queue messages are numbered {order}, not 0..{len(order) - 1}",
                       path=ts._p(base))
-    queues = ts.__dict__.setdefault(TREE_QUEUES, {})
-    queues[fid] = [ts._p(base, str(n)) for n in order]
+    ts.socket_queues[fid] = [ts._p(base, str(n)) for n in order]
 
 
 def _load_tcp(ts, base: str, fid: int) -> None:
@@ -328,7 +282,7 @@ def _load_tcp(ts, base: str, fid: int) -> None:
     if not os.path.exists(outq):
         from .errors import BadTree
         raise BadTree("a TCP socket's repair state needs its send queue", path=outq)
-    queued = getattr(ts, TREE_QUEUES, {}).get(fid, [])
+    queued = ts.socket_queues.get(fid, [])
     e.inq_len = sum(os.path.getsize(p) for p in queued)
     e.outq_len = os.path.getsize(outq)
     missing = [n for n in ("inq_seq", "outq_seq", "options", "snd_wscale", "mss")
@@ -336,7 +290,7 @@ def _load_tcp(ts, base: str, fid: int) -> None:
     if missing:
         from .errors import BadTree
         raise BadTree(f"missing TCP state file(s) {', '.join(missing)}", path=ts._p(base))
-    ts.__dict__.setdefault(TREE_TCP, {})[fid] = (e, outq)
+    ts.tcp_streams[fid] = (e, outq)
 
 
 def _name_codec():

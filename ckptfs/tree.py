@@ -476,6 +476,11 @@ def vma_path(src: Source, vma) -> str:
     return ""
 
 
+def _whole(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def chunk_cells(ranges: list[PageRange], start: int, end: int, chunk: int) -> list[tuple[int, int]]:
     """(offset, length) of every grid cell of the map that holds at least one saved page."""
     cells: list[int] = []
@@ -692,6 +697,8 @@ class TreeSource(Source):
         self._file_ids: dict[tuple, int] = {}
         self._pipes: dict[int, bytes] = {}
         self._ghosts: dict[int, str] = {}   # file id of a deleted file -> its contents file
+        self.socket_queues: dict[int, list[str]] = {}   # socket file id -> its queue/<n> files
+        self.tcp_streams: dict[int, tuple] = {}         # file id -> (tcp_stream_entry, outq file)
         self._lock = threading.Lock()
         self._chunks: dict[str, list[str]] | None = None        # frozen: pages dir -> chunks
         self._ranges: dict[tuple, list[PageRange]] = {}         # frozen: (pid, start, end) -> ranges
@@ -1018,6 +1025,13 @@ class TreeSource(Source):
 
     def pipe_data(self, pipe_id: int) -> bytes:
         return self._pipes.get(pipe_id, b"")
+
+    def socket_queue(self, file_id: int) -> list[bytes]:
+        return [_whole(p) for p in self.socket_queues.get(file_id, [])]
+
+    def tcp_stream(self, file_id: int):
+        kept = self.tcp_streams.get(file_id)
+        return None if kept is None else (kept[0], _whole(kept[1]))
 
     def file_deleted(self, file_id: int) -> bool:
         return file_id in self._ghosts

@@ -148,7 +148,7 @@ FACTS = {"a": a.fileno()}
     proc, fx = py_child(procs, tmp_path, body)
     with LiveSource(proc.pid) as live:
         live.freeze()
-        got = sockets.queue(live, fdinfo_of(live, proc.pid, fx["a"]).id)
+        got = live.socket_queue(fdinfo_of(live, proc.pid, fx["a"]).id)
     assert got == [b"s", b"L" * 150000, b"t"]
 
 

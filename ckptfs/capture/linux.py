@@ -964,6 +964,18 @@ class LiveSource(Source):
     def pipe_data(self, pipe_id: int) -> bytes:
         return self._cached(("pipe", pipe_id), lambda: self._pipe_data(pipe_id))
 
+    def socket_queue(self, file_id: int) -> list[bytes]:
+        ref = self._files.refs.get(file_id)
+        if ref is None:
+            return []
+        return self._cached(("socket-queue", file_id), lambda: files.socket_queue(ref))
+
+    def tcp_stream(self, file_id: int):
+        ref = self._files.refs.get(file_id)
+        if ref is None or not self.frozen:
+            return None
+        return self._cached(("tcp-stream", file_id), lambda: files.tcp_stream(ref))
+
     def _pipe_data(self, pipe_id: int) -> bytes:
         ref = self._files.any_fd_of(pipe_id)
         if ref is None:

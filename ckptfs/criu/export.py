@@ -238,17 +238,17 @@ class _Export:
             if f.HasField("isk") and sockets.is_tcp_connected(f.isk):
                 self.tcp_stream(fid, f.isk)
             elif f.HasField("usk") or f.HasField("isk"):
-                packets += [(fid, msg) for msg in sockets.queue(self.src, fid)]
+                packets += [(fid, msg) for msg in self.src.socket_queue(fid)]
         if packets:
             skqueue.write(self.path(skqueue.NAME), packets)
 
     def tcp_stream(self, fid: int, isk) -> None:
         """tcp-stream-<ino>.img of a connection: its repair state and both queues."""
-        stream = sockets.tcp_stream(self.src, fid)
+        stream = self.src.tcp_stream(fid)
         if stream is None:
             return      # no repair state: restore refuses the connection, as ours does
         entry, outq = stream
-        inq = b"".join(sockets.queue(self.src, fid))
+        inq = b"".join(self.src.socket_queue(fid))
         skqueue.write_tcp(self.path(skqueue.tcp_name(isk.ino)), entry, inq, outq)
 
     def ghosts(self, files) -> None:

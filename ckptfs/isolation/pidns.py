@@ -129,6 +129,12 @@ class PidNsView(Source):
     def page_ranges(self, pid: int, vma) -> list:
         return self.inner.page_ranges(self.host(pid), vma)
 
+    def socket_queue(self, file_id: int) -> list[bytes]:
+        return self.inner.socket_queue(file_id)
+
+    def tcp_stream(self, file_id: int):
+        return self.inner.tcp_stream(file_id)
+
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         return self.inner.read_memory(self.host(pid), addr, size)
 

@@ -113,7 +113,7 @@ def problems(source, fe, index: Index | None = None) -> list[str]:
     if sk is None:
         return ["socket of an unknown family (only unix, inet and inet6 are restored)"]
     index = index or Index(source)
-    q = S.queue(source, fe.id)
+    q = source.socket_queue(fe.id)
     if fe.HasField("usk"):
         return _unix_problems(source, sk, q, index)
     return _inet_problems(sk, q, index, fe.id)
@@ -194,7 +194,7 @@ def _tcp_problems(i, index: Index, fid: int, where: str) -> list[str]:
         return [f"TCP socket {where} is {state}: only established connections are restored"]
     if _original(index, fid, i.ino) is not None:
         return []
-    if S.tcp_stream(index.source, fid) is None:
+    if index.source.tcp_stream(fid) is None:
         return [f"connected TCP socket {where} has no repair state (tcp/) in the checkpoint"]
     return []
 
@@ -322,9 +322,9 @@ class Sockets:
         a, b = self._new_pair(socket.AF_UNIX, u.type | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             peer = self.source.file(peer_id).usk if peer_id else None
-            _fill(b, a, S.queue(self.source, fe.id), where)
+            _fill(b, a, self.source.socket_queue(fe.id), where)
             if peer is not None:
-                _fill(a, b, S.queue(self.source, peer_id), where)
+                _fill(a, b, self.source.socket_queue(peer_id), where)
             _finish(a, u)
             if peer is not None:
                 _finish(b, peer)
@@ -356,8 +356,8 @@ class Sockets:
     # TCP connections (TCP_REPAIR) / TCP and UDP sockets
     def _tcp(self, fe, where: str) -> socket.socket:
         i = fe.isk
-        e, outq = S.tcp_stream(self.source, fe.id)
-        inq = b"".join(S.queue(self.source, fe.id))
+        e, outq = self.source.tcp_stream(fe.id)
+        inq = b"".join(self.source.socket_queue(fe.id))
         src = (S.addr_text(i.family, i.src_addr), i.src_port)
         dst = (S.addr_text(i.family, i.dst_addr), i.dst_port)
         try:
