@@ -21,6 +21,8 @@ from ckptfs.translate.freebsd import flags as FF, regs as G
 
 HELPER_CODE = (0x7ffff7ff0000, 0x7ffff7ff1000)    # r-x
 HELPER_DATA = (0x7ffff7fe0000, 0x7ffff7fe2000)    # rw- (the helper's stack)
+HELPER_BSS = (0x600000, 0x601000)                  # the helper's data segment: vm_daddr, break
+MAXDSIZ = 32 << 30                                 # sys/amd64/include/vmparam.h: RLIMIT_DATA cap
 LINUX_NR = {v: k for k, v in RF.NR.items()}
 LINUX_OPEN_BITS = 3                                # O_ACCMODE
 for _v in L.OPEN_FLAGS.values():
@@ -135,6 +137,10 @@ class Proc:
         self.sigmask = (0, 0, 0, 0)                  # FreeBSD sigset_t words
         self.jid = 0
         self.scratch = HELPER_CODE[0]
+        # vm_daddr and the break (vm_daddr + vm_dsize): the helper's own data segment, as
+        # the image activator set them (imgact_elf.c); linux_brk moves only this one
+        self.daddr, self.brk = HELPER_BSS
+        self.robust = {}                             # lwp -> em->robust_futexes
 
 
 class FakeFreeBSD:
@@ -142,7 +148,9 @@ class FakeFreeBSD:
     PL_FLAG_CHILD, PL_FLAG_BORN = O.PL_FLAG_CHILD, O.PL_FLAG_BORN
     KF_FLAG, KVME_FLAG = O.KF_FLAG, O.KVME_FLAG
 
-    def __init__(self, helper_pid=900, xsave_mask=0x7, xsave_len=832, mxcsr_mask=0xffff):
+    def __init__(self, helper_pid=900, xsave_mask=0x7, xsave_len=832, mxcsr_mask=0xffff,
+                 helper_bss=HELPER_BSS):
+        self.helper_bss = helper_bss                 # where the helper's data segment is
         # the CPU: XCR0 and cpu_max_ext_state_size (None: no XSAVE), cpu_mxcsr_mask
         self.xsave_mask, self.xsave_len, self.mxcsr_mask = xsave_mask, xsave_len, mxcsr_mask
         self.fpu = {}                                # lwp -> save area bytes
@@ -181,6 +189,7 @@ class FakeFreeBSD:
         null = Desc("vnode", "/dev/null", 2, node=self._node("/dev/null"))
         for fd in (0, 1, 2):
             self._install(p, null, fd=fd)
+        p.daddr, p.brk = self.helper_bss
         p.lwps[pid] = G.pack(reg)
         self.procs[pid] = p
         return p
@@ -848,6 +857,7 @@ class FakeFreeBSD:
         child.sid, child.pgid = p.sid or p.pid, p.pgid or p.pid
         child.cwd, child.root, child.umask, child.comm = p.cwd, p.root, p.umask, p.comm
         child.limits, child.creds = dict(p.limits), dict(p.creds)
+        child.daddr, child.brk = p.daddr, p.brk
         self.procs[child.pid] = child
         self._linux(p.pid, "fork", child.pid)
         return child.pid
@@ -866,6 +876,33 @@ class FakeFreeBSD:
         p.lwpflags[lwp] = O.PL_FLAG_BORN
         self._linux(p.pid, "clone", flags)
         return lwp
+
+    def linux_brk(self, p, new, *_):
+        """linux_misc.c linux_brk over vm_vmspace.c kern_break: the native break moves (from
+        vm_daddr, up to RLIMIT_DATA, only over unmapped space when it grows); the old break
+        is the answer when it cannot."""
+        old, limit = p.brk, min(p.limits[2][0], MAXDSIZ)
+        ok = new > p.daddr and new - p.daddr <= limit
+        if ok and new > old:
+            grow = (old + PAGE - 1) & ~(PAGE - 1), (new + PAGE - 1) & ~(PAGE - 1)
+            ok = not any(m.start < grow[1] and grow[0] < m.end for m in p.maps)
+            if ok and grow[0] < grow[1]:
+                p.maps.append(Map(*grow, 3))
+        elif ok and new < old:
+            lo = (new + PAGE - 1) & ~(PAGE - 1)
+            p.maps = [piece for m in p.maps for piece in m.cut(lo, old)]
+            p.mem.drop(lo, old)
+        if ok:
+            p.brk = new
+        self._linux(p.pid, "brk", new, p.brk)
+        return p.brk
+
+    def linux_set_robust_list(self, p, head, size, *_):
+        if size != 24:                           # sizeof(struct linux_robust_list_head)
+            return -errno.EINVAL
+        p.robust[p.pid] = head                   # the caller: injected calls run on the main lwp
+        self._linux(p.pid, "set_robust_list", head)
+        return 0
 
     def linux_set_tid_address(self, p, addr, *_):
         p.clear_tid[p.pid] = addr

@@ -90,6 +90,8 @@ class Case:
         self.set_sigmask(self.pid, 1 << (L.SIGNALS["SIGCHLD"] - 1))
         self.set_sigmask(self.tid, (1 << 63) | 1)            # SIGRT31 and SIGHUP
         write(self.task / "comm", tree.STR, "victim")
+        for tid in (self.pid, self.tid):               # threads named as the process
+            write(self.task / f"threads/{tid}/comm", tree.STR, "victim")
         shutil.rmtree(self.task / "sigactions")
         for sig, (h, fl, mask) in self.handlers.items():
             base = self.task / f"sigactions/{L.SIGNAL_NAMES[sig]}"

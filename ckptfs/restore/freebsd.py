@@ -42,7 +42,9 @@ NR = {"read": 0, "write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mpro
       "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
       "dup3": 292, "pipe2": 293, "prlimit64": 302, "unlink": 87, "fchmod": 91,
       "mknod": 133, "eventfd2": 290, "set_tid_address": 218,
-      "ioctl": 16}
+      "ioctl": 16, "brk": 12, "set_robust_list": 273}
+ROBUST_LIST_HEAD = 24                # sizeof(struct linux_robust_list_head): the only length
+#                                      linux_set_robust_list (linux_futex.c) accepts
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
 TRAP_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SIGTRAP = 5                          # FreeBSD
@@ -143,10 +145,11 @@ class Proc:
 
 
 def restore(source, target: Target | None = None, strict: bool = False,
-            plan=None) -> list[int]:
+            plan=None, report: list | None = None) -> list[int]:
     """Restore `source` (a model.Source) on this FreeBSD host; returns the new pids in tree
     order. `plan`: a FreeBSDPlan to apply (read back from edited plan files); default:
-    translate the checkpoint."""
+    translate the checkpoint. `report`, if given, receives what was restored only in part
+    ("<tree file>: why" lines)."""
     t = target or Target()
     meta = source.meta()
     if meta.binary_os != "linux":
@@ -156,7 +159,13 @@ def restore(source, target: Target | None = None, strict: bool = False,
     if plan is None:
         plan = convert.to_freebsd(source, strict=strict)
     check(source, plan)
-    return Restorer(source, plan, t).run()
+    r = Restorer(source, plan, t)
+    try:
+        return r.run()
+    finally:
+        if report is not None:
+            report.extend(r.warnings)
+            report.extend(f"{rec.path}: {rec.reason}" for rec in r.log.records)
 
 
 def check(source, plan) -> None:
@@ -280,6 +289,7 @@ class Restorer:
         values = self.values[pid]
         check_layout(self.src, pid, proc.calls)
         restore_fds(self.src, pid, values, proc.calls, proc.table)
+        self.warnings += restore_brk(self.src, pid, proc.calls)
         restore_memory(self.src, pid, proc.new, proc.calls, self.kit)
         restore_fs(self.src, pid, proc.calls)
         restore_comm(self.src, pid, proc.calls)
@@ -314,6 +324,7 @@ class Restorer:
         if ctid:
             calls("set_tid_address", ctid, step="set_tid_address",
                   path=f"tasks/{task.pid}/threads/{task.pid}/clear_tid_addr")
+        self.warnings += restore_robust_lists(self.src, task, calls)
 
     def finish(self, task) -> None:
         proc = self.procs[task.pid]
@@ -696,6 +707,49 @@ def restore_comm(source, pid: int, calls: LinuxCalls) -> None:
         calls.reset()
         calls("prctl", PR_SET_NAME, calls.put(comm.encode()[:15] + b"\0"), step="prctl",
               path=f"tasks/{pid}/comm")
+
+
+def restore_brk(source, pid: int, calls: LinuxCalls) -> list[str]:
+    """The program's break, by an injected Linux brk(mm_brk) before its maps are made.
+
+    The Linuxulator keeps no Linux break of its own: linux_brk (linux_misc.c) moves the
+    native one, vm_daddr + vm_dsize, which the image activator (imgact_elf.c) set from the
+    executable it started: the helper's data segment, not the program's. kern_break only
+    grows it from vm_daddr up to RLIMIT_DATA over unmapped space, and no call moves vm_daddr.
+    So the recorded break is reached only when the helper's data segment ends where the
+    program's heap begins; otherwise the heap is restored as an ordinary anonymous map and
+    the program's later brk calls fail (glibc malloc then takes memory with mmap): returned
+    as a warning naming tasks/<pid>/mm/brk."""
+    mm = source.mm(pid)
+    want, where = mm.mm_brk, f"tasks/{pid}/mm/brk"
+    if not want:
+        return []
+    got = calls("brk", want, step="brk", path=where)
+    if got == want:
+        return []
+    return [f"{where}: the break stays the helper's ({got:#x}, not {want:#x}): the "
+            "Linuxulator's brk moves the data segment of the executable it started; the heap "
+            "is restored as an anonymous map and later brk calls fail"]
+
+
+def restore_robust_lists(source, task, calls: LinuxCalls) -> list[str]:
+    """The main thread's robust futex list (set_robust_list, kept per thread in the
+    Linuxulator's emuldata). Injected calls run on the main thread only, so another
+    thread's list is not registered again: returned as a warning per thread."""
+    warnings = []
+    for th in task.threads:
+        tc = source.core(th.tid).thread_core
+        head, size = tc.futex_rla, tc.futex_rla_len
+        if not head:
+            continue
+        where = f"tasks/{task.pid}/threads/{th.tid}/futex_rla"
+        if th.tid != task.pid:
+            warnings.append(f"{where}: {head:#x} not registered again (injected calls run "
+                            "on the main thread; set_robust_list applies to the caller)")
+            continue
+        calls("set_robust_list", head, size or ROBUST_LIST_HEAD, step="set_robust_list",
+              path=where)
+    return warnings
 
 
 def restore_rlimits(source, pid: int, calls: LinuxCalls) -> list[str]:

@@ -124,6 +124,10 @@ NOT_CARRIED = {
     "sigaltstack": "the alternate signal stack is not re-established by the FreeBSD restore",
     "rseq": "the rseq(2) registration is not re-made by the FreeBSD restore: the area's cpu "
             "id is no longer kept up to date",
+    # linux_prctl (linux_misc.c) PR_SET_NAME writes the process's p_comm; the native
+    # thr_set_name is not reachable from a Linux-ABI process: a thread keeps the process name
+    "comm": "a thread's own name is not set by the FreeBSD restore (the Linuxulator's "
+            "PR_SET_NAME names the process); the thread shows the process name",
 }
 
 
@@ -154,6 +158,8 @@ def not_carried(source: Source, pid: int, tids: list[int], leader, log: LossLog)
                      NOT_CARRIED["sigaltstack"])
         if tc.HasField("rseq_entry") and tc.rseq_entry.rseq_abi_pointer:
             log.note(f"{where}/rseq", hex(tc.rseq_entry.rseq_abi_pointer), NOT_CARRIED["rseq"])
+        if tid != pid and tc.comm and leader.HasField("tc") and tc.comm != leader.tc.comm:
+            log.note(f"{where}/comm", tc.comm, NOT_CARRIED["comm"])
 
 
 def gpregs(core, path: str) -> dict[str, int]:
