@@ -707,7 +707,9 @@ class TreeSource(Source):
 
     # files --------------------------------------------------------------------------------
     def _p(self, *parts) -> str:
-        return os.path.join(self.root, *map(str, parts))
+        # Joined by hand: tree-relative parts never start with "/" (os.path.join's one
+        # difference), and a restore asks for ~1300 paths, where join's cost shows.
+        return "/".join((self.root, *map(str, parts)))
 
     def _read(self, rel: str, codec: Codec, *, missing=BadTree):
         """The decoded value of one file; a missing file raises `missing` (a BadTree by
@@ -1070,13 +1072,11 @@ class TreeSource(Source):
             self._chunks = index
         return self._chunks
 
-    def _chunk_size(self, path: str, rel: str) -> int:
-        """A frozen tree's chunk size is the manifest's (restore checks the files against it
-        and the fill checks each file it maps); otherwise the file's own."""
-        if self.frozen and "files" in self.manifest:
-            return self.manifest["files"][rel]["size"]
+    @staticmethod
+    def _chunk_size(path: str) -> int:
+        """The chunk file's own size (an edit after the manifest was sealed shows here)."""
         try:
-            return os.path.getsize(path)
+            return os.stat(path).st_size
         except FileNotFoundError:
             raise BadTree("missing chunk (listed in the manifest)", path=path) from None
 
@@ -1087,10 +1087,9 @@ class TreeSource(Source):
         if key in self._ranges:
             return list(self._ranges[key])
         rel = f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/pages/"
-        base = self._p(rel)
         out = []
         for name in self._chunk_names(pid, vma):
-            path = os.path.join(base, name)
+            path = self._p(rel + name)
             try:
                 off = int(name, 16)
             except ValueError:
@@ -1098,7 +1097,7 @@ class TreeSource(Source):
             want = min(self.chunk_size, vma.end - vma.start - off)
             if off % self.chunk_size or want <= 0:
                 raise BadTree(f"chunk offset {name} is not a cell of this map", path=path)
-            size = self._chunk_size(path, rel + name)
+            size = self._chunk_size(path)
             if size != want:
                 raise BadTree(f"chunk is {size} bytes, the map needs {want}", path=path)
             out.append(PageRange(vma.start + off, vma.start + off + size))

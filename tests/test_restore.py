@@ -616,12 +616,23 @@ def _status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
 
 
+def _sleeping(procs):
+    """A `sleep 60` that is past exec and asleep (a dump then sees sleep, not python)."""
+    p = procs.spawn(["sleep", "60"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        st = _status(p.pid)
+        if st["Name"] == "sleep" and st["State"].startswith("S"):
+            break
+        time.sleep(0.01)
+    return p
+
+
 def test_uid_change_keeps_the_recorded_capabilities(procs, restored, tmp_path):
     """A root-started task recorded as uid 1000 / gid 1001 holding a few capabilities (one
     ambient), a trimmed bounding set, securebits and no_new_privs comes back exactly so: the
     uid change must not wipe the sets (SECBIT_NO_SETUID_FIXUP while switching)."""
-    p = procs.spawn(["sleep", "60"])
-    time.sleep(0.2)
+    p = _sleeping(procs)
     d = dump(p.pid, tmp_path / "tree")
     bnd = int((d / "tasks" / str(p.pid) / "creds" / "cap_bnd").read_text(), 16) & ~(1 << CAP_MKNOD)
     prm = 1 << CAP_CHOWN | 1 << CAP_KILL | 1 << CAP_NET_BIND_SERVICE
@@ -639,12 +650,14 @@ def test_uid_change_keeps_the_recorded_capabilities(procs, restored, tmp_path):
     assert got == {"CapInh": inh, "CapPrm": prm, "CapEff": 1 << CAP_KILL, "CapBnd": bnd,
                    "CapAmb": amb}, {k: hex(v) for k, v in got.items()}
     assert st["NoNewPrivs"] == "1", st
-    assert st["State"].startswith("S"), st       # and it runs: back in its nanosleep
+    deadline = time.monotonic() + 5              # and it runs: back in its nanosleep
+    while not _status(new)["State"].startswith("S") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _status(new)["State"].startswith("S"), _status(new)
 
 
 def test_capabilities_beyond_ours_are_refused_by_name(procs, restored, tmp_path):
-    p = procs.spawn(["sleep", "60"])
-    time.sleep(0.2)
+    p = _sleeping(procs)
     d = dump(p.pid, tmp_path / "tree")
     ours = int(_status(os.getpid())["CapPrm"], 16)
     missing = next(c for c in range(40, -1, -1) if not ours >> c & 1)   # CAP_SYS_RESOURCE here

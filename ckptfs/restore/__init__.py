@@ -70,7 +70,7 @@ def tree_problems(source: Source) -> list[str]:
         return [f"{root}/manifest: state is {doc.get('state')!r}: only a frozen tree restores"]
     out = []
     for rel, entry in doc.get("files", {}).items():
-        path = os.path.join(root, rel)
+        path = f"{root}/{rel}"        # manifest.load refused absolute and ../ paths
         try:
             size = os.lstat(path).st_size
         except FileNotFoundError:

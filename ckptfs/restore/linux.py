@@ -12,14 +12,19 @@ How (no kernel help, no CRIU):
    which every task later pulls the files the restorer opened for it (pidfd_getfd).
 3. The process tree is forked in shape from the helpers with injected clone3 (set_tid keeps
    the old pids with `same_pids`, or inside a new PID namespace with `pidns`, whose init is
-   a 40-byte reaper loop written into a helper); sessions and groups follow.
-4. Each task: unmap everything but the scratch page, place the vDSO (arch_prctl
-   ARCH_MAP_VDSO_64), PR_SET_MM_MAP (mm fields, auxv, exe), map every VMA (MAP_FIXED), fill
-   the saved pages (UFFDIO_COPY through a userfaultfd of the task for private anonymous
-   maps, process_vm_writev for the rest: memory.py), set final protections, install its
+   a 40-byte reaper loop written into a helper; CLONE_FILES for a child that shared its
+   parent's descriptor table); sessions and groups follow.
+4. Each task: rlimits that differ (prlimit from here), unmap everything but the scratch page,
+   place the vDSO (arch_prctl ARCH_MAP_VDSO_64), PR_SET_MM_MAP (mm fields, auxv, exe), map
+   the private anonymous VMAs (MAP_FIXED) and start their page fill (UFFDIO_COPY through a
+   userfaultfd of the task, on threads of their own: memory.py), map the other VMAs
+   (process_vm_writev fills their saved pages, also on a thread). While pages are copied:
    descriptors (deleted files re-made from their contents: files.py), cwd/root/umask,
-   rlimits, signal handlers, itimers, names; clone its threads; per thread the robust list,
-   clear_tid, rseq, sigaltstack, credentials.
+   signal handlers that differ from the helper's, itimers, names; threads cloned. Then the
+   fill is joined (every page in place, maps unregistered, its errors raised here) and
+   final protections set; per thread the robust list, clear_tid, rseq (its area must be
+   filled), sigaltstack, credentials (groups, gids, capabilities, uids, securebits:
+   _creds says in which order and why); dumpable after them (an euid change resets it).
 5. Last, per task: every thread blocks every signal; POSIX timers are re-created under their
    ids and pending signals queued again (signals.py), then the scratch page goes. Then
    registers and xsave state of every thread; a thread that was inside a system call is
