@@ -686,3 +686,29 @@ def test_shared_descriptor_table_from_a_live_source(zdtm_bin, procs, restored, t
             assert _procs.wait_gone(p, 5), f"{p} did not die"
         return r.pids[pid]
     assert zdtm.run_case(zdtm_bin, "files_shared", tmp_path, procs, move=move) == "PASS"
+
+
+def test_a_fill_failing_on_its_thread_fails_the_restore_by_file(zdtm_bin, procs, tmp_path):
+    """The page copy runs on threads of its own while the restorer goes on with the task: a
+    chunk that cannot be read there (here it vanished after the checks) still fails the
+    restore, naming the chunk, and every task made so far is killed."""
+    from ckptfs.tree import TreeSource
+    run = zdtm.start(zdtm_bin, "mmap_pattern", tmp_path / "work", procs.spawn)
+    d = dump(run.pid, tmp_path / "tree")
+    gone = tmp_path / "vanished-chunk"
+
+    class Vanishing(TreeSource):
+        """The last chunk of the largest map is looked for where no file is."""
+        def chunk_path(self, pid, vma, offset):
+            big = max(self.mm(pid).vmas, key=lambda v: sum(r.end - r.start
+                                                           for r in self.page_ranges(pid, v)))
+            last = self.page_ranges(pid, big)[-1].start - big.start
+            if vma.start == big.start and offset == last:
+                return str(gone)
+            return super().chunk_path(pid, vma, offset)
+
+    before = set(_procs.children(os.getpid()))
+    with pytest.raises(RestoreFailed) as e:
+        restore(Vanishing(str(d)))
+    assert str(gone) in str(e.value) and e.value.step == "fill memory", str(e.value)
+    assert set(_procs.children(os.getpid())) <= before     # nothing left running

@@ -402,9 +402,9 @@ class LinuxRestorer:
         filling = self._memory(live)
         try:
             self._finish_task(live, rlimits=False, filling=filling)
-        except BaseException:
+        except BaseException as e:
             filling.cancel()
-            if filling.error is not None:
+            if filling.error is not None and filling.error is not e:
                 self.log(f"note: the page fill of {self._where(live.plan.pid)} failed too: "
                          f"{filling.error}")
             raise
