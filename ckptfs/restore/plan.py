@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import mmap
 import os
 import stat
@@ -78,8 +79,10 @@ def where(source: Source, pid: int, rel: str = "") -> str:
 _XGETBV = bytes.fromhex("31c90f01d048c1e2204809d0c3")   # xor ecx,ecx; xgetbv; rax |= rdx<<32; ret
 
 
+@functools.cache
 def host_xcr0() -> int:
-    """XCR0: the xsave features this CPU and kernel enable for user space."""
+    """XCR0: the xsave features this CPU and kernel enable for user space (fixed for the
+    life of this process, as are the vDSO's place and bytes: each is looked up once)."""
     buf = mmap.mmap(-1, PAGE_SIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     buf.write(_XGETBV)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -87,7 +90,16 @@ def host_xcr0() -> int:
     return value
 
 
+@functools.cache
+def _host_vdso() -> tuple:
+    return tuple(_read_host_vdso().items())
+
+
 def host_vdso() -> dict[str, tuple[int, int]]:
+    return dict(_host_vdso())
+
+
+def _read_host_vdso() -> dict[str, tuple[int, int]]:
     """[vdso] / [vvar] / [vvar_vclock] of this process: name -> (start, end)."""
     out = {}
     with open("/proc/self/maps") as f:
@@ -99,6 +111,7 @@ def host_vdso() -> dict[str, tuple[int, int]]:
     return out
 
 
+@functools.cache
 def host_vdso_bytes() -> bytes:
     lo, hi = host_vdso()["[vdso]"]
     with open("/proc/self/mem", "rb", buffering=0) as f:
