@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -789,7 +790,7 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
         if keep_source:
             log(f"source {pid} stays frozen under {src.dir} (echo thaw or kill > {src.dir}/ctl)")
         else:
-            src.ctl("kill")
+            kill_source(src)
     except BaseException:
         if frozen and not restored:
             restored = back_out(src, dest)
@@ -803,6 +804,40 @@ def migrate(pid: int, dest: Dest, *, keep_source: bool = False, max_passes: int 
     log(f"target: {status}; downtime {downtime * 1000:.0f} ms; total {result.total:.2f} s; "
         f"bytes per pass: {', '.join(_mb(p.bytes) for p in passes)}")
     return result
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and its descendants (host pids, parents first), from /proc."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue                 # gone meanwhile: nothing of it left to kill
+    return out
+
+
+def kill_source(src: SourceMount) -> None:
+    """`echo kill > ctl` once the target restored the process. Should the mount fail to do it
+    (it answers EIO now and then once the tree is dead), every task the frozen manifest
+    lists is killed here: two running copies are never left, and a migration that did
+    arrive is not reported failed."""
+    try:
+        src.ctl("kill")
+        return
+    except CkptError as e:
+        failed = e
+    pids = tree_pids(src.pid)
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log(f"{failed}: killed the source's tasks {pids} directly")
 
 
 ABORT = """echo abort > {ctl} 2>/dev/null; while :; do s=$(head -n 1 {status} 2>/dev/null)

@@ -155,6 +155,23 @@ def test_failure_thaws_the_source(wset_bin, procs, tmp_path):
     assert verify(src.pid, str(out)) != line1              # rounds go on: it runs
 
 
+def test_kill_source_kills_the_tree_when_the_mount_cannot(procs, tmp_path):
+    """After a restore the source must die even if `echo kill > ctl` fails (the mount
+    answered EIO once in the bench): its tree is killed from /proc."""
+    parent = procs.spawn(["sh", "-c", "sleep 100 & echo $!; wait"], logdir=tmp_path / "t")
+    child = int(P.wait_file(tmp_path / "t" / "stdout", None, proc=parent).split()[0])
+    procs.adopt(child)
+
+    class Broken:                 # a source mount whose ctl fails as that one did
+        pid = parent.pid
+
+        def ctl(self, word):
+            raise CkptError("echo kill > ctl: Input/output error", step=word, path="ctl")
+    assert migrate.tree_pids(parent.pid) == [parent.pid, child]
+    migrate.kill_source(Broken())
+    assert P.wait_gone(child, 5) and P.wait_gone(parent.pid, 5)
+
+
 # -- the final-pass stream, without hosts ----------------------------------------------------
 def make_stream(tmp_path: Path, build) -> Path:
     """The bytes `build(writer)` frames, in a file."""

@@ -150,9 +150,17 @@ class Remote:
             return result
         finally:
             kill(p.pid)
+            new = new or self.restored(job)     # a failed run may still have restored it
             if new:
                 kill(new)
             shutil.rmtree(self.h.b.path(f"{self.mnt}/{job}"), ignore_errors=True)
+
+    def restored(self, job: str) -> int | None:
+        try:
+            status = open(self.h.b.path(f"{self.mnt}/{job}/status")).read()
+        except OSError:
+            return None
+        return int(status.split("=", 1)[1]) if status.startswith("restored pid=") else None
 
 
 def split(result: migrate.Result) -> tuple[float, float, float, float, float]:
