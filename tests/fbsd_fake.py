@@ -68,23 +68,33 @@ class Mem:
 
 
 class Map:
-    """One vm_map entry: [start, end), protection, backing (anonymous or a file)."""
-    def __init__(self, start, end, prot, path="", offset=0, private=True, grows_down=False):
+    """One vm_map entry: [start, end), protection, backing (anonymous or a file). Shared
+    anonymous memory has an `obj` (pages by object offset) that every entry mapping it
+    holds: a fork hands the same one to the child (MAP_INHERIT_SHARE)."""
+    def __init__(self, start, end, prot, path="", offset=0, private=True, grows_down=False,
+                 obj=None):
         self.start, self.end, self.prot, self.path = start, end, prot, path
         self.offset, self.private, self.grows_down = offset, private, grows_down
+        self.obj = obj
 
     def cut(self, start, end):
         """This entry without [start, end): 0, 1 or 2 entries."""
         out = []
         if self.start < start:
             out.append(Map(self.start, min(self.end, start), self.prot, self.path,
-                           self.offset, self.private, self.grows_down))
+                           self.offset, self.private, self.grows_down, self.obj))
         if end < self.end:
             at = max(self.start, end)
+            keeps = self.path or self.obj is not None
             out.append(Map(at, self.end, self.prot, self.path,
-                           self.offset + (at - self.start) if self.path else 0, self.private,
-                           self.grows_down))
+                           self.offset + (at - self.start) if keeps else 0, self.private,
+                           self.grows_down, self.obj))
         return out
+
+    def copy(self):
+        """The child's entry after a fork: the same object if shared, else a copy."""
+        return Map(self.start, self.end, self.prot, self.path, self.offset, self.private,
+                   self.grows_down, self.obj)
 
 
 class Pipe:
@@ -160,6 +170,7 @@ class FakeFreeBSD:
         self.fail_on = None                          # (linux call name, errno): inject a failure
         self.fs, self.gone = {}, set()               # jail files touched; paths unlinked
         self.inodes = {}
+        self.objs = {}                               # kve_obj handed out
         self.next_map = SCRATCH_BASE
         self.next_file = 0                           # struct file addresses handed out
 
@@ -259,8 +270,20 @@ class FakeFreeBSD:
             flags = (O.KVME_FLAG["COW"] if m.private else 0) | \
                 (O.KVME_FLAG["GROWS_DOWN"] if m.grows_down else 0)
             out.append(O.VmEntry(m.start, m.end, m.offset, "vnode" if m.path else "default",
-                                 m.prot, flags, 0, m.path))
+                                 m.prot, flags, 0, m.path, obj=self._obj_addr(pid, m)))
         return out
+
+    def _obj_addr(self, pid, m):
+        """kve_obj of an anonymous entry: the shared object's own address, or one per
+        private entry (what a private map after a fork shares is marked COW anyway)."""
+        if m.path:
+            return 0
+        if m.obj is not None:
+            if not hasattr(m.obj, "addr"):               # a Mem: a plain attribute
+                m.obj.addr = 0xfffff80200000000 + 0x1000 * len(self.objs)
+                self.objs[("shared", m.obj.addr)] = m.obj.addr
+            return m.obj.addr
+        return self.objs.setdefault((pid, m.start), 0xfffff80200000000 + 0x1000 * len(self.objs))
 
     def _mapped(self, p, addr, size):
         end, pos = addr + size, addr              # covered by maps without a hole
@@ -275,11 +298,20 @@ class FakeFreeBSD:
             self._err(f"PT_IO read {addr:#x}+{size}", errno.EFAULT, pid)
         return self._contents(p, addr, size)
 
+    @staticmethod
+    def _shared_at(p, page):
+        return next((m for m in p.maps if m.obj is not None and m.start <= page < m.end), None)
+
     def _contents(self, p, addr, size):
         """What the process sees: written pages, else the mapped file's bytes (the page
         cache of the jail's file, this host's file here), else zeros."""
         out = bytearray(p.mem.read(addr, size))
         for page in range(addr & ~(PAGE - 1), addr + size, PAGE):
+            shm = self._shared_at(p, page)
+            if shm is not None:
+                lo, hi = max(page, addr), min(page + PAGE, addr + size)
+                out[lo - addr:hi - addr] = shm.obj.read(shm.offset + lo - shm.start, hi - lo)
+                continue
             if page in p.mem.pages:
                 continue
             m = next((m for m in p.maps if m.start <= page < m.end and m.path), None)
@@ -296,10 +328,16 @@ class FakeFreeBSD:
         p = self._traced(pid, "PT_IO write")
         if not self._mapped(p, addr, len(data)):
             self._err(f"PT_IO write {addr:#x}+{len(data)}", errno.EFAULT, pid)
+        data = bytes(data)
         for page in range(addr & ~(PAGE - 1), addr + len(data), PAGE):
+            shm = self._shared_at(p, page)
+            lo, hi = max(page, addr), min(page + PAGE, addr + len(data))
+            if shm is not None:                      # into the object every sharer sees
+                shm.obj.write(shm.offset + lo - shm.start, data[lo - addr:hi - addr])
+                continue
             if page not in p.mem.pages:              # copy on write from the mapped file
                 p.mem.pages[page] = bytearray(self._contents(p, page, PAGE))
-        p.mem.write(addr, bytes(data))
+            p.mem.write(lo, data[lo - addr:hi - addr])
         if bytes(data) == RF.TRAP_CODE:
             p.scratch = addr                         # where the injector runs its calls
         if addr >= HELPER_DATA[0] and addr < HELPER_DATA[1] or addr == p.scratch:
@@ -778,8 +816,9 @@ class FakeFreeBSD:
         if not flags & RF.MAP_FIXED:                 # the kernel picks a free place
             addr = self.next_map
             self.next_map += length + PAGE
+        obj = Mem() if flags & 1 and not path else None     # MAP_SHARED|MAP_ANONYMOUS
         self._place(p, Map(addr, addr + length, prot, path, off if path else 0,
-                           private=not flags & 1, grows_down=bool(flags & 0x100)))
+                           private=not flags & 1, grows_down=bool(flags & 0x100), obj=obj))
         self._linux(p.pid, "mmap", addr, length, flags & 0xff)
         return addr
 
@@ -794,8 +833,9 @@ class FakeFreeBSD:
                 continue
             out += m.cut(addr, end)
             lo, hi = max(m.start, addr), min(m.end, end)
-            out.append(Map(lo, hi, prot, m.path, m.offset + (lo - m.start) if m.path else 0,
-                           m.private, m.grows_down))
+            keeps = m.path or m.obj is not None
+            out.append(Map(lo, hi, prot, m.path, m.offset + (lo - m.start) if keeps else 0,
+                           m.private, m.grows_down, m.obj))
         p.maps = out
         return 0
 
@@ -840,9 +880,7 @@ class FakeFreeBSD:
     def linux_fork(self, p, *_):
         if not p.follow:
             raise AssertionError("fork without PT_FOLLOW_FORK: the child would run untraced")
-        child = Proc(self.next_pid, None, [Map(m.start, m.end, m.prot, m.path, m.offset,
-                                               m.private, m.grows_down) for m in p.maps],
-                     p.mem.copy())
+        child = Proc(self.next_pid, None, [m.copy() for m in p.maps], p.mem.copy())
         self.next_pid += 1
         for fd, desc in p.fds.items():           # inherited: the same descriptions
             self._install(child, desc, fd=fd, cloexec=p.cloexec.get(fd, False))

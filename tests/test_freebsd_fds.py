@@ -6,6 +6,7 @@ be what the program had."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -177,14 +178,43 @@ def test_pipe_beyond_big_pipe_size_is_refused_naming_the_file(procs, tmp_path):
     assert kit.killed and not kit.jails
 
 
-def test_memory_shared_between_processes_is_refused_naming_the_map(program):
-    """shared_anon: a MAP_SHARED anonymous map shared with a forked child. Mapped again in
-    each process after the forks it would no longer be shared: refused before anything."""
+def test_memory_shared_between_processes_is_one_object(program):
+    """shared_anon: a MAP_SHARED anonymous map shared with a forked child. The root maps it
+    before it forks, so both processes hold one object (MAP_INHERIT_SHARE): the saved pages
+    are there, and a write through one process shows in the other."""
     old, src, _ = program("shared_anon")
+    kit, pids = restore(src)
+    shared = [(pid, v) for pid in src.pids() for v in src.mm(pid).vmas
+              if v.status & L.VMA_STATUS["VMA_ANON_SHARED"]]
+    assert len({v.shmid for _, v in shared}) == 1 and len(shared) == 2
+    (pid, vma), new = shared[0], dict(zip(src.pids(), pids))
+    want = src.read_memory(pid, vma.start, vma.end - vma.start)
+    assert all(kit._contents(kit.procs[n], vma.start, vma.end - vma.start) == want
+               for n in pids)
+    maps = [m for n in pids for m in kit.procs[n].maps if m.start == vma.start]
+    assert len(maps) == 2 and maps[0].obj is maps[1].obj is not None
+    mmaps = [e for e in kit.log if e[:3] == ("linux", new[old], "mmap") and e[3] == vma.start]
+    assert len(mmaps) == 1 and mmaps[0][5] & 1             # once, MAP_SHARED, in the root
+    assert not any(e[:3] == ("linux", new[src.pids()[1]], "mmap") and e[3] == vma.start
+                   for e in kit.log)                     # the child inherits it
+
+
+def test_shared_memory_at_two_places_is_refused_naming_the_map(program, tmp_path):
+    """The child's copy of the shared map moved elsewhere (an edited tree: mremap could do
+    it): inheritance cannot place it, so it is refused before anything exists."""
+    old, src, _ = program("shared_anon")
+    child = src.pids()[1]
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    maps = edited / f"tasks/{child}/maps"
+    [name] = [n for n in os.listdir(maps) if (maps / n / "status").read_text().count("SHARED")
+              and (maps / n / "shmid").exists()]
+    lo, hi = (int(x, 16) for x in name.split("-"))
+    moved = f"{0x100000000000:x}-{0x100000000000 + hi - lo:x}"
+    os.rename(maps / name, maps / moved)
     kit = FakeFreeBSD()
     with pytest.raises(Unsupported) as e:
-        restore(src, kit)
-    child = src.pids()[1]
-    assert f"tasks/{child}/maps/" in str(e.value) and "/shmid" in str(e.value)
+        restore(tree.TreeSource(str(edited)), kit)
+    assert f"tasks/{child}/maps/{moved}/shmid" in str(e.value)
     assert f"process {old}" in str(e.value)
     assert kit.log == []

@@ -53,7 +53,7 @@ def move_through_fake_freebsd(pid: int, tmp: Path, kits: list, edit=None,
 # stacks and queued signals are not re-made on FreeBSD (plan/lossy says so); unlinked files
 # are restored there but not captured back yet).
 ROUND_TRIP = ["sleeping", "pipe_data", "half_read_file", "mmap_pattern", "avx_regs",
-              "eventfd", "cwd_umask", "fifo", "fork_tree"]
+              "eventfd", "cwd_umask", "fifo", "fork_tree", "criu_mix", "shared_anon"]
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)

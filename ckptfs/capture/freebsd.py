@@ -19,7 +19,11 @@ area, mask and name. Ids, credentials (kinfo_proc ki_uid/ruid/svuid/rgid/svgid/g
 ki_comm from kern.proc.pid; rlimits and umask by injected Linux calls like the handlers; cwd,
 root and executable from kern.proc.filedesc's negative entries; mm bounds derived from the map
 (mm_fields). Not read: per-page residency (no pagemap: every page of a private or anonymous
-map is saved), queued pipe bytes, child processes.
+map is saved).
+
+Trees (FreeBSDTreeSource): the descendants by ki_ppid (kern.proc.proc), one id per open file
+description from kern.file's struct file address (xf_file), anonymous memory shared between
+processes by kinfo_vmentry kve_obj (the same object, not copy-on-write, in two processes).
 """
 from __future__ import annotations
 
@@ -52,10 +56,12 @@ def kf_to_fbsd_open(kf_flags: int) -> int:
     return out
 
 
-def vma_entry(e) -> pb.vma_entry:
-    """kinfo_vmentry -> CRIU vma_entry (Linux flags and status)."""
+def vma_entry(e, shared: bool = False) -> pb.vma_entry:
+    """kinfo_vmentry -> CRIU vma_entry (Linux flags and status). Anonymous memory is shared
+    when the tree says so (`shared`: its object is mapped by another process too)."""
     anon = e.kind in ("default", "swap", "none") and not e.path
-    share = L.MAP_FLAGS["MAP_PRIVATE"] if (e.private or anon) else L.MAP_FLAGS["MAP_SHARED"]
+    private = e.private or (anon and not shared)
+    share = L.MAP_FLAGS["MAP_PRIVATE"] if private else L.MAP_FLAGS["MAP_SHARED"]
     flags = share | (L.MAP_FLAGS["MAP_ANONYMOUS"] if anon else 0)
     status = S["VMA_AREA_REGULAR"]
     if anon:
@@ -298,11 +304,13 @@ class FreeBSDSource(model.Source):
                            umask=self.linux_state()[2])
 
     def mm(self, pid: int):
-        vmas = [vma_entry(e) for e in self.kit.vmmap(pid) if e.kind != "guard"]
         entries = [e for e in self.kit.vmmap(pid) if e.kind != "guard"]
+        vmas = [vma_entry(e, e.obj in self.ids.shared_anon) for e in entries]
         for vma, e in zip(vmas, entries):
             if e.path and not vma.status & (S["VMA_ANON_PRIVATE"] | S["VMA_ANON_SHARED"]):
                 vma.shmid = self.named(e.path)
+            elif vma.status & S["VMA_ANON_SHARED"]:
+                vma.shmid = self.ids.get("shm", e.obj)
         exe = self.program(entries)
         rsp = G.unpack(self.kit.get_regs(self.lwp[pid]))["r_rsp"]
         fields = mm_fields(entries, exe, rsp, self.log, f"tasks/{pid}/mm")
@@ -479,18 +487,32 @@ class FreeBSDSource(model.Source):
 class Ids:
     """Ids that agree across the processes of one tree: open file descriptions (file ids),
     pipes (pipe ids), FIFOs, and files known by name only."""
-    BASES = {"desc": 1, "pipe": 1, "fifo": FIFO_ID_BASE}
+    BASES = {"desc": 1, "pipe": 1, "fifo": FIFO_ID_BASE, "shm": 1}
 
     def __init__(self):
         self.known: dict[tuple, int] = {}
         self.count = {space: 0 for space in self.BASES}
         self.paths: dict[int, tuple] = {}
+        self.shared_anon: set[int] = set()       # kve_obj of anonymous memory shared in the tree
 
     def get(self, space: str, key) -> int:
         if (space, key) not in self.known:
             self.known[(space, key)] = self.BASES[space] + self.count[space]
             self.count[space] += 1
         return self.known[(space, key)]
+
+
+def shared_anonymous(kit, pids) -> set[int]:
+    """kve_obj of the anonymous objects that several processes of the tree map without
+    copy-on-write: shared memory (vm_mmap_object gives MAP_SHARED anonymous memory
+    MAP_INHERIT_SHARE and no MAP_COPY_ON_WRITE; a fork marks private entries COW on both
+    sides, so private memory a fork left in common never counts)."""
+    users: dict[int, set[int]] = {}
+    for pid in pids:
+        for e in kit.vmmap(pid):
+            if e.obj and not e.path and not e.private and e.kind in ("default", "swap"):
+                users.setdefault(e.obj, set()).add(pid)
+    return {obj for obj, who in users.items() if len(who) > 1}
 
 
 def descriptions(kit, pid: int | None, log: LossLog) -> dict:
@@ -621,6 +643,7 @@ class FreeBSDTreeSource(model.Source):
                     self.attached.append(kid)
                 order += kids
             self.ids = Ids()
+            self.ids.shared_anon = shared_anonymous(kit, order)
             shared = descriptions(kit, None, self.log)
             self.procs = {p: FreeBSDSource(p, kit, self.ids, shared.get(p, {}), self.log)
                           for p in order}

@@ -67,6 +67,8 @@ JAILSYS_PARAMS = frozenset({"host", "vnet", "ip4", "ip6", "sysvmsg", "sysvsem", 
 REG_SIZE = 176
 FPREG_SIZE = 512                                  # struct fpreg = the FXSAVE region
 KVE = struct.Struct("<iiQQQQIiiiiiiiQIHHQQ")      # through kve_vn_rdev (offset 104)
+# kve_type_spec is kve_vn_fsid for a vnode and kve_obj for anonymous memory (sys/sys/user.h)
+ANON_KINDS = ("default", "swap")
 KVE_PATH_OFFSET, KINFO_VMENTRY_SIZE = 136, 1160
 KF = struct.Struct("<iiiiiiq")                    # structsize, type, fd, ref_count, flags, pad, offset
 KF_STATUS_OFFSET, KF_PATH_OFFSET, KINFO_FILE_SIZE = 336, 368, 1392
@@ -113,6 +115,8 @@ class VmEntry:
     flags: int             # KVME_FLAG bits
     fileid: int
     path: str
+    obj: int = 0           # kve_obj: the anonymous VM object's address (FreeBSD 13.1+/14),
+    #                        the same in every process mapping one shared object
 
     @property
     def private(self) -> bool:
@@ -254,7 +258,8 @@ def parse_vmmap(buf: bytes) -> list[VmEntry]:
     for rec in _records(buf, "kern.proc.vmmap"):
         f = KVE.unpack_from(rec.ljust(KVE.size, b"\0"))
         out.append(VmEntry(start=f[2], end=f[3], offset=f[4], kind=KVME_TYPE.get(f[1], str(f[1])),
-                           prot=f[10], flags=f[7], fileid=f[5], path=_cstr(rec[KVE_PATH_OFFSET:])))
+                           prot=f[10], flags=f[7], fileid=f[5], path=_cstr(rec[KVE_PATH_OFFSET:]),
+                           obj=f[18] if KVME_TYPE.get(f[1]) in ANON_KINDS else 0))
     return out
 
 

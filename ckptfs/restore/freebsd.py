@@ -10,12 +10,14 @@ Memory contents go in with PT_IO, registers with PT_SETREGS + PT_SETFSBASE/PT_SE
 with PT_SETXSTATE. All kernel-level calls go through oskit.freebsd (`Target.kit`).
 
 Order: check the binary (a native FreeBSD binary cannot come from Linux, nor go back); jail
-(jail_set) and RCTL rules; the root helper; the tree: each child by an injected Linux fork in
-its parent's helper (PT_FOLLOW_FORK makes it traced from birth), setsid where the process led
-its session, then process groups; per process: descriptors, memory, cwd/root/umask,
-rlimits, sigactions, each extra thread by an injected clone (with that thread's signal mask
-and clear-tid address, then PT_SUSPEND so later injections do not run it), the leader's mask
-and set_tid_address, credentials last;
+(jail_set) and RCTL rules; the root helper, where descriptions, pipes and anonymous memory
+that several processes share are made (so the forks inherit them); the tree: each child by
+an injected Linux fork in its parent's helper (PT_FOLLOW_FORK makes it traced from birth),
+setsid where the process led its session, then process groups; per process: descriptors,
+the break (brk), memory, cwd/root/umask, rlimits, sigactions, each extra thread by an
+injected clone (with that thread's signal mask and clear-tid address, then PT_SUSPEND so
+later injections do not run it), the leader's mask, set_tid_address and robust list,
+credentials last;
 then registers, fs/gs base and XSAVE per thread (by lwp id), PT_RESUME, PT_DETACH.
 
 All or nothing: on any error every helper created so far is killed and the jail removed;
@@ -180,20 +182,25 @@ def check(source, plan) -> None:
                                   path=f"tasks/{task.pid}/fds/{info.fd}")
 
 
-def check_shared_memory(source, pids) -> None:
-    """Shared anonymous memory between processes of the tree is refused: each process maps
-    its own after the forks here, so writes would no longer be seen by the others."""
-    owners: dict[int, int] = {}
+def check_shared_memory(source, pids) -> dict[int, tuple[int, int]]:
+    """Shared anonymous memory between processes of the tree: shmid -> (start, end) of what
+    the root maps before it forks, so every process inherits the one object (a FreeBSD
+    fork shares MAP_SHARED memory: MAP_INHERIT_SHARE). That needs each object at one place
+    in every process that maps it; anything else is refused naming the map."""
+    where: dict[int, tuple[int, int, int]] = {}
+    users: dict[int, set[int]] = {}
     for pid in pids:
         for vma in source.mm(pid).vmas:
             if not vma.status & L.VMA_STATUS["VMA_ANON_SHARED"]:
                 continue
-            first = owners.setdefault(vma.shmid, pid)
-            if first != pid:
-                raise Unsupported(f"shared anonymous memory {vma.shmid} is also mapped by "
-                                  f"process {first}: memory shared between processes is not "
-                                  "restored on FreeBSD", path=f"tasks/{pid}/maps/"
-                                  f"{vma.start:x}-{vma.end:x}/shmid")
+            first = where.setdefault(vma.shmid, (pid, vma.start, vma.end))
+            users.setdefault(vma.shmid, set()).add(pid)
+            if first[1:] != (vma.start, vma.end):
+                raise Unsupported(f"shared anonymous memory {vma.shmid} is at {first[1]:#x}-"
+                                  f"{first[2]:#x} in process {first[0]} but here (or twice): "
+                                  "the FreeBSD restore shares it by inheritance, at one place",
+                                  path=f"tasks/{pid}/maps/{vma.start:x}-{vma.end:x}/shmid")
+    return {shmid: where[shmid][1:] for shmid, who in users.items() if len(who) > 1}
 
 
 class Restorer:
@@ -206,6 +213,7 @@ class Restorer:
         self.log = LossLog()          # what the target cannot hold (e.g. XSAVE components)
         self.meta = source.meta()
         self.values = {task.pid: convert.linux_task(task, LossLog()) for task in plan.tasks}
+        self.shared_mem = check_shared_memory(source, [task.pid for task in plan.tasks])
 
     def run(self) -> list[int]:
         try:
@@ -248,6 +256,7 @@ class Restorer:
             calls("setsid", step="setsid", path=f"tasks/{root.pid}/sid")
         make_shared(self.src, shared_ids(self.src, [e.pid for e in entries]), self.values,
                     calls, table)
+        make_shared_memory(self.shared_mem, calls, f"tasks/{root.pid}/maps")
         for e in entries[1:]:
             self.fork(e)
         self.groups(entries)
@@ -290,7 +299,7 @@ class Restorer:
         check_layout(self.src, pid, proc.calls)
         restore_fds(self.src, pid, values, proc.calls, proc.table)
         self.warnings += restore_brk(self.src, pid, proc.calls)
-        restore_memory(self.src, pid, proc.new, proc.calls, self.kit)
+        restore_memory(self.src, pid, proc.new, proc.calls, self.kit, self.shared_mem)
         restore_fs(self.src, pid, proc.calls)
         restore_comm(self.src, pid, proc.calls)
         self.warnings += restore_rlimits(self.src, pid, proc.calls)
@@ -650,15 +659,40 @@ SKIP = L.VMA_STATUS["VMA_AREA_VSYSCALL"] | L.VMA_STATUS["VMA_AREA_VVAR"] | \
 FILE_MAP = L.VMA_STATUS["VMA_FILE_PRIVATE"] | L.VMA_STATUS["VMA_FILE_SHARED"]
 
 
-def restore_memory(source, pid: int, new: int, calls: LinuxCalls, kit) -> None:
+def make_shared_memory(shared: dict, calls: LinuxCalls, where: str) -> None:
+    """Anonymous memory several processes share, mapped MAP_SHARED in the root before it
+    forks: every child inherits the same object. Not over the helper's working pages."""
+    for shmid, (start, end) in sorted(shared.items(), key=lambda kv: kv[1]):
+        for name, addr, size in (("code", calls.scratch, PAGE), ("data", calls.data, DATA_SIZE)):
+            if start < addr + size and addr < end:
+                raise Unsupported(f"shared memory {shmid} at {start:#x}-{end:#x} overlaps the "
+                                  f"helper's {name} page at {addr:#x}",
+                                  path=f"{where}/{start:x}-{end:x}")
+        calls("mmap", start, end - start, 0x3, MAP_FIXED | MAP_ANON | L.MAP_FLAGS["MAP_SHARED"],
+              -1, 0, step="mmap shared memory", path=f"{where}/{start:x}-{end:x}/shmid")
+
+
+def restore_memory(source, pid: int, new: int, calls: LinuxCalls, kit,
+                   shared: dict | None = None) -> None:
     """Map every VMA at its address (file maps from the file under the jail's Linux root),
-    write the saved pages, then set the protection. The vDSO is the Linuxulator's own."""
-    for vma in source.mm(pid).vmas:
+    write the saved pages, then set the protection. The vDSO is the Linuxulator's own.
+    Shared anonymous memory (`shared`, made in the root) is inherited: not mapped again,
+    only filled; a process that does not have it unmaps its inherited copy."""
+    shared = shared or {}
+    vmas = source.mm(pid).vmas
+    mine = {v.shmid for v in vmas if v.status & L.VMA_STATUS["VMA_ANON_SHARED"]} & set(shared)
+    for shmid, (start, end) in sorted(shared.items()):
+        if shmid not in mine:                        # before its own maps go there
+            calls("munmap", start, end - start, step="munmap inherited shared memory",
+                  path=f"tasks/{pid}/maps")
+    for vma in vmas:
         if vma.status & SKIP:
             continue
         size = vma.end - vma.start
         where = f"tasks/{pid}/vmas/{vma.start:#x}"
-        if vma.status & FILE_MAP:
+        if vma.status & L.VMA_STATUS["VMA_ANON_SHARED"] and vma.shmid in shared:
+            pass                                     # inherited from the root: fill it
+        elif vma.status & FILE_MAP:
             _map_file(source, vma, calls, where)
         else:
             share = vma.flags & (L.MAP_FLAGS["MAP_SHARED"] | L.MAP_FLAGS["MAP_PRIVATE"])
