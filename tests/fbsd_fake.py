@@ -360,8 +360,14 @@ class FakeFreeBSD:
             self.log.append(("setregs", lwp, r["r_rip"]))
 
     def cont(self, pid, sig):
+        """PT_CONTINUE runs every lwp not PT_SUSPENDed: exactly one may run here (two at
+        once would race), and it must be at the trap."""
         p = self._traced(pid, "PT_CONTINUE")
-        r = G.unpack(p.lwps[pid])
+        runnable = [lwp for lwp in p.lwps if lwp not in p.suspended]
+        if len(runnable) != 1:
+            raise AssertionError(f"PT_CONTINUE of pid {pid} would run lwps {runnable} at once")
+        lwp = self.current_lwp = runnable[0]
+        r = G.unpack(p.lwps[lwp])
         if r["r_rip"] != p.scratch or p.mem.read(p.scratch, 3) != RF.TRAP_CODE or \
                 not any(m.start <= p.scratch < m.end and m.prot & 4 for m in p.maps):
             raise AssertionError(f"pid {pid} continued at {r['r_rip']:#x} without the trap")
@@ -373,7 +379,7 @@ class FakeFreeBSD:
             result = -self.fail_on[1]
         else:
             result = getattr(self, "linux_" + name)(p, *args)
-        p.lwps[pid] = G.pack(dict(r, r_rax=result & G.U64, r_rip=p.scratch + 3))
+        p.lwps[lwp] = G.pack(dict(r, r_rax=result & G.U64, r_rip=p.scratch + 3))
         p.pending_stops.insert(0, 0x57f)           # SIGTRAP at the int3
 
     def wait(self, pid):
@@ -938,7 +944,7 @@ class FakeFreeBSD:
     def linux_set_robust_list(self, p, head, size, *_):
         if size != 24:                           # sizeof(struct linux_robust_list_head)
             return -errno.EINVAL
-        p.robust[p.pid] = head                   # the caller: injected calls run on the main lwp
+        p.robust[self.current_lwp] = head        # per thread: the caller's emuldata
         self._linux(p.pid, "set_robust_list", head)
         return 0
 

@@ -93,17 +93,27 @@ def test_break_set_when_the_helper_data_ends_at_the_heap(sleeping):
     assert not [w for w in report if "/mm/brk" in w], report
 
 
-def test_robust_list_of_the_main_thread(threads):
-    """The main thread's robust list head goes to set_robust_list (24-byte head, what
-    linux_set_robust_list accepts); every other thread's is reported, by file."""
+def test_robust_list_of_every_thread(threads):
+    """Each thread's robust list head goes to set_robust_list made by that thread (24-byte
+    head, what linux_set_robust_list accepts; it keeps the head per calling thread): the
+    main thread suspended while a worker makes its call."""
     src = tree.TreeSource(str(threads))
     pid = only_pid(src)
     kit = FakeFreeBSD()
     [new], report = restore(src, kit)
-    head = src.core(pid).thread_core.futex_rla
-    assert head and kit.procs[new].robust == {new: head}
-    others = sorted(t for t in src.threads(pid) if t != pid)
-    assert sorted(int(w.split("/")[3]) for w in report if "/futex_rla:" in w) == others
+    p = kit.procs[new]
+    heads = {t: src.core(t).thread_core.futex_rla for t in src.threads(pid)}
+    assert all(heads.values()) and len(set(heads.values())) == len(heads)
+    lwp_of = {t: lwp for t, lwp in zip(sorted(heads), sorted(p.lwps))}
+    assert p.robust == {lwp_of[t]: h for t, h in heads.items()}
+    assert not [w for w in report if "futex_rla" in w]
+    worker, head = lwp_of[max(heads)], heads[max(heads)]
+    around = [e for e in kit.log if e[0] in ("suspend", "resume")
+              or e == ("linux", new, "set_robust_list", head)]
+    i = around.index(("linux", new, "set_robust_list", head))
+    assert around[i - 2:i + 3] == [("suspend", new), ("resume", worker),
+                                   ("linux", new, "set_robust_list", head),
+                                   ("suspend", worker), ("resume", new)]
 
 
 def test_set_robust_list_with_a_wrong_length_is_refused_by_the_kernel(threads, tmp_path):

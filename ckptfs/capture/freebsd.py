@@ -258,14 +258,22 @@ class FreeBSDSource(model.Source):
         """Linux calls run in the stopped process; the code, data and registers they used
         are put back afterwards."""
         from ..restore.freebsd import LinuxCalls, helper_pages
-        calls = LinuxCalls(self.kit, self.pid, *helper_pages(self.kit, self.pid))
-        saved = calls.kit.read_memory(self.pid, calls.data, 32)
+        # PT_CONTINUE runs every thread not PT_SUSPENDed: the others stay stopped meanwhile
+        others = [lwp for tid, lwp in self.lwp.items() if tid != self.pid]
+        for lwp in others:
+            self.kit.suspend(lwp)
         try:
-            yield calls
+            calls = LinuxCalls(self.kit, self.pid, *helper_pages(self.kit, self.pid))
+            saved = calls.kit.read_memory(self.pid, calls.data, 32)
+            try:
+                yield calls
+            finally:
+                calls.kit.write_memory(self.pid, calls.data, saved)
+                calls.close()
+                self.kit.set_regs(self.pid, calls.saved_regs)
         finally:
-            calls.kit.write_memory(self.pid, calls.data, saved)
-            calls.close()
-            self.kit.set_regs(self.pid, calls.saved_regs)
+            for lwp in others:
+                self.kit.resume(lwp)
 
     def _read_sigactions(self, calls) -> list:
         out = []

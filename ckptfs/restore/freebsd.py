@@ -132,6 +132,35 @@ class LinuxCalls:
                               path=path or f"pid {self.pid}", step=step)
         return rax
 
+    def on_lwp(self, lwp: int, name: str, *args: int, step: str, path: str) -> int:
+        """One call made by thread `lwp` (for calls that act on their caller, such as
+        set_robust_list): `lwp` is PT_SUSPENDed on entry; for the call the main thread is
+        suspended and `lwp` resumed (PT_CONTINUE runs every thread not suspended), then
+        its registers and both suspensions are put back."""
+        kit, saved = self.kit, self.kit.get_regs(lwp)
+        reg = G.unpack(saved)
+        reg.update(r_rax=NR[name], r_rip=self.scratch)
+        for r, value in zip(ARG_REGS, args):
+            reg[r] = value & G.U64
+        kit.suspend(self.pid)
+        kit.resume(lwp)
+        try:
+            kit.set_regs(lwp, G.pack(reg))
+            kit.cont(self.pid, 0)
+            status = kit.wait(self.pid)
+            if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == SIGTRAP):
+                raise RestoreFailed(f"injected Linux {name} in lwp {lwp}: no stop at the trap "
+                                    f"(wait status {status:#x})", path=path, step=step)
+            rax = G.signed(G.unpack(kit.get_regs(lwp))["r_rax"])
+        finally:
+            kit.set_regs(lwp, saved)
+            kit.suspend(lwp)
+            kit.resume(self.pid)
+        if -4096 < rax < 0:
+            raise KernelError(f"injected Linux {name}{tuple(args)} in lwp {lwp}", -rax,
+                              path=path, step=step)
+        return rax
+
     def close(self) -> None:
         self.kit.write_memory(self.pid, self.scratch, self.saved_code)
 
@@ -328,12 +357,17 @@ class Restorer:
                                     f"{info.flags:#x})", path=where, step="clone thread")
             self.kit.suspend(lwp)
             proc.lwps[th.tid] = lwp
+            tc = self.src.core(th.tid).thread_core
+            if tc.futex_rla:
+                calls.on_lwp(lwp, "set_robust_list", tc.futex_rla,
+                             tc.futex_rla_len or ROBUST_LIST_HEAD, step="set_robust_list",
+                             path=f"{where}/futex_rla")
         set_mask(calls, values.sigmask[task.pid], f"tasks/{task.pid}/sigmask")
         ctid = self.src.core(task.pid).thread_info.clear_tid_addr
         if ctid:
             calls("set_tid_address", ctid, step="set_tid_address",
                   path=f"tasks/{task.pid}/threads/{task.pid}/clear_tid_addr")
-        self.warnings += restore_robust_lists(self.src, task, calls)
+        restore_robust_list(self.src, task.pid, calls)
 
     def finish(self, task) -> None:
         proc = self.procs[task.pid]
@@ -766,24 +800,13 @@ def restore_brk(source, pid: int, calls: LinuxCalls) -> list[str]:
             "is restored as an anonymous map and later brk calls fail"]
 
 
-def restore_robust_lists(source, task, calls: LinuxCalls) -> list[str]:
-    """The main thread's robust futex list (set_robust_list, kept per thread in the
-    Linuxulator's emuldata). Injected calls run on the main thread only, so another
-    thread's list is not registered again: returned as a warning per thread."""
-    warnings = []
-    for th in task.threads:
-        tc = source.core(th.tid).thread_core
-        head, size = tc.futex_rla, tc.futex_rla_len
-        if not head:
-            continue
-        where = f"tasks/{task.pid}/threads/{th.tid}/futex_rla"
-        if th.tid != task.pid:
-            warnings.append(f"{where}: {head:#x} not registered again (injected calls run "
-                            "on the main thread; set_robust_list applies to the caller)")
-            continue
-        calls("set_robust_list", head, size or ROBUST_LIST_HEAD, step="set_robust_list",
-              path=where)
-    return warnings
+def restore_robust_list(source, pid: int, calls: LinuxCalls) -> None:
+    """The main thread's robust futex list (set_robust_list: linux_futex.c keeps it in the
+    calling thread's emuldata; the other threads' are set by each thread, see on_lwp)."""
+    tc = source.core(pid).thread_core
+    if tc.futex_rla:
+        calls("set_robust_list", tc.futex_rla, tc.futex_rla_len or ROBUST_LIST_HEAD,
+              step="set_robust_list", path=f"tasks/{pid}/threads/{pid}/futex_rla")
 
 
 def restore_rlimits(source, pid: int, calls: LinuxCalls) -> list[str]:
