@@ -319,6 +319,9 @@ def parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("migrate", help="live-migrate a process tree with rsync pre-copy")
     mg.add_argument("--keep-source", action="store_true")
+    mg.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds the final pass and the restore may take (then the source "
+                         "thaws)")
     mg.add_argument("pid", type=int)
     mg.add_argument("dest", metavar="[USER@]HOST:PATH/JOB")
     mg.set_defaults(fn=cmd_migrate)

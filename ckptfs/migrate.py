@@ -823,8 +823,8 @@ def tree_pids(root: int) -> list[int]:
 
 def kill_source(src: SourceMount) -> None:
     """`echo kill > ctl` once the target restored the process. Should the mount fail to do it
-    (it answers EIO now and then once the tree is dead), every task the frozen manifest
-    lists is killed here: two running copies are never left, and a migration that did
+    (it answered EIO once in the bench, the tree already dead), the source's tree is killed
+    here, found from /proc: two running copies are never left, and a migration that did
     arrive is not reported failed."""
     try:
         src.ctl("kill")
