@@ -10,7 +10,10 @@ Trees live on /dev/shm. Target (issue 3): restore <= 1.5x floor. The ratio is ta
 the median of those is printed; CPU seconds of this process are shown as a load-independent
 figure (the floor is one copy; a restore allocates the pages and copies into them). "fresh
 pages alone" is the time to fault in as much new anonymous memory without copying anything:
-a lower bound for any restore into new pages on this machine.
+a lower bound for any restore into new pages on this machine. A breakdown line follows
+(medians of the restore's own sections, see BREAKDOWN): the page copy runs on threads of its
+own while the rest of the task goes in, so `fill` overlaps the restorer's work and `wait` is
+the part of it the restorer spent idle.
 Usage: tools/bench_restore.py [--mib 256 1024] [--repeat 3] [--compare]
 """
 from __future__ import annotations
