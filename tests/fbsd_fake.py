@@ -948,6 +948,19 @@ class FakeFreeBSD:
         self._linux(p.pid, "set_robust_list", head)
         return 0
 
+    def linux_get_robust_list(self, p, tid, head, size, *_):
+        """linux_futex.c: tid 0 is the caller; another thread needs root (PRIV_CRED_SETUID)."""
+        lwp = self.current_lwp if tid == 0 else (p.pid if tid == p.pid else tid)
+        if lwp not in p.lwps:
+            return -errno.ESRCH
+        if tid and p.creds["uid"] != 0:
+            return -errno.EPERM
+        if not (self._writable(p, head, 8) and self._writable(p, size, 8)):
+            return -errno.EFAULT
+        p.mem.write(head, struct.pack("<Q", p.robust.get(lwp, 0)))
+        p.mem.write(size, struct.pack("<Q", 24))
+        return 0
+
     def linux_set_tid_address(self, p, addr, *_):
         p.clear_tid[p.pid] = addr
         return p.pid

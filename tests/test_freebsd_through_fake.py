@@ -84,6 +84,12 @@ def test_threads_round_trip_through_freebsd_capture(zdtm_bin, procs, tmp_path):
     assert sorted(there.clear_tid.values()) == want and all(want)
     assert sorted(int((back / f"tasks/{task}/threads/{t}/clear_tid_addr").read_text(), 16)
                   for t in os.listdir(back / f"tasks/{task}/threads")) == want
+    # and each thread's robust list head, set there by that thread and read back from it
+    heads = sorted((orig / pid / "threads" / t / "futex_rla").read_text()
+                   for t in os.listdir(orig / pid / "threads"))
+    assert sorted((back / f"tasks/{task}/threads/{t}/futex_rla").read_text()
+                  for t in os.listdir(back / f"tasks/{task}/threads")) == heads
+    assert len(set(heads)) == 4 and "0x0\n" not in heads
 
 
 # -- descriptors sharing one open file description ---------------------------------------------

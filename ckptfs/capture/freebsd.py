@@ -175,7 +175,9 @@ class FreeBSDSource(model.Source):
         c.thread_info.clear_tid_addr = self.clear_tid(tid, lin["fs_base"], where)
         info = self.kit.lwpinfo(lwp)
         blocked = F.sigset_to_linux(info.sigmask, self.log, f"{where}/sigmask")
-        c.thread_core.CopyFrom(pb.thread_core_entry(comm=self.comm(info.name, f"{where}/comm")))
+        head, size = self.linux_state()[3][tid]
+        c.thread_core.CopyFrom(pb.thread_core_entry(comm=self.comm(info.name, f"{where}/comm"),
+                                                    futex_rla=head, futex_rla_len=size))
         c.thread_core.creds.CopyFrom(self.creds())
         if tid == self.pid:
             c.tc.CopyFrom(self.task_core(blocked))
@@ -188,7 +190,7 @@ class FreeBSDSource(model.Source):
         tc = pb.task_core_entry(task_state=L.TASK_STATES[state], exit_code=0, personality=0,
                                 flags=0, blk_sigset=blocked,
                                 comm=self.comm(self.kp.comm, f"tasks/{self.pid}/comm"))
-        acts, limits, _ = self.linux_state()
+        acts, limits = self.linux_state()[:2]
         tc.sigactions.extend(acts)
         tc.rlimits.rlimits.extend(pb.rlimit_entry(cur=c, max=m) for c, m in limits)
         return tc
@@ -244,13 +246,14 @@ class FreeBSDSource(model.Source):
         return self.linux_state()[0]
 
     def linux_state(self):
-        """(62 sa_entry, 16 (cur, max) rlimits, umask) as the Linux process sees them, by
-        injected Linux calls in one stop: rt_sigaction(sig, NULL, &old) (FreeBSD's ptrace
-        has no request for handlers), prlimit64(0, res, NULL, &old), umask twice."""
+        """(62 sa_entry, 16 (cur, max) rlimits, umask, tid -> robust list) as the Linux
+        process sees them, by injected Linux calls in one stop: rt_sigaction(sig, NULL,
+        &old) (FreeBSD's ptrace has no request for handlers), prlimit64(0, res, NULL,
+        &old), umask twice, get_robust_list made by each thread."""
         if self._linux is None:
             with self.injected() as calls:
                 self._linux = (self._read_sigactions(calls), self._read_rlimits(calls),
-                               self._read_umask(calls))
+                               self._read_umask(calls), self._read_robust_lists(calls))
         return self._linux
 
     @contextlib.contextmanager
@@ -291,6 +294,24 @@ class FreeBSDSource(model.Source):
             calls("prlimit64", 0, i, 0, calls.data, step="read rlimit",
                   path=f"tasks/{self.pid}/rlimits/{name}")
             out.append(struct.unpack("<QQ", self.kit.read_memory(self.pid, calls.data, 16)))
+        return out
+
+    def _read_robust_lists(self, calls) -> dict[int, tuple[int, int]]:
+        """tid -> (head, length) of each thread's robust futex list: get_robust_list(0, ...)
+        made by that thread (with another tid linux_get_robust_list wants privileges the
+        process may lack)."""
+        out = {}
+        for tid, lwp in self.lwp.items():
+            where = f"tasks/{self.pid}/threads/{tid}/futex_rla"
+            calls.reset()
+            head, size = calls.put(bytes(8)), calls.put(bytes(8))
+            if tid == self.pid:
+                calls("get_robust_list", 0, head, size, step="read robust list", path=where)
+            else:
+                calls.on_lwp(lwp, "get_robust_list", 0, head, size, step="read robust list",
+                             path=where)
+            out[tid] = struct.unpack("<QQ", self.kit.read_memory(self.pid, head, 8) +
+                                     self.kit.read_memory(self.pid, size, 8))
         return out
 
     def _read_umask(self, calls) -> int:

@@ -44,7 +44,8 @@ NR = {"read": 0, "write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mpro
       "setgroups": 116, "setresuid": 117, "setresgid": 119, "prctl": 157, "chroot": 161,
       "dup3": 292, "pipe2": 293, "prlimit64": 302, "unlink": 87, "fchmod": 91,
       "mknod": 133, "eventfd2": 290, "set_tid_address": 218,
-      "ioctl": 16, "brk": 12, "set_robust_list": 273}
+      "ioctl": 16, "brk": 12, "set_robust_list": 273,
+      "get_robust_list": 274}
 ROBUST_LIST_HEAD = 24                # sizeof(struct linux_robust_list_head): the only length
 #                                      linux_set_robust_list (linux_futex.c) accepts
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
