@@ -172,6 +172,46 @@ def test_kill_source_kills_the_tree_when_the_mount_cannot(procs, tmp_path):
     assert P.wait_gone(child, 5) and P.wait_gone(parent.pid, 5)
 
 
+# A remote shell that runs the command here: `sh -c 'shift; exec sh -c "$1"' rsh HOST CMD`.
+HERE_RSH = ["sh", "-c", 'shift; exec sh -c "$1"', "rsh"]
+
+
+def test_streamed_pass_into_a_real_target_removes_vanished_directories(
+        wset_bin, procs, tmp_path, tmp_mount, monkeypatch):
+    """The receiver's session without ssh (HERE_RSH), into a real target: a file the job
+    holds in a directory the frozen tree no longer has (a mapping unmapped after the
+    pre-copy) goes, with its emptied directories, and the process restores."""
+    dst, store = tmp_path / "in", tmp_path / "store"
+    dst.mkdir()
+    tmp_mount([*CLI, "target", "-f", "--store", str(store), str(dst)], dst)
+    monkeypatch.setenv("CKPTFS_RECEIVE", shlex.join([sys.executable, "-m", "ckptfs.cli",
+                                                     "receive"]))
+    src_proc, out = start_workload(procs, wset_bin, tmp_path / "wl")
+    job = dst / "job"
+    src = migrate.SourceMount(src_proc.pid)
+    rx = None
+    try:
+        migrate.rsync_pass(src.dir, migrate.Dest(None, str(job)), "pass 1")
+        dead = job / "tasks" / str(src_proc.pid) / "maps" / "dead-beef"
+        (dead / "pages").mkdir(parents=True)
+        (dead / "pages" / "0x0").write_bytes(b"unmapped since")
+        from ckptfs.remote import Receiver
+        rx = Receiver(migrate.Dest("here", str(job)), HERE_RSH)
+        assert rx.held[f"tasks/{src_proc.pid}/maps/dead-beef/pages/0x0"][1] == 14
+        src.ctl("freeze")
+        p = migrate.streamed_pass(src.dir, rx, rx.held, [], lambda what: None)
+        new = restored_pid(rx.wait(30))
+        procs.adopt(new)
+        src.ctl("kill")
+    finally:
+        if rx is not None:
+            rx.close()
+        src.close()
+    assert p.name == "final pass" and p.bytes < (WSET + 4) << 20
+    assert not (job / "tasks" / str(src_proc.pid) / "maps" / "dead-beef").exists()
+    assert verify(new, str(out)).startswith("ok round=")
+
+
 # -- the final-pass stream, without hosts ----------------------------------------------------
 def make_stream(tmp_path: Path, build) -> Path:
     """The bytes `build(writer)` frames, in a file."""
