@@ -826,10 +826,13 @@ class TreeSource(Source):
                 raise BadTree(f"siginfo is {len(data)} bytes, not 128", path=self._p(base, name))
             queue.signals.add(siginfo=data)
 
-    def _fill(self, ctx, base: str, table) -> None:
+    def _fill(self, ctx, base: str, table, present: set[str] | None = None) -> None:
+        """Table fields from the files under `base`; `present` (the directory's listing, when
+        the caller has it) spares trying to open the optional files that are not there."""
         for name, dotted, codec in table:
             rel = f"{base}/{name}"
-            value = self._read(rel, codec, missing=None)
+            value = None if present is not None and name not in present \
+                else self._read(rel, codec, missing=None)
             if value is None:
                 if name not in DERIVED and _is_required_path(ctx, dotted):
                     raise BadTree("missing file", path=self._p(rel))
@@ -897,8 +900,12 @@ class TreeSource(Source):
                 raise BadTree(f"bad address range {name!r}", path=self._p(base, name))
             vma = pb.vma_entry(start=start, end=end, shmid=0, fd=-1)
             ctx = _Ctx(vma=vma, names={})
-            self._fill(ctx, f"{base}/{name}", VMA_FIELDS)
-            if vma.status & SHMEM_STATUS and not self._exists(f"{base}/{name}/shmid"):
+            try:
+                present = set(os.listdir(self._p(base, name)))
+            except NotADirectoryError:
+                raise BadTree("a map must be a directory", path=self._p(base, name)) from None
+            self._fill(ctx, f"{base}/{name}", VMA_FIELDS, present)
+            if vma.status & SHMEM_STATUS and "shmid" not in present:
                 raise BadTree("shared anonymous map without shmid", path=self._p(base, name, "shmid"))
             file_bits = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
             if vma.status & file_bits:
