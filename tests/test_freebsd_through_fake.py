@@ -17,7 +17,7 @@ from ckptfs.capture import freebsd as CF
 from ckptfs.restore import freebsd as RF
 from ckptfs.translate.freebsd import read_plan, to_freebsd, write_plan
 from fbsd_fake import FakeFreeBSD, spawn
-from helpers import zdtm
+from helpers import procs as procs_mod, zdtm
 from test_freebsd_roundtrip import ckptfs, new_root
 
 
@@ -165,3 +165,58 @@ def test_without_file_addresses_the_sharing_loss_is_logged(zdtm_bin, procs, tmp_
     [src] = captures
     notes = [r for r in src.log.records if r.path.endswith(f"/fds/{seen['b']}/open_file")]
     assert len(notes) == 1 and "separate open" in notes[0].reason
+
+
+# -- a pipe between two processes with bytes queued -------------------------------------------
+DATA = b"queued between parent and child\n"
+
+
+def pipe_across(tree_dir: Path) -> tuple[int, int]:
+    """fork_tree's parent given the write end and its first child the read end of one pipe
+    holding DATA, as fd 50 of each (an edited dump: a shell pipeline's state)."""
+    pids = sorted(int(p) for p in os.listdir(tree_dir / "tasks"))
+    parent = int(__import__("json").loads((tree_dir / "manifest").read_text())["root"])
+    child = min(p for p in pids if p != parent)
+    taken = {int((d / "open_file").read_text()) for p in pids
+             for d in (tree_dir / f"tasks/{p}/fds").iterdir() if (d / "open_file").exists()}
+    for pid, flags, desc in ((parent, "O_WRONLY", max(taken) + 1), (child, "O_RDONLY",
+                                                                    max(taken) + 2)):
+        d = tree_dir / f"tasks/{pid}/fds/50"
+        d.mkdir()
+        for name, text in (("type", "pipe\n"), ("path", "pipe:[777001]\n"), ("flags", flags + "\n"),
+                           ("pipe_id", "777001\n"), ("open_file", f"{desc}\n")):
+            (d / name).write_text(text)
+        (d / "data").write_bytes(DATA)
+    return parent, child
+
+
+def test_pipe_data_between_two_processes_comes_back(zdtm_bin, procs, tmp_path):
+    """The reader's process reads the queued bytes out and the writer's process writes them
+    back (FreeBSD has no tee and the reader holds no write end): the captured tree carries
+    them, the pipe there holds them again, and the Linux restore queues them for the child."""
+    kits, seen = [], {}
+
+    def move(pid, tmp):
+        def edit(tree_dir):
+            seen["old"] = pipe_across(tree_dir)
+        new = move_through_fake_freebsd(pid, tmp, kits, edit=edit)
+        back = tmp / "back"
+        seen["back"] = sorted((d / "fds/50/flags").read_text().strip() + " " +
+                              (d / "fds/50/data").read_bytes().decode()
+                              for d in (back / "tasks").iterdir() if (d / "fds/50").exists())
+        kid = next(c for c in procs_mod.children(new) if os.path.exists(f"/proc/{c}/fd/50"))
+        rfd, wfd = zdtm.grab_fd(kid, 50), zdtm.grab_fd(new, 50)
+        try:
+            os.set_blocking(rfd, False)
+            seen["linux"] = os.read(rfd, 4096)
+            os.write(wfd, seen["linux"])                 # put back as it was
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+        return new
+    assert zdtm.run_case(zdtm_bin, "fork_tree", tmp_path, procs, move=move) == "PASS"
+    assert seen["back"] == ["O_RDONLY " + DATA.decode(), "O_WRONLY " + DATA.decode()]
+    assert seen["linux"] == DATA
+    [kit] = kits
+    held = [d.pipe.buf for p in kit.procs.values() for fd, d in p.fds.items() if fd == 50]
+    assert held and all(bytes(b) == DATA for b in held)      # put back after the capture

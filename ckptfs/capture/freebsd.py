@@ -531,6 +531,19 @@ class Ids:
         return self.known[(space, key)]
 
 
+def across(reader, writer) -> bytes:
+    """Queued bytes of a pipe whose ends are in two processes: read out by the reader's
+    process, written back by the writer's (both stopped: nobody else touches the pipe)."""
+    (rsrc, r), (wsrc, w) = reader, writer
+    where = f"tasks/{rsrc.pid}/fds/{r.fd}/data"
+    with rsrc.injected() as calls:
+        data = drain(calls, r.fd, r.pipe_count, where)
+    with wsrc.injected() as calls:
+        refill(calls, w.fd, data, r.pipe_count, f"{where} (written back by process "
+               f"{wsrc.pid} fd {w.fd})")
+    return data
+
+
 def shared_anonymous(kit, pids) -> set[int]:
     """kve_obj of the anonymous objects that several processes of the tree map without
     copy-on-write: shared memory (vm_mmap_object gives MAP_SHARED anonymous memory
@@ -570,26 +583,53 @@ def _open_in(calls, path: str, access: int, where: str, opened: list) -> int:
 
 def drain_and_refill(calls, rfd: int, wfd: int, count: int, where: str) -> bytes:
     """Read `count` queued bytes from rfd in the process and write them back through wfd."""
-    from ..restore.freebsd import F_SETFL, MAP_ANON, PAGE
-    F_GETFL, nonblock = 3, L.OPEN_FLAGS["O_NONBLOCK"]
+    data = drain(calls, rfd, count, where)
+    refill(calls, wfd, data, count, where)
+    return data
+
+
+def _scratch(calls, size: int, where: str, step: str) -> int:
+    from ..restore.freebsd import MAP_ANON
+    return calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON, -1, 0,
+                 step=step, path=where)
+
+
+def drain(calls, rfd: int, count: int, where: str) -> bytes:
+    """`count` queued bytes read out of rfd by the process (they are gone from the pipe)."""
+    from ..restore.freebsd import PAGE
     size = (count + PAGE - 1) & ~(PAGE - 1)
-    buf = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON, -1, 0,
-                step="read pipe data", path=where)
+    buf = _scratch(calls, size, where, "read pipe data")
     try:
         got = calls("read", rfd, buf, count, step="read pipe data", path=where)
         data = calls.kit.read_memory(calls.pid, buf, got) if got > 0 else b""
+    finally:
+        calls("munmap", buf, size, step="read pipe data", path=where)
+    if got != count:
+        raise Unsupported(f"pipe held {count} bytes; read {got}", path=where)
+    return data
+
+
+def refill(calls, wfd: int, data: bytes, count: int, where: str) -> None:
+    """`data` written back into the pipe through wfd (made non-blocking for that write: a
+    blocking one of 8 KiB or more waits for a reader)."""
+    from ..restore.freebsd import F_SETFL, PAGE
+    if not data:
+        return
+    F_GETFL, nonblock = 3, L.OPEN_FLAGS["O_NONBLOCK"]
+    size = (len(data) + PAGE - 1) & ~(PAGE - 1)
+    buf = _scratch(calls, size, where, "put pipe data back")
+    try:
+        calls.kit.write_memory(calls.pid, buf, data)
         old = calls("fcntl", wfd, F_GETFL, 0, step="put pipe data back", path=where)
         calls("fcntl", wfd, F_SETFL, old | nonblock, step="put pipe data back", path=where)
         try:
-            back = calls("write", wfd, buf, got, step="put pipe data back", path=where) \
-                if got > 0 else 0
+            back = calls("write", wfd, buf, len(data), step="put pipe data back", path=where)
         finally:
             calls("fcntl", wfd, F_SETFL, old, step="put pipe data back", path=where)
     finally:
-        calls("munmap", buf, size, step="read pipe data", path=where)
-    if got != count or back != got:
-        raise Unsupported(f"pipe held {count} bytes; read {got}, put back {back}", path=where)
-    return data
+        calls("munmap", buf, size, step="put pipe data back", path=where)
+    if back != len(data):
+        raise Unsupported(f"pipe held {count} bytes; read them, put back {back}", path=where)
 
 
 STACK_GAP = 8
@@ -726,7 +766,20 @@ class FreeBSDTreeSource(model.Source):
         raise Unsupported(f"no descriptor of the tree has file id {file_id}", path="tasks")
 
     def pipe_data(self, pipe_id: int) -> bytes:
-        """Asked of the process holding the pipe's read end (else any end)."""
+        """Asked of the process holding the pipe's read end (else any end); a pipe whose
+        read end is in one process and write end only in another is read out by the first
+        and written back by the second."""
+        if pipe_id < FIFO_ID_BASE:
+            ends = [(src, e) for src in self.procs.values() for fd, e in sorted(src.files.items())
+                    if fd >= 0 and e.kind == "pipe" and src.pipe_id(e) == pipe_id]
+            reader = next(((s, e) for s, e in ends if e.flags & KF_READ and e.pipe_count), None)
+            if reader is not None and not any(
+                    s is reader[0] and e.pipe_addr == reader[1].pipe_peer and e.flags & KF_WRITE
+                    for s, e in ends):
+                writer = next(((s, e) for s, e in ends if e.pipe_addr == reader[1].pipe_peer
+                               and e.flags & KF_WRITE), None)
+                if writer is not None:
+                    return across(reader, writer)
         holders = []
         for src in self.procs.values():
             for fd, e in sorted(src.files.items()):
