@@ -9,7 +9,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -363,10 +362,10 @@ def test_restore_refuses_native_freebsd(sleeping_tree, tmp_path):
     assert "native FreeBSD binary" in str(e.value)
 
 
-def test_restore_on_linux_says_unsupported():
+def test_restore_on_linux_says_unsupported(sleeping_tree, tmp_path):
+    plan = to_freebsd(one_process(sleeping_tree, tmp_path / "tree"))
     with pytest.raises(Unsupported) as e:
-        RF.setup_isolation(types.SimpleNamespace(jail={"name": "j"}, rules=[], cpuset=None),
-                           RF.Target())
+        RF.setup_isolation(plan, RF.Target())
     assert "not available on linux" in str(e.value)
 
 
