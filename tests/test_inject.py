@@ -171,3 +171,29 @@ def test_failed_call_raises_with_errno(spawn):
     assert e.value.errno == 9 and "close" in str(e.value)
     inj.close()
     ptrace.detach(p.pid)
+
+
+@pytest.mark.parametrize("options", [0, ptrace.PTRACE_O_TRACESYSGOOD])
+def test_signals_during_injection_are_kept_with_either_stop_kind(spawn, options):
+    """Syscall stops are told from signal stops by status (TRACESYSGOOD: SIGTRAP|0x80) or by
+    siginfo (plain SIGTRAP): either way a real SIGTRAP and a SIGUSR1 sent while calls run
+    land in `pending`, never taken for a call's exit, and every result is right."""
+    p = spawn(["sleep", "100"])
+    wait_blocked(p.pid)
+    ptrace.seize(p.pid, options)
+    ptrace.interrupt(p.pid)
+    ptrace.wait(p.pid)
+    inj = Injector(p.pid)
+    before = ptrace.get_regs(p.pid)
+    os.kill(p.pid, signal.SIGTRAP)
+    os.kill(p.pid, signal.SIGUSR1)
+    results = [inj.syscall(NR["getpid"]) for _ in range(50)]
+    assert results == [p.pid] * 50
+    assert sorted(inj.pending) == sorted([signal.SIGTRAP, signal.SIGUSR1]), inj.pending
+    assert inj.syscall(NR["close"], 999) == -9
+    inj.pending.clear()          # not re-sent: the sleep would die of them
+    inj.close()
+    assert ptrace.get_regs(p.pid) == before
+    ptrace.detach(p.pid)
+    time.sleep(0.05)
+    assert p.poll() is None
