@@ -603,7 +603,8 @@ class LinuxRestorer:
         if root != "/":
             inj.call(NR["chroot"], inj.put(root.encode() + b"\0"), step="chroot",
                      path=self._where(t.pid, "root"))
-        if t.fs.HasField("umask"):
+        if t.fs.HasField("umask") and \
+                t.fs.umask != _status_fields(live.pid, ("Umask",), 8, "umask")[0]:
             inj.call(NR["umask"], t.fs.umask, step="umask", path=self._where(t.pid, "umask"))
 
     def _rlimits(self, live: Live) -> None:
@@ -837,19 +838,26 @@ def _rlim_out(v: int) -> int:
     return resource.RLIM_INFINITY if v == F.RLIM_INFINITY else v
 
 
-def _dispositions(pid: int) -> tuple[int, int]:
-    """(ignored, caught) signal masks of a task. After exec every action the kernel keeps
-    is SIG_IGN or SIG_DFL with no flags, mask or restorer (flush_signal_handlers), so a
-    task that is not catching a signal holds exactly one of those two for it."""
+def _status_fields(pid: int, names: tuple[str, ...], base: int, step: str) -> list[int]:
+    """Numeric fields of /proc/PID/status (what the helper holds now: skipping a call that
+    would set the same value saves a round trip through the task)."""
     path = f"/proc/{pid}/status"
     try:
         with open(path) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["SigIgn"], 16), int(fields["SigCgt"], 16)
+        return [int(fields[n], base) for n in names]
     except FileNotFoundError:
-        raise ProcessGone(f"task {pid} is gone", path=path, step="sigactions") from None
+        raise ProcessGone(f"task {pid} is gone", path=path, step=step) from None
     except (KeyError, ValueError):
-        raise RestoreFailed("no SigIgn/SigCgt line", path=path, step="sigactions") from None
+        raise RestoreFailed(f"no {'/'.join(names)} line", path=path, step=step) from None
+
+
+def _dispositions(pid: int) -> tuple[int, int]:
+    """(ignored, caught) signal masks of a task. After exec every action the kernel keeps
+    is SIG_IGN or SIG_DFL with no flags, mask or restorer (flush_signal_handlers), so a
+    task that is not catching a signal holds exactly one of those two for it."""
+    ignored, caught = _status_fields(pid, ("SigIgn", "SigCgt"), 16, "sigactions")
+    return ignored, caught
 
 
 def task_caps(tid: int) -> dict[str, int]:
