@@ -926,7 +926,7 @@ class FakeFreeBSD:
         vm_daddr, up to RLIMIT_DATA, only over unmapped space when it grows); the old break
         is the answer when it cannot."""
         old, limit = p.brk, min(p.limits[2][0], MAXDSIZ)
-        ok = new > p.daddr and new - p.daddr <= limit
+        ok = new > p.daddr and new - p.daddr <= limit and new != old
         if ok and new > old:
             grow = (old + PAGE - 1) & ~(PAGE - 1), (new + PAGE - 1) & ~(PAGE - 1)
             ok = not any(m.start < grow[1] and grow[0] < m.end for m in p.maps)

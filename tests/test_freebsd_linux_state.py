@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from ckptfs import tree
+from ckptfs.capture import freebsd as CF
 from ckptfs.restore import freebsd as RF
 from ckptfs.translate.freebsd import to_freebsd
 from fbsd_fake import FakeFreeBSD, spawn
@@ -91,6 +92,26 @@ def test_break_set_when_the_helper_data_ends_at_the_heap(sleeping):
     assert kit.procs[new].brk == brk
     assert ("linux", new, "brk", brk, brk) in kit.log
     assert not [w for w in report if "/mm/brk" in w], report
+
+
+def test_capture_reads_the_break_back(sleeping):
+    """brk(0) in the captured process: the recorded break when the Linuxulator's break is
+    the program's; otherwise the heap map's end, and the loss log says why."""
+    src = tree.TreeSource(str(sleeping))
+    pid = only_pid(src)
+    start, brk = heap(src, pid)
+    for bss, exact in (((start - 0x1000, start), True), (None, False)):
+        kit = FakeFreeBSD(**({"helper_bss": bss} if bss else {}))
+        [new], _ = restore(src, kit)
+        kit.attach(new)
+        there = CF.FreeBSDSource(new, kit)
+        got = there.mm(new)
+        notes = [r for r in there.log.records if r.path == f"tasks/{new}/mm/brk"]
+        if exact:
+            assert (got.mm_start_brk, got.mm_brk, notes) == (start, brk, [])
+        else:
+            assert [n.value for n in notes] == ["0x601000"]      # the helper's break
+        assert ("linux", new, "brk", 0, kit.procs[new].brk) in kit.log
 
 
 def test_robust_list_of_every_thread(threads):

@@ -249,11 +249,13 @@ class FreeBSDSource(model.Source):
         """(62 sa_entry, 16 (cur, max) rlimits, umask, tid -> robust list) as the Linux
         process sees them, by injected Linux calls in one stop: rt_sigaction(sig, NULL,
         &old) (FreeBSD's ptrace has no request for handlers), prlimit64(0, res, NULL,
-        &old), umask twice, get_robust_list made by each thread."""
+        &old), umask twice, get_robust_list made by each thread, brk(0) (linux_brk answers
+        the current break for an address at or below vm_daddr)."""
         if self._linux is None:
             with self.injected() as calls:
                 self._linux = (self._read_sigactions(calls), self._read_rlimits(calls),
-                               self._read_umask(calls), self._read_robust_lists(calls))
+                               self._read_umask(calls), self._read_robust_lists(calls),
+                               calls("brk", 0, step="read brk", path=f"tasks/{self.pid}/mm/brk"))
         return self._linux
 
     @contextlib.contextmanager
@@ -343,6 +345,15 @@ class FreeBSDSource(model.Source):
         exe = self.program(entries)
         rsp = G.unpack(self.kit.get_regs(self.lwp[pid]))["r_rsp"]
         fields = mm_fields(entries, exe, rsp, self.log, f"tasks/{pid}/mm")
+        brk = self.linux_state()[4]
+        heap = next((e for e in entries if not e.path and e.start >= fields["mm_end_data"]
+                     and e.start < brk <= e.end), None)
+        if heap is not None:                         # the break itself and its map
+            fields["mm_start_brk"], fields["mm_brk"] = heap.start, brk
+        elif brk != fields["mm_brk"]:
+            self.log.note(f"tasks/{pid}/mm/brk", hex(brk), "the Linuxulator's break is not "
+                          "at the program's heap (a restored process keeps its helper's): "
+                          f"the heap map's end {fields['mm_brk']:#x} is recorded")
         mm = pb.mm_entry(exe_file_id=self.named(exe), vmas=vmas, **fields)
         mm.mm_saved_auxv.extend(self.kit.auxv(pid))
         return mm
