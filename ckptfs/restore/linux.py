@@ -720,11 +720,16 @@ class LinuxRestorer:
         uids, the recorded securebits (CAP_SETPCAP is still effective), then capset of the
         recorded effective/permitted/inheritable, which only lowers. Each step is skipped
         when the helper already holds the recorded value."""
+        ids = task_ids(inj.tid)
         groups = list(c.groups)
-        arg = inj.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0
-        inj.call(NR["setgroups"], len(groups), arg, step="setgroups", path=path + "/creds/groups")
-        inj.call(NR["setresgid"], c.gid, c.egid, c.sgid, step="setresgid", path=path + "/creds")
-        inj.call(NR["setfsgid"], c.fsgid)
+        if sorted(groups) != ids["groups"]:
+            arg = inj.put(struct.pack(f"<{len(groups)}I", *groups)) if groups else 0
+            inj.call(NR["setgroups"], len(groups), arg, step="setgroups",
+                     path=path + "/creds/groups")
+        if [c.gid, c.egid, c.sgid, c.fsgid] != ids["gid"]:
+            inj.call(NR["setresgid"], c.gid, c.egid, c.sgid, step="setresgid",
+                     path=path + "/creds")
+            inj.call(NR["setfsgid"], c.fsgid)
         now, want = task_caps(inj.tid), creds_caps(c)
         where_ = path + "/creds"
         if want["inh"] != now["inh"]:
@@ -745,8 +750,9 @@ class LinuxRestorer:
             secbits |= SECBIT_NO_SETUID_FIXUP
             inj.call(NR["prctl"], PR_SET_SECUREBITS, secbits, 0, 0, 0,
                      step="keep capabilities across setresuid", path=where_ + "/secbits")
-        inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=where_)
-        inj.call(NR["setfsuid"], c.fsuid)
+        if list(uids) != ids["uid"]:
+            inj.call(NR["setresuid"], c.uid, c.euid, c.suid, step="setresuid", path=where_)
+            inj.call(NR["setfsuid"], c.fsuid)
         if c.secbits != secbits:
             inj.call(NR["prctl"], PR_SET_SECUREBITS, c.secbits, 0, 0, 0, step="securebits",
                      path=where_ + "/secbits")
@@ -858,6 +864,21 @@ def _dispositions(pid: int) -> tuple[int, int]:
     task that is not catching a signal holds exactly one of those two for it."""
     ignored, caught = _status_fields(pid, ("SigIgn", "SigCgt"), 16, "sigactions")
     return ignored, caught
+
+
+def task_ids(tid: int) -> dict[str, list[int]]:
+    """A thread's uids and gids (real, effective, saved, fs) and sorted groups now."""
+    path = f"/proc/{tid}/status"
+    try:
+        with open(path) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return {"uid": [int(x) for x in fields["Uid"].split()],
+                "gid": [int(x) for x in fields["Gid"].split()],
+                "groups": sorted(int(x) for x in fields["Groups"].split())}
+    except FileNotFoundError:
+        raise ProcessGone(f"thread {tid} is gone", path=path, step="creds") from None
+    except (KeyError, ValueError):
+        raise RestoreFailed("no Uid/Gid/Groups lines", path=path, step="creds") from None
 
 
 def task_caps(tid: int) -> dict[str, int]:
