@@ -668,7 +668,8 @@ class LinuxRestorer:
     def _task_misc(self, live: Live) -> None:
         t, inj, tc = live.plan, live.inj, live.plan.core.tc
         path = self._where(t.pid)
-        inj.call(NR["personality"], tc.personality, step="personality", path=path)
+        if tc.personality != _personality(live.pid):
+            inj.call(NR["personality"], tc.personality, step="personality", path=path)
         if tc.child_subreaper:
             inj.call(NR["prctl"], PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, step="subreaper", path=path)
 
@@ -856,6 +857,15 @@ def _status_fields(pid: int, names: tuple[str, ...], base: int, step: str) -> li
         raise ProcessGone(f"task {pid} is gone", path=path, step=step) from None
     except (KeyError, ValueError):
         raise RestoreFailed(f"no {'/'.join(names)} line", path=path, step=step) from None
+
+
+def _personality(pid: int) -> int:
+    path = f"/proc/{pid}/personality"
+    try:
+        with open(path) as f:
+            return int(f.read(), 16)
+    except FileNotFoundError:
+        raise ProcessGone(f"task {pid} is gone", path=path, step="personality") from None
 
 
 def _dispositions(pid: int) -> tuple[int, int]:
