@@ -137,6 +137,7 @@ class Proc:
         self.limits[7] = (1024, 1 << 20)             # RLIMIT_NOFILE, as a jail's default
         self.creds = dict(uid=0, ruid=0, svuid=0, rgid=0, svgid=0, groups=(0,))
         self.comm, self.ppid = "linux-helper", 1
+        self.stat = 3                                # ki_stat: SSLEEP (SZOMB 5 once exited)
         self.auxv = [6, 4096, 0, 0]                  # AT_PAGESZ 4096, AT_NULL
         self.lwps = {pid: None}                     # lwp -> regs bytes
         self.suspended, self.pending_stops = set(), []
@@ -1043,7 +1044,8 @@ class FakeFreeBSD:
         p = self.procs.get(pid) or self._err("kern.proc.pid", errno.ESRCH, pid)
         c = p.creds
         rec = O.KinfoProc(p.pid, p.ppid, p.pgid or p.pid, p.sid or p.pid, c["uid"], c["ruid"],
-                          c["svuid"], c["rgid"], c["svgid"], tuple(c["groups"][:16]), 3,
+                          c["svuid"], c["rgid"], c["svgid"], tuple(c["groups"][:16]),
+                          p.stat,
                           p.comm, p.comm[:16], "Linux ELF64", p.jid, len(p.lwps),
                           len(c["groups"]) > 16)
         return O.parse_kinfo_proc(O.pack_kinfo_proc(rec))     # through the real layout

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ckptfs import tree
+from ckptfs.errors import Unsupported
 from ckptfs.capture import freebsd as CF
 from ckptfs.restore import freebsd as RF
 from ckptfs.translate.freebsd import read_plan, to_freebsd, write_plan
@@ -220,3 +221,26 @@ def test_pipe_data_between_two_processes_comes_back(zdtm_bin, procs, tmp_path):
     [kit] = kits
     held = [d.pipe.buf for p in kit.procs.values() for fd, d in p.fds.items() if fd == 50]
     assert held and all(bytes(b) == DATA for b in held)      # put back after the capture
+
+
+def test_a_zombie_child_is_refused_by_name_before_any_child_is_stopped(zdtm_bin, procs,
+                                                                       tmp_path):
+    """A child that exited unreaped (ki_stat SZOMB) cannot be captured: refused naming its
+    state file, seen before its siblings are attached (none is left stopped)."""
+    ckptfs_pid = zdtm.start(zdtm_bin, "fork_tree", tmp_path / "work", procs.spawn).pid
+    ckptfs("dump", "--kill", ckptfs_pid, tmp_path / "tree")
+    src = tree.TreeSource(str(tmp_path / "tree"))
+    kit = FakeFreeBSD()
+    saved, RF.spawn_helper = RF.spawn_helper, spawn(kit)
+    try:
+        root, first, second = RF.restore(src, RF.Target(kit=kit))
+    finally:
+        RF.spawn_helper = saved
+    kit.procs[second].stat = 5
+    kit.attach(root)
+    mark = len(kit.log)
+    with pytest.raises(Unsupported) as e:
+        CF.FreeBSDTreeSource(root, kit)
+    assert f"tasks/{second}/state" in str(e.value) and "zombie" in str(e.value)
+    assert not [x for x in kit.log[mark:] if x[0] == "attach"]
+    assert not kit.procs[first].attached and kit.procs[root].attached

@@ -716,8 +716,13 @@ class FreeBSDTreeSource(model.Source):
         order = [pid]
         try:
             for parent in order:                     # grows while walking: breadth first
-                kids = sorted(k.pid for k in kit.all_procs() if k.ppid == parent
-                              and k.pid not in order)
+                found = [k for k in kit.all_procs() if k.ppid == parent and k.pid not in order]
+                for k in found:
+                    if k.stat == kit_default.SZOMB:
+                        raise Unsupported(f"process {k.pid} (a child of {parent}) is a zombie: "
+                                          "FreeBSD keeps no registers or memory of it to "
+                                          "capture", path=f"tasks/{k.pid}/state")
+                kids = sorted(k.pid for k in found)
                 for kid in kids:
                     kit.attach(kid)
                     self.attached.append(kid)
