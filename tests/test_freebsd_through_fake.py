@@ -227,8 +227,8 @@ def test_a_zombie_child_is_refused_by_name_before_any_child_is_stopped(zdtm_bin,
                                                                        tmp_path):
     """A child that exited unreaped (ki_stat SZOMB) cannot be captured: refused naming its
     state file, seen before its siblings are attached (none is left stopped)."""
-    ckptfs_pid = zdtm.start(zdtm_bin, "fork_tree", tmp_path / "work", procs.spawn).pid
-    ckptfs("dump", "--kill", ckptfs_pid, tmp_path / "tree")
+    pid = zdtm.start(zdtm_bin, "fork_tree", tmp_path / "work", procs.spawn).pid
+    ckptfs("dump", "--kill", pid, tmp_path / "tree")
     src = tree.TreeSource(str(tmp_path / "tree"))
     kit = FakeFreeBSD()
     saved, RF.spawn_helper = RF.spawn_helper, spawn(kit)
