@@ -166,6 +166,7 @@ THREAD_FIELDS = [
     ("sigmask", "sigmask", SIGSET),
     ("comm", "core.thread_core.comm", STR),
     ("clear_tid_addr", "core.thread_info.clear_tid_addr", HEX),
+    ("pdeath_sig", "core.thread_core.pdeath_sig", DEC),
     ("futex_rla", "core.thread_core.futex_rla", HEX),
     ("futex_rla_len", "core.thread_core.futex_rla_len", DEC),
     ("sigaltstack/sp", "core.thread_core.sas.ss_sp", HEX),
@@ -558,8 +559,9 @@ def render_isolation(iso: Isolation) -> dict[str, Node]:
     for name, value in sorted(iso.limits.items()):
         files[f"limits/{name}"] = text(value)
     from .isolation import render_extra
-    for rel, content in render_extra(iso).items():
-        files[rel] = File(lambda c=content: c.encode())
+    for rel, content in render_extra(iso).items():     # tmpfs contents may hold secrets
+        files[rel] = File(lambda c=content: c if isinstance(c, bytes) else c.encode(),
+                          0o600 if rel.startswith("tmpfs/") else 0o444)
     return files
 
 
@@ -1151,16 +1153,26 @@ class TreeSource(Source):
         for name in LIMIT_NAMES:
             if self._exists(f"isolation/limits/{name}"):
                 iso.limits[name] = rd(f"limits/{name}")
-        from .isolation import parse_extra
+        from .isolation import load_extra
 
         def read(rel):
             path = self._p("isolation", rel)
-            return open(path).read() if os.path.isfile(path) else None
+            if not os.path.isfile(path):
+                return None
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                return f.read()
+
         def listdir(rel):
             path = self._p("isolation", rel)
             return sorted(os.listdir(path)) if os.path.isdir(path) else []
-        iso.net, iso.mounts = parse_extra(read, listdir)
-        return iso
+        try:
+            return load_extra(iso, read, listdir, lambda rel: self._p("isolation", rel))
+        except CkptError as e:      # the records name tree-relative files: name them whole
+            if not e.path or os.path.isabs(e.path):
+                raise
+            err = BadTree(str(e).replace(e.path, self._p(e.path), 1))
+            err.path, err.step = self._p(e.path), e.step
+            raise err from e
 
 
 def _int_or_name(name: str):

@@ -828,9 +828,6 @@ def test_own_uts_without_namespace_ids(mix, tmp_path):
     assert not src.ids(R).HasField("uts_ns_id")      # the source's messages are untouched
 
 
-@pytest.mark.xfail(strict=True, reason="the tree has no file for thread_core.pdeath_sig "
-                   "(docs/FORMAT.md, tree.py): a process restored from a tree loses "
-                   "PR_SET_PDEATHSIG (the CRIU images keep it)")
 def test_tree_keeps_pdeath_sig(mix, tmp_path):
     tree.write_tree(criu.ImageSource(mix.out), str(tmp_path / "tree"))
     got = tree.TreeSource(str(tmp_path / "tree")).core(mix.lay.child).thread_core

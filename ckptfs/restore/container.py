@@ -62,32 +62,9 @@ def isolation_of(source: Source, container: bool | None) -> Isolation | None:
         iso = Isolation()
     if container is None and not iso.own_namespaces:
         return None
-    root = getattr(source, "root", None)
-    if isinstance(root, str) and os.path.isdir(os.path.join(root, "isolation")):
-        try:
-            _load_tree_extras(iso, os.path.join(root, "isolation"))
-        except CkptError as e:
-            raise _failed(source, e, "nothing was created") from e
     if iso.mounts and "mnt" in iso.own_namespaces:
         attach_paths(source, iso)
     return iso
-
-
-def _load_tree_extras(iso: Isolation, top: str) -> None:
-    """The records tree.TreeSource.isolation() leaves out (time, user, tmpfs contents)."""
-    from ..isolation import load_extra
-
-    def read(rel):
-        path = os.path.join(top, rel)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
-
-    def listdir(rel):
-        path = os.path.join(top, rel)
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
-    load_extra(iso, read, listdir, lambda rel: os.path.join(top, rel))
 
 
 class ContainerPaths:
