@@ -243,9 +243,16 @@ class Injector:
         mem_write(self.tid, addr, data)
 
     def put(self, data: bytes) -> int:
-        """Copy `data` into fresh scratch memory; its address."""
+        """Copy `data` into fresh scratch memory; its address. Scratch is writable, so one
+        process_vm_writev does (no open of /proc/PID/mem per argument)."""
         addr = self.scratch(len(data))
-        self.write(addr, data)
+        buf = ctypes.create_string_buffer(data, len(data))
+        try:
+            done = vm_writev(self.tid, [(ctypes.addressof(buf), len(data))], [(addr, len(data))])
+        except KernelError:
+            done = -1
+        if done != len(data):
+            self.write(addr, data)
         return addr
 
     def close(self) -> None:
