@@ -670,20 +670,29 @@ def test_capabilities_beyond_ours_are_refused_by_name(procs, restored, tmp_path)
     assert set(_procs.children(os.getpid())) <= ours_before
 
 
-def test_shared_descriptor_table_from_a_live_source(zdtm_bin, procs, restored, tmp_path):
+@pytest.mark.parametrize("via", ["live", "criu"])
+def test_shared_descriptor_table_from_a_live_source(via, zdtm_bin, procs, restored, tmp_path):
     """A child made with clone(CLONE_FILES) shares its parent's descriptor table: restored
-    straight from the frozen processes (whose ids carry files_id), the pair gets one table
-    again (fds made or closed by either after the move are seen by the other)."""
+    straight from the frozen processes, or from CRIU images of them (both carry files_id in
+    the tasks' ids), the pair gets one table again (fds made or closed by either after the
+    move are seen by the other)."""
+    from ckptfs import criu
+
     def move(pid, tmpdir):
         with LiveSource(pid) as src:
             src.freeze()
             pids = src.pids()
             assert len({src.ids(p).files_id for p in pids}) == 1, "capture saw two tables"
-            r = restored(restore(src, pidns=True))   # the parent knows its child's pid
+            if via == "criu":
+                criu.export(src, str(tmpdir / "img"))
+            else:       # pidns: the parent knows its child's pid
+                r = restored(restore(src, pidns=True))
             for p in reversed(pids):
                 os.kill(p, signal.SIGKILL)
         for p in pids:
             assert _procs.wait_gone(p, 5), f"{p} did not die"
+        if via == "criu":
+            r = restored(restore(str(tmpdir / "img"), pidns=True))
         return r.pids[pid]
     assert zdtm.run_case(zdtm_bin, "files_shared", tmp_path, procs, move=move) == "PASS"
 
