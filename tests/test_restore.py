@@ -564,7 +564,7 @@ def test_pending_signals_keep_siginfo_and_thread_timer(opts, sigqueue_bin, procs
     pending = [f.name for f in (d / "tasks" / str(p.pid)).glob("**/pending/*")]
     assert len(pending) >= 4, pending
     assert (d / "tasks" / str(p.pid) / "timers" / "posix").is_dir()
-    r = restored(restore(str(d), **opts))
+    restored(restore(str(d), **opts))
     out.write_text("")
     go.write_text("")
     assert _procs.wait_file(out, timeout=10) == "PASS"
