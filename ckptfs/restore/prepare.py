@@ -34,7 +34,7 @@ from ..errors import CkptError, RestoreFailed
 from ..inject import NR
 from ..model import PageRange
 from ..tree import TreeSource
-from . import RestoreResult, binary_problems, memory, tree_problems
+from . import RestoreResult, binary_problems, memory, quiet_gc, tree_problems
 from .files import FileTable
 from .linux import PROT_WRITE, LinuxRestorer
 from .plan import SPECIAL, V, make_plan
@@ -133,7 +133,7 @@ class Prepared:
         """Bring the prepared tasks to the frozen tree at tree_dir and let them run.
         Raises Stale (everything killed; restore normally) or RestoreFailed."""
         t0 = time.monotonic()
-        with self._lock:
+        with self._lock, quiet_gc():     # the downtime: no full collection in the middle
             if self.tracer is None:
                 raise Stale("already finished or cancelled", step="finish", path=tree_dir)
             try:
