@@ -21,6 +21,7 @@ import threading
 import time
 
 from .errors import CkptError
+from .migrate import RESTORE_TIMEOUT, Pass, _mb, _stale, log, read_manifest, rsh
 from .stream import FINAL, StreamWriter
 
 START_TIMEOUT = 60.0
@@ -185,3 +186,124 @@ class Receiver:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# -- the passes through it ------------------------------------------------------------------
+def gone_paths(files: dict, gone: set) -> list[str]:
+    """What to delete so that the job holds no file `files` lacks: the `gone` files, then the
+    directories left without any listed file, deepest first."""
+    kept = {os.path.dirname(rel) for rel in files}
+    kept |= {d for rel in kept for d in _parents(rel)}
+    dirs = {d for rel in gone for d in _parents(os.path.dirname(rel))} - kept
+    return sorted(gone) + sorted(dirs, key=lambda d: (-d.count("/"), d))
+
+
+def _parents(rel: str) -> list[str]:
+    out = []
+    while rel:
+        out.append(rel)
+        rel = os.path.dirname(rel)
+    return out
+
+
+# Before the freeze, the working set goes once more through the receiver's session: a fresh
+# ssh connection moves its first megabytes at a third of the speed it reaches later (TCP
+# buffers and ssh's channel window grow with the traffic), and that slow start would otherwise
+# fall into the downtime. What it sends counts as held; the final pass sends what changed since.
+STREAM_PREPASS = os.environ.get("CKPTFS_STREAM_PREPASS", "1") != "0"
+
+
+def stream_pass(mnt: str, rx, held: dict, rels: list[str], name: str) -> Pass:
+    """A pre-copy pass of `rels` through the receiver, `held` updated with what it sent."""
+    t0 = time.monotonic()
+    w = rx.writer()
+    b0, sent = w.bytes, []
+    try:
+        with rx.bounded():
+            for rel in rels:
+                if (r := w.file(mnt, rel, rel not in held, missing_ok=True)) is not None:
+                    held[rel] = (r[1], r[0])
+                    sent.append(rel)
+            w.sync()
+            rx.synced(rx.timeout)
+    except CkptError as e:
+        raise rx.why(e) from None
+    p = Pass(f"{name} (stream)", w.bytes - b0, len(sent), sum("/pages/" in n for n in sent),
+             time.monotonic() - t0, sent)
+    log(f"{p.name}: {_mb(p.bytes)} in {p.files} files ({p.chunks} dirty chunks), "
+        f"{p.seconds:.2f} s")
+    return p
+
+
+def streamed_pass(mnt: str, rx, held: dict, guess: list[str], mark) -> Pass:
+    """The final pass into a job of another host, through the receiver's session: the
+    `guess`ed chunks while the mount builds the frozen manifest, then deletions, the
+    manifest, the rest of the difference, and those guesses the manifest says changed again."""
+    t0 = time.monotonic()
+    w = rx.writer()
+    b0 = w.bytes
+    try:
+        with rx.bounded():
+            sent = _stream_difference(mnt, w, held, guess, mark)
+            rx.received(rx.timeout)
+    except CkptError as e:
+        raise rx.why(e) from None
+    return Pass("final pass", w.bytes - b0, len(sent), sum("/pages/" in n for n in sent),
+                time.monotonic() - t0, sent)
+
+
+def _stream_difference(mnt: str, w, held: dict, guess: list[str], mark) -> list[str]:
+    got: dict = {}            # guessed chunks sent: {rel: (xxh3, size)}
+    failed: list = []
+
+    def send_guesses():
+        try:
+            for rel in guess:
+                if (r := w.file(mnt, rel, rel not in held, missing_ok=True)) is not None:
+                    got[rel] = (r[1], r[0])
+        except CkptError as e:
+            failed.append(e)
+
+    sender = threading.Thread(target=send_guesses, name="ckptfs-guess", daemon=True)
+    sender.start()
+    try:
+        doc, raw = read_manifest(mnt, raw=True)
+        mark("frozen manifest read")
+    finally:
+        sender.join()
+    if failed:
+        raise failed[0]
+    files = doc.get("files")
+    if files is None:
+        raise CkptError("the frozen manifest lists no files", step="final pass",
+                        path=os.path.join(mnt, "manifest"))
+    mark(f"{len(got)} guessed chunks sent")
+    # as into a local job: vanished files go before the manifest, the manifest before the rest
+    for rel in gone_paths(files, (set(held) | set(got)) - set(files)):
+        w.delete(rel)
+    w.data("manifest", raw)
+    rest = _stale(files, held, sorted(set(files) - set(got)))
+    for rel in rest + _stale(files, got, sorted(set(got) & set(files))):
+        w.file(mnt, rel, rel not in held)
+    w.end()
+    mark("final pass sent")
+    return sorted(set(got) | set(rest))
+
+
+def start_receiver(dest, timeout: float = RESTORE_TIMEOUT):
+    """The remote final pass's session (remote.Receiver), opened before the freeze; None when
+    the far side cannot receive (no `ckptfs receive` there, a job that cannot say what it
+    holds): then the final pass goes through rsync, as before. A pass through it that takes
+    longer than `timeout` fails."""
+    t0 = time.monotonic()
+    try:
+        rx = Receiver(dest, rsh(), stream_timeout=timeout)
+    except CkptError as e:
+        log(f"no receiver on {dest.host} ({e}): the final pass goes through rsync")
+        return None
+    if rx.held is None:
+        rx.close()
+        return None
+    log(f"receiver on {dest.host} ready in {time.monotonic() - t0:.2f} s "
+        f"(the job holds {len(rx.held)} files)")
+    return rx

@@ -17,7 +17,7 @@ import pytest
 
 import xxhash
 
-from ckptfs import migrate, stream
+from ckptfs import migrate, remote, stream
 from ckptfs.errors import CkptError
 from helpers import procs as P
 from test_dirty import build_workload
@@ -195,11 +195,10 @@ def test_streamed_pass_into_a_real_target_removes_vanished_directories(
         dead = job / "tasks" / str(src_proc.pid) / "maps" / "dead-beef"
         (dead / "pages").mkdir(parents=True)
         (dead / "pages" / "0x0").write_bytes(b"unmapped since")
-        from ckptfs.remote import Receiver
-        rx = Receiver(migrate.Dest("here", str(job)), HERE_RSH)
+        rx = remote.Receiver(migrate.Dest("here", str(job)), HERE_RSH)
         assert rx.held[f"tasks/{src_proc.pid}/maps/dead-beef/pages/0x0"][1] == 14
         src.ctl("freeze")
-        p = migrate.streamed_pass(src.dir, rx, rx.held, [], lambda what: None)
+        p = remote.streamed_pass(src.dir, rx, rx.held, [], lambda what: None)
         new = restored_pid(rx.wait(30))
         procs.adopt(new)
         src.ctl("kill")
@@ -239,7 +238,7 @@ def test_stream_writes_the_difference_into_the_job(tmp_path):
     inode = (job / "t" / "pages" / "0x0").stat().st_ino
 
     def build(w):
-        for rel in migrate.gone_paths({"t/pages/0x0": {}, "t/new": {}},
+        for rel in remote.gone_paths({"t/pages/0x0": {}, "t/new": {}},
                                       {"t/stale", "gone/deep/f"}):
             w.delete(rel)
         w.data("manifest", b"{}\n")
@@ -261,7 +260,7 @@ def test_stream_writes_the_difference_into_the_job(tmp_path):
 def test_gone_paths_removes_emptied_directories_deepest_first():
     files = {"tasks/1/comm": {}, "tasks/1/maps/a-b/pages/0x0": {}}
     gone = {"tasks/1/maps/c-d/pages/0x0", "tasks/1/maps/c-d/flags", "tasks/2/comm"}
-    assert migrate.gone_paths(files, gone) == [
+    assert remote.gone_paths(files, gone) == [
         "tasks/1/maps/c-d/flags", "tasks/1/maps/c-d/pages/0x0", "tasks/2/comm",
         "tasks/1/maps/c-d/pages", "tasks/1/maps/c-d", "tasks/2"]
 
