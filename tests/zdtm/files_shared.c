@@ -2,9 +2,10 @@
 /*
  * files_shared: a child made with clone(CLONE_FILES) shares its parent's descriptor table
  * (not its memory). Before "ready" the parent puts a pipe end at fd 61. On the check the
- * parent puts another at fd 60 and signals the child, which must see fd 60 (made after the
- * move, by the other task) and closes fd 61, then exits 40 (50: fd 60 missing). The parent
- * then must find fd 61 gone: one table for both, in both directions.
+ * parent puts another at fd 60 and signals its process group (the child; pids may change
+ * in a move), which must see fd 60 (made after the move, by the other task) and closes
+ * fd 61, then exits 40 (50: fd 60 missing). The parent then must find fd 61 gone: one
+ * table for both, in both directions.
  */
 #include "zdtm.h"
 #include <sched.h>
@@ -39,6 +40,8 @@ int main(int argc, char **argv)
 	char *stack = malloc(STACK);
 	if (!stack)
 		zdtm_die("malloc");
+	if (getpgrp() != getpid())	/* kill(0) below must reach only our own group */
+		zdtm_die("must be started as a process group leader");
 	pid_t pid = clone(child, stack + STACK, CLONE_FILES | SIGCHLD, NULL);
 	if (pid < 0)
 		zdtm_die("clone");
@@ -50,11 +53,11 @@ int main(int argc, char **argv)
 		zdtm_fail("fd 61 is gone before the child closed it");
 	if (dup2(p[0], 60) != 60)
 		zdtm_fail("dup2: %s", strerror(errno));
-	if (kill(pid, SIGTERM))
-		zdtm_fail("kill child %d: %s", pid, strerror(errno));
+	if (kill(0, SIGTERM))
+		zdtm_fail("kill(0, SIGTERM): %s", strerror(errno));
 	int st;
-	if (waitpid(pid, &st, 0) != pid)
-		zdtm_fail("waitpid %d: %s", pid, strerror(errno));
+	if (wait(&st) < 0)
+		zdtm_fail("wait: %s (child lost?)", strerror(errno));
 	if (!WIFEXITED(st) || WEXITSTATUS(st) != 40)
 		zdtm_fail("child status %#x (exit 50: it did not see fd 60 made by the parent)", st);
 	if (fcntl(61, F_GETFD) != -1 || errno != EBADF)
