@@ -130,7 +130,12 @@ def bench(mib: int, repeat: int, methods: list[str]) -> None:
         try:
             pid = start_workload(mib, tmp)
             top = os.path.join(tmp, "tree")
-            dumps.append(dump(pid, top))
+            try:
+                dumps.append(dump(pid, top))
+            except BaseException:        # the workload must not outlive a failed dump
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
             for m in methods:             # interleaved: each sees the same machine load
                 c0 = _cpu()
                 floor, nbytes = read_all(top)
