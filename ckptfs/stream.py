@@ -12,14 +12,17 @@ Stream (every integer little-endian):
     header   b"CKPTFS-S" u16 version (1)
     record   u8 kind, then by kind:
       b"F"   file:    u16 path length, path (UTF-8, relative), u32 mode (0: keep the job's,
-                      or 0600 for a new file), u64 size, size bytes, u64 xxh3-64 of the bytes
-      b"D"   delete:  u16 path length, path (a file is unlinked, a directory removed; absent
-                      is fine)
+                      or 0600 for a new file), u64 size, u64 head check, size bytes,
+                      u64 xxh3-64 of the bytes
+      b"D"   delete:  u16 path length, path, u64 head check (a file is unlinked, a directory
+                      removed; absent is fine)
       b"S"   sync:    nothing; the receiver answers once everything before it is written
       b"E"   end:     u32 files, u64 bytes (what the F records carried: a short stream is
                       never mistaken for a complete one)
 
-A file up to BUFFERED bytes is received whole and its checksum verified before a byte of it
+The head check is the xxh3-64 of the record from its kind byte up to it: a corrupted path,
+mode or size is refused before the receiver acts on it. A file up to BUFFERED bytes is
+received whole and its checksum verified before a byte of it
 reaches the job; a larger one is written as it arrives and verified at its end. Either way a
 mismatch stops the receiver with an error naming the file (the job's manifest check then
 refuses the job too: its checksums are the source's).
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import queue
 import select
@@ -110,14 +114,17 @@ class StreamWriter:
                             path=what, err=e.errno) from None
 
     @staticmethod
-    def _name(rel: str) -> bytes:
+    def _head(kind: bytes, rel: str, mode: int | None = None, size: int = 0) -> bytes:
         raw = check_path(rel).encode()
-        return PATHLEN.pack(len(raw)) + raw
+        body = kind + PATHLEN.pack(len(raw)) + raw
+        if mode is not None:
+            body += FILEHEAD.pack(mode, size)
+        return body + DIGEST.pack(xxhash.xxh3_64_intdigest(body))
 
     def data(self, rel: str, data: bytes, mode: int = 0) -> str:
         """One file from memory; its xxh3-64 in hex."""
         digest = xxhash.xxh3_64(data)
-        self._put(b"F" + self._name(rel) + FILEHEAD.pack(mode, len(data)), rel)
+        self._put(self._head(b"F", rel, mode, len(data)), rel)
         self._put(data, rel)
         self._put(DIGEST.pack(digest.intdigest()), rel)
         self.files, self.bytes = self.files + 1, self.bytes + len(data)
@@ -141,7 +148,7 @@ class StreamWriter:
         try:
             st = os.fstat(fd)
             mode = st.st_mode & 0o7777 if with_mode else 0
-            self._put(b"F" + self._name(rel) + FILEHEAD.pack(mode, st.st_size), rel)
+            self._put(self._head(b"F", rel, mode, st.st_size), rel)
             h, left = xxhash.xxh3_64(), st.st_size
             while left:
                 block = os.read(fd, min(BLOCK, left))
@@ -164,7 +171,7 @@ class StreamWriter:
         return st.st_size, h.hexdigest()
 
     def delete(self, rel: str) -> None:
-        self._put(b"D" + self._name(rel), rel)
+        self._put(self._head(b"D", rel), rel)
 
     def sync(self) -> None:
         self._put(b"S", "sync")
@@ -195,16 +202,22 @@ class StreamReader:
     def kind(self) -> bytes:
         return self._exact(1, "next record")
 
-    def path(self) -> str:
-        (n,) = PATHLEN.unpack(self._exact(PATHLEN.size, "path length"))
-        raw = self._exact(n, "path")
+    def head(self, kind: bytes) -> tuple[str, int, int]:
+        """A record's path, and for a file its mode and size, once its head check holds."""
+        length = self._exact(PATHLEN.size, "path length")
+        raw = self._exact(PATHLEN.unpack(length)[0], "path")
+        name = raw.decode(errors="replace")
+        extra = self._exact(FILEHEAD.size, name) if kind == b"F" else b""
+        (want,) = DIGEST.unpack(self._exact(DIGEST.size, name))
+        if want != xxhash.xxh3_64_intdigest(kind + length + raw + extra):
+            raise StreamError("record head checksum mismatch (its path, mode or size is "
+                              "corrupted)", step="receive", path=name)
         try:
-            return check_path(raw.decode())
+            rel = check_path(raw.decode())
         except UnicodeDecodeError:
-            raise StreamError(f"path {raw!r} is not UTF-8", step="receive", path="path") from None
-
-    def file_head(self, rel: str) -> tuple[int, int]:
-        return FILEHEAD.unpack(self._exact(FILEHEAD.size, rel))
+            raise StreamError(f"path {raw!r} is not UTF-8", step="receive", path=name) from None
+        mode, size = FILEHEAD.unpack(extra) if extra else (0, 0)
+        return rel, mode, size
 
     def blocks(self, rel: str, size: int):
         """The file's bytes in blocks; after the last one, its checksum is checked."""
@@ -223,16 +236,32 @@ class StreamReader:
         return END.unpack(self._exact(END.size, "end of stream"))
 
 
+@functools.lru_cache(maxsize=4096)
+def _beneath(job: str, parent: str) -> bool:
+    real = os.path.realpath(job)
+    return os.path.realpath(os.path.join(job, parent)).startswith(real + os.sep) or not parent
+
+
+def beneath(job: str, rel: str) -> str:
+    """JOB/rel, refused when a symbolic link in the job would lead it elsewhere (the last
+    component is opened with O_NOFOLLOW)."""
+    if not _beneath(job, os.path.dirname(rel)):
+        raise StreamError("leads out of the job through a symbolic link", step="receive",
+                          path=rel)
+    return os.path.join(job, rel)
+
+
 def open_for_write(job: str, rel: str, mode: int) -> int:
     """The job's file, truncated and rewritten in place (the target sees one writer for the
     whole file); a new one created with `mode` (or 0600), its directories made."""
-    path = os.path.join(job, rel)
+    path = beneath(job, rel)
     try:
-        return os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        return os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         pass
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
     if mode:
         os.fchmod(fd, mode)
     return fd
@@ -257,7 +286,7 @@ def write_blocks(job: str, rel: str, mode: int, blocks) -> int:
 
 
 def remove(job: str, rel: str) -> None:
-    path = os.path.join(job, rel)
+    path = beneath(job, rel)
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             os.rmdir(path)
@@ -319,7 +348,7 @@ def apply_stream(f, job: str, synced=None) -> tuple[int, int]:
     try:
         while (kind := reader.kind()) != b"E":
             if kind == b"D":
-                rel = reader.path()
+                rel = reader.head(kind)[0]
                 applier.put(lambda rel=rel: remove(job, rel))
                 continue
             if kind == b"S":
@@ -330,8 +359,7 @@ def apply_stream(f, job: str, synced=None) -> tuple[int, int]:
             if kind != b"F":
                 raise StreamError(f"unknown record kind {kind!r}", step="receive",
                                   path="next record")
-            rel = reader.path()
-            mode, size = reader.file_head(rel)
+            rel, mode, size = reader.head(kind)
             files += 1
             if size <= BUFFERED:
                 applier.file(rel, mode, b"".join(reader.blocks(rel, size)))

@@ -285,19 +285,45 @@ def test_stream_flaws_are_refused_naming_the_file(tmp_path):
         stream.apply_stream(io.BytesIO(good[:at - 100]), str(job))
     with pytest.raises(stream.StreamError, match=r"end of stream: stream ended"):
         stream.apply_stream(io.BytesIO(good[:-3]), str(job))
+    at = good.index(b"chunk")                          # a flipped bit in the path
+    bad = good[:at] + b"c" + bytes([good[at + 1] ^ 2]) + good[at + 2:]
+    with pytest.raises(stream.StreamError, match=r"receive: cjunk: record head checksum"):
+        stream.apply_stream(io.BytesIO(bad), str(job))
+    assert not (job / "cjunk").exists()
     with pytest.raises(stream.StreamError, match=r"stream header: not a ckptfs stream"):
         stream.apply_stream(io.BytesIO(b"rsync..." + good[8:]), str(job))
     # an end record that does not match what arrived: a stream cut between two records
-    second = 10 + 1 + 2 + len("first") + 12 + 100 + 8   # header, first record
+    second = 10 + 1 + 2 + len("first") + 12 + 8 + 100 + 8   # header, first record
     assert good[second:second + 1] == b"F"
     cut = good[:second] + good[-13:]
     with pytest.raises(stream.StreamError, match=r"says 2 files, 1100 bytes; 1 files, 100"):
         stream.apply_stream(io.BytesIO(cut), str(job))
+    # symbolic links in the job lead nowhere outside it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (job / "link").symlink_to(outside)
+    (job / "file-link").symlink_to(outside / "victim")
+
+    def through_links(w):
+        w.data("link/planted", b"x")
+        w.end()
+    with open(make_stream(tmp_path, through_links), "rb") as f:
+        with pytest.raises(stream.StreamError, match=r"link/planted: leads out of the job"):
+            stream.apply_stream(f, str(job))
+
+    def onto_link(w):
+        w.data("file-link", b"x")
+        w.end()
+    with open(make_stream(tmp_path, onto_link), "rb") as f:
+        with pytest.raises(CkptError, match=r"file-link: writing into the job: Too many"):
+            stream.apply_stream(f, str(job))
+    assert list(outside.iterdir()) == []
     for rel in ("../escape", "/abs", "a//b", "ctl", "held", "status", "a/./b"):
         with pytest.raises(stream.StreamError, match="is not a file of a job"):
             stream.check_path(rel)
     raw = b"../x"
-    evil = good[:10] + b"D" + struct.pack("<H", len(raw)) + raw + good[-13:]
+    body = b"D" + struct.pack("<H", len(raw)) + raw
+    evil = good[:10] + body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + good[-13:]
     with pytest.raises(stream.StreamError, match=r"'\.\./x' is not a file of a job"):
         stream.apply_stream(io.BytesIO(evil), str(job))
 
@@ -394,14 +420,15 @@ while (kind := take(1)) != b"E":
     name = take(struct.unpack("<H", take(2))[0])
     put(struct.pack("<H", len(name)) + name)
     if kind == b"D":
+        put(take(8))
         continue
-    head = take(12)
+    head = take(20)
     put(head)
     if armed and mode == "stall":             # stops reading, as a hung host would
         open(marker, "w").write(f"{os.getpid()}\\n")
         time.sleep(60)
         sys.exit(1)
-    data = bytearray(take(struct.unpack("<IQ", head)[1] + 8))
+    data = bytearray(take(struct.unpack("<IQ", head[:12])[1] + 8))
     if armed and mode == "kill" and after + len(data) > at:
         put(data[:at - after])
         os.kill(child.pid, signal.SIGKILL)
