@@ -262,7 +262,8 @@ def test_same_pids_restores_the_old_pid(procs, restored, tmp_path):
 
 
 def test_socket_descriptor_is_refused_by_name(procs, tmp_path):
-    code = "import socket, time; s = socket.socket(); time.sleep(30)"
+    code = ("import socket, time; s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0); "
+            "time.sleep(30)")
     p = procs.spawn([sys.executable, "-c", code])
     time.sleep(0.5)
     d = dump(p.pid, tmp_path / "tree")

@@ -555,57 +555,9 @@ def test_fifo_next_to_its_frozen_original_is_not_filled_twice(procs, tmp_path):
             table.close()
 
 
-# -- whole programs: dump + restore, and restore next to the frozen original --------------------
-# tests/zdtm/pending/sk_*.c join the ZDTM matrix (tests/zdtm/) once restore/plan.py asks
-# restore.sockets.problems() for socket descriptors; until then they run here, with the plan
-# given exactly that check (the `plan_takes_sockets` fixture, a no-op once plan.py does it).
-ZDTM = Path(__file__).resolve().parent / "zdtm"
-PENDING = ZDTM / "pending"
-SOURCES = {p.stem: p for p in [*ZDTM.glob("sk_*.c"), *PENDING.glob("sk_*.c")]}
-SOCKET_PROGRAMS = sorted(SOURCES)
-
-
-@pytest.fixture(scope="module")
-def pending_built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zdtm-pending")
-    for name in SOCKET_PROGRAMS:
-        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", f"-I{ZDTM}", "-o",
-                        str(out / name), str(SOURCES[name])], check=True)
-    return out
-
-
-@pytest.fixture
-def pending_bin(pending_built, monkeypatch):
-    """The pending programs built, and known to helpers.zdtm for this test."""
-    from helpers import zdtm
-    for name in SOCKET_PROGRAMS:
-        monkeypatch.setitem(zdtm.PROGRAMS_FLAGS, name, [])
-    return pending_built
-
-
-@pytest.fixture
-def plan_takes_sockets(monkeypatch):
-    """restore/plan.py's check_files as it should be: socket descriptors are checked by
-    restore.sockets.problems (named by their fd directory) instead of refused outright."""
-    from ckptfs import flags as F
-    from ckptfs.restore import plan as P
-    kinds = {F.FD_TYPES["UNIXSK"], F.FD_TYPES["INETSK"]}
-    if kinds <= P.FD_KINDS:
-        return                   # plan.py checks sockets itself
-    plain = P.check_files
-    monkeypatch.setattr(P, "FD_KINDS", P.FD_KINDS | kinds)
-
-    def check_files(plan):
-        plain(plan)
-        index = None
-        for t in plan.tasks:
-            for fdi in ([] if t.zombie else t.fdinfo):
-                if fdi.type in kinds:
-                    index = index or rsk.Index(plan.source)
-                    name = P.where(plan.source, t.pid, f"fds/{fdi.fd}")
-                    plan.problems.extend(f"{name}: {p}" for p in
-                                         rsk.problems(plan.source, plan.source.file(fdi.id), index))
-    monkeypatch.setattr(P, "check_files", check_files)
+# -- whole programs: restore next to the frozen original ----------------------------------------
+# (dump + restore, pidns, cp and rsync of tests/zdtm/sk_*.c run in test_zdtm.py's matrix)
+SOCKET_PROGRAMS = sorted(p.stem for p in (Path(__file__).resolve().parent / "zdtm").glob("sk_*.c"))
 
 
 @pytest.fixture
@@ -618,19 +570,7 @@ def restored(procs):
 
 
 @pytest.mark.parametrize("name", SOCKET_PROGRAMS)
-def test_program_dump_restore(name, pending_bin, procs, restored, plan_takes_sockets, tmp_path):
-    from ckptfs.restore import restore
-    from helpers import zdtm
-
-    def move(pid, tmpdir):
-        d = dump(pid, Path(tmpdir) / "tree")
-        return restored(restore(str(d), log=lambda m: None)).pids[pid]
-    assert zdtm.run_case(pending_bin, name, tmp_path, procs, move=move) == "PASS"
-
-
-@pytest.mark.parametrize("name", SOCKET_PROGRAMS)
-def test_program_restored_next_to_frozen_original(name, pending_bin, procs, restored,
-                                                  plan_takes_sockets, tmp_path):
+def test_program_restored_next_to_frozen_original(name, zdtm_bin, procs, restored, tmp_path):
     """What `cp` of a frozen mount into a target on the same host does: the original is
     still there (frozen) while the copy is restored, and killed after."""
     from ckptfs.restore import restore
@@ -644,4 +584,4 @@ def test_program_restored_next_to_frozen_original(name, pending_bin, procs, rest
             os.kill(pid, signal.SIGKILL)
         assert _procs.wait_gone(pid, 5)
         return new
-    assert zdtm.run_case(pending_bin, name, tmp_path, procs, move=move) == "PASS"
+    assert zdtm.run_case(zdtm_bin, name, tmp_path, procs, move=move) == "PASS"

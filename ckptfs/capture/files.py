@@ -388,18 +388,17 @@ def tcp_stream(ref: Ref) -> tuple[object, bytes]:
         sk.close()
 
 
-def silence_connections(pid: int) -> list[int]:
+def silence_connections(pid: int, dying: set[int] = frozenset()) -> list[int]:
     """Put every ESTABLISHED TCP socket of process `pid` into TCP_REPAIR mode, so that when it
     is killed after a move its connections close without a FIN or RST reaching the peers
-    (which now talk to the restored copy): what CRIU does to a dumped task. Returns the fds."""
+    (which now talk to the restored copy): what CRIU does to a dumped task. A socket some
+    process outside `dying` (and `pid`) also holds is left alone: a copy restored on this
+    host took over that very socket, and it lives on. Returns the fds put in repair mode."""
     from .. import tcp
-    done = []
-    for name in procfs.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if not link.startswith("socket:["):
+    done, links = [], _socket_links(pid)
+    held = _held_elsewhere(set(links.values()), dying | {pid, os.getpid()}) if links else set()
+    for name, link in links.items():
+        if link in held:
             continue
         sk = socket.socket(fileno=grab_fd(pid, int(name)))
         try:
@@ -411,6 +410,39 @@ def silence_connections(pid: int) -> list[int]:
         finally:
             sk.close()
     return done
+
+
+def _socket_links(pid: int) -> dict[str, str]:
+    """fd name -> `socket:[ino]` for every socket descriptor of `pid`."""
+    out = {}
+    for name in procfs.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out[name] = link
+    return out
+
+
+def _held_elsewhere(links: set[str], skip: set[int]) -> set[str]:
+    """Which of `links` some process not in `skip` has open."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        try:
+            names = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                link = os.readlink(f"/proc/{entry}/fd/{name}")
+            except OSError:
+                continue
+            if link in links:
+                found.add(link)
+    return found
 
 
 # -- socket queues without consuming them ---------------------------------------------------

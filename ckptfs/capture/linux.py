@@ -613,9 +613,10 @@ class LiveSource(Source):
         """SIGKILL every task (children first) after a move. Their established TCP
         connections go into repair mode first, so the kill sends no FIN or RST to peers that
         now talk to the restored copy (what CRIU does to a dumped task)."""
-        for pid in reversed(pids if pids is not None else self.pids()):
+        pids = list(pids if pids is not None else self.pids())
+        for pid in reversed(pids):
             try:
-                files.silence_connections(pid)
+                files.silence_connections(pid, set(pids))
             except (ProcessGone, FileNotFoundError, ProcessLookupError):
                 continue
             try:

@@ -26,7 +26,8 @@ SPECIAL = V["VMA_AREA_VDSO"] | V["VMA_AREA_VVAR"] | V["VMA_AREA_VSYSCALL"]
 UNSUPPORTED_VMA = {"VMA_AREA_SYSVIPC": "SysV shared memory", "VMA_AREA_AIORING": "AIO ring",
                    "VMA_AREA_SOCKET": "socket mapping", "VMA_AREA_SHSTK": "shadow stack",
                    "VMA_AREA_UPROBES": "uprobes area"}
-FD_KINDS = {F.FD_TYPES[k] for k in ("REG", "PIPE", "FIFO", "EVENTFD")}
+SOCKET_KINDS = {F.FD_TYPES[k] for k in ("UNIXSK", "INETSK")}
+FD_KINDS = {F.FD_TYPES[k] for k in ("REG", "PIPE", "FIFO", "EVENTFD")} | SOCKET_KINDS
 FD_TYPE_NAMES = {v: k for k, v in F.FD_TYPES.items()}
 
 
@@ -305,7 +306,9 @@ def vdso_layout(t: TaskPlan) -> dict[str, tuple[int, int]]:
 
 
 def check_files(plan: Plan) -> None:
+    from . import sockets
     src = plan.source
+    index = None                # where the tree's sockets are, made at the first socket
     for t in plan.tasks:
         if t.zombie:
             continue
@@ -317,6 +320,10 @@ def check_files(plan: Plan) -> None:
                                      "does not support yet")
                 continue
             fe = src.file(fdi.id)
+            if fdi.type in SOCKET_KINDS:
+                index = index or sockets.Index(src)
+                plan.problems.extend(f"{name}: {p}" for p in sockets.problems(src, fe, index))
+                continue
             if fdi.type == F.FD_TYPES["REG"] and src.file_deleted(fdi.id):
                 continue          # no path to check: restore makes it from its saved contents
             if fdi.type == F.FD_TYPES["REG"]:
