@@ -349,6 +349,9 @@ class Renderer:
         for name, dotted, codec in TASK_FIELDS:
             files[name] = self._field_node(lambda: ctx, dotted, codec)
         files = {n: f for n, f in files.items() if f is not None}
+        shared = self._table_shared_with(pid)
+        if shared is not None:
+            files["files_shared_with"] = File(lambda: f"{shared}\n".encode())
         for i, rname in enumerate(F.RLIMITS):
             files[f"rlimits/{rname}"] = File(self._rlimit(pid, i))
         top = _dir_from_paths(files).entries()
@@ -382,6 +385,18 @@ class Renderer:
             rl = self.source.core(pid).tc.rlimits.rlimits
             return encode(RLIMIT, rl[i]) if i < len(rl) else b"unlimited unlimited\n"
         return produce
+
+    def _table_shared_with(self, pid: int) -> int | None:
+        """The lowest pid of the live tasks sharing pid's descriptor table (CLONE_FILES),
+        when it shares one."""
+        src = self.source
+        try:
+            mine = src.ids(pid).files_id
+        except NotImplementedError:     # a source that cannot tell (FreeBSD)
+            return None
+        sharers = [t.pid for t in src.pstree() if src.ids(t.pid).files_id == mine
+                   and src.core(t.pid).tc.task_state not in DEAD_STATES]
+        return min(sharers) if mine and len(sharers) > 1 else None
 
     def sigaction_entries(self, pid: int) -> dict[str, Node]:
         out = {}
@@ -789,6 +804,7 @@ class TreeSource(Source):
         ctx.ps.threads.extend(sorted(ctx.threads))
         ctx.vmas = self._load_maps(pid, ctx.mm)
         ctx.fdinfo = self._load_fds(pid)
+        ctx.files_shared_with = self._read(f"{base}/files_shared_with", DEC, missing=None)
         return ctx
 
     def _load_zombie(self, ctx: _Ctx, base: str) -> _Ctx:
@@ -1019,8 +1035,11 @@ class TreeSource(Source):
         raise KeyError(tid)
 
     def ids(self, pid: int):
-        n = 2 + list(self._tasks).index(pid)
-        return pb.task_kobj_ids_entry(vm_id=n, files_id=n, fs_id=n, sighand_id=n)
+        order = list(self._tasks)
+        n = 2 + order.index(pid)
+        shared = getattr(self._tasks[pid], "files_shared_with", None)
+        files_id = 2 + order.index(shared) if shared in self._tasks else n
+        return pb.task_kobj_ids_entry(vm_id=n, files_id=files_id, fs_id=n, sighand_id=n)
 
     def mm(self, pid: int):
         return self._tasks[pid].mm

@@ -1,4 +1,3 @@
-// zdtm-known: *: the tree does not record which tasks share a descriptor table (TreeSource.ids gives every task its own), so the restored pair gets two tables
 /*
  * files_shared: a child made with clone(CLONE_FILES) shares its parent's descriptor table
  * (not its memory). Before "ready" the parent puts a pipe end at fd 61. On the check the
