@@ -259,6 +259,46 @@ def test_container_without_its_own_pid_namespace(procs, tmp_path):
         cgroups.remove_dirs(r.cgroups)
 
 
+SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 7077))
+s.listen(4)
+open(sys.argv[1], "w").write("ready")
+while True:
+    c, _ = s.accept()
+    c.sendall(b"still here")
+    c.close()
+"""
+ASK = ("import socket; c = socket.create_connection(('127.0.0.1', 7077), timeout=5); "
+       "print(c.recv(64).decode())")
+
+
+def test_listener_comes_back_in_the_containers_network_namespace(procs, tmp_path):
+    """A socket belongs to the network namespace it is made in: a container's listener must be
+    made in the container's new one (not the restorer's), where its clients are."""
+    ready = tmp_path / "ready"
+    p = procs.spawn(["unshare", "--net", "sh", "-c",
+                     f"ip link set lo up && exec {sys.executable} -c '{SERVER}' {ready}"])
+    deadline = time.monotonic() + 10
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert inside_some(p.pid, ["-n"], [sys.executable, "-c", ASK]).strip() == "still here"
+    dump_container(p.pid, tmp_path / "tree")
+    r = restore.restore(tmp_path / "tree")
+    try:
+        new = r.pids[p.pid]
+        procs.adopt(new)
+        assert inside_some(new, ["-n"], [sys.executable, "-c", ASK]).strip() == "still here"
+        host = subprocess.run([sys.executable, "-c", ASK], capture_output=True, text=True)
+        assert host.returncode != 0, "the listener was made in the restorer's namespace"
+    finally:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(r.pids[p.pid], signal.SIGKILL)
+        cgroups.remove_dirs(r.cgroups)
+
+
 def inside_some(pid: int, flags: list[str], argv: list[str]) -> str:
     return subprocess.run(["nsenter", "-t", str(pid), *flags, "--", *argv], capture_output=True,
                           text=True, check=True).stdout

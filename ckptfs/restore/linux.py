@@ -55,8 +55,8 @@ from ..errors import CkptError, KernelError, ProcessGone, RestoreFailed
 from ..inject import NR, Injector
 from . import memory, signals
 from .files import FileTable
-from .plan import (SCRATCH_SIZE, SPECIAL, TASK_END, Plan, TaskPlan, V, cap_last, caps_of,
-                   table_owner, vdso_layout, where)
+from .plan import (SCRATCH_SIZE, SOCKET_KINDS, SPECIAL, TASK_END, Plan, TaskPlan, V, cap_last,
+                   caps_of, table_owner, vdso_layout, where)
 from .plan import creds_caps as plan_creds_caps
 
 PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK, PTRACE_O_TRACECLONE = 2, 4, 8
@@ -574,12 +574,21 @@ class LinuxRestorer:
             task_fds[local] = self._take(inj, local)
         return task_fds[local]
 
+    def _sockets_netns(self, pid: int) -> None:
+        """Sockets belong to the network namespace they are made in: a task restored into a
+        namespace of its own (a container's) gets them made in that one."""
+        ns = f"/proc/{pid}/ns/net"
+        if os.stat(ns).st_ino != os.stat("/proc/self/ns/net").st_ino:
+            self.files.use_netns(ns)
+
     def _take(self, inj: Injector, local: int) -> int:
         """The restorer's descriptor `local` as a new descriptor of the task (close-on-exec)."""
         return inj.call(NR["pidfd_getfd"], self.pidfd_slot, local, 0, step="pidfd_getfd")
 
     def _fds(self, live: Live) -> None:
         t, inj = live.plan, live.inj
+        if any(fdi.type in SOCKET_KINDS for fdi in t.fdinfo):
+            self._sockets_netns(live.pid)
         for fdi in t.fdinfo:
             path = self._where(t.pid, f"fds/{fdi.fd}")
             x = self._take(inj, self.files.description(fdi.id, where=path))
