@@ -518,22 +518,8 @@ def userns_tree(tmp_path_factory):
     return tmp / "tree", out
 
 
-CAPS_BLOCKER = "this restorer does not hold"
-
-
-def _unless_caps_blocker(tree_dir: Path) -> None:
-    """restore/plan.py's check_creds bounds a task's capabilities by the restorer's own, also
-    for a task restored into a new user namespace, where it is root with every capability of
-    that namespace (CAP_SYS_RESOURCE here, which this restorer lacks): until that check
-    knows about user namespaces, these restores stop there (reported by H4)."""
-    problems = restore.restore(tree_dir, dry_run=True).problems
-    if any(CAPS_BLOCKER in p for p in problems):
-        pytest.xfail("plan.check_creds bounds caps inside a new user namespace by the restorer's")
-
-
 def test_user_namespace_round_trip(userns_tree):
     tree, out = userns_tree
-    _unless_caps_blocker(tree)
     assert set((tree / "isolation/own").read_text().split()) >= {"user", "pid", "mnt", "uts", "net",
                                                                 "time"}
     assert int((tree / "isolation/time/boottime").read_text().split()[0]) >= 7000
@@ -571,8 +557,6 @@ def test_impossible_user_namespace_is_refused_and_leaves_nothing(userns_tree, tm
     tree_dir = tmp_path / "tree"
     shutil.copytree(userns_tree[0], tree_dir)
     edit(tree_dir, rel, text)
-    if rel.startswith("tasks/"):
-        _unless_caps_blocker(tree_dir)
     before_procs, before_cgroups = _ours(), _restore_cgroups()
     with pytest.raises(CkptError) as e:
         restore.restore(tree_dir)
