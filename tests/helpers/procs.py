@@ -222,6 +222,13 @@ class ProcSet:
         self.procs.append(proc)
         return proc
 
+    def adopt_tree(self, pid: int) -> None:
+        """Register every descendant `pid` has now: children a program forked outlive it
+        when it exits (check failed, or it ends before them) and are no one's then."""
+        for kid in descendants(pid):
+            if start_time(kid) is not None:
+                self.procs.append(Proc(kid))
+
     def kill_all(self) -> None:
         # Newest first: a restored tree is killed before the tool that restored it.
         errors = []

@@ -176,6 +176,7 @@ def run_case(bindir: Path, name: str, tmpdir: str | os.PathLike, procs: _procs.P
             procs.adopt(pid)
     dst = dst or src
     result = dst.path(str(run.result)) if dst else str(run.result)
+    procs.adopt_tree(pid)
     return check(pid, result, proc=run.proc if pid == run.pid else None)
 
 
