@@ -1,7 +1,8 @@
 """The final pass to another host through one ssh session running `ckptfs receive JOB`.
 
 The session is opened before the freeze (ssh's key exchange, the far Python's start and its
-reading of JOB/held all happen while the source still runs); after the freeze migrate writes
+reading of JOB/held all happen while the source still runs) and warmed by one last pre-copy
+pass of the working set through it (stream_pass); after the freeze migrate writes
 exactly the difference between the frozen manifest and JOB/held into it (stream.py), starting
 with the chunks the last pre-copy passes both sent while the mount builds the manifest, and
 the same session then reports the job's status until `restored`: nothing else is started
