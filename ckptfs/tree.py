@@ -18,7 +18,7 @@ import xxhash
 
 from . import flags as F
 from . import manifest, pb, sockets
-from .errors import BadTree, CkptError
+from .errors import BadTree, CkptError, ProcessGone
 from .model import DEFAULT_CHUNK, PAGE_SIZE, Isolation, Meta, PageRange, Source
 
 CTL_FILES = ("ctl", "status")   # the mount's, not the checkpoint's
@@ -388,15 +388,26 @@ class Renderer:
 
     def _table_shared_with(self, pid: int) -> int | None:
         """The lowest pid of the live tasks sharing pid's descriptor table (CLONE_FILES),
-        when it shares one."""
+        when it shares one. Frozen trees only: on a running one every other task's core
+        would be read (and stopped for) at each listing, and such a tree never restores."""
         src = self.source
+        if not src.frozen:
+            return None
         try:
             mine = src.ids(pid).files_id
         except NotImplementedError:     # a source that cannot tell (FreeBSD)
             return None
-        sharers = [t.pid for t in src.pstree() if src.ids(t.pid).files_id == mine
-                   and src.core(t.pid).tc.task_state not in DEAD_STATES]
-        return min(sharers) if mine and len(sharers) > 1 else None
+        if not mine:
+            return None
+        sharers = [pid]
+        for t in src.pstree():
+            try:
+                if t.pid != pid and src.ids(t.pid).files_id == mine and \
+                        src.core(t.pid).tc.task_state not in DEAD_STATES:
+                    sharers.append(t.pid)
+            except ProcessGone:
+                continue        # a short-lived child of a running tree, gone since the listing
+        return min(sharers) if len(sharers) > 1 else None
 
     def sigaction_entries(self, pid: int) -> dict[str, Node]:
         out = {}

@@ -669,7 +669,12 @@ class LiveSource(Source):
     def _pstree(self) -> list:
         out = []
         for pid, tids in self._walk():
-            stat = self._stat(pid)
+            try:
+                stat = self._stat(pid)
+            except ProcessGone:
+                if pid == self.root or self.frozen:
+                    raise
+                continue            # a short-lived child of a running tree, gone since the walk
             e = pb.pstree_entry(pid=pid, ppid=int(stat[4]), pgid=int(stat[5]), sid=int(stat[6]))
             e.threads.extend(tids)
             out.append(e)

@@ -29,7 +29,7 @@ def ns_fields(pid: int, tid: int | None = None) -> dict[str, list[int]]:
     try:
         with open(path) as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone("process exited", path=path, step="pid namespace") from None
     out = {}
     for line in lines:
@@ -86,17 +86,27 @@ class PidNsView(Source):
         out = []
         with self._lock:
             for e in self.inner.pstree():
-                ns = self._ns(e.pid)
+                try:
+                    ns = self._ns(e.pid)
+                except ProcessGone:
+                    if e.pid == self.inner.root:
+                        raise
+                    continue        # a short-lived child of a running tree, gone since the walk
                 self._learn(e.pid, ns["NSpid"])
+                threads = [t for t in e.threads if t == e.pid]
                 for tid in e.threads:
                     if tid != e.pid:
-                        self._learn(tid, self._ns(e.pid, tid)["NSpid"])
+                        try:
+                            self._learn(tid, self._ns(e.pid, tid)["NSpid"])
+                        except ProcessGone:
+                            continue
+                        threads.append(tid)
                 copy = type(e)()
                 copy.CopyFrom(e)
                 copy.pid, copy.pgid, copy.sid = ns["NSpid"], ns["NSpgid"], ns["NSsid"]
                 copy.ppid = self._to_ns.get(e.ppid, 0)
                 del copy.threads[:]
-                copy.threads.extend(self._to_ns[t] for t in e.threads)
+                copy.threads.extend(self._to_ns[t] for t in threads)
                 out.append(copy)
         return out
 
