@@ -105,7 +105,7 @@ class FreeBSDSource(model.Source):
                  xfiles: dict | None = None, log: LossLog | None = None):
         self.pid, self.kit = pid, kit
         self.log = log if log is not None else LossLog()
-        self.ids = ids if ids is not None else Ids()
+        self.numbers = ids if ids is not None else Ids()   # ids shared by the whole tree
         self.kp = kit.kinfo_proc(pid)
         if self.kp.stat == kit_default.SZOMB:
             raise Unsupported(f"process {pid} is a zombie: FreeBSD keeps no registers or "
@@ -117,7 +117,7 @@ class FreeBSDSource(model.Source):
         if not lwps:
             raise Unsupported(f"process {pid} has no threads (PT_GETLWPLIST)", path=f"tasks/{pid}")
         self.lwp = {pid: lwps[0], **{lwp: lwp for lwp in lwps[1:]}}
-        self.paths = self.ids.paths
+        self.paths = self.numbers.paths
         self._linux = None
         if not self.xfiles:
             self._note_unshared()
@@ -336,12 +336,12 @@ class FreeBSDSource(model.Source):
 
     def mm(self, pid: int):
         entries = [e for e in self.kit.vmmap(pid) if e.kind != "guard"]
-        vmas = [vma_entry(e, e.obj in self.ids.shared_anon) for e in entries]
+        vmas = [vma_entry(e, e.obj in self.numbers.shared_anon) for e in entries]
         for vma, e in zip(vmas, entries):
             if e.path and not vma.status & (S["VMA_ANON_PRIVATE"] | S["VMA_ANON_SHARED"]):
                 vma.shmid = self.named(e.path)
             elif vma.status & S["VMA_ANON_SHARED"]:
-                vma.shmid = self.ids.get("shm", e.obj)
+                vma.shmid = self.numbers.get("shm", e.obj)
         exe = self.program(entries)
         rsp = G.unpack(self.kit.get_regs(self.lwp[pid]))["r_rsp"]
         fields = mm_fields(entries, exe, rsp, self.log, f"tasks/{pid}/mm")
@@ -401,10 +401,10 @@ class FreeBSDSource(model.Source):
         anything else one per descriptor."""
         addr = self.xfiles.get(e.fd)
         if addr:
-            return self.ids.get("desc", addr)
+            return self.numbers.get("desc", addr)
         if e.kind == "pipe":
-            return self.ids.get("desc", ("pipe end", e.pipe_addr))
-        return self.ids.get("desc", ("fd", self.pid, e.fd))
+            return self.numbers.get("desc", ("pipe end", e.pipe_addr))
+        return self.numbers.get("desc", ("fd", self.pid, e.fd))
 
     def entry_of(self, file_id: int):
         return next(e for fd, e in sorted(self.files.items())
@@ -412,7 +412,7 @@ class FreeBSDSource(model.Source):
 
     def pipe_id(self, e) -> int:
         """Both ends of a pipe: one id (the pair of struct pipe addresses), in every process."""
-        return self.ids.get("pipe", frozenset((e.pipe_addr, e.pipe_peer)))
+        return self.numbers.get("pipe", frozenset((e.pipe_addr, e.pipe_peer)))
 
     def file(self, file_id: int):
         if file_id in self.paths:
@@ -443,7 +443,7 @@ class FreeBSDSource(model.Source):
 
     def fifo_id(self, e) -> int:
         """Every descriptor of one FIFO: one id (by its inode), apart from pipe ids."""
-        return self.ids.get("fifo", e.fileid)
+        return self.numbers.get("fifo", e.fileid)
 
     def pipe_data(self, pipe_id: int) -> bytes:
         if pipe_id >= FIFO_ID_BASE:
@@ -727,10 +727,10 @@ class FreeBSDTreeSource(model.Source):
                     kit.attach(kid)
                     self.attached.append(kid)
                 order += kids
-            self.ids = Ids()
-            self.ids.shared_anon = shared_anonymous(kit, order)
+            self.numbers = Ids()
+            self.numbers.shared_anon = shared_anonymous(kit, order)
             shared = descriptions(kit, None, self.log)
-            self.procs = {p: FreeBSDSource(p, kit, self.ids, shared.get(p, {}), self.log)
+            self.procs = {p: FreeBSDSource(p, kit, self.numbers, shared.get(p, {}), self.log)
                           for p in order}
         except BaseException:
             self.release()
@@ -773,7 +773,7 @@ class FreeBSDTreeSource(model.Source):
         return self._of(pid).fdinfo(pid)
 
     def file(self, file_id: int):
-        if file_id in self.ids.paths:
+        if file_id in self.numbers.paths:
             return self.procs[self.root].file(file_id)
         for src in self.procs.values():
             if any(fd >= 0 and e.kind in KF_KIND and src.file_id(e) == file_id
