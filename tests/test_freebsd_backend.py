@@ -6,25 +6,17 @@ the helper is Linux-branded, so injected calls carry LINUX numbers and flags."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
-from ckptfs import flags as L, tree
+from ckptfs import flags as L
 from ckptfs.errors import KernelError
 from ckptfs.restore import freebsd as RF
 from fbsd_fake import FakeFreeBSD, spawn
+from helpers.cli import dump
 
-CLI = [sys.executable, "-m", "ckptfs.cli"]
-
-
-def dump(pid, out):
-    r = subprocess.run([*CLI, "dump", str(pid), str(out)], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    return tree.TreeSource(str(out))
 
 
 def wait_children(pid, n, timeout=5.0):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,17 +20,10 @@ from ckptfs.restore import freebsd as RF
 from ckptfs.errors import Unsupported
 from fbsd_fake import Desc, FakeFreeBSD, Pipe, spawn
 from helpers import zdtm
+from helpers.cli import dump
 
-CLI = [sys.executable, "-m", "ckptfs.cli"]
 GROUPS = [27, 100, 4400]
 CREDS = ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid", "groups")
-
-
-def dump(pid, out):
-    r = subprocess.run([*CLI, "dump", str(pid), str(out)], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    return tree.TreeSource(str(out))
 
 
 @pytest.fixture

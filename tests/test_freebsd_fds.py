@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import time
 
@@ -19,20 +18,13 @@ from ckptfs.errors import Unsupported
 from ckptfs.restore import freebsd as RF
 from fbsd_fake import FakeFreeBSD, spawn
 from helpers import zdtm
+from helpers.cli import dump
 
-CLI = [sys.executable, "-m", "ckptfs.cli"]
 NONBLOCK = L.OPEN_FLAGS["O_NONBLOCK"]
 
 
 def pattern(n: int, seed: int, start: int = 0) -> bytes:
     return bytes(((start + i) * 131 + seed) % 251 for i in range(n))
-
-
-def dump(pid, out):
-    r = subprocess.run([*CLI, "dump", str(pid), str(out)], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    return tree.TreeSource(str(out))
 
 
 @pytest.fixture
