@@ -157,8 +157,14 @@ class CheckpointFS(fuse.Operations):
 
     def _status(self, status) -> str:
         """`running` plus, while it runs with tracking, how written pages are found. A frozen
-        tree says just `frozen`, as a dump does (a frozen copy and a dump are diff -r equal)."""
-        word = status() if status else ("frozen" if self.source.frozen else "running")
+        tree says just `frozen`, as a dump does (a frozen copy and a dump are diff -r equal);
+        a process that ended (killed through ctl, or exited) says `gone`."""
+        if status:
+            word = status()
+        elif not getattr(self.source, "alive", lambda: True)():
+            return "gone"
+        else:
+            word = "frozen" if self.source.frozen else "running"
         tracked = self.clock and not self.source.frozen
         return f"{word}\ntracking: {self.clock.method}" if tracked else word
 

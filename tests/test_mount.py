@@ -286,3 +286,19 @@ def test_other_users_cannot_read(live_mount, procs):
     assert r.returncode != 0 and "denied" in r.stderr.lower(), r.stderr
     mode = stat.S_IMODE(os.stat(f"{mnt}/tasks/{sleeper.pid}/threads/{sleeper.pid}/regs/rip").st_mode)
     assert mode == 0o600
+
+
+def test_kill_through_ctl_ends_the_tree_and_status_says_gone(live_mount, procs):
+    """`echo kill > ctl` on a frozen mount: every task dies (the write succeeds, the daemon
+    keeps serving) and status says `gone`, not `running`."""
+    parent = procs.spawn(["sh", "-c", "sleep 1000 & wait"])
+    time.sleep(0.3)
+    child = P.children(parent.pid)[0]
+    mnt = live_mount(parent.pid)
+    with open(f"{mnt}/ctl", "w") as c:
+        c.write("freeze")
+    assert read(f"{mnt}/status") == "frozen\n"
+    with open(f"{mnt}/ctl", "w") as c:
+        c.write("kill")
+    assert P.wait_gone(parent.pid, 5) and P.wait_gone(child, 5)
+    assert read(f"{mnt}/status") == "gone\n"

@@ -609,6 +609,13 @@ class LiveSource(Source):
                 self._key_locks.clear()
             self._extras = {}
 
+    def alive(self) -> bool:
+        """The root process still exists (not a zombie, not a reused pid)."""
+        try:
+            return self._stat(self.root)[3] not in ("Z", "X")
+        except ProcessGone:
+            return False
+
     def kill(self, pids: list[int] | None = None) -> None:
         """SIGKILL every task (children first) after a move. Their established TCP
         connections go into repair mode first, so the kill sends no FIN or RST to peers that

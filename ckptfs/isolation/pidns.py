@@ -139,6 +139,9 @@ class PidNsView(Source):
     def page_ranges(self, pid: int, vma) -> list:
         return self.inner.page_ranges(self.host(pid), vma)
 
+    def alive(self) -> bool:
+        return self.inner.alive()
+
     def socket_queue(self, file_id: int) -> list[bytes]:
         return self.inner.socket_queue(file_id)
 
