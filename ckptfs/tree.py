@@ -320,6 +320,8 @@ class Renderer:
         def entries():
             e = {"isolation": self.dir(self.isolation_entries),
                  "tasks": self.dir(lambda: {str(p): self.dir(self._task_lazy(p)) for p in self.source.pids()})}
+            if ghost_ids(self.source):
+                e["ghosts"] = self.dir(self.ghost_entries)
             e.update(extra or {})
             return e
         return self.dir(entries)
@@ -349,6 +351,8 @@ class Renderer:
         for name, dotted, codec in TASK_FIELDS:
             files[name] = self._field_node(lambda: ctx, dotted, codec)
         files = {n: f for n, f in files.items() if f is not None}
+        if _is_ghost(self.source, ctx.mm.exe_file_id):
+            files["exe_ghost"] = File(lambda: f"{ctx.mm.exe_file_id}\n".encode())
         shared = self._table_shared_with(pid)
         if shared is not None:
             files["files_shared_with"] = File(lambda: f"{shared}\n".encode())
@@ -461,9 +465,24 @@ class Renderer:
                 continue  # file maps name their object by path
             if has_path(ctx, dotted) and not (name in ("madv", "fdflags") and not get_path(ctx, dotted)):
                 files[name] = File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
+        if vma.status & FILE_MAPS and _is_ghost(self.source, vma.shmid):
+            files["ghost"] = File(lambda: f"{vma.shmid}\n".encode())
         entries = _dir_from_paths(files).entries()
         entries["pages"] = self.dir(lambda: self.chunk_entries(pid, vma), mode=0o700)
         return entries
+
+    # ghosts/<id>/
+    def ghost_entries(self) -> dict[str, Node]:
+        """One directory per deleted file that a task maps or runs, its contents saved once
+        however many maps and tasks use it."""
+        src, out = self.source, {}
+        for fid in sorted(ghost_ids(src)):
+            reg = src.file(fid).reg
+            files = {"contents": File(_once(src, lambda f=fid: src.file_contents(f)), mode=0o600)}
+            if reg.HasField("mode"):
+                files["mode"] = File(lambda m=reg.mode: f"0{m:o}\n".encode())
+            out[str(fid)] = _dir_from_paths(files)
+        return out
 
     def chunk_entries(self, pid: int, vma) -> dict[str, Node]:
         cells = chunk_cells(self.source.page_ranges(pid, vma), vma.start, vma.end, self.chunk_size)
@@ -478,6 +497,41 @@ class Renderer:
                 {k: File(lambda v=v: v if isinstance(v, bytes) else (str(v) + "\n").encode())
                  for k, v in values.items()})
         return out
+
+
+FILE_MAPS = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
+
+
+def _is_ghost(src: Source, file_id: int) -> bool:
+    """A deleted regular file only a map or the exe link still reaches (memfds are no files)."""
+    fe = src.file(file_id)
+    return fe.HasField("reg") and src.file_deleted(file_id)
+
+
+def ghost_ids(src: Source) -> set[int]:
+    """File ids of the deleted files the tasks map or run (CRIU's ghost files)."""
+    out = set()
+    for pid in src.pids():
+        if src.core(pid).tc.task_state in DEAD_STATES:
+            continue
+        mm = src.mm(pid)
+        ids = [mm.exe_file_id] + [v.shmid for v in mm.vmas if v.status & FILE_MAPS
+                                  and not v.status & F.VMA_STATUS["VMA_AREA_MEMFD"]]
+        out.update(i for i in ids if _is_ghost(src, i))
+    return out
+
+
+def _once(src: Source, produce: Callable[[], bytes]) -> Callable[[], bytes]:
+    """`produce` called once on a frozen source (a reader takes a big file piece by piece)."""
+    kept: list[bytes] = []
+
+    def get() -> bytes:
+        if not src.frozen:
+            return produce()
+        if not kept:
+            kept.append(produce())
+        return kept[0]
+    return get
 
 
 def _file_name(src: Source, file_id: int) -> str:
@@ -808,7 +862,7 @@ class TreeSource(Source):
         self._load_sigactions(ctx.core.tc, f"{base}/sigactions")
         self._load_timers(ctx.core.tc.timers, f"{base}/timers")
         self._load_pending(ctx.core.tc.signals_s, f"{base}/pending")
-        ctx.mm.exe_file_id = self._reg_id(ctx.names["exe"])
+        ctx.mm.exe_file_id = self._map_file_id(base, "exe_ghost", ctx.names["exe"])
         ctx.fs.cwd_id = self._reg_id(ctx.names["cwd"])
         ctx.fs.root_id = self._reg_id(ctx.names["root"])
         ctx.threads = self._load_threads(pid, ctx)
@@ -936,9 +990,10 @@ class TreeSource(Source):
             self._fill(ctx, f"{base}/{name}", VMA_FIELDS, present)
             if vma.status & SHMEM_STATUS and "shmid" not in present:
                 raise BadTree("shared anonymous map without shmid", path=self._p(base, name, "shmid"))
-            file_bits = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
-            if vma.status & file_bits:
-                vma.shmid = self._reg_id(ctx.names.get("path", ""), vma.fdflags if vma.HasField("fdflags") else 0)
+            if vma.status & FILE_MAPS:
+                vma.shmid = self._map_file_id(
+                    f"{base}/{name}", "ghost" if "ghost" in present else None,
+                    ctx.names.get("path", ""), vma.fdflags if vma.HasField("fdflags") else 0)
             vmas.append(vma)
         vmas.sort(key=lambda v: v.start)
         for a, b in zip(vmas, vmas[1:]):
@@ -947,6 +1002,21 @@ class TreeSource(Source):
                               path=self._p(base))
         mm.vmas.extend(vmas)
         return vmas
+
+    def _map_file_id(self, base: str, ghost: str | None, name: str, flags: int = 0) -> int:
+        """File id of a mapped file or the exe: by name, or, when `base/ghost` names a saved
+        deleted file (ghosts/<n>), that file (one id for every map and task using it)."""
+        n = self._read(f"{base}/{ghost}", DEC, missing=None) if ghost else None
+        if n is None:
+            return self._reg_id(name, flags)
+        d = f"ghosts/{n}"
+        if not self._exists(f"{d}/contents"):
+            raise BadTree(f"deleted file {n} has no saved contents", path=self._p(d, "contents"))
+        mode = self._read(f"{d}/mode", _OCTMODE, missing=None)
+        fid = self._reg_id(name, key=("ghost", n), mode=mode,
+                           size=os.path.getsize(self._p(d, "contents")))
+        self._ghosts[fid] = self._p(d, "contents")
+        return fid
 
     def _load_fds(self, pid: int) -> list:
         base = f"tasks/{pid}/fds"

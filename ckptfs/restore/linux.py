@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import os
 import resource
 import shutil
@@ -515,9 +516,8 @@ class LinuxRestorer:
         is mapped: the kernel refuses to change exe while the old one is still mapped."""
         t, inj, mm = live.plan, live.inj, live.plan.mm
         inj.reset_scratch()
-        exe = self.src.file(mm.exe_file_id).reg.name
-        efd = self._take(inj, self.files.path(exe, os.O_RDONLY | os.O_CLOEXEC,
-                                              where=self._where(t.pid, "exe"), step="exe"))
+        efd = self._take(inj, self._mapped_file(mm.exe_file_id, os.O_RDONLY,
+                                                self._where(t.pid, "exe"), "exe"))
         auxv = struct.pack(f"<{len(mm.mm_saved_auxv)}Q", *mm.mm_saved_auxv)
         auxv_addr = inj.put(auxv) if auxv else 0
         fields = (mm.mm_start_code, mm.mm_end_code, mm.mm_start_data, mm.mm_end_data,
@@ -540,9 +540,7 @@ class LinuxRestorer:
             shared = vma.status & V["VMA_FILE_SHARED"]
             wr = vma.prot & PROT_WRITE or (vma.HasField("fdflags") and vma.fdflags & 3 == os.O_RDWR)
             mode = os.O_RDWR if shared and wr else os.O_RDONLY
-            name = self.src.file(vma.shmid).reg.name
-            local = self.files.path(name, mode | os.O_CLOEXEC, where=path + "/path",
-                                    step="open mapped file")
+            local = self._mapped_file(vma.shmid, mode, path + "/path", "open mapped file")
             flags |= MAP_SHARED if shared else MAP_PRIVATE
             fd, off, fill = self._task_fd(inj, local, task_fds), vma.pgoff, not shared
         elif vma.status & V["VMA_ANON_SHARED"]:
@@ -568,6 +566,20 @@ class LinuxRestorer:
                 inj.call(NR["madvise"], vma.start, vma.end - vma.start, F.MADV[name],
                          step=f"madvise {name}", path=path + "/madv")
         return ranges
+
+    def _mapped_file(self, file_id: int, mode: int, where: str, step: str) -> int:
+        """A restorer descriptor of a mapped file or exe, opened `mode`. A deleted one is
+        re-made from its saved contents once for the whole restore (files.FileTable: made,
+        opened, unlinked again), so every map and task using it shares one file, which
+        /proc shows as "(deleted)" as before; other modes are opened through /proc/self/fd."""
+        if not self.src.file_deleted(file_id):
+            return self.files.path(self.src.file(file_id).reg.name, mode | os.O_CLOEXEC,
+                                   where=where, step=step)
+        ghost = self.files.description(file_id, where=where)
+        if fcntl.fcntl(ghost, fcntl.F_GETFL) & 3 == mode & 3:
+            return ghost
+        return self.files.path(f"/proc/self/fd/{ghost}", mode | os.O_CLOEXEC, where=where,
+                               step=step)
 
     def _task_fd(self, inj: Injector, local: int, task_fds: dict) -> int:
         if local not in task_fds:

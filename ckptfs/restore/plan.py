@@ -328,12 +328,16 @@ def check_files(plan: Plan) -> None:
                 continue          # no path to check: restore makes it from its saved contents
             if fdi.type == F.FD_TYPES["REG"]:
                 plan.problems.extend(f"{name}: {p}" for p in reg_problems(fe.reg, check_size=True))
+        # A deleted exe or mapped file has no path to check: restore makes it from its
+        # saved contents (ghosts/<n>).
         for file_id, what in ((t.mm.exe_file_id, "exe"), (t.fs.cwd_id, "cwd"),
                               (t.fs.root_id, "root")):
-            plan.problems.extend(f"{where(src, t.pid, what)}: {p}"
-                                 for p in reg_problems(src.file(file_id).reg))
+            if what != "exe" or not src.file_deleted(file_id):
+                plan.problems.extend(f"{where(src, t.pid, what)}: {p}"
+                                     for p in reg_problems(src.file(file_id).reg))
         for vma in t.vmas:
-            if vma.status & (V["VMA_FILE_PRIVATE"] | V["VMA_FILE_SHARED"]):
+            if vma.status & (V["VMA_FILE_PRIVATE"] | V["VMA_FILE_SHARED"]) and \
+                    not src.file_deleted(vma.shmid):
                 reg = src.file(vma.shmid).reg
                 plan.problems.extend(f"{where(src, t.pid, f'maps/{vma.start:x}-{vma.end:x}/path')}: {p}"
                                      for p in reg_problems(reg))
