@@ -614,6 +614,8 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
     else:
         out["flags"] = F.render_open_flags((getattr(sub, "flags", 0) if sub is not None else 0) | cloexec)
         out.update(sockets.render(src, fdi, tname, sub))
+        from . import fdkinds     # (a local import keeps the module list of tree.py as it is)
+        out.update(fdkinds.render(src, fdi, tname, sub))
     return {**out, **shared}
 
 
@@ -1056,6 +1058,9 @@ class TreeSource(Source):
                 fe.efd.fown.SetInParent()
                 return fe
             fdi.type, fdi.id = pb.fd_types.Value("EVENTFD"), self._file_id(key, make)
+        elif word in ("eventpoll", "signalfd", "timerfd"):      # fdkinds.WORDS
+            from . import fdkinds
+            fdi.type, fdi.id = fdkinds.load(self, base, key, flags, word)
         elif word == "socket" and (got := sockets.load(self, base, key, flags)) is not None:
             fdi.type, fdi.id = got
         else:

@@ -222,6 +222,7 @@ def _anon(fid: int, kind: str, flags: int, info: dict, s: os.stat_result):
                                              counter=int(info.get("eventfd-count", "0"), 16)))
     elif kind == "EVENTPOLL":
         e.epfd.CopyFrom(pb.eventpoll_file_entry(id=fid, flags=flags, fown=fown()))
+        e.epfd.tfd.extend(_epoll_targets(fid, info.get("tfds", [])))
     elif kind == "SIGNALFD":
         e.sgfd.CopyFrom(pb.signalfd_entry(id=fid, flags=flags, fown=fown(),
                                           sigmask=int(info.get("sigmask", "0"), 16)))
@@ -232,6 +233,21 @@ def _anon(fid: int, kind: str, flags: int, info: dict, s: os.stat_result):
         e.pidfd.CopyFrom(pb.pidfd_entry(id=fid, ino=s.st_ino, flags=flags, nspid=nspid,
                                         fown=fown()))
     return e
+
+
+def _epoll_targets(fid: int, lines: list[str]) -> list:
+    """eventpoll_tfd_entry per `tfd:` line of an epoll's fdinfo, which reads
+    `tfd: N events: HEX data: HEX  pos:P ino:HEX sdev:HEX` (fs/eventpoll.c). N is the number
+    the watched file had in the adding task's table when it was added: the kernel keys the
+    watch on (file, N), so restore adds it under that same number."""
+    out = []
+    for line in lines:
+        words = ("tfd: " + line).replace(":", ": ").split()
+        v = dict(zip(words[0::2], words[1::2]))
+        # (CRIU's optional dev/inode/pos are left out: anonymous files share one inode)
+        out.append(pb.eventpoll_tfd_entry(id=fid, tfd=int(v["tfd:"]),
+                                          events=int(v["events:"], 16), data=int(v["data:"], 16)))
+    return out
 
 
 def _timespec(text: str) -> tuple[int, int]:

@@ -9,9 +9,14 @@ closed when the restore ends.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import struct
+import subprocess
+import sys
 import tempfile
+import time
 
 from .. import flags as F
 from ..errors import KernelError, RestoreFailed
@@ -77,6 +82,12 @@ class FileTable:
             return os.eventfd(fe.efd.counter, (fe.efd.flags & EFD_FLAGS) | os.EFD_CLOEXEC)
         if fe.type in (kind["UNIXSK"], kind["INETSK"]):
             return self._sockets.make(fe, where)
+        if fe.type == kind["SIGNALFD"]:
+            return _signalfd(fe.sgfd, where)
+        if fe.type == kind["TIMERFD"]:
+            return _timerfd(fe.tfd, where)
+        if fe.type == kind["EVENTPOLL"]:
+            return self._eventpoll(fe.epfd, where)
         raise RestoreFailed(f"file type {fe.type} is not supported", path=where, step="open files")
 
     def _reg(self, reg, where: str) -> int:
@@ -161,6 +172,48 @@ class FileTable:
         return _open(f"/proc/self/fd/{keep}", (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
                      "open fifo")
 
+    # -- epoll -----------------------------------------------------------------------------
+    def _eventpoll(self, e, where: str) -> int:
+        """A new epoll watching what the checkpoint's did, under the same numbers.
+
+        The kernel keys a watch on (file, descriptor number at EPOLL_CTL_ADD): fdinfo shows
+        that number, and the task's later EPOLL_CTL_MOD/DEL look it up by its own number. So
+        each target is added under the number the task knows it by, with the description the
+        task will get for that number (made here first). The restorer's own numbers are in
+        use, so a short-lived helper process places the descriptors at those numbers and adds
+        them; the watches stay as long as the files do (closing a number does not end one)."""
+        ep = _sys(SYS_EPOLL_CREATE1, os.O_CLOEXEC, what="epoll_create1", where=where)
+        if not e.tfd:
+            return ep
+        try:
+            table = self._owner_table(e.id, where)
+            items = []
+            for t in e.tfd:
+                if t.tfd not in table:
+                    raise RestoreFailed(f"epoll watches descriptor {t.tfd}, which the task does "
+                                        "not hold (closed while its file stayed open elsewhere)",
+                                        path=f"{where}/targets/{t.tfd}", step="eventpoll")
+                local = self.description(table[t.tfd], where=f"{where}/targets/{t.tfd}")
+                items.append((local, t.tfd, t.events, t.data))
+            _epoll_add(ep, items, where)
+        except BaseException:
+            os.close(ep)
+            raise
+        return ep
+
+    def _owner_table(self, file_id: int, where: str) -> dict[int, int]:
+        """fd number -> file id in the first task that holds `file_id` (its targets' numbers
+        are that table's)."""
+        for entry in self.source.pstree():
+            try:
+                fdinfo = self.source.fdinfo(entry.pid)
+            except KeyError:          # a zombie keeps no table
+                continue
+            table = {fdi.fd: fdi.id for fdi in fdinfo}
+            if file_id in table.values():
+                return table
+        raise RestoreFailed(f"no task holds epoll file {file_id}", path=where, step="eventpoll")
+
     # -- shared anonymous memory ------------------------------------------------------------
     def shmem(self, key: tuple, size: int, where: str) -> tuple[int, bool]:
         """A memfd standing for one shared anonymous object; (fd, made_now)."""
@@ -169,6 +222,104 @@ class FileTable:
         if made or os.fstat(fd).st_size < size:
             os.ftruncate(fd, max(size, os.fstat(fd).st_size))
         return fd, made
+
+
+# -- signalfd, timerfd, epoll: kernel calls Python 3.11 has no wrapper for ----------------
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_TIMERFD_CREATE, SYS_TIMERFD_SETTIME, SYS_SIGNALFD4, SYS_EPOLL_CREATE1 = 283, 286, 289, 291
+TFD_IOC_SET_TICKS = 0x40085400          # _IOW('T', 0, u64): needs CONFIG_CHECKPOINT_RESTORE
+TFD_TIMER_ABSTIME = 1
+ALARM_BASE = {8: 0, 9: 7}               # *_ALARM clocks count as REALTIME / BOOTTIME
+
+
+def _sys(nr: int, *args, what: str, where: str) -> int:
+    r = _libc.syscall(nr, *args)
+    if r < 0:
+        raise KernelError(what, ctypes.get_errno(), path=where, step="open files")
+    return r
+
+
+def _signalfd(s, where: str) -> int:
+    mask = ctypes.c_uint64(s.sigmask)
+    return _sys(SYS_SIGNALFD4, -1, ctypes.byref(mask), 8, (s.flags & os.O_NONBLOCK) | os.O_CLOEXEC,
+                what=f"signalfd4(mask 0x{s.sigmask:016x})", where=where)
+
+
+def _timerfd(t, where: str) -> int:
+    """A timerfd on the same clock, holding the unread expirations and armed for the time
+    that was left (from now), with the same period. An absolute timer stays absolute: its
+    deadline is now + what was left, on its own clock."""
+    fd = _sys(SYS_TIMERFD_CREATE, t.clockid, (t.flags & os.O_NONBLOCK) | os.O_CLOEXEC,
+              what=f"timerfd_create(clock {t.clockid})", where=where)
+    try:
+        if t.ticks:
+            try:
+                fcntl.ioctl(fd, TFD_IOC_SET_TICKS, struct.pack("<Q", t.ticks))
+            except OSError as e:
+                raise KernelError(f"set timerfd ticks to {t.ticks}", e.errno,
+                                  path=where + "/ticks", step="timerfd") from None
+        value = t.vsec * 10**9 + t.vnsec
+        interval = t.isec * 10**9 + t.insec
+        if not value and interval:
+            # fdinfo shows 0 left for a periodic timer that expired and was not read since
+            # (the kernel moves it on at the next read): it is armed, due a period from now
+            value = interval
+        if value:
+            if t.settime_flags & TFD_TIMER_ABSTIME:
+                value += time.clock_gettime_ns(ALARM_BASE.get(t.clockid, t.clockid))
+            spec = struct.pack("<4q", *divmod(interval, 10**9), *divmod(value, 10**9))
+            buf = ctypes.create_string_buffer(spec, len(spec))
+            _sys(SYS_TIMERFD_SETTIME, fd, t.settime_flags, buf, None,
+                 what="timerfd_settime", where=where + "/value")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# Run by a helper (python -I -S -c) that gets the epoll and its targets by pass_fds:
+# argv = epoll fd, then (our fd, wanted number, events, data) per target. Every passed
+# descriptor is first copied above all the numbers involved, so placing one never
+# overwrites another; a failure names the number and errno on the report descriptor.
+_EPOLL_HELPER = r"""
+import ctypes, fcntl, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a = [int(x) for x in sys.argv[1:]]
+items = [a[i:i + 4] for i in range(1, len(a), 4)]
+top = max([a[0], 2] + [x for it in items for x in it[:2]]) + 1
+up = lambda fd: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)
+report = up(2)
+try:
+    ep = up(a[0])
+    moved = {src: up(src) for src, *_ in items}
+    for src, dst, events, data in items:
+        os.dup2(moved[src], dst, inheritable=False)
+        ev = ctypes.create_string_buffer(struct.pack("<IQ", events, data), 12)
+        if libc.epoll_ctl(ep, 1, dst, ev) < 0:
+            os.write(report, b"%d %d\n" % (dst, ctypes.get_errno()))
+            os._exit(1)
+except BaseException as e:      # never onto fd 2: it may be a target by now
+    os.write(report, repr(e).encode())
+    os._exit(1)
+os._exit(0)
+"""
+
+
+def _epoll_add(ep: int, items: list[tuple[int, int, int, int]], where: str) -> None:
+    argv = [sys.executable, "-I", "-S", "-c", _EPOLL_HELPER, str(ep)]
+    argv += [str(x) for item in items for x in item]
+    fds = {ep} | {local for local, *_ in items}
+    r = subprocess.run(argv, pass_fds=sorted(fds), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    if r.returncode:
+        words = r.stderr.decode(errors="replace").split()
+        if len(words) == 2 and all(w.isdigit() for w in words):
+            raise KernelError(f"epoll_ctl(EPOLL_CTL_ADD, {words[0]})", int(words[1]),
+                              path=f"{where}/targets/{words[0]}", step="eventpoll")
+        raise RestoreFailed(f"epoll helper failed ({r.returncode}): "
+                            f"{r.stderr.decode(errors='replace').strip()}", path=where,
+                            step="eventpoll")
 
 
 def _fifo_holds(fd: int, data: bytes, name: str, where: str) -> bool:

@@ -27,7 +27,8 @@ UNSUPPORTED_VMA = {"VMA_AREA_SYSVIPC": "SysV shared memory", "VMA_AREA_AIORING":
                    "VMA_AREA_SOCKET": "socket mapping", "VMA_AREA_SHSTK": "shadow stack",
                    "VMA_AREA_UPROBES": "uprobes area"}
 SOCKET_KINDS = {F.FD_TYPES[k] for k in ("UNIXSK", "INETSK")}
-FD_KINDS = {F.FD_TYPES[k] for k in ("REG", "PIPE", "FIFO", "EVENTFD")} | SOCKET_KINDS
+FD_KINDS = {F.FD_TYPES[k] for k in ("REG", "PIPE", "FIFO", "EVENTFD", "EVENTPOLL", "SIGNALFD",
+                                       "TIMERFD")} | SOCKET_KINDS
 FD_TYPE_NAMES = {v: k for k, v in F.FD_TYPES.items()}
 
 
