@@ -14,6 +14,12 @@ word in WORDS. One file per value (docs/FORMAT.md, fds/<n>/):
                 settime_flags          TFD_TIMER_ABSTIME|TFD_TIMER_CANCEL_ON_SET or 0
                 value, interval        seconds.nanoseconds; value is the time LEFT until the
                                        next expiration when captured (0.000000000: disarmed)
+    memfd       name                   the memfd_create name (without /memfd:)
+                inode                  the memfd's inode: descriptions with one inode share
+                                       one memfd (memfd_file_entry.inode_id)
+                pos                    the description's offset
+                seals                  F_SEAL_SEAL|F_SEAL_WRITE ... or 0
+                contents               the whole file (binary)
 """
 from __future__ import annotations
 
@@ -28,7 +34,54 @@ EPOLL_EVENTS = {"EPOLLIN": 0x1, "EPOLLPRI": 0x2, "EPOLLOUT": 0x4, "EPOLLERR": 0x
                 "EPOLLRDHUP": 0x2000, "EPOLLEXCLUSIVE": 1 << 28, "EPOLLWAKEUP": 1 << 29,
                 "EPOLLONESHOT": 1 << 30, "EPOLLET": 1 << 31}
 TFD_SETTIME = {"TFD_TIMER_ABSTIME": 1, "TFD_TIMER_CANCEL_ON_SET": 2}
-WORDS = {"eventpoll": "EVENTPOLL", "signalfd": "SIGNALFD", "timerfd": "TIMERFD"}
+WORDS = {"eventpoll": "EVENTPOLL", "signalfd": "SIGNALFD", "timerfd": "TIMERFD",
+         "memfd": "MEMFD"}
+SEALS = {"F_SEAL_SEAL": 1, "F_SEAL_SHRINK": 2, "F_SEAL_GROW": 4, "F_SEAL_WRITE": 8,
+         "F_SEAL_FUTURE_WRITE": 0x10, "F_SEAL_EXEC": 0x20}
+F_GET_SEALS = 1034
+MEMFD_PREFIX = "/memfd:"
+
+
+class MemfdState:
+    """What a memfd descriptor's file holds beyond memfd_file_entry (CRIU keeps it in
+    memfd_inode_entry and a shmem pagemap): its name, seals and whole contents."""
+
+    def __init__(self, name: str, seals: int, contents):
+        self.name, self.seals = name, seals
+        self._contents = contents          # bytes, or a path in a tree
+
+    def contents(self) -> bytes:
+        if isinstance(self._contents, bytes):
+            return self._contents
+        with open(self._contents, "rb") as f:
+            return f.read()
+
+
+def memfd_state(src, file_id: int, where: str = "") -> MemfdState:
+    """The name, seals and contents of memfd `file_id`: a tree keeps them in its files
+    (TreeSource.memfds), a live process is asked through /proc/PID/fd/N."""
+    kept = getattr(src, "memfds", {}).get(file_id)
+    if kept is not None:
+        return kept
+    refs = getattr(getattr(src, "_files", None), "refs", None)   # LiveSource's file table
+    if refs is None or file_id not in refs:
+        from .errors import Unsupported
+        raise Unsupported(f"this checkpoint keeps no contents for memfd file {file_id} (CRIU "
+                          "images: memfd.img is not read yet)", path=where, step="memfd")
+    return _live_memfd(refs[file_id].path)
+
+
+def _live_memfd(proc_path: str) -> MemfdState:
+    from .capture import files as C, procfs
+    link = procfs.readlink(proc_path)
+    name = procfs.strip_deleted(link)[0][len(MEMFD_PREFIX):]
+    fd = os.open(proc_path, os.O_RDONLY | os.O_CLOEXEC)   # a new description: no offset moves
+    try:
+        import fcntl
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    finally:
+        os.close(fd)
+    return MemfdState(name, seals, C.read_whole(proc_path))
 
 
 def _clocks() -> dict[str, int]:
@@ -42,6 +95,8 @@ def _nsec(sec: int, nsec: int) -> str:
 
 # -- render: Source -> files ----------------------------------------------------------------
 def render(src, fdi, tname: str, sub) -> dict[str, object]:
+    if sub is not None and tname == "MEMFD":
+        return _render_memfd(src, fdi, sub)
     if sub is None or tname not in RENDER:
         return {}
     return RENDER[tname](sub)
@@ -72,6 +127,12 @@ def _render_timerfd(t) -> dict[str, object]:
             "value": _nsec(t.vsec, t.vnsec), "interval": _nsec(t.isec, t.insec)}
 
 
+def _render_memfd(src, fdi, m) -> dict[str, object]:
+    state = memfd_state(src, fdi.id)
+    return {"name": state.name, "inode": m.inode_id, "pos": m.pos,
+            "seals": F.render_bits(state.seals, SEALS), "contents": state.contents()}
+
+
 RENDER = {"EVENTPOLL": _render_epoll, "SIGNALFD": _render_signalfd, "TIMERFD": _render_timerfd}
 
 
@@ -79,7 +140,7 @@ RENDER = {"EVENTPOLL": _render_epoll, "SIGNALFD": _render_signalfd, "TIMERFD": _
 def load(ts, base: str, key: tuple, flags: int, word: str):
     """(fd type value, file id) of the entry fds/<n>/ describes."""
     kind = WORDS[word]
-    sub_name = {"EVENTPOLL": "epfd", "SIGNALFD": "sgfd", "TIMERFD": "tfd"}[kind]
+    sub_name = {"EVENTPOLL": "epfd", "SIGNALFD": "sgfd", "TIMERFD": "tfd", "MEMFD": "memfd"}[kind]
 
     def make(fid):
         fe = pb.file_entry(type=pb.fd_types.Value(kind), id=fid)
@@ -120,4 +181,19 @@ def _load_timerfd(ts, base: str, t) -> None:
     t.isec, t.insec = ts._read(f"{base}/interval", T.NSEC)
 
 
-LOAD = {"EVENTPOLL": _load_epoll, "SIGNALFD": _load_signalfd, "TIMERFD": _load_timerfd}
+def _load_memfd(ts, base: str, m) -> None:
+    from . import tree as T
+    from .errors import BadTree
+    m.pos, m.inode_id = ts._read(f"{base}/pos", T.DEC), ts._read(f"{base}/inode", T.DEC)
+    contents = ts._p(f"{base}/contents")
+    if not os.path.isfile(contents):
+        raise BadTree("a memfd needs its contents", path=contents)
+    state = MemfdState(ts._read(f"{base}/name", T.STR),
+                       ts._read(f"{base}/seals", T.bits(SEALS)), contents)
+    if not hasattr(ts, "memfds"):
+        ts.memfds = {}
+    ts.memfds[m.id] = state
+
+
+LOAD = {"EVENTPOLL": _load_epoll, "SIGNALFD": _load_signalfd, "TIMERFD": _load_timerfd,
+        "MEMFD": _load_memfd}

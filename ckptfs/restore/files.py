@@ -88,6 +88,8 @@ class FileTable:
             return _timerfd(fe.tfd, where)
         if fe.type == kind["EVENTPOLL"]:
             return self._eventpoll(fe.epfd, where)
+        if fe.type == kind["MEMFD"]:
+            return self._memfd(fe.memfd, where)
         raise RestoreFailed(f"file type {fe.type} is not supported", path=where, step="open files")
 
     def _reg(self, reg, where: str) -> int:
@@ -171,6 +173,17 @@ class FileTable:
                 self._fill(keep, data, where)
         return _open(f"/proc/self/fd/{keep}", (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
                      "open fifo")
+
+    # -- memfd ----------------------------------------------------------------------------
+    def _memfd(self, m, where: str) -> int:
+        """A description of the memfd standing for inode `m.inode_id` (one memfd per inode:
+        two opens of one memfd share its contents again), at the recorded offset."""
+        fd = self._cached(("memfd", m.inode_id), lambda: _make_memfd(self.source, m, where))
+        desc = _open(f"/proc/self/fd/{fd}", (m.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
+                     "open memfd")
+        if m.pos:
+            os.lseek(desc, m.pos, os.SEEK_SET)
+        return desc
 
     # -- epoll -----------------------------------------------------------------------------
     def _eventpoll(self, e, where: str) -> int:
@@ -275,6 +288,30 @@ def _timerfd(t, where: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+MFD_ALLOW_SEALING, F_ADD_SEALS = 2, 1033
+
+
+def _make_memfd(source, m, where: str) -> int:
+    """memfd_create with the recorded name, the contents written, then the seals (last:
+    F_SEAL_WRITE would refuse the writes)."""
+    from .. import fdkinds
+    state = fdkinds.memfd_state(source, m.id, where)
+    try:
+        fd = os.memfd_create(state.name, os.MFD_CLOEXEC | MFD_ALLOW_SEALING)
+    except OSError as e:
+        raise KernelError(f"memfd_create({state.name!r})", e.errno, path=where + "/name",
+                          step="memfd") from None
+    try:
+        _write_all(fd, state.contents())
+        if state.seals:
+            fcntl.fcntl(fd, F_ADD_SEALS, state.seals)
+    except OSError as e:
+        os.close(fd)
+        raise KernelError(f"fill memfd {state.name!r} (seals 0x{state.seals:x})", e.errno,
+                          path=where, step="memfd") from None
     return fd
 
 
