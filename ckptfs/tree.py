@@ -510,14 +510,25 @@ def _is_ghost(src: Source, file_id: int) -> bool:
 
 def ghost_ids(src: Source) -> set[int]:
     """File ids of the deleted files the tasks map or run (CRIU's ghost files)."""
-    out = set()
-    for pid in src.pids():
-        if src.core(pid).tc.task_state in DEAD_STATES:
-            continue
-        mm = src.mm(pid)
-        ids = [mm.exe_file_id] + [v.shmid for v in mm.vmas if v.status & FILE_MAPS
-                                  and not v.status & F.VMA_STATUS["VMA_AREA_MEMFD"]]
-        out.update(i for i in ids if _is_ghost(src, i))
+    out: set[int] = set()
+    try:
+        pids = src.pids()
+    except ProcessGone:
+        if src.frozen:
+            raise
+        return out          # a running tree whose root exited: the tasks show why
+    for pid in pids:
+        try:
+            if src.core(pid).tc.task_state in DEAD_STATES:
+                continue
+            mm = src.mm(pid)
+            ids = [mm.exe_file_id] + [v.shmid for v in mm.vmas if v.status & FILE_MAPS
+                                      and not v.status & F.VMA_STATUS["VMA_AREA_MEMFD"]]
+            out.update(i for i in ids if _is_ghost(src, i))
+        except ProcessGone:
+            if src.frozen:
+                raise
+            # a running tree's short-lived task exited since the listing: it maps nothing now
     return out
 
 

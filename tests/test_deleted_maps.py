@@ -134,7 +134,8 @@ def test_missing_saved_contents_is_refused(zdtm_bin, procs, tmp_path):
 @pytest.mark.skipif(not os.path.exists(CRIT), reason="crit not installed")
 def test_criu_images_carry_the_deleted_mapped_file(zdtm_bin, procs, tmp_path):
     """Tree -> CRIU images: the mapped file's id has a GHOST remap and a ghost-file image
-    (crit reads them), and the images restore to a process that passes its check."""
+    (crit reads them), import makes the same ghost again, and the images restore to a
+    process that passes its check."""
     run = zdtm.start(zdtm_bin, "deleted_map", tmp_path / "work", procs.spawn)
     tree, img = tmp_path / "tree", tmp_path / "img"
     ckptfs("dump", "--kill", run.pid, tree)
@@ -149,5 +150,34 @@ def test_criu_images_carry_the_deleted_mapped_file(zdtm_bin, procs, tmp_path):
     assert decoded.returncode == 0, decoded.stderr
     images = criu.ImageSource(str(img))
     assert images.file_contents(fid) == src.file_contents(fid)
+    back = tmp_path / "back"             # and back into a tree: the same single ghost
+    ckptfs("criu", "import", img, back)
+    (ghost,) = ghost_dirs(back)
+    assert (ghost / "contents").read_bytes() == src.file_contents(fid)
+    assert (ghost / "mode").read_text() == "0100640\n"
     root = restore(img, procs)
     assert zdtm.check(root, run.result) == "PASS"
+
+
+def test_failed_restore_leaves_no_file_behind(zdtm_bin, procs, tmp_path):
+    """All or nothing: the exe's saved mode lost its execute bits, so setting the exe fails
+    after its file was made; the restore fails naming the step, and neither the file (under
+    any name) nor a process is left."""
+    run = zdtm.start(zdtm_bin, "deleted_exe", tmp_path / "work", procs.spawn)
+    tree = tmp_path / "tree"
+    ckptfs("dump", "--kill", run.pid, tree)
+    (ghost,) = ghost_dirs(tree)
+    os.chmod(ghost / "mode", 0o644)
+    (ghost / "mode").write_text("0100600\n")
+    before = sorted(os.listdir(run.workdir))
+    r = ckptfs("restore", tree, check=False)
+    assert r.returncode != 0 and "PR_SET_MM_MAP" in r.stderr, r.stderr
+    assert sorted(os.listdir(run.workdir)) == before
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _runs(p, str(run.workdir))]
+
+
+def _runs(pid: str, where: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").startswith(where)
+    except OSError:
+        return False
