@@ -63,11 +63,14 @@ def memfd_state(src, file_id: int, where: str = "") -> MemfdState:
     kept = getattr(src, "memfds", {}).get(file_id)
     if kept is not None:
         return kept
+    if hasattr(src, "memfd"):                  # ImageSource: memfd.img + a shmem pagemap
+        inode, data = src.memfd(file_id)
+        return MemfdState(inode.name, inode.seals, data)
     refs = getattr(getattr(src, "_files", None), "refs", None)   # LiveSource's file table
     if refs is None or file_id not in refs:
         from .errors import Unsupported
-        raise Unsupported(f"this checkpoint keeps no contents for memfd file {file_id} (CRIU "
-                          "images: memfd.img is not read yet)", path=where, step="memfd")
+        raise Unsupported(f"this checkpoint keeps no contents for memfd file {file_id}",
+                          path=where, step="memfd")
     return _live_memfd(refs[file_id].path)
 
 

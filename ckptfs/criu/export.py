@@ -113,6 +113,7 @@ class _Export:
         self.pipes(files)
         self.socket_queues(files)
         self.ghosts(files)
+        self.memfds(files)
         self.utsns()
         self.img("seccomp.img", "SECCOMP", [pb.seccomp_entry()])
 
@@ -250,6 +251,40 @@ class _Export:
         entry, outq = stream
         inq = b"".join(self.src.socket_queue(fid))
         skqueue.write_tcp(self.path(skqueue.tcp_name(isk.ino)), entry, inq, outq)
+
+    def memfds(self, files) -> None:
+        """memfd.img: one memfd_inode_entry per memfd a descriptor holds (CRIU's layout); its
+        contents are the shmem object `shmid` = the inode: pagemap-shmem-<ino>.img and a pages
+        image of their own, the last page zero-padded (size says where the file ends)."""
+        from .. import fdkinds
+        inodes: dict[int, object] = {}
+        for fid in sorted(files):
+            f = files[fid]
+            if not f.HasField("memfd") or f.memfd.inode_id in inodes:
+                continue
+            state = fdkinds.memfd_state(self.src, fid, self.path("files.img"))
+            data = state.contents()
+            ino = f.memfd.inode_id
+            inodes[ino] = pb.memfd_inode_entry(name=state.name, uid=0, gid=0, size=len(data),
+                                               shmid=ino, seals=state.seals, inode_id=ino)
+            self._shmem_contents(ino, data)
+        if inodes:
+            self.img("memfd.img", "MEMFD_INODE", [inodes[i] for i in sorted(inodes)])
+
+    def _shmem_contents(self, shmid: int, data: bytes) -> None:
+        from ..model import PAGE_SIZE
+        from .framing import PE_PRESENT
+        used = [int(n[6:-4]) for n in os.listdir(self.out)
+                if n.startswith("pages-") and n.endswith(".img") and n[6:-4].isdigit()]
+        pages_id = max(used, default=0) + 1
+        n = -(-len(data) // PAGE_SIZE)
+        entries = [pb.pagemap_head(pages_id=pages_id)]
+        if n:
+            entries.append(pb.pagemap_entry(vaddr=0, compat_nr_pages=n, flags=PE_PRESENT,
+                                            nr_pages=n))
+        with open(self.path(f"pages-{pages_id}.img"), "wb") as f:
+            f.write(data + bytes(n * PAGE_SIZE - len(data)))
+        self.img(f"pagemap-shmem-{shmid}.img", "PAGEMAP", entries)
 
     def ghosts(self, files) -> None:
         """Files unlinked while open: remap-fpath.img says "ghost", ghost-file-<id>.img holds

@@ -352,6 +352,24 @@ class ImageSource(model.Source):
                 index.append((e.vaddr, end, PE_PARENT, None, 0))
         return index
 
+    def memfd(self, file_id: int):
+        """(memfd_inode_entry, contents) of the memfd descriptor `file_id`: memfd.img names
+        its shmem object, whose pagemap-shmem image holds the pages (size cuts the last)."""
+        f = self.file(file_id)
+        inodes, _ = self.image("memfd.img", "MEMFD_INODE", required=False)
+        found = [i for i in inodes if i.inode_id == f.memfd.inode_id]
+        if not found:
+            raise BadImage(f"no memfd inode {f.memfd.inode_id} for file {file_id}",
+                           path=self.path("memfd.img"), step="read images")
+        ino = found[0]
+        data = bytearray(ino.size)
+        for start, end, flags, pages, off in self._pagemap(f"pagemap-shmem-{ino.shmid}.img"):
+            if start >= ino.size:
+                continue
+            n = min(end, ino.size) - start
+            data[start:start + n] = self._pages_data(0, flags, pages, off, start, n)
+        return ino, bytes(data)
+
     def _shmem_key(self, vma) -> int:
         """Which pagemap-shmem-<key>.img holds a shared VMA: the shmem inode for shared anon;
         for memfd, the inode recorded in memfd.img for the mapped file (CRIU), else the VMA's
