@@ -1,10 +1,10 @@
 /*
- * deleted_map: a 16-page file mapped MAP_PRIVATE and MAP_SHARED, then closed and unlinked.
- * Pages 0-1 of the private map are written (copied on write), pages 2-3 of the shared map
- * (written into the file, so the private map's untouched pages 2-3 show them too). A forked
- * child keeps both maps. After the move: both maps hold those bytes, /proc/self/maps still
- * says "(deleted)" for them, the maps are of one file (a write through the shared map shows
- * in a second shared map of the file) and the shared map is still shared with the child.
+ * deleted_map: a 16-page file mapped MAP_PRIVATE (whole), MAP_SHARED (whole) and MAP_SHARED
+ * again (pages 4-7), then closed and unlinked. Pages 0-1 of the private map are written
+ * (copied on write), pages 2-3 of the shared map (written into the file, so the private map's
+ * untouched pages 2-3 show them too). A forked child keeps the maps. After the move: the maps
+ * hold those bytes, /proc/self/maps still says "(deleted)" for them, the shared maps are of
+ * one file (a write through one shows in the other) and shared with the child.
  */
 #include "zdtm.h"
 #include <sys/mman.h>
