@@ -14,6 +14,9 @@ word in WORDS. One file per value (docs/FORMAT.md, fds/<n>/):
                 settime_flags          TFD_TIMER_ABSTIME|TFD_TIMER_CANCEL_ON_SET or 0
                 value, interval        seconds.nanoseconds; value is the time LEFT until the
                                        next expiration when captured (0.000000000: disarmed)
+    tty         path                   the terminal's path (/dev/pts/3), tty_file_entry.regf_id
+                rdev                   its device, major:minor (136:3): restore reopens the
+                                       path only if it is still that terminal
     memfd       name                   the memfd_create name (without /memfd:)
                 inode                  the memfd's inode: descriptions with one inode share
                                        one memfd (memfd_file_entry.inode_id)
@@ -35,7 +38,7 @@ EPOLL_EVENTS = {"EPOLLIN": 0x1, "EPOLLPRI": 0x2, "EPOLLOUT": 0x4, "EPOLLERR": 0x
                 "EPOLLONESHOT": 1 << 30, "EPOLLET": 1 << 31}
 TFD_SETTIME = {"TFD_TIMER_ABSTIME": 1, "TFD_TIMER_CANCEL_ON_SET": 2}
 WORDS = {"eventpoll": "EVENTPOLL", "signalfd": "SIGNALFD", "timerfd": "TIMERFD",
-         "memfd": "MEMFD"}
+         "memfd": "MEMFD", "tty": "TTY"}
 SEALS = {"F_SEAL_SEAL": 1, "F_SEAL_SHRINK": 2, "F_SEAL_GROW": 4, "F_SEAL_WRITE": 8,
          "F_SEAL_FUTURE_WRITE": 0x10, "F_SEAL_EXEC": 0x20}
 F_GET_SEALS = 1034
@@ -100,6 +103,8 @@ def _nsec(sec: int, nsec: int) -> str:
 def render(src, fdi, tname: str, sub) -> dict[str, object]:
     if sub is not None and tname == "MEMFD":
         return _render_memfd(src, fdi, sub)
+    if sub is not None and tname == "TTY":
+        return _render_tty(src, sub)
     if sub is None or tname not in RENDER:
         return {}
     return RENDER[tname](sub)
@@ -136,6 +141,13 @@ def _render_memfd(src, fdi, m) -> dict[str, object]:
             "seals": F.render_bits(state.seals, SEALS), "contents": state.contents()}
 
 
+def _render_tty(src, t) -> dict[str, object]:
+    out: dict[str, object] = {"rdev": f"{os.major(t.tty_info_id)}:{os.minor(t.tty_info_id)}"}
+    if t.HasField("regf_id") and t.regf_id:
+        out["path"] = src.file(t.regf_id).reg.name
+    return out
+
+
 RENDER = {"EVENTPOLL": _render_epoll, "SIGNALFD": _render_signalfd, "TIMERFD": _render_timerfd}
 
 
@@ -143,7 +155,8 @@ RENDER = {"EVENTPOLL": _render_epoll, "SIGNALFD": _render_signalfd, "TIMERFD": _
 def load(ts, base: str, key: tuple, flags: int, word: str):
     """(fd type value, file id) of the entry fds/<n>/ describes."""
     kind = WORDS[word]
-    sub_name = {"EVENTPOLL": "epfd", "SIGNALFD": "sgfd", "TIMERFD": "tfd", "MEMFD": "memfd"}[kind]
+    sub_name = {"EVENTPOLL": "epfd", "SIGNALFD": "sgfd", "TIMERFD": "tfd", "MEMFD": "memfd",
+                "TTY": "tty"}[kind]
 
     def make(fid):
         fe = pb.file_entry(type=pb.fd_types.Value(kind), id=fid)
@@ -198,5 +211,18 @@ def _load_memfd(ts, base: str, m) -> None:
     ts.memfds[m.id] = state
 
 
+def _load_tty(ts, base: str, t) -> None:
+    from . import tree as T
+    from .errors import BadTree
+    text = ts._read(f"{base}/rdev", T.STR).strip()
+    try:
+        major, minor = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise BadTree(f"rdev {text!r} is not major:minor", path=ts._p(f"{base}/rdev")) from None
+    t.tty_info_id = os.makedev(major, minor)
+    if ts._exists(f"{base}/path"):
+        t.regf_id = ts._reg_id(ts._read(f"{base}/path", T.STR), t.flags, key=("tty", base))
+
+
 LOAD = {"EVENTPOLL": _load_epoll, "SIGNALFD": _load_signalfd, "TIMERFD": _load_timerfd,
-        "MEMFD": _load_memfd}
+        "MEMFD": _load_memfd, "TTY": _load_tty}

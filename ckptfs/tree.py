@@ -1069,7 +1069,7 @@ class TreeSource(Source):
                 fe.efd.fown.SetInParent()
                 return fe
             fdi.type, fdi.id = pb.fd_types.Value("EVENTFD"), self._file_id(key, make)
-        elif word in ("eventpoll", "signalfd", "timerfd", "memfd"):      # fdkinds.WORDS
+        elif word in ("eventpoll", "signalfd", "timerfd", "memfd", "tty"):      # fdkinds.WORDS
             from . import fdkinds
             fdi.type, fdi.id = fdkinds.load(self, base, key, flags, word)
         elif word == "socket" and (got := sockets.load(self, base, key, flags)) is not None:

@@ -170,3 +170,29 @@ def test_bad_timerfd_clock_names_the_file(zdtm_bin, procs, tmp_path):
     r = ckptfs("restore", tree, check=False)
     assert r.returncode != 0
     assert "fds/40/clock" in r.stderr and "CLOCK_SOMETIMES" in r.stderr, r.stderr
+
+
+def test_tty_tree_files_and_a_changed_terminal_is_refused(zdtm_bin, procs, tmp_path):
+    run = zdtm.start(zdtm_bin, "tty", tmp_path / "work", procs.spawn)
+    tree = tmp_path / "tree"
+    dump(run.pid, tree)
+    fd = tree / "tasks" / str(run.pid) / "fds" / "60"
+    path = text(fd / "path")
+    assert text(fd / "type") == "tty" and path.startswith("/dev/pts/")
+    assert text(fd / "rdev") == f"136:{path.rsplit('/', 1)[1]}"
+    (fd / "rdev").write_text("136:99999\n")
+    reseal(tree)
+    r = ckptfs("restore", tree, check=False)
+    assert r.returncode != 0
+    assert f"fds/60/path" in r.stderr and path in r.stderr and "136:99999" in r.stderr, r.stderr
+
+
+def test_pty_master_is_refused(procs, tmp_path):
+    with open("/dev/ptmx", "rb+", buffering=0) as master:
+        holder = procs.spawn(["sleep", "100"], stdin=master)
+    tree = tmp_path / "tree"
+    dump(holder.pid, tree)
+    assert text(tree / "tasks" / str(holder.pid) / "fds" / "0" / "rdev") == "5:2"
+    r = ckptfs("restore", tree, check=False)
+    assert r.returncode != 0
+    assert "fds/0" in r.stderr and "master" in r.stderr, r.stderr

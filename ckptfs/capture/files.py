@@ -189,7 +189,10 @@ def fd_entry(fid: int, ref: Ref, ns_ids=None, regf_id=None):
         return pb.file_entry(type=pb.FIFO, id=fid, fifo=pb.fifo_entry(
             id=fid, pipe_id=s.st_ino, regf_id=regf_id(fid) if regf_id else 0))
     if parsed is None:
-        return _path_fd(fid, link, flags, int(info.get("pos", 0)), s)
+        e = _path_fd(fid, link, flags, int(info.get("pos", 0)), s)
+        if e.HasField("tty") and regf_id:       # the terminal's path, as CRIU's regf_id
+            e.tty.regf_id = regf_id(fid)
+        return e
     kind, ino = parsed
     if kind == "pipe":
         return pb.file_entry(type=pb.PIPE, id=fid,

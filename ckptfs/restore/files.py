@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -90,6 +91,8 @@ class FileTable:
             return self._eventpoll(fe.epfd, where)
         if fe.type == kind["MEMFD"]:
             return self._memfd(fe.memfd, where)
+        if fe.type == kind["TTY"]:
+            return self._tty(fe.tty, where)
         raise RestoreFailed(f"file type {fe.type} is not supported", path=where, step="open files")
 
     def _reg(self, reg, where: str) -> int:
@@ -173,6 +176,28 @@ class FileTable:
                 self._fill(keep, data, where)
         return _open(f"/proc/self/fd/{keep}", (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
                      "open fifo")
+
+    # -- terminals --------------------------------------------------------------------------
+    def _tty(self, t, where: str) -> int:
+        """The same terminal opened again by its path (a pty slave of this host, its master
+        held by someone else): refused unless the path is still that very device. Never as
+        a controlling terminal (O_NOCTTY): sessions are not re-made here."""
+        rdev = f"{os.major(t.tty_info_id)}:{os.minor(t.tty_info_id)}"
+        if t.tty_info_id in NOT_REOPENED:
+            raise RestoreFailed(f"{NOT_REOPENED[t.tty_info_id]} (rdev {rdev}) cannot be opened "
+                                "again as the same terminal", path=where, step="tty")
+        if not t.HasField("regf_id") or not t.regf_id:
+            raise RestoreFailed(f"terminal {rdev} has no path", path=where + "/path", step="tty")
+        path = self.source.file(t.regf_id).reg.name
+        fd = _open(path, (t.flags & ~OPEN_DROP) | os.O_NOCTTY | os.O_CLOEXEC, where + "/path",
+                   "tty")
+        s = os.fstat(fd)
+        if not stat.S_ISCHR(s.st_mode) or s.st_rdev != t.tty_info_id or not os.isatty(fd):
+            os.close(fd)
+            raise RestoreFailed(f"{path} is now device {os.major(s.st_rdev)}:"
+                                f"{os.minor(s.st_rdev)}, not the terminal {rdev} the "
+                                "checkpoint had", path=where + "/path", step="tty")
+        return fd
 
     # -- memfd ----------------------------------------------------------------------------
     def _memfd(self, m, where: str) -> int:
@@ -292,6 +317,9 @@ def _timerfd(t, where: str) -> int:
 
 
 MFD_ALLOW_SEALING, F_ADD_SEALS = 2, 1033
+# terminals whose path gives another terminal than the one the task had
+NOT_REOPENED = {os.makedev(5, 0): "/dev/tty (the opener's controlling terminal)",
+                os.makedev(5, 2): "a pseudo-terminal master (/dev/ptmx makes a new pair)"}
 
 
 def _make_memfd(source, m, where: str) -> int:

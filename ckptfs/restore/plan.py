@@ -28,7 +28,7 @@ UNSUPPORTED_VMA = {"VMA_AREA_SYSVIPC": "SysV shared memory", "VMA_AREA_AIORING":
                    "VMA_AREA_UPROBES": "uprobes area"}
 SOCKET_KINDS = {F.FD_TYPES[k] for k in ("UNIXSK", "INETSK")}
 FD_KINDS = {F.FD_TYPES[k] for k in ("REG", "PIPE", "FIFO", "EVENTFD", "EVENTPOLL", "SIGNALFD",
-                                       "TIMERFD", "MEMFD")} | SOCKET_KINDS
+                                       "TIMERFD", "MEMFD", "TTY")} | SOCKET_KINDS
 FD_TYPE_NAMES = {v: k for k, v in F.FD_TYPES.items()}
 
 
