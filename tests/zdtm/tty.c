@@ -1,14 +1,42 @@
 /*
  * tty: the slave of a pseudo-terminal (fd 60, O_RDWR, and fd 61 a dup) whose master is held
  * by a detached keeper process outside the tree (it also holds a slave, so the terminal lives
- * while the program moves; it exits once RESULT_FILE appears, or after 120 s). After SIGUSR2:
+ * while the program moves; it exits once RESULT_FILE appears, once no other process has held
+ * the terminal for 3 s, or after 120 s). After SIGUSR2:
  * fd 60 is still that terminal (same /dev/pts path, isatty, termios as set: no echo, raw), and
  * a line written to it comes back through the master (the keeper echoes it to fd 60 reversed).
  */
 #include "zdtm.h"
+#include <dirent.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
+
+/* Does a process other than this one have `slave` open? (/proc/PID/fd links) */
+static int held_elsewhere(const char *slave)
+{
+	DIR *proc = opendir("/proc");
+	struct dirent *p;
+	int found = 0;
+	while (proc && !found && (p = readdir(proc))) {
+		char dir[300], path[600], link[64];
+		if (p->d_name[0] < '1' || p->d_name[0] > '9' || atoi(p->d_name) == getpid())
+			continue;
+		snprintf(dir, sizeof(dir), "/proc/%s/fd", p->d_name);
+		DIR *fds = opendir(dir);
+		struct dirent *f;
+		while (fds && !found && (f = readdir(fds))) {
+			snprintf(path, sizeof(path), "%s/%s", dir, f->d_name);
+			ssize_t n = readlink(path, link, sizeof(link) - 1);
+			found = n > 0 && (link[n] = 0, !strcmp(link, slave));
+		}
+		if (fds)
+			closedir(fds);
+	}
+	if (proc)
+		closedir(proc);
+	return found;
+}
 
 static void keeper(int master, const char *slave, const char *result)
 {
@@ -16,7 +44,10 @@ static void keeper(int master, const char *slave, const char *result)
 	if (keep < 0)
 		_exit(2);
 	fcntl(master, F_SETFL, O_NONBLOCK);
-	for (int i = 0; i < 1200 && access(result, F_OK); i++) {
+	int unheld = 0;          /* seconds no one else held the terminal (3: the test is over) */
+	for (int i = 0; i < 1200 && access(result, F_OK) && unheld < 3; i++) {
+		if (i % 10 == 0)
+			unheld = held_elsewhere(slave) ? 0 : unheld + 1;
 		char buf[64];
 		ssize_t n = read(master, buf, sizeof(buf));
 		for (ssize_t a = 0, b = n - 2; n > 1 && a < b; a++, b--) {  /* keep the newline */
