@@ -105,3 +105,30 @@ def test_running_tree_is_never_finished(wset_bin, source, tmp_path):
     with pytest.raises(prepare.Stale, match="only a frozen tree restores"):
         ready.finish(tree)
     assert gone(built)
+
+
+def test_new_contents_of_a_deleted_mapped_file_is_stale(zdtm_bin, procs, tmp_path):
+    """A deleted file the process maps is made again from ghosts/<id>/contents when the
+    process is built; contents that arrive new with the frozen tree (rsync delivers a new
+    file) no longer fit what was built: Stale, nothing left."""
+    from pathlib import Path
+    from helpers import zdtm
+    run = zdtm.start(zdtm_bin, "deleted_map", tmp_path / "work", procs.spawn)
+    src = migrate.SourceMount(run.pid)
+    try:
+        tree = str(tmp_path / "tree")
+        rsync(src.dir, tree)
+        ready = prepare.prepare(tree)
+        built = list(ready.r.created)
+        src.ctl("freeze")
+        rsync(src.dir, tree)
+        ghost = next(Path(tree, "ghosts").iterdir()) / "contents"
+        new = ghost.with_name(".contents.new")
+        new.write_bytes(ghost.read_bytes()[::-1])
+        os.replace(new, ghost)
+        with pytest.raises(prepare.Stale, match="memory layout changed"):
+            ready.finish(tree)
+        assert gone(built)
+        src.ctl("thaw")
+    finally:
+        src.close()

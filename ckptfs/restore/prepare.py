@@ -186,9 +186,12 @@ class _Builder(LinuxRestorer):
         self.filled: dict[tuple[int, int, int], tuple] = {}   # (pid, vma start, off) -> key
         self.writable: dict[int, set[int]] = {}               # pid -> maps made writable
         self.releasing = False
+        self.built: dict[int, tuple] = {}     # pid -> (layout, mm) as built, files' keys then
 
     # -- first half ---------------------------------------------------------------------
     def build(self) -> None:
+        self.built = {t.pid: (_layout(self.src, t), _mm(self.src, t))
+                      for t in self.plan.tasks if not t.zombie}
         self._create_tree()
         for live in self.live.values():
             if not live.plan.zombie:
@@ -254,9 +257,9 @@ class _Builder(LinuxRestorer):
         if self.pidfd_slot in {fdi.fd for t in new.tasks for fdi in t.fdinfo}:
             raise Stale(f"descriptor {self.pidfd_slot} (the restorer's slot) is now in use",
                         path=where)
-        for t_old, t_new in zip(old.tasks, new.tasks):
-            if not t_new.zombie and (_layout(old.source, t_old) != _layout(new.source, t_new)
-                                     or _mm(old.source, t_old) != _mm(new.source, t_new)):
+        for t_new in new.tasks:
+            if not t_new.zombie and self.built.get(t_new.pid) != (_layout(new.source, t_new),
+                                                                  _mm(new.source, t_new)):
                 raise Stale(f"task {t_new.pid}: memory layout changed since it was prepared",
                             path=where)
         self.files.close()
@@ -316,7 +319,7 @@ def _shape(plan) -> list[tuple]:
 def _layout(source, t) -> list[tuple]:
     out = []
     for v in t.vmas:
-        name = source.file(v.shmid).reg.name if v.status & FILE_MAPS else v.shmid
+        name = _file_identity(source, v.shmid) if v.status & FILE_MAPS else v.shmid
         out.append((v.start, v.end, v.prot, v.flags, v.status, v.pgoff, name, v.madv))
     return out
 
@@ -326,4 +329,13 @@ def _mm(source, t) -> tuple:
     return (mm.mm_start_code, mm.mm_end_code, mm.mm_start_data, mm.mm_end_data,
             mm.mm_start_brk, mm.mm_brk, mm.mm_start_stack, mm.mm_arg_start, mm.mm_arg_end,
             mm.mm_env_start, mm.mm_env_end, tuple(mm.mm_saved_auxv),
-            source.file(mm.exe_file_id).reg.name, mm.dumpable if mm.HasField("dumpable") else None)
+            _file_identity(source, mm.exe_file_id),
+            mm.dumpable if mm.HasField("dumpable") else None)
+
+
+def _file_identity(source, file_id: int) -> tuple:
+    """A mapped file's name; for a deleted one (a ghost the restore makes from the tree) also
+    its contents file's key, so that new contents copied in make the prepared process stale."""
+    name = source.file(file_id).reg.name
+    ghost = source._ghosts.get(file_id)
+    return (name, chunk_key(ghost) if ghost else None)
