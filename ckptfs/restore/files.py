@@ -242,12 +242,11 @@ class FileTable:
     def _owner_table(self, file_id: int, where: str) -> dict[int, int]:
         """fd number -> file id in the first task that holds `file_id` (its targets' numbers
         are that table's)."""
+        dead = (F.TASK_STATES["zombie"], F.TASK_STATES["dead"])
         for entry in self.source.pstree():
-            try:
-                fdinfo = self.source.fdinfo(entry.pid)
-            except KeyError:          # a zombie keeps no table
-                continue
-            table = {fdi.fd: fdi.id for fdi in fdinfo}
+            if self.source.core(entry.pid).tc.task_state in dead:
+                continue              # a zombie keeps no table
+            table = {fdi.fd: fdi.id for fdi in self.source.fdinfo(entry.pid)}
             if file_id in table.values():
                 return table
         raise RestoreFailed(f"no task holds epoll file {file_id}", path=where, step="eventpoll")
