@@ -184,7 +184,7 @@ def test_tty_tree_files_and_a_changed_terminal_is_refused(zdtm_bin, procs, tmp_p
     reseal(tree)
     r = ckptfs("restore", tree, check=False)
     assert r.returncode != 0
-    assert f"fds/60/path" in r.stderr and path in r.stderr and "136:99999" in r.stderr, r.stderr
+    assert "fds/60/path" in r.stderr and path in r.stderr and "136:99999" in r.stderr, r.stderr
 
 
 def test_pty_master_is_refused(procs, tmp_path):
