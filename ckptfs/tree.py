@@ -352,7 +352,7 @@ class Renderer:
             files[name] = self._field_node(lambda: ctx, dotted, codec)
         files = {n: f for n, f in files.items() if f is not None}
         if _is_ghost(self.source, ctx.mm.exe_file_id):
-            files["exe_ghost"] = File(lambda: f"{ctx.mm.exe_file_id}\n".encode())
+            files["exe_ghost"] = File(lambda: f"{ghost_of(self.source, ctx.mm.exe_file_id)}\n".encode())
         shared = self._table_shared_with(pid)
         if shared is not None:
             files["files_shared_with"] = File(lambda: f"{shared}\n".encode())
@@ -465,8 +465,9 @@ class Renderer:
                 continue  # file maps name their object by path
             if has_path(ctx, dotted) and not (name in ("madv", "fdflags") and not get_path(ctx, dotted)):
                 files[name] = File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
-        if vma.status & FILE_MAPS and _is_ghost(self.source, vma.shmid):
-            files["ghost"] = File(lambda: f"{vma.shmid}\n".encode())
+        if vma.status & FILE_MAPS and _is_ghost(self.source, vma.shmid, vma):
+            ghost = ghost_of(self.source, vma.shmid)
+            files["ghost"] = File(lambda: f"{ghost}\n".encode())
         entries = _dir_from_paths(files).entries()
         entries["pages"] = self.dir(lambda: self.chunk_entries(pid, vma), mode=0o700)
         return entries
@@ -502,10 +503,20 @@ class Renderer:
 FILE_MAPS = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
 
 
-def _is_ghost(src: Source, file_id: int) -> bool:
-    """A deleted regular file only a map or the exe link still reaches (memfds are no files)."""
+def _is_ghost(src: Source, file_id: int, vma=None) -> bool:
+    """A deleted regular file a map or the exe link reaches (memfds are no files)."""
+    if vma is not None and vma.status & F.VMA_STATUS["VMA_AREA_MEMFD"]:
+        return False
     fe = src.file(file_id)
     return fe.HasField("reg") and src.file_deleted(file_id)
+
+
+def ghost_of(src: Source, file_id: int) -> int:
+    """The ghost (ghosts/<id>) a deleted file id stands for: the descriptors and maps of one
+    deleted inode have file ids of their own (flags, offset) but one ghost. A source without
+    `file_ghost` keeps one ghost per id."""
+    same = getattr(src, "file_ghost", None)
+    return same(file_id) if same is not None else file_id
 
 
 def ghost_ids(src: Source) -> set[int]:
@@ -524,7 +535,7 @@ def ghost_ids(src: Source) -> set[int]:
             mm = src.mm(pid)
             ids = [mm.exe_file_id] + [v.shmid for v in mm.vmas if v.status & FILE_MAPS
                                       and not v.status & F.VMA_STATUS["VMA_AREA_MEMFD"]]
-            out.update(i for i in ids if _is_ghost(src, i))
+            out.update(ghost_of(src, i) for i in ids if _is_ghost(src, i))
         except ProcessGone:
             if src.frozen:
                 raise
@@ -610,7 +621,11 @@ def fd_values(src: Source, fdi) -> dict[str, object]:
             out["size"] = r.size
         if src.file_deleted(fdi.id):
             out["deleted"] = 1
-            out["contents"] = src.file_contents(fdi.id)
+            ghost = ghost_of(src, fdi.id)
+            if ghost in ghost_ids(src):
+                out["ghost"] = ghost        # also mapped: its contents are ghosts/<id>'s
+            else:
+                out["contents"] = src.file_contents(fdi.id)
         return {**out, **shared}
     out["type"] = FD_TYPE_WORDS.get(tname, "other")
     if tname in ("PIPE", "FIFO") and sub is not None:
@@ -792,6 +807,7 @@ class TreeSource(Source):
         self._file_ids: dict[tuple, int] = {}
         self._pipes: dict[int, bytes] = {}
         self._ghosts: dict[int, str] = {}   # file id of a deleted file -> its contents file
+        self._ghost_of: dict[int, int] = {}  # descriptor's file id -> its ghost's (fds/<n>/ghost)
         self.socket_queues: dict[int, list[str]] = {}   # socket file id -> its queue/<n> files
         self.tcp_streams: dict[int, tuple] = {}         # file id -> (tcp_stream_entry, outq file)
         self._lock = threading.Lock()
@@ -1022,6 +1038,10 @@ class TreeSource(Source):
         n = self._read(f"{base}/{ghost}", DEC, missing=None) if ghost else None
         if n is None:
             return self._reg_id(name, flags)
+        return self._ghost_file(n, name)
+
+    def _ghost_file(self, n: int, name: str) -> int:
+        """The file id of ghosts/<n> (one for every map, task and descriptor naming it)."""
         d = f"ghosts/{n}"
         if not self._exists(f"{d}/contents"):
             raise BadTree(f"deleted file {n} has no saved contents", path=self._p(d, "contents"))
@@ -1050,7 +1070,12 @@ class TreeSource(Source):
             fdi.id = self._reg_id(self._read(f"{base}/path", STR), flags, self._read(f"{base}/pos", DEC),
                                   key=key, mode=mode, size=size)
             fdi.type = pb.fd_types.Value("REG")
-            if self._exists(f"{base}/deleted") and self._read(f"{base}/deleted", DEC):
+            if self._exists(f"{base}/ghost"):      # deleted and also mapped: ghosts/<n>
+                ghost = self._ghost_file(self._read(f"{base}/ghost", DEC),
+                                         self._files[fdi.id].reg.name)
+                self._ghost_of[fdi.id] = ghost
+                self._ghosts[fdi.id] = self._ghosts[ghost]
+            elif self._exists(f"{base}/deleted") and self._read(f"{base}/deleted", DEC):
                 self._ghosts[fdi.id] = self._p(f"{base}/contents")
                 if not self._exists(f"{base}/contents"):
                     raise BadTree("a deleted file needs its contents", path=self._ghosts[fdi.id])
@@ -1166,6 +1191,10 @@ class TreeSource(Source):
     def file_contents(self, file_id: int) -> bytes:
         with open(self._ghosts[file_id], "rb") as f:
             return f.read()
+
+    def file_ghost(self, file_id: int) -> int:
+        """The ghost a deleted file id stands for (tree.ghost_of)."""
+        return self._ghost_of.get(file_id, file_id)
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(fd directory, type) of descriptors restore cannot handle."""

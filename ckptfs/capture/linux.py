@@ -974,6 +974,17 @@ class LiveSource(Source):
         """Whole contents of a file (meant for deleted files, which only the process reaches)."""
         return files.read_whole(self._files.refs[file_id].path)
 
+    def file_ghost(self, file_id: int) -> int:
+        """The ghost a deleted file id stands for (tree.ghost_of): for a descriptor, the path
+        entry of its inode (the one its maps and an exe link get, made now if none has asked
+        yet), so a deleted file open and mapped is saved once; a path entry is its own."""
+        ref = self._files.refs[file_id]
+        if ref.fd is None or self.file(file_id).type != pb.REG or not self.file_deleted(file_id):
+            return file_id
+        s = procfs.stat(ref.path)
+        name = procfs.strip_deleted(procfs.readlink(ref.path))[0]
+        return self._files.path_id(ref.pid, ref.path, name, inode=(s.st_dev, s.st_ino))
+
     def pipe_data(self, pipe_id: int) -> bytes:
         return self._cached(("pipe", pipe_id), lambda: self._pipe_data(pipe_id))
 

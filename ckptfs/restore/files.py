@@ -71,7 +71,7 @@ class FileTable:
         fe = self.source.file(file_id)
         kind = F.FD_TYPES
         if fe.type == kind["REG"] and self.source.file_deleted(file_id):
-            return self._ghost(file_id, fe.reg, where)
+            return self._reopen(self.ghost(file_id, where=where), fe.reg, where)
         if fe.type == kind["REG"]:
             return self._reg(fe.reg, where)
         if fe.type == kind["PIPE"]:
@@ -99,34 +99,47 @@ class FileTable:
         return self._reg_at(reg.name, reg, where)
 
     # -- deleted files --------------------------------------------------------------------
-    def _ghost(self, file_id: int, reg, where: str) -> int:
+    def ghost(self, file_id: int, *, where: str) -> int:
+        """An O_PATH descriptor of the re-made deleted file that `file_id` stands for: one
+        file per ghost (tree.ghost_of), so the descriptors and maps of one deleted inode are
+        one inode again; each user opens /proc/self/fd/<it> anew with its own flags and
+        offset. O_PATH, not O_RDWR: a writer would stop it from becoming an exe (EACCES)."""
+        from ..tree import ghost_of
+        ghost = ghost_of(self.source, file_id)
+        return self._cached(("ghost", ghost), lambda: self._make_ghost(ghost, where))
+
+    def _make_ghost(self, ghost: int, where: str) -> int:
         """A file that was unlinked while open: its saved contents go into a new file, which
-        is opened with the recorded flags and offset and unlinked again, so the task holds
-        an unlinked file once more ("/path (deleted)" in /proc/PID/fd, no link left).
+        is opened and unlinked again, so the task holds an unlinked file once more
+        ("/path (deleted)" in /proc/PID/fd and maps, no link left).
 
         The new file is made at the recorded path when that name is free (the /proc link then
         reads exactly as before), else under a hidden name in the same directory, else in the
-        temporary directory if that directory is gone. One file per file id: two separate
-        opens of one deleted file come back as two files (the tree keeps no inode)."""
-        data = self.source.file_contents(file_id)
+        temporary directory if that directory is gone."""
+        reg = self.source.file(ghost).reg
+        data = self.source.file_contents(ghost)
         if reg.HasField("size") and len(data) != reg.size:
             raise RestoreFailed(f"deleted file's contents are {len(data)} bytes, the checkpoint "
                                 f"recorded {reg.size}", path=where + "/contents",
                                 step="deleted file")
-        path, wfd = _create_ghost(reg.name, reg.mode & 0o7777 if reg.HasField("mode") else 0o600,
-                                  where)
+        mode = reg.mode & 0o7777 if reg.HasField("mode") else 0o600
+        path, wfd = _create_ghost(reg.name, mode, where)
         try:
             try:
-                os.fchmod(wfd, reg.mode & 0o7777 if reg.HasField("mode") else 0o600)
+                os.fchmod(wfd, mode)
                 _write_all(wfd, data)
             except OSError as e:
                 raise KernelError(f"write deleted file's contents to {path}", e.errno,
                                   path=where, step="deleted file") from None
-            fd = self._reg_at(path, reg, where)
+            return _open(f"/proc/self/fd/{wfd}", os.O_PATH | os.O_CLOEXEC, where,
+                         "deleted file")
         finally:
             os.close(wfd)
             os.unlink(path)
-        return fd
+
+    def _reopen(self, ghost: int, reg, where: str) -> int:
+        """A new description of the re-made file `ghost` with the descriptor's flags, offset."""
+        return self._reg_at(f"/proc/self/fd/{ghost}", reg, where)
 
     def _reg_at(self, path: str, reg, where: str) -> int:
         fd = _open(path, (reg.flags & ~OPEN_DROP) | os.O_CLOEXEC | os.O_NOCTTY, where,

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import os
 import resource
 import shutil
@@ -569,15 +568,14 @@ class LinuxRestorer:
 
     def _mapped_file(self, file_id: int, mode: int, where: str, step: str) -> int:
         """A restorer descriptor of a mapped file or exe, opened `mode`. A deleted one is
-        re-made from its saved contents once for the whole restore (files.FileTable: made,
-        opened, unlinked again), so every map and task using it shares one file, which
-        /proc shows as "(deleted)" as before; other modes are opened through /proc/self/fd."""
+        re-made from its saved contents once for the whole restore (FileTable.ghost: made,
+        unlinked again, held O_PATH), so every map, task and descriptor using it shares one
+        file, which /proc shows as "(deleted)" as before; each opens it through
+        /proc/self/fd in its own mode."""
         if not self.src.file_deleted(file_id):
             return self.files.path(self.src.file(file_id).reg.name, mode | os.O_CLOEXEC,
                                    where=where, step=step)
-        ghost = self.files.description(file_id, where=where)
-        if fcntl.fcntl(ghost, fcntl.F_GETFL) & 3 == mode & 3:
-            return ghost
+        ghost = self.files.ghost(file_id, where=where)
         return self.files.path(f"/proc/self/fd/{ghost}", mode | os.O_CLOEXEC, where=where,
                                step=step)
 
