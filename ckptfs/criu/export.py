@@ -289,16 +289,25 @@ class _Export:
     def ghosts(self, files) -> None:
         """Files unlinked while open: remap-fpath.img says "ghost", ghost-file-<id>.img holds
         the contents restore recreates them from. Only sources that can tell (the optional
-        file_deleted/file_contents methods, LiveSource and ImageSource) have any."""
+        file_deleted/file_contents methods, LiveSource and ImageSource) have any. The
+        descriptors and maps of one deleted inode (tree.ghost_of) share one ghost image, as
+        CRIU's do: a remap entry per file id, one remap_id."""
+        from ..tree import ghost_of
         deleted = getattr(self.src, "file_deleted", None)
         if deleted is None:
             return
-        remaps = []
+        remaps, made = [], {}
         for fid in sorted(files):
             f = files[fid]
             if not f.HasField("reg") or not deleted(fid):
                 continue
-            ghost_id = len(remaps) + 1
+            ghost = ghost_of(self.src, fid)
+            if ghost in made:
+                remaps.append(pb.remap_file_path_entry(orig_id=fid, remap_id=made[ghost],
+                                                       remap_type=pb.GHOST))
+                continue
+            ghost_id = len(made) + 1
+            made[ghost] = ghost_id | REMAP_GHOST
             data = self.src.file_contents(fid)
             creds = self.root_creds()
             head = pb.ghost_file_entry(uid=creds.euid, gid=creds.egid,

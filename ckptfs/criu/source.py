@@ -261,6 +261,17 @@ class ImageSource(model.Source):
                 self._images[cache_key] = {key(m): m for m in msgs}
             return self._images[cache_key]
 
+    def file_ghost(self, file_id: int) -> int:
+        """The ghost a deleted file id stands for (tree.ghost_of): the lowest file id whose
+        remap names the same ghost image (CRIU gives every descriptor and map of one deleted
+        inode its own remap entry, all with one remap_id)."""
+        remap = self._remap(file_id)
+        if remap is None or not (remap.remap_type == pb.GHOST or remap.remap_id & REMAP_GHOST):
+            return file_id
+        msgs, _ = self.image("remap-fpath.img", "REMAP_FPATH", required=False)
+        return min(m.orig_id for m in msgs if m.remap_id == remap.remap_id and
+                   m.remap_type in (pb.GHOST, pb.LINKED))
+
     def _remap(self, file_id: int):
         msgs, _ = self.image("remap-fpath.img", "REMAP_FPATH", required=False)
         for m in msgs:
