@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import struct
 
@@ -17,7 +18,7 @@ from ckptfs.errors import KernelError
 from ckptfs.oskit import freebsd as O
 from ckptfs.restore import freebsd as RF
 from ckptfs.translate import LossLog
-from ckptfs.translate.freebsd import flags as FF, regs as G
+from ckptfs.translate.freebsd import fdkinds as K, flags as FF, regs as G
 
 HELPER_CODE = (0x7ffff7ff0000, 0x7ffff7ff1000)    # r-x
 HELPER_DATA = (0x7ffff7fe0000, 0x7ffff7fe2000)    # rw- (the helper's stack)
@@ -174,6 +175,7 @@ class FakeFreeBSD:
         self.objs = {}                               # kve_obj handed out
         self.next_map = SCRATCH_BASE
         self.next_file = 0                           # struct file addresses handed out
+        self.ports = {}                              # (family, type, port) bound
 
     def __getattr__(self, name):            # anything not faked is a test failure
         raise AssertionError(f"unexpected FreeBSD call {name}")
@@ -576,13 +578,15 @@ class FakeFreeBSD:
             return self.fs[path]
         if path in self.gone or not os.path.lexists(path):
             return None
-        kind = "fifo" if stat.S_ISFIFO(os.lstat(path).st_mode) else "file"
+        mode = os.lstat(path).st_mode
+        kind = "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "file"
         self.fs[path] = Node(kind, os.lstat(path).st_mode & 0o7777)   # the jail's copy
         return self.fs[path]
 
     def _install(self, p, desc, low=0, fd=None, cloexec=False):
         fd = self._fd(p, low) if fd is None else fd
         if fd in p.fds:
+            self._fdclose(p, fd)
             self._release(p.fds[fd])
         desc.refs += 1
         p.fds[fd] = desc
@@ -631,9 +635,18 @@ class FakeFreeBSD:
             raise AssertionError("blocking O_WRONLY open of a FIFO without a reader: hangs")
         return 0
 
+    @staticmethod
+    def _fdclose(p, fd):
+        """knote_fdclose (kern_event.c): closing a number drops every kevent registered on
+        that number in the process's kqueues, whatever file it held."""
+        for d in p.fds.values():
+            if isinstance(d, Desc) and d.kind == "kqueue":
+                d.watches.pop(fd, None)
+
     def linux_close(self, p, fd, *_):
         if fd not in p.fds:
             return -errno.EBADF
+        self._fdclose(p, fd)
         self._release(p.fds.pop(fd))
         return 0
 
@@ -641,7 +654,7 @@ class FakeFreeBSD:
         if fd not in p.fds:
             return -errno.EBADF
         desc = p.fds[fd]
-        if desc.kind != "vnode":
+        if desc.kind not in ("vnode", "shm"):
             return -errno.ESPIPE
         if whence != 0:
             return -errno.EINVAL
@@ -656,6 +669,8 @@ class FakeFreeBSD:
             return self._install(p, p.fds[fd], low=arg, cloexec=True)
         if cmd == 3:                                 # F_GETFL
             return p.fds[fd].flags & ~L.O_CLOEXEC
+        if cmd == RF.F_ADD_SEALS:
+            return self._add_seals(p.fds[fd], arg)
         if cmd == RF.F_SETFL:
             desc = p.fds[fd]
             desc.flags = (desc.flags & ~RF.SETFL_BITS) | (arg & RF.SETFL_BITS)
@@ -696,6 +711,10 @@ class FakeFreeBSD:
             return -errno.EFAULT
         if desc.kind == "eventfd":
             return self._eventfd_write(desc, data)
+        if desc.kind == "shm":
+            return self._shm_write(desc, data)
+        if desc.kind == "socket":
+            return self._sock_send(desc, data)
         if desc.pipe is not None:
             return self._pipe_write(desc, data)
         desc.node.data[desc.pos:desc.pos + n] = data
@@ -890,6 +909,8 @@ class FakeFreeBSD:
         child = Proc(self.next_pid, None, [m.copy() for m in p.maps], p.mem.copy())
         self.next_pid += 1
         for fd, desc in p.fds.items():           # inherited: the same descriptions
+            if desc.kind == "kqueue":            # kqueue(2): not inherited by fork
+                continue
             self._install(child, desc, fd=fd, cloexec=p.cloexec.get(fd, False))
         child.lwps = {child.pid: G.pack(dict(G.unpack(p.lwps[p.pid]), r_rax=0,
                                              r_rip=p.scratch + 3))}
@@ -1037,6 +1058,294 @@ class FakeFreeBSD:
     def linux_setresuid(self, p, r, e, s, *_):
         p.creds.update(ruid=r, uid=e, svuid=s)
         self._linux(p.pid, "setresuid", r, e, s)
+        return 0
+
+    # -- sockets, epoll (kqueue), timerfd, memfd (shm) as the Linuxulator makes them --------
+    # uipc_usrreq.c: a unix socket's buffers (PIPSIZ 8192 for stream/seqpacket; datagrams:
+    # maxdgram 8192 is the send limit per message, recvspace 16384); sb_max caps a raise.
+    # linux_event.c: epoll is a kqueue keyed on descriptor numbers, LINUX_EPOLL_EVSUP only.
+    # sys_timerfd.c: CLOCK_REALTIME / CLOCK_MONOTONIC only. linux_file.c: memfd_create is
+    # kern_shm_open2(SHM_ANON, SHM_GROW_ON_WRITE [| SHM_ALLOW_SEALING]); seal_bitmap.
+    SB_MAX = 2 * 1024 * 1024
+    CLOCK_NOW = {0: (1_800_000_000, 250_000_000), 1: (5000, 0)}    # Linux clock ids
+
+    def _new_sock(self, family, stype):
+        snd, rcv = RF.UNIX_SPACE.get(stype, (8192, 8192)) if family == 1 else (65536, 65536)
+        return dict(family=family, type=stype, state="new", peer=None, rq=[], snd=snd,
+                    rcv=rcv, shut=0, name=None, backlog=None, opts={})
+
+    def _sock_desc(self, sock, flags):
+        d = Desc("socket", f"socket:{sock['family']}", 2 | (flags & L.OPEN_FLAGS["O_NONBLOCK"]))
+        d.sock = sock
+        return d
+
+    def linux_socket(self, p, family, stype, proto, *_):
+        base = stype & 0xf
+        if stype & ~(0xf | RF.SOCK_NONBLOCK_CLOEXEC) or family not in (1, 2, 10) or \
+                base not in (1, 2, 5):
+            return -errno.EINVAL
+        if family != 1 and (base, proto) not in ((1, 0), (1, 6), (2, 0), (2, 17)):
+            return -errno.EPROTONOSUPPORT
+        sock = self._new_sock(family, base)
+        self._linux(p.pid, "socket", family, base)
+        return self._install(p, self._sock_desc(sock, stype), cloexec=bool(stype & L.O_CLOEXEC))
+
+    def linux_socketpair(self, p, family, stype, proto, addr, *_):
+        if family != 1:                         # linux_socketpair: PF_LOCAL only
+            return -errno.EAFNOSUPPORT
+        base = stype & 0xf
+        if stype & ~(0xf | RF.SOCK_NONBLOCK_CLOEXEC) or base not in (1, 2, 5):
+            return -errno.EINVAL
+        if not self._writable(p, addr, 8):
+            return -errno.EFAULT
+        a, b = self._new_sock(1, base), self._new_sock(1, base)
+        a["peer"], b["peer"], a["state"], b["state"] = b, a, "connected", "connected"
+        cloexec = bool(stype & L.O_CLOEXEC)
+        fa = self._install(p, self._sock_desc(a, stype), cloexec=cloexec)
+        fb = self._install(p, self._sock_desc(b, stype), cloexec=cloexec)
+        p.mem.write(addr, struct.pack("<ii", fa, fb))
+        self._linux(p.pid, "socketpair", base)
+        return 0
+
+    def _sock(self, p, fd):
+        if fd not in p.fds:
+            return None, -errno.EBADF
+        if p.fds[fd].kind != "socket":
+            return None, -errno.ENOTSOCK
+        return p.fds[fd].sock, 0
+
+    def linux_setsockopt(self, p, fd, level, opt, val, size, *_):
+        sock, err = self._sock(p, fd)
+        if err:
+            return err
+        if size != 4 or not self._mapped(p, val, 4):
+            return -errno.EFAULT if size == 4 else -errno.EINVAL
+        value = struct.unpack("<i", p.mem.read(val, 4))[0]
+        if level == RF.SOL_SOCKET and opt in (RF.SO_SNDBUF, RF.SO_RCVBUF):
+            if value > self.SB_MAX or value <= 0:
+                return -errno.ENOBUFS            # sbreserve: above sb_max
+            sock["snd" if opt == RF.SO_SNDBUF else "rcv"] = value
+        elif level == RF.SOL_SOCKET and opt == RF.SO_REUSEADDR:
+            sock["opts"]["reuseaddr"] = value
+        elif level == RF.IPPROTO_IPV6 and opt == RF.IPV6_V6ONLY and sock["family"] == 10:
+            sock["opts"]["v6only"] = value
+        else:
+            return -errno.ENOPROTOOPT
+        self._linux(p.pid, "setsockopt", fd, opt, value)
+        return 0
+
+    def linux_bind(self, p, fd, addr, size, *_):
+        sock, err = self._sock(p, fd)
+        if err:
+            return err
+        raw = self._read(p, addr, size)
+        if raw is None or size < 2:
+            return -errno.EFAULT
+        if struct.unpack_from("<H", raw)[0] != sock["family"]:
+            return -errno.EAFNOSUPPORT
+        if sock["name"] is not None:
+            return -errno.EINVAL
+        if sock["family"] == 1:
+            path = raw[2:].split(b"\0", 1)[0].decode()
+            if not path:
+                return -errno.EINVAL             # no abstract names on FreeBSD
+            if self._node(path) is not None:
+                return -errno.EADDRINUSE
+            self.fs[path] = Node("socket", 0o777 & ~p.umask)
+            self.gone.discard(path)
+            sock["name"] = path
+        else:
+            port = struct.unpack_from(">H", raw, 2)[0]
+            ip = raw[4:8] if sock["family"] == 2 else raw[8:24]
+            key = (sock["family"], sock["type"], port)
+            if port and key in self.ports:
+                return -errno.EADDRINUSE
+            self.ports[key] = sock
+            sock["name"] = (socket.inet_ntop(sock["family"], ip), port)
+        sock["state"] = "bound"
+        self._linux(p.pid, "bind", fd, sock["name"])
+        return 0
+
+    def linux_listen(self, p, fd, backlog, *_):
+        sock, err = self._sock(p, fd)
+        if err:
+            return err
+        if sock["type"] == 2:
+            return -errno.EOPNOTSUPP
+        if sock["name"] is None and sock["family"] == 1:
+            return -errno.EINVAL                 # uipc_listen: an unbound unix socket
+        sock["state"], sock["backlog"] = "listening", backlog
+        self._linux(p.pid, "listen", fd, backlog)
+        return 0
+
+    def linux_shutdown(self, p, fd, how, *_):
+        sock, err = self._sock(p, fd)
+        if err:
+            return err
+        if how not in (0, 1, 2):
+            return -errno.EINVAL
+        if sock["state"] != "connected":
+            return -errno.ENOTCONN
+        bits = {0: 1, 1: 2, 2: 3}[how]
+        sock["shut"] |= bits
+        if bits & 1:
+            sock["rq"] = []                      # soshutdown SHUT_RD: sorflush drops the queue
+        if bits & 2 and sock["peer"] is not None:
+            sock["peer"]["shut"] |= 1            # unp_shutdown: socantrcvmore on the peer
+        self._linux(p.pid, "shutdown", fd, how)
+        return 0
+
+    def linux_sendto(self, p, fd, addr, n, flags, dest, dlen, *_):
+        if dest or flags:
+            return -errno.EINVAL                 # only connected sends are modelled
+        if fd not in p.fds:
+            return -errno.EBADF
+        data = self._read(p, addr, n)
+        if data is None:
+            return -errno.EFAULT
+        return self._sock_send(p.fds[fd], data)
+
+    def _sock_send(self, desc, data):
+        sock = getattr(desc, "sock", None)
+        if sock is None:
+            return -errno.ENOTSOCK
+        peer, nonblock = sock["peer"], desc.flags & L.OPEN_FLAGS["O_NONBLOCK"]
+        if peer is None:
+            return -errno.ENOTCONN
+        if sock["shut"] & 2:
+            return -errno.EPIPE
+        queued = sum(len(m) for m in peer["rq"])
+        room = peer["rcv"] - queued
+        if sock["type"] != 1:                    # one message, whole or not at all
+            if len(data) > sock["snd"]:
+                return -errno.EMSGSIZE
+            if len(data) > room:
+                if not nonblock:
+                    raise AssertionError("a blocking send into a full socket: hangs")
+                return -errno.ENOBUFS if sock["type"] == 2 else -errno.EAGAIN
+            peer["rq"].append(bytes(data))
+            return len(data)
+        if room <= 0:
+            if not nonblock:
+                raise AssertionError("a blocking send into a full socket: hangs")
+            return -errno.EAGAIN
+        take = bytes(data[:room])
+        if peer["rq"]:
+            peer["rq"][-1] += take               # a stream keeps no boundaries
+        else:
+            peer["rq"].append(take)
+        return len(take)
+
+    def linux_lstat(self, p, path_addr, st, *_):
+        path = self._string(p, path_addr)
+        if path is None or not self._writable(p, st, 144):
+            return -errno.EFAULT
+        node = self._node(path)
+        if node is None:
+            return -errno.ENOENT
+        kind = {"socket": 0o140000, "fifo": 0o010000}.get(node.kind, 0o100000)
+        buf = bytearray(144)
+        struct.pack_into("<I", buf, 24, kind | node.mode)
+        p.mem.write(st, bytes(buf))
+        return 0
+
+    def linux_chmod(self, p, path_addr, mode, *_):
+        path = self._string(p, path_addr)
+        if path is None:
+            return -errno.EFAULT
+        node = self._node(path)
+        if node is None:
+            return -errno.ENOENT
+        node.mode = mode & 0o7777
+        self._linux(p.pid, "chmod", path, node.mode)
+        return 0
+
+    def linux_epoll_create1(self, p, flags, *_):
+        if flags & ~L.O_CLOEXEC:
+            return -errno.EINVAL
+        d = Desc("kqueue", "kqueue", 2)
+        d.watches = {}
+        self._linux(p.pid, "epoll_create1")
+        return self._install(p, d, cloexec=bool(flags))
+
+    def linux_epoll_ctl(self, p, epfd, op, fd, ev, *_):
+        raw = self._read(p, ev, 12)
+        if raw is None:
+            return -errno.EFAULT
+        if epfd not in p.fds or fd not in p.fds:
+            return -errno.EBADF
+        ep = p.fds[epfd]
+        if ep.kind != "kqueue" or ep is p.fds[fd] or op != RF.EPOLL_CTL_ADD:
+            return -errno.EINVAL
+        events, data = struct.unpack("<IQ", raw)
+        if events & ~K.EPOLL_SUPPORTED:
+            return -errno.EINVAL
+        if fd in ep.watches:
+            return -errno.EEXIST
+        ep.watches[fd] = (events, data, p.fds[fd])
+        self._linux(p.pid, "epoll_ctl", epfd, fd, events, data)
+        return 0
+
+    def linux_timerfd_create(self, p, clock, flags, *_):
+        if clock not in K.TIMERFD_CLOCKS:       # native: only REALTIME and MONOTONIC
+            return -errno.EINVAL
+        if flags & ~(L.O_CLOEXEC | L.OPEN_FLAGS["O_NONBLOCK"]):
+            return -errno.EINVAL
+        d = Desc("timerfd", "timerfd", flags & L.OPEN_FLAGS["O_NONBLOCK"])
+        d.timer = dict(clock=clock, value=(0, 0), interval=(0, 0), flags=0)
+        self._linux(p.pid, "timerfd_create", clock)
+        return self._install(p, d, cloexec=bool(flags & L.O_CLOEXEC))
+
+    def linux_timerfd_settime(self, p, fd, flags, new, old, *_):
+        if fd not in p.fds:
+            return -errno.EBADF
+        if p.fds[fd].kind != "timerfd" or flags & ~3:
+            return -errno.EINVAL
+        raw = self._read(p, new, 32)
+        if raw is None:
+            return -errno.EFAULT
+        isec, insec, vsec, vnsec = struct.unpack("<4q", raw)
+        if not (0 <= insec < 10**9 and 0 <= vnsec < 10**9) or isec < 0 or vsec < 0:
+            return -errno.EINVAL
+        p.fds[fd].timer.update(value=(vsec, vnsec), interval=(isec, insec), flags=flags)
+        self._linux(p.pid, "timerfd_settime", fd, flags, (vsec, vnsec), (isec, insec))
+        return 0
+
+    def linux_clock_gettime(self, p, clock, ts, *_):
+        if clock not in self.CLOCK_NOW:
+            return -errno.EINVAL
+        if not self._writable(p, ts, 16):
+            return -errno.EFAULT
+        p.mem.write(ts, struct.pack("<qq", *self.CLOCK_NOW[clock]))
+        return 0
+
+    def linux_memfd_create(self, p, name_addr, flags, *_):
+        name = self._string(p, name_addr)
+        if name is None:
+            return -errno.EFAULT
+        if flags & ~(RF.MFD_CLOEXEC | RF.MFD_ALLOW_SEALING):
+            return -errno.EINVAL
+        d = Desc("shm", "memfd:" + name, 2)
+        # without SHM_ALLOW_SEALING the object starts sealed (F_SEAL_SEAL)
+        d.shm = dict(data=bytearray(), seals=0 if flags & RF.MFD_ALLOW_SEALING else 1,
+                     name=name)
+        self._linux(p.pid, "memfd_create", name, flags)
+        return self._install(p, d, cloexec=bool(flags & RF.MFD_CLOEXEC))
+
+    def _shm_write(self, desc, data):
+        shm, end = desc.shm, desc.pos + len(data)
+        if shm["seals"] & 8 or (end > len(shm["data"]) and shm["seals"] & 4):
+            return -errno.EPERM
+        shm["data"][desc.pos:end] = data
+        desc.pos = end
+        return len(data)
+
+    def _add_seals(self, desc, seals):
+        if desc.kind != "shm":
+            return -errno.EINVAL
+        if desc.shm["seals"] & 1:
+            return -errno.EPERM
+        desc.shm["seals"] |= seals & K.SEALS_SUPPORTED     # seal_bitmap: the rest dropped
         return 0
 
     # -- what a FreeBSD capture reads ------------------------------------------------------

@@ -5,6 +5,7 @@ rules, FIFO open rules, a jail filesystem over this one). What the fake ends up 
 be what the program had."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -14,8 +15,9 @@ import time
 import pytest
 
 from ckptfs import flags as L, tree
-from ckptfs.errors import Unsupported
+from ckptfs.errors import KernelError, Unsupported
 from ckptfs.restore import freebsd as RF
+from ckptfs.translate.freebsd import plan_dry_run, read_plan, to_freebsd
 from fbsd_fake import FakeFreeBSD, spawn
 from helpers import zdtm
 from helpers.cli import dump
@@ -210,3 +212,161 @@ def test_shared_memory_at_two_places_is_refused_naming_the_map(program, tmp_path
     assert f"tasks/{child}/maps/{moved}/shmid" in str(e.value)
     assert f"process {old}" in str(e.value)
     assert kit.log == []
+
+
+# -- the kinds the Linuxulator makes (translate/freebsd/fdkinds.py) ----------------------------
+def test_unix_pairs_with_queues_in_both_directions(program):
+    """sk_unix_pair: each pair is one socketpair there; every end holds exactly the messages
+    queued on it (boundaries kept), sent from its peer after the buffers were raised to hold
+    them; the seqpacket end that shut its writing side is shut again."""
+    old, src, _ = program("sk_unix_pair")
+    kit, [new] = restore(src)
+    socks = {fd: d.sock for fd, d in fds_of(kit, new, "socket").items()}
+    assert sorted(socks) == [10, 11, 12, 13, 14, 15]
+    for a, b in ((10, 11), (12, 13), (14, 15)):
+        assert socks[a]["peer"] is socks[b] and socks[b]["peer"] is socks[a]
+    by_fd = {i.fd: i.id for i in src.fdinfo(old)}
+    for fd, sock in socks.items():
+        want = src.socket_queue(by_fd[fd])
+        assert sock["rq"] == [bytes(m) for m in want], fd
+    assert [len(m) for m in socks[12]["rq"]] == [1, 700, 5000]
+    assert socks[15]["shut"] == 2 and socks[14]["shut"] == 1      # by 15's SHUT_WR only
+    assert [e[4] for e in kit.log if e[:3] == ("linux", new, "shutdown")] == [1]    # SHUT_WR
+    assert socks[12]["rcv"] >= 5701                      # raised: 16384 holds it, 8192 sends it
+    assert not any(d.flags & NONBLOCK for d in fds_of(kit, new, "socket").values())
+
+
+def test_unix_queue_bigger_than_the_default_buffer(program, tmp_path):
+    """20000 bytes waiting on a stream end: more than PIPSIZ, so the buffers are raised
+    first (SO_SNDBUF/SO_RCVBUF) and the whole queue goes in; a host whose sb_max is lower
+    fails with ENOBUFS naming the queue, and nothing is left behind."""
+    old, src, _ = program("sk_unix_pair")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    (edited / f"tasks/{old}/fds/10/queue/0").write_bytes(pattern(20000, 3))
+    src = tree.TreeSource(str(edited))
+    kit, [new] = restore(src)
+    sock = kit.procs[new].fds[10].sock
+    assert sock["rq"] == [pattern(20000, 3)] and sock["rcv"] == 20000
+    kit = FakeFreeBSD()
+    kit.SB_MAX = 16384                                   # kern.ipc.maxsockbuf lower than that
+    with pytest.raises(KernelError) as e:
+        restore(src, kit)
+    assert e.value.errno == errno.ENOBUFS
+    assert f"tasks/{old}/fds/10/queue" in str(e.value)
+    assert kit.killed and not kit.jails
+
+
+def test_epoll_watches_under_the_tasks_numbers(program):
+    """epoll: a kqueue there with the three watches keyed on the task's own numbers (21, 23,
+    24), their events and cookies, each on the description now at that number; made after
+    every other descriptor is in place (closing a number drops its kevents)."""
+    old, src, _ = program("epoll")
+    kit, [new] = restore(src)
+    p = kit.procs[new]
+    ep = p.fds[20]
+    assert ep.kind == "kqueue"
+    got = {fd: (ev, data) for fd, (ev, data, _) in ep.watches.items()}
+    # EPOLLERR|EPOLLHUP (0x18) as Linux's fdinfo shows them (always reported there)
+    assert got == {21: (0x19, 0x1111222233334444), 23: (0x19 | 1 << 31, 0xabcdef),
+                   24: (0x19, 0x55)}
+    assert all(ep.watches[fd][2] is p.fds[fd] for fd in got)
+    assert p.fds[21].pipe is p.fds[22].pipe and bytes(p.fds[24].pipe.buf) == b"abc"
+
+
+def test_epoll_event_outside_the_linuxulator_is_refused_naming_the_target(program, tmp_path):
+    old, src, _ = program("epoll")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    (edited / f"tasks/{old}/fds/20/targets/21/events").write_text("EPOLLIN|EPOLLWAKEUP\n")
+    kit = FakeFreeBSD()
+    with pytest.raises(Unsupported) as e:
+        restore(tree.TreeSource(str(edited)), kit)
+    assert f"tasks/{old}/fds/20/targets/21/events" in str(e.value)
+    assert "LINUX_EPOLL_EVSUP" in str(e.value) and kit.log == []
+
+
+def test_timerfds_armed_with_time_left(program):
+    """timerfd: the periodic, the expired one-shot, the absolute one (its deadline the
+    FreeBSD clock's now + what was left) and the disarmed non-blocking one; the unread
+    expiration is listed as lost."""
+    old, src, _ = program("timerfd")
+    kit, [new] = restore(src)
+    t = {fd: d.timer for fd, d in fds_of(kit, new, "timerfd").items()}
+    assert sorted(t) == [40, 41, 42, 43]
+    assert t[40]["clock"] == 1 and t[40]["interval"] == (0, 50_000_000)
+    assert 0 < t[40]["value"][1] <= 50_000_000 and t[40]["value"][0] == 0
+    assert t[41]["interval"] == (0, 0)
+    assert t[42]["clock"] == 0 and t[42]["flags"] == RF.TFD_TIMER_ABSTIME
+    now = kit.CLOCK_NOW[0][0]
+    assert now + 990 < t[42]["value"][0] <= now + 1001
+    assert t[43]["value"] == (0, 0) and kit.procs[new].fds[43].flags & NONBLOCK
+    plan = to_freebsd(src)
+    assert any(r.path == f"tasks/{old}/fds/41/ticks" for r in plan.lossy)
+
+
+def test_timerfd_on_boottime_is_refused_in_plan_and_restore(program, tmp_path):
+    old, src, _ = program("timerfd")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    (edited / f"tasks/{old}/fds/40/clock").write_text("CLOCK_BOOTTIME\n")
+    src = tree.TreeSource(str(edited))
+    out = plan_dry_run(src, str(tmp_path / "dry"))
+    lines = (tmp_path / "dry/plan/refused").read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == [f"tasks/{old}/fds/40/clock"]
+    assert "plan/refused" in str(out) and "kern_timerfd_create" in lines[0]
+    assert read_plan(str(tmp_path / "dry")).refused[0].path == f"tasks/{old}/fds/40/clock"
+    kit = FakeFreeBSD()
+    with pytest.raises(Unsupported) as e:
+        restore(src, kit)
+    assert f"tasks/{old}/fds/40/clock" in str(e.value) and kit.log == []
+
+
+def test_memfd_contents_offset_and_seals(program):
+    """memfd: one shm object per memfd with its name, contents and the seals FreeBSD has;
+    the second description of the same memfd is that object's one description (FreeBSD
+    cannot open a shared memory object again), which plan/lossy says."""
+    old, src, _ = program("memfd")
+    kit, [new] = restore(src)
+    p = kit.procs[new]
+    a, b, c = p.fds[50], p.fds[51], p.fds[52]
+    assert a.kind == b.kind == c.kind == "shm"
+    assert a.shm["name"] == "zdtm-memfd" and c.shm["name"] == "plain"
+    assert len(a.shm["data"]) == 10000 and bytes(c.shm["data"]) == b"hello"
+    assert a.shm["seals"] == 0x2 | 0x4 and c.shm["seals"] == 0x1
+    assert a is b and a.pos == 777 and c.pos == 3
+    lossy = {r.path for r in to_freebsd(src).lossy}
+    assert f"tasks/{old}/fds/51/pos" in lossy
+
+
+def test_abstract_unix_name_is_refused_naming_it(program, tmp_path):
+    """sk_listen's fd 12 is bound to an abstract name, which FreeBSD does not have."""
+    old, src, _ = program("sk_listen")
+    plan_dry_run(src, str(tmp_path / "dry"))
+    refused = (tmp_path / "dry/plan/refused").read_text()
+    assert refused.startswith(f"tasks/{old}/fds/12/name\t@") and "abstract" in refused
+    kit = FakeFreeBSD()
+    with pytest.raises(Unsupported) as e:
+        restore(src, kit)
+    assert f"tasks/{old}/fds/12/name" in str(e.value) and kit.log == []
+
+
+def test_listeners_bound_again(program, tmp_path):
+    """sk_listen without its abstract socket: the TCP listener (SO_REUSEADDR, port, backlog
+    7) and the unix one bound to its path in its name_dir, mode 0600, listening; a socket file
+    left at the path (the original's) is replaced."""
+    old, src, work = program("sk_listen")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    shutil.rmtree(edited / f"tasks/{old}/fds/12")
+    src = tree.TreeSource(str(edited))
+    kit, [new] = restore(src)
+    socks = {fd: d.sock for fd, d in fds_of(kit, new, "socket").items()}
+    assert sorted(socks) == [10, 11]
+    port = src.file(next(i.id for i in src.fdinfo(old) if i.fd == 10)).isk.src_port
+    assert socks[10]["name"] == ("127.0.0.1", port) and socks[10]["opts"]["reuseaddr"] == 1
+    assert (socks[10]["state"], socks[10]["backlog"]) == ("listening", 7)
+    path = str(work / "zdtm.sock")
+    assert socks[11]["name"] == path and socks[11]["state"] == "listening"
+    assert kit.fs[path].kind == "socket" and kit.fs[path].mode == 0o600
+    assert ("linux", new, "unlink", path) in kit.log or not os.path.exists(path)

@@ -52,7 +52,7 @@ KVME_FLAG = {"COW": 0x1, "NEEDS_COPY": 0x2, "NOCOREDUMP": 0x4, "SUPER": 0x8,
              "GROWS_UP": 0x10, "GROWS_DOWN": 0x20, "USER_WIRED": 0x40}
 KF_TYPE = {0: "none", 1: "vnode", 2: "socket", 3: "pipe", 4: "fifo", 5: "kqueue", 6: "crypto",
            7: "mqueue", 8: "shm", 9: "sem", 10: "pts", 11: "procdesc", 12: "dev",
-           13: "eventfd", 255: "unknown"}
+           13: "eventfd", 14: "timerfd", 255: "unknown"}
 KF_FLAG = {"READ": 0x1, "WRITE": 0x2, "APPEND": 0x4, "ASYNC": 0x8, "FSYNC": 0x10,
            "NONBLOCK": 0x20, "DIRECT": 0x40, "HASLOCK": 0x80, "SHLOCK": 0x100,
            "EXLOCK": 0x200, "NOFOLLOW": 0x400, "CREAT": 0x800, "TRUNC": 0x1000,

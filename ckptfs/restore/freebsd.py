@@ -28,14 +28,15 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import socket
 import struct
 import subprocess
 
-from .. import flags as L, xsave as X
+from .. import flags as L, sockets as S, xsave as X
 from ..errors import KernelError, RestoreFailed, Unsupported
 from ..oskit import freebsd as kit_default
 from ..translate import LossLog
-from ..translate.freebsd import convert, elf, fpu as FPU, regs as G
+from ..translate.freebsd import convert, elf, fdkinds as K, fpu as FPU, regs as G
 
 # Linux x86_64 system call numbers (the Linuxulator's amd64 table uses Linux's numbering).
 NR = {"read": 0, "write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10,
@@ -45,7 +46,10 @@ NR = {"read": 0, "write": 1, "open": 2, "close": 3, "lseek": 8, "mmap": 9, "mpro
       "dup3": 292, "pipe2": 293, "prlimit64": 302, "unlink": 87, "fchmod": 91,
       "mknod": 133, "eventfd2": 290, "set_tid_address": 218,
       "ioctl": 16, "brk": 12, "set_robust_list": 273,
-      "get_robust_list": 274}
+      "get_robust_list": 274, "socket": 41, "sendto": 44, "shutdown": 48, "bind": 49,
+      "listen": 50, "socketpair": 53, "setsockopt": 54, "lstat": 6, "chmod": 90,
+      "clock_gettime": 228, "epoll_ctl": 233, "timerfd_create": 283, "timerfd_settime": 286,
+      "epoll_create1": 291, "memfd_create": 319}
 ROBUST_LIST_HEAD = 24                # sizeof(struct linux_robust_list_head): the only length
 #                                      linux_set_robust_list (linux_futex.c) accepts
 ARG_REGS = ("r_rdi", "r_rsi", "r_rdx", "r_r10", "r_r8", "r_r9")
@@ -69,7 +73,7 @@ OPEN_DROP = L.O_CLOEXEC | L.OPEN_FLAGS["O_CREAT"] | L.OPEN_FLAGS["O_TRUNC"] | \
 O_ACCMODE = 3
 SETFL_BITS = L.OPEN_FLAGS["O_NONBLOCK"] | L.OPEN_FLAGS["O_APPEND"]
 MAP_FIXED, MAP_ANON = 0x10, 0x20     # Linux
-FD_KINDS = ("REG", "PIPE", "FIFO", "EVENTFD")
+FD_KINDS = K.SUPPORTED
 S_IFIFO = 0o010000
 EFD_SEMAPHORE = 1                    # Linux; linux_eventfd2 takes it with O_CLOEXEC/O_NONBLOCK
 BIG_PIPE_SIZE = 64 << 10             # sys/sys/pipe.h: the most a FreeBSD pipe buffers
@@ -203,13 +207,11 @@ def restore(source, target: Target | None = None, strict: bool = False,
 def check(source, plan) -> None:
     """What this restore cannot do, refused before anything is created."""
     check_shared_memory(source, [task.pid for task in plan.tasks])
-    for task in plan.tasks:
-        for info in source.fdinfo(task.pid):
-            kind = fd_kind(info)
-            if kind not in FD_KINDS:
-                raise Unsupported(f"a {kind} descriptor is not restored on FreeBSD (regular "
-                                  "and deleted files, pipes, FIFOs and eventfds are)",
-                                  path=f"tasks/{task.pid}/fds/{info.fd}")
+    refused = convert.refusals(source, [task.pid for task in plan.tasks], LossLog())
+    if refused:
+        first = refused[0]
+        raise Unsupported(f"{first.value}: {first.reason}", path=first.path,
+                          step="restore on freebsd")
 
 
 def check_shared_memory(source, pids) -> dict[int, tuple[int, int]]:
@@ -446,14 +448,15 @@ class FdTable:
     pipes: dict = dataclasses.field(default_factory=dict)
     fifos: dict = dataclasses.field(default_factory=dict)
     filled: set = dataclasses.field(default_factory=set)     # pipe ids whose bytes are in
+    memfds: dict = dataclasses.field(default_factory=dict)   # memfd inode -> descriptor
 
     def fds(self) -> set[int]:
         return set(self.made.values()) | {fd for pair in self.pipes.values() for fd in pair} | \
-            set(self.fifos.values())
+            set(self.fifos.values()) | set(self.memfds.values())
 
     def copy(self) -> "FdTable":
         return FdTable(self.high, dict(self.made), dict(self.pipes), dict(self.fifos),
-                       set(self.filled))
+                       set(self.filled), dict(self.memfds))
 
 
 def fd_kind(info) -> str:
@@ -473,6 +476,11 @@ def shared_ids(source, pids) -> list[tuple[int, object]]:
             kind = fd_kind(info)
             if kind in ("PIPE", "FIFO"):
                 keys.append(("pipe", getattr(source.file(info.id), kind.lower()).pipe_id))
+            if kind == "UNIXSK" and source.file(info.id).usk.peer:
+                u = source.file(info.id).usk        # the two ends of a pair are made at once
+                keys.append(("pair", min(u.ino, u.peer)))
+            if kind == "MEMFD":
+                keys.append(("memfd", source.file(info.id).memfd.inode_id))
             for k in keys:
                 users.setdefault(k, set()).add(pid)
             uses.append((pid, info, keys))
@@ -497,17 +505,22 @@ def restore_fds(source, pid: int, values, calls: LinuxCalls, table: FdTable) -> 
     for entry in calls.kit.filedesc(calls.pid):
         if entry.fd >= 0 and entry.fd not in keep:
             calls("close", entry.fd, step="close helper descriptors")
+    # epolls last: a kqueue's watch is keyed on the descriptor number and dropped when that
+    # number is closed (knote_fdclose), so every target must be at its number first
+    infos.sort(key=lambda i: fd_kind(i) == "EVENTPOLL")
     for info in infos:
         where = f"tasks/{pid}/fds/{info.fd}"
         kind, flags = values.fds[info.fd]
-        if info.id not in table.made:
+        if kind == "EVENTPOLL" and info.id not in table.made:
+            table.made[info.id] = _epoll(source, info, calls, table, where)
+        elif info.id not in table.made:
             table.made[info.id] = _description(source, info.id, kind, flags, calls, table, where)
         cloexec = L.O_CLOEXEC if flags & L.O_CLOEXEC else 0
         calls("dup3", table.made[info.id], info.fd, cloexec, step="install descriptor",
               path=where)
     for fd in sorted(table.fds()):
         calls("close", fd, step="close temporary descriptors")
-    table.made, table.pipes, table.fifos = {}, {}, {}
+    table.made, table.pipes, table.fifos, table.memfds = {}, {}, {}, {}
 
 
 def _description(source, file_id, kind, flags, calls, table: FdTable, where) -> int:
@@ -524,6 +537,8 @@ def _description(source, file_id, kind, flags, calls, table: FdTable, where) -> 
         return _fifo(source, fe.fifo, flags, calls, table, where)
     if kind == "EVENTFD":
         return _eventfd(fe.efd, flags, calls, table, where)
+    if kind in MAKERS:
+        return MAKERS[kind](source, fe, flags, calls, table, where)
     raise Unsupported(f"a {kind} descriptor is not restored on FreeBSD", path=where)
 
 
@@ -611,6 +626,239 @@ def _eventfd(efd, flags, calls, table: FdTable, where) -> int:
     if efd.counter:
         write_bytes(calls, fd, struct.pack("<Q", efd.counter), where + "/count", "eventfd")
     return fd
+
+
+# -- the kinds the Linuxulator makes (translate/freebsd/fdkinds.py says which and why) --------
+EPOLL_CTL_ADD = 1
+MFD_CLOEXEC, MFD_ALLOW_SEALING, F_ADD_SEALS = 1, 2, 1033        # Linux values
+TFD_TIMER_ABSTIME = 1
+SOCK_NONBLOCK_CLOEXEC = L.OPEN_FLAGS["O_NONBLOCK"] | L.O_CLOEXEC  # SOCK_* = O_* on Linux
+SOL_SOCKET, SO_REUSEADDR, SO_SNDBUF, SO_RCVBUF = 1, 2, 7, 8      # Linux; translated there
+IPPROTO_IPV6, IPV6_V6ONLY = 41, 26
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+SUN_PATH = 108
+S_IFMT, S_IFSOCK = 0o170000, 0o140000
+# uipc_usrreq.c: what a unix socket buffers unless raised (PIPSIZ for stream and seqpacket,
+# net.local.dgram.maxdgram / recvspace for datagrams); restore raises them to fit a queue
+UNIX_SPACE = {1: (8192, 8192), 5: (8192, 8192), 2: (8192, 16384)}   # type -> (snd, rcv)
+
+
+def _epoll(source, info, calls, table: FdTable, where) -> int:
+    """epoll_create1 (a kqueue there), then each target added under the task's own number,
+    which by now holds the target's description (restore_fds installs epolls last)."""
+    fe = source.file(info.id)
+    ep = _move_high(calls, calls("epoll_create1", L.O_CLOEXEC, step="epoll", path=where),
+                    table.high, where)
+    for t in fe.epfd.tfd:
+        calls.reset()
+        event = calls.put(struct.pack("<IQ", t.events, t.data))   # packed on amd64
+        calls("epoll_ctl", ep, EPOLL_CTL_ADD, t.tfd, event, step="epoll",
+              path=f"{where}/targets/{t.tfd}")
+    return ep
+
+
+def _timerfd(source, fe, flags, calls, table: FdTable, where) -> int:
+    """timerfd_create on the same clock, armed for the time that was left (an absolute timer
+    at now + left on its own clock, read there), with its period. The unread count is lost
+    (fdkinds notes it)."""
+    t = fe.tfd
+    mode = L.O_CLOEXEC | (t.flags & L.OPEN_FLAGS["O_NONBLOCK"])
+    fd = _move_high(calls, calls("timerfd_create", t.clockid, mode, step="timerfd",
+                                 path=where + "/clock"), table.high, where)
+    value, interval = t.vsec * 10**9 + t.vnsec, t.isec * 10**9 + t.insec
+    if not value and interval:
+        value = interval              # expired, not read yet: due a period from now
+    if not value:
+        return fd
+    if t.settime_flags & TFD_TIMER_ABSTIME:
+        calls.reset()
+        now = calls.put(bytes(16))
+        calls("clock_gettime", t.clockid, now, step="timerfd", path=where + "/clock")
+        sec, nsec = struct.unpack("<qq", calls.kit.read_memory(calls.pid, now, 16))
+        value += sec * 10**9 + nsec
+    calls.reset()
+    spec = calls.put(struct.pack("<4q", *divmod(interval, 10**9), *divmod(value, 10**9)))
+    calls("timerfd_settime", fd, t.settime_flags, spec, 0, step="timerfd",
+          path=where + "/value")
+    return fd
+
+
+def _memfd(source, fe, flags, calls, table: FdTable, where) -> int:
+    """memfd_create (a SHM_ANON object there), the contents, the seals FreeBSD has. Every
+    description of one memfd is one description there: FreeBSD cannot open a shared memory
+    object again (fdkinds notes the offsets and modes that merge)."""
+    from .. import fdkinds
+    m = fe.memfd
+    if m.inode_id in table.memfds:
+        return calls("fcntl", table.memfds[m.inode_id], F_DUPFD_CLOEXEC, table.high,
+                     step="memfd", path=where)
+    state = fdkinds.memfd_state(source, fe.id, where)
+    calls.reset()
+    fd = _move_high(calls, calls("memfd_create", calls.put(state.name.encode() + b"\0"),
+                                 MFD_CLOEXEC | MFD_ALLOW_SEALING, step="memfd",
+                                 path=where + "/name"), table.high, where)
+    write_bytes(calls, fd, state.contents(), where + "/contents", "memfd")
+    calls("lseek", fd, m.pos, os.SEEK_SET, step="memfd", path=where + "/pos")
+    seals = state.seals & K.SEALS_SUPPORTED
+    if seals:
+        calls("fcntl", fd, F_ADD_SEALS, seals, step="memfd", path=where + "/seals")
+    table.memfds[m.inode_id] = fd
+    return calls("fcntl", fd, F_DUPFD_CLOEXEC, table.high, step="memfd", path=where)
+
+
+def _unix(source, fe, flags, calls, table: FdTable, where) -> int:
+    u = fe.usk
+    if u.peer:
+        return _unix_pair(source, fe, flags, calls, table, where)
+    fd = _socket(calls, AF_UNIX, u.type, table.high, where)
+    if u.name:
+        _unix_bind(u, fd, calls, where)
+    if u.state == S_TCP_LISTEN:
+        calls("listen", fd, u.backlog, step="listen", path=where + "/backlog")
+    _status(calls, fd, u.flags, u.shutdown, where)
+    return fd
+
+
+S_TCP_LISTEN = 10
+
+
+def _socket(calls, family: int, stype: int, high: int, where: str, proto: int = 0) -> int:
+    return _move_high(calls, calls("socket", family, stype | L.O_CLOEXEC, proto,
+                                   step="socket", path=where), high, where)
+
+
+def _unix_bind(u, fd: int, calls, where: str) -> None:
+    """bind to the recorded path (a relative name in its name_dir); a socket file left there
+    (the original's) is replaced, any other file is refused by bind (EADDRINUSE)."""
+    name = u.name.rstrip(b"\0")
+    path = os.path.join(u.name_dir.encode(), name) if u.HasField("name_dir") else name
+    if len(path) >= SUN_PATH:
+        raise Unsupported(f"bound name {path!r} does not fit a socket address", path=where + "/name")
+    calls.reset()
+    addr = calls.put(struct.pack("<H", AF_UNIX) + path + b"\0")
+    text = calls.put(path + b"\0")
+    st = calls.put(bytes(144))                        # Linux struct stat
+    try:
+        calls("lstat", text, st, step="bind", path=where + "/name")
+        mode = struct.unpack_from("<I", calls.kit.read_memory(calls.pid, st + 24, 4))[0]
+        if mode & S_IFMT == S_IFSOCK:
+            calls("unlink", text, step="bind", path=f"{where}/name {path.decode()}")
+    except KernelError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    calls("bind", fd, addr, 2 + len(path) + 1, step="bind", path=f"{where}/name {path.decode()}")
+    if u.HasField("file_perms"):
+        calls("chmod", text, u.file_perms.mode & 0o7777, step="bind", path=where + "/perms/mode")
+
+
+def _unix_pair(source, fe, flags, calls, table: FdTable, where) -> int:
+    """socketpair; each end's queued messages sent from the other end (one sendto each, so
+    boundaries stay), buffers raised first to hold them; then shutdowns and status flags.
+    The other end waits in table.made for its own descriptor."""
+    u = fe.usk
+    peer_id = _peer_id(source, u)
+    other = source.file(peer_id).usk
+    calls.reset()
+    pair = calls.put(bytes(8))
+    calls("socketpair", AF_UNIX, u.type | SOCK_NONBLOCK_CLOEXEC, 0, pair, step="socketpair",
+          path=where)
+    a, b = (_move_high(calls, fd, table.high, where)
+            for fd in struct.unpack("<ii", calls.kit.read_memory(calls.pid, pair, 8)))
+    ends = ((a, fe.id, u), (b, peer_id, other))
+    for (mine, fid, rec), (theirs, _, _) in (ends, ends[::-1]):
+        _queue(calls, source.socket_queue(fid), mine, theirs, rec.type, where + "/queue")
+    for (mine, _, rec), (_, _, peer) in (ends, ends[::-1]):
+        # a read side closed because the peer shut its writing side is that shutdown's
+        # doing there too (unp_shutdown: socantrcvmore on the peer); asking for it again
+        # would flush the queue just filled (soshutdown SHUT_RD: sorflush)
+        shut = rec.shutdown & ~(1 if peer.shutdown & 2 else 0)
+        _status(calls, mine, rec.flags, shut, where)
+    table.made[peer_id] = b
+    return a
+
+
+def _peer_id(source, u) -> int:
+    for pid in source.pids():
+        for i in source.fdinfo(pid):
+            if i.type == L.FD_TYPES["UNIXSK"] and source.file(i.id).usk.ino == u.peer:
+                return i.id
+    raise RestoreFailed(f"unix socket {u.ino}: peer {u.peer} is not in the tree", path="fds")
+
+
+def _queue(calls, messages: list, reader: int, sender: int, stype: int, where: str) -> None:
+    """The messages waiting on `reader`, sent from `sender`: the sender's send buffer and
+    the reader's receive buffer raised first when the defaults cannot hold them."""
+    if not messages:
+        return
+    need = sum(len(m) for m in messages)
+    snd, rcv = UNIX_SPACE.get(stype, (8192, 8192))
+    biggest = max(len(m) for m in messages)
+    for fd, opt, have, want in ((sender, SO_SNDBUF, snd, max(need, biggest)),
+                                (reader, SO_RCVBUF, rcv, need)):
+        if want > have:
+            calls.reset()
+            calls("setsockopt", fd, SOL_SOCKET, opt, calls.put(struct.pack("<i", want)), 4,
+                  step="socket buffer", path=where)
+    for n, msg in enumerate(messages):
+        _send(calls, sender, msg, f"{where}/{n}")
+
+
+def _send(calls, fd: int, data: bytes, where: str) -> None:
+    scratch = 0
+    if len(data) <= DATA_SIZE:
+        calls.reset()
+        addr = calls.put(data)
+    else:
+        size = (len(data) + PAGE - 1) & ~(PAGE - 1)
+        addr = scratch = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON,
+                               -1, 0, step="socket queue", path=where)
+        calls.kit.write_memory(calls.pid, addr, data)
+    try:
+        n = calls("sendto", fd, addr, len(data), 0, 0, 0, step="socket queue", path=where)
+        if n != len(data):
+            raise RestoreFailed(f"sent {n} of {len(data)} bytes", path=where, step="socket queue")
+    finally:
+        if scratch:
+            calls("munmap", scratch, size, step="socket queue", path=where)
+
+
+def _status(calls, fd: int, flags: int, shut: int, where: str) -> None:
+    """shutdown (sk_shutdown 1 read, 2 write, 3 both: SHUT_ value + 1), then the status
+    flags (O_NONBLOCK)."""
+    if shut in (1, 2, 3):
+        calls("shutdown", fd, shut - 1, step="shutdown", path=where + "/shutdown")
+    calls("fcntl", fd, F_SETFL, flags & SETFL_BITS, step="socket flags", path=where)
+
+
+def _inet(source, fe, flags, calls, table: FdTable, where) -> int:
+    """A TCP listener or a bound (or unbound) TCP/UDP socket: options, bind, listen. An
+    established connection is refused before (fdkinds: no TCP_REPAIR on FreeBSD)."""
+    i = fe.isk
+    fd = _socket(calls, i.family, i.type, table.high, where, i.proto)
+    if i.opts.reuseaddr:
+        calls.reset()
+        calls("setsockopt", fd, SOL_SOCKET, SO_REUSEADDR, calls.put(struct.pack("<i", 1)), 4,
+              step="setsockopt", path=where + "/opts/reuseaddr")
+    if i.family == AF_INET6 and i.HasField("v6only"):
+        calls.reset()
+        calls("setsockopt", fd, IPPROTO_IPV6, IPV6_V6ONLY,
+              calls.put(struct.pack("<i", int(i.v6only))), 4, step="setsockopt",
+              path=where + "/v6only")
+    if i.src_port:
+        raw = socket.inet_pton(i.family, S.addr_text(i.family, i.src_addr))
+        port = struct.pack(">H", i.src_port)
+        sa = struct.pack("<H", i.family) + port + (raw + bytes(8) if i.family == AF_INET
+                                                   else bytes(4) + raw + bytes(4))
+        calls.reset()
+        calls("bind", fd, calls.put(sa), len(sa), step="bind",
+              path=f"{where}/src_addr {S.addr_text(i.family, i.src_addr)}:{i.src_port}")
+    if i.state == S_TCP_LISTEN:
+        calls("listen", fd, i.backlog, step="listen", path=where + "/backlog")
+    calls("fcntl", fd, F_SETFL, i.flags & SETFL_BITS, step="socket flags", path=where)
+    return fd
+
+
+MAKERS = {"TIMERFD": _timerfd, "MEMFD": _memfd, "UNIXSK": _unix, "INETSK": _inet}
 
 
 def _ghost(source, file_id, reg, flags, calls, table: FdTable, where) -> int:

@@ -28,12 +28,18 @@ class DryRun:
     root: str
     fresh: bool
     lossy: list
+    refused: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         n = len(self.lossy)
         if self.fresh:
-            return (f"FreeBSD plan written to {self.root}: {n} approximation(s) listed in "
+            text = (f"FreeBSD plan written to {self.root}: {n} approximation(s) listed in "
                     "plan/lossy; edit the files and run again to check the edits")
+            if self.refused:
+                first = self.refused[0]
+                text += (f"; {len(self.refused)} thing(s) a FreeBSD restore refuses, listed "
+                         f"in plan/refused (first: {first.path}: {first.reason})")
+            return text
         return f"FreeBSD plan in {self.root} checked with its edits: {n} approximation(s)"
 
 
@@ -46,7 +52,7 @@ def plan_dry_run(source, outdir: str, strict: bool = False) -> DryRun:
     if os.path.isdir(root):
         return DryRun(root, False, check_plan(source, root, strict=strict).lossy)
     plan = to_freebsd(source, strict=strict)
-    return DryRun(write_plan(plan, outdir), True, list(plan.lossy))
+    return DryRun(write_plan(plan, outdir), True, list(plan.lossy), list(plan.refused))
 
 
 def dry_run(source, outdir: str, strict: bool = False) -> str:

@@ -14,6 +14,7 @@ from ... import flags as L
 from ...errors import BadImage, Unsupported
 from ...model import Isolation, Source
 from .. import LossLog, Lossy
+from . import fdkinds as K
 from . import flags as F
 from . import jail as J
 from . import rctl as R
@@ -67,6 +68,7 @@ class FreeBSDPlan:
     tasks: list
     lossy: list
     source: dict = dataclasses.field(default_factory=dict)   # os, arch, kernel, binary_os
+    refused: list = dataclasses.field(default_factory=list)  # Lossy: what restore refuses
 
 
 @dataclasses.dataclass
@@ -99,7 +101,21 @@ def to_freebsd(source: Source, strict: bool = False) -> FreeBSDPlan:
     params = J.to_jail(iso, name, meta.kernel, log)
     rules, cpuset = R.to_rctl(iso.limits, name, log)
     src = {"os": meta.os, "arch": meta.arch, "kernel": meta.kernel, "binary_os": meta.binary_os}
-    return FreeBSDPlan(name, params, rules, cpuset, tasks, log.records, src)
+    return FreeBSDPlan(name, params, rules, cpuset, tasks, log.records, src,
+                       refusals(source, [t.pid for t in tasks], log))
+
+
+def refusals(source: Source, pids: list[int], log: LossLog) -> list[Lossy]:
+    """Every descriptor the FreeBSD restore refuses, with why (fdkinds.problems); what it
+    makes only in part goes to `log`."""
+    out = []
+    for pid in pids:
+        if source.core(pid).tc.task_state in ZOMBIE_STATES:
+            continue
+        for info in source.fdinfo(pid):
+            out += [Lossy(*p) for p in K.problems(source, pid, info, log)]
+        out += [Lossy(*p) for p in K.map_problems(source, pid)]
+    return out
 
 
 ZOMBIE_STATES = (L.TASK_STATES["zombie"], L.TASK_STATES["dead"])

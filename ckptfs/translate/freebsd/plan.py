@@ -11,6 +11,8 @@
     plan/tasks/<pid>/fds/<n>/flags     `0x100009 O_WRONLY|O_APPEND|O_CLOEXEC` (FreeBSD values)
     plan/tasks/<pid>/sigactions        `<FreeBSD signo> <NAME> handler=.. flags=.. mask=.. restorer=..`
     plan/lossy                         path<TAB>value<TAB>reason, one per line
+    plan/refused                       the same for what the FreeBSD restore refuses (a
+                                       descriptor kind the Linuxulator cannot make ...)
 
 Lines starting with `#` are comments. `read_plan` parses everything back, so edits take
 effect; a malformed file raises BadTree naming the file and the value.
@@ -63,7 +65,8 @@ def _write_files(plan: FreeBSDPlan, root: str) -> None:
              "jail.conf": render_jail(plan.jail_name, plan.jail),
              "rctl.rules": HEADER + "".join(r.text() + "\n" for r in plan.rules),
              "cpuset": (plan.cpuset or "") + "\n",
-             "lossy": "".join(rec.line() + "\n" for rec in plan.lossy)}
+             "lossy": "".join(rec.line() + "\n" for rec in plan.lossy),
+             "refused": "".join(rec.line() + "\n" for rec in plan.refused)}
     for task in plan.tasks:
         files.update(task_files(task))
     for rel, text in files.items():
@@ -138,7 +141,9 @@ def read_plan(directory: str) -> FreeBSDPlan:
     tasks = [read_task(os.path.join(tasks_dir, str(pid)), pid) for pid in pids]
     lossy = parse_lossy(_read(p("lossy")), p("lossy"))
     source = parse_source(_read(p("source")), p("source"))
-    return FreeBSDPlan(name, params, rules, cpuset, tasks, lossy, source)
+    refused = parse_lossy(_read(p("refused")), p("refused")) \
+        if os.path.exists(p("refused")) else []
+    return FreeBSDPlan(name, params, rules, cpuset, tasks, lossy, source, refused)
 
 
 def _read(path: str) -> str:
