@@ -370,3 +370,24 @@ def test_listeners_bound_again(program, tmp_path):
     assert socks[11]["name"] == path and socks[11]["state"] == "listening"
     assert kit.fs[path].kind == "socket" and kit.fs[path].mode == 0o600
     assert ("linux", new, "unlink", path) in kit.log or not os.path.exists(path)
+
+
+@pytest.mark.parametrize("name, fd, words", [
+    ("signalfd", 30, ("DUMMY(signalfd4)", "ENOSYS")),
+    ("sk_tcp", 10, ("TCP_REPAIR", "established")),
+])
+def test_kinds_the_linuxulator_lacks_are_refused_naming_the_fd(name, fd, words, program,
+                                                               tmp_path):
+    """signalfd (a stub there) and an established TCP connection (no TCP_REPAIR): the dry
+    run's plan/refused names the descriptor and why, and restore refuses it the same way
+    before anything exists."""
+    old, src, _ = program(name)
+    out = plan_dry_run(src, str(tmp_path / "dry"))
+    refused = (tmp_path / "dry/plan/refused").read_text()
+    assert f"tasks/{old}/fds/{fd}\t" in refused and all(w in refused for w in words)
+    assert "plan/refused" in str(out)
+    kit = FakeFreeBSD()
+    with pytest.raises(Unsupported) as e:
+        restore(src, kit)
+    assert f"tasks/{old}/fds/{fd}" in str(e.value) and words[0] in str(e.value)
+    assert kit.log == []
