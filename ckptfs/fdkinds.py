@@ -46,23 +46,51 @@ MEMFD_PREFIX = "/memfd:"
 
 
 class MemfdState:
-    """What a memfd descriptor's file holds beyond memfd_file_entry (CRIU keeps it in
-    memfd_inode_entry and a shmem pagemap): its name, seals and whole contents."""
+    """What a memfd's file holds beyond memfd_file_entry (CRIU keeps it in memfd_inode_entry
+    and a shmem pagemap): its name, seals and whole contents."""
 
     def __init__(self, name: str, seals: int, contents):
         self.name, self.seals = name, seals
-        self._contents = contents          # bytes, or a path in a tree
+        self._contents = contents          # bytes, a path in a tree, or a callable
 
     def contents(self) -> bytes:
         if isinstance(self._contents, bytes):
             return self._contents
+        if callable(self._contents):
+            return self._contents()
         with open(self._contents, "rb") as f:
             return f.read()
 
 
+class HeldMemfd:
+    """A tree's mapped memfd (maps/<range>/memfd) whose contents a descriptor's files hold:
+    the state of the first descriptor memfd with that inode, found when first asked (the
+    descriptors may be read after the maps)."""
+
+    def __init__(self, ts, inode: int, where: str):
+        self.ts, self.inode, self.where = ts, inode, where
+
+    def _held(self) -> MemfdState:
+        for fid, state in self.ts.memfds.items():
+            fe = self.ts.file(fid)
+            if state is not self and fe.HasField("memfd") and fe.memfd.inode_id == self.inode \
+                    and not isinstance(state, HeldMemfd):
+                return state
+        from .errors import BadTree
+        raise BadTree(f"mapped memfd {self.inode}: no descriptor holds it and memfds/"
+                      f"{self.inode}/ is missing", path=self.where)
+
+    name = property(lambda self: self._held().name)
+    seals = property(lambda self: self._held().seals)
+
+    def contents(self) -> bytes:
+        return self._held().contents()
+
+
 def memfd_state(src, file_id: int, where: str = "") -> MemfdState:
-    """The name, seals and contents of memfd `file_id`: a tree keeps them in its files
-    (TreeSource.memfds), a live process is asked through /proc/PID/fd/N."""
+    """The name, seals and contents of memfd `file_id` (a descriptor's or a map's): a tree
+    keeps them in its files (TreeSource.memfds), a live process is asked through
+    /proc/PID/fd/N or /proc/PID/map_files/<range>."""
     kept = getattr(src, "memfds", {}).get(file_id)
     if kept is not None:
         return kept
@@ -87,7 +115,57 @@ def _live_memfd(proc_path: str) -> MemfdState:
         seals = fcntl.fcntl(fd, F_GET_SEALS)
     finally:
         os.close(fd)
-    return MemfdState(name, seals, C.read_whole(proc_path))
+    return MemfdState(name, seals, lambda: C.read_whole(proc_path))
+
+
+def held_memfd_inodes(src) -> set[int]:
+    """Inodes of the memfds some task's descriptor holds (their contents go with it)."""
+    from .tree import DEAD_STATES
+    out = set()
+    for pid in src.pids():
+        if src.core(pid).tc.task_state in DEAD_STATES:
+            continue
+        for fdi in src.fdinfo(pid):
+            if fdi.type == pb.fd_types.Value("MEMFD"):
+                out.add(src.file(fdi.id).memfd.inode_id)
+    return out
+
+
+def mapped_memfds(src) -> dict[int, int]:
+    """inode -> a map's file id, for every memfd a task maps and no descriptor holds: the
+    tree keeps those once in memfds/<inode>/ (CRIU: memfd.img + its shmem pagemap)."""
+    from .tree import DEAD_STATES, FILE_MAPS
+    out: dict[int, int] = {}
+    for pid in src.pids():
+        if src.core(pid).tc.task_state in DEAD_STATES:
+            continue
+        for v in src.mm(pid).vmas:
+            if v.status & FILE_MAPS and v.status & F.VMA_STATUS["VMA_AREA_MEMFD"]:
+                fe = src.file(v.shmid)
+                if fe.HasField("memfd"):
+                    out.setdefault(fe.memfd.inode_id, v.shmid)
+    if not out:
+        return out
+    held = held_memfd_inodes(src)
+    return {ino: fid for ino, fid in out.items() if ino not in held}
+
+
+def render_memfd_object(src, file_id: int) -> dict[str, object]:
+    """memfds/<inode>/: name, seals and contents of a memfd only maps reach."""
+    state = memfd_state(src, file_id)
+    return {"name": state.name, "seals": F.render_bits(state.seals, SEALS),
+            "contents": state.contents()}
+
+
+def load_memfd_object(ts, inode: int):
+    """The MemfdState memfds/<inode>/ describes (BadTree naming a missing file)."""
+    from . import tree as T
+    from .errors import BadTree
+    d = f"memfds/{inode}"
+    if not os.path.isfile(ts._p(f"{d}/contents")):
+        raise BadTree(f"mapped memfd {inode} has no saved contents", path=ts._p(f"{d}/contents"))
+    return MemfdState(ts._read(f"{d}/name", T.STR), ts._read(f"{d}/seals", T.bits(SEALS)),
+                      ts._p(f"{d}/contents"))
 
 
 def _clocks() -> dict[str, int]:

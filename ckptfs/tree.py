@@ -322,6 +322,8 @@ class Renderer:
                  "tasks": self.dir(lambda: {str(p): self.dir(self._task_lazy(p)) for p in self.source.pids()})}
             if ghost_ids(self.source):
                 e["ghosts"] = self.dir(self.ghost_entries)
+            if _mapped_memfds(self.source):
+                e["memfds"] = self.dir(self.memfd_entries)
             e.update(extra or {})
             return e
         return self.dir(entries)
@@ -465,12 +467,29 @@ class Renderer:
                 continue  # file maps name their object by path
             if has_path(ctx, dotted) and not (name in ("madv", "fdflags") and not get_path(ctx, dotted)):
                 files[name] = File(lambda d=dotted, c=codec: encode(c, get_path(ctx, d)))
+        if vma.status & FILE_MAPS and vma.status & MEMFD_MAP:
+            inode = self.source.file(vma.shmid).memfd.inode_id
+            files["memfd"] = File(lambda: f"{inode}\n".encode())
         if vma.status & FILE_MAPS and _is_ghost(self.source, vma.shmid, vma):
             ghost = ghost_of(self.source, vma.shmid)
             files["ghost"] = File(lambda: f"{ghost}\n".encode())
         entries = _dir_from_paths(files).entries()
         entries["pages"] = self.dir(lambda: self.chunk_entries(pid, vma), mode=0o700)
         return entries
+
+    # memfds/<inode>/
+    def memfd_entries(self) -> dict[str, Node]:
+        """One directory per memfd that only maps reach (no descriptor holds it), its name,
+        seals and contents saved once however many maps and tasks use it."""
+        from . import fdkinds
+        out = {}
+        for inode, fid in sorted(_mapped_memfds(self.source).items()):
+            values = fdkinds.render_memfd_object(self.source, fid)
+            out[str(inode)] = _dir_from_paths(
+                {k: File(lambda v=v: v if isinstance(v, bytes) else (str(v) + "\n").encode(),
+                         mode=0o600 if k == "contents" else 0o444)
+                 for k, v in values.items()})
+        return out
 
     # ghosts/<id>/
     def ghost_entries(self) -> dict[str, Node]:
@@ -501,6 +520,18 @@ class Renderer:
 
 
 FILE_MAPS = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
+MEMFD_MAP = F.VMA_STATUS["VMA_AREA_MEMFD"]
+
+
+def _mapped_memfds(src: Source) -> dict[int, int]:
+    """fdkinds.mapped_memfds; a running tree whose tasks come and go shows what it can."""
+    from . import fdkinds
+    try:
+        return fdkinds.mapped_memfds(src)
+    except ProcessGone:
+        if src.frozen:
+            raise
+        return {}
 
 
 def _is_ghost(src: Source, file_id: int, vma=None) -> bool:
@@ -571,9 +602,11 @@ def vma_path(src: Source, vma) -> str:
     file_bits = F.VMA_STATUS["VMA_FILE_PRIVATE"] | F.VMA_STATUS["VMA_FILE_SHARED"]
     if st & file_bits:
         fe = src.file(vma.shmid)
-        for sub in ("reg", "memfd"):
-            if fe.HasField(sub):
-                return getattr(fe, sub).name if sub == "reg" else f"/memfd:{fe.memfd.inode_id}"
+        if fe.HasField("memfd"):
+            from . import fdkinds
+            return fdkinds.MEMFD_PREFIX + fdkinds.memfd_state(src, vma.shmid).name
+        if fe.HasField("reg"):
+            return fe.reg.name
     if vma.flags & F.MAP_FLAGS["MAP_GROWSDOWN"]:
         return "[stack]"
     return ""
@@ -1019,7 +1052,9 @@ class TreeSource(Source):
             self._fill(ctx, f"{base}/{name}", VMA_FIELDS, present)
             if vma.status & SHMEM_STATUS and "shmid" not in present:
                 raise BadTree("shared anonymous map without shmid", path=self._p(base, name, "shmid"))
-            if vma.status & FILE_MAPS:
+            if vma.status & FILE_MAPS and vma.status & MEMFD_MAP:
+                vma.shmid = self._memfd_map_id(f"{base}/{name}", present)
+            elif vma.status & FILE_MAPS:
                 vma.shmid = self._map_file_id(
                     f"{base}/{name}", "ghost" if "ghost" in present else None,
                     ctx.names.get("path", ""), vma.fdflags if vma.HasField("fdflags") else 0)
@@ -1039,6 +1074,27 @@ class TreeSource(Source):
         if n is None:
             return self._reg_id(name, flags)
         return self._ghost_file(n, name)
+
+    def _memfd_map_id(self, base: str, present: set) -> int:
+        """File id of a mapped memfd (maps/<range>/memfd = its inode): one MEMFD entry per
+        inode; its name, seals and contents are memfds/<inode>/'s, or else those of the
+        descriptor holding that memfd (fdkinds.HeldMemfd)."""
+        from . import fdkinds
+        if "memfd" not in present:
+            raise BadTree("a memfd map needs its memfd's inode", path=self._p(base, "memfd"))
+        inode = self._read(f"{base}/memfd", DEC)
+
+        def make(fid):
+            fe = pb.file_entry(type=pb.fd_types.Value("MEMFD"), id=fid)
+            fe.memfd.id, fe.memfd.inode_id, fe.memfd.flags = fid, inode, os.O_RDWR
+            fe.memfd.fown.SetInParent()
+            if not hasattr(self, "memfds"):
+                self.memfds = {}
+            self.memfds[fid] = fdkinds.load_memfd_object(self, inode) \
+                if self._exists(f"memfds/{inode}") else \
+                fdkinds.HeldMemfd(self, inode, self._p(base, "memfd"))
+            return fe
+        return self._file_id(("memfd-map", inode), make)
 
     def _ghost_file(self, n: int, name: str) -> int:
         """The file id of ghosts/<n> (one for every map, task and descriptor naming it)."""
@@ -1186,7 +1242,8 @@ class TreeSource(Source):
         return None if kept is None else (kept[0], _whole(kept[1]))
 
     def file_deleted(self, file_id: int) -> bool:
-        return file_id in self._ghosts
+        """A deleted file's id (saved contents), or a memfd's (never linked anywhere)."""
+        return file_id in self._ghosts or self._files[file_id].HasField("memfd")
 
     def file_contents(self, file_id: int) -> bytes:
         with open(self._ghosts[file_id], "rb") as f:

@@ -169,8 +169,13 @@ def _reg(fid: int, name: str, flags: int, pos: int, s: os.stat_result):
 
 
 def path_entry(fid: int, ref: Ref):
-    """A mapping / exe / cwd / root file: REG with flags 0 (MEMFD for a memfd mapping)."""
+    """A mapping / exe / cwd / root file: REG with flags 0, or MEMFD for a memfd mapping
+    (its inode is the memfd's: a descriptor of the same memfd has the same inode_id, as in
+    CRIU, where a memfd VMA's shmid names a memfd file entry)."""
     s = procfs.stat(ref.path)
+    if ref.name.startswith("/memfd:"):
+        return pb.file_entry(type=pb.MEMFD, id=fid, memfd=pb.memfd_file_entry(
+            id=fid, flags=os.O_RDWR, pos=0, fown=fown(), inode_id=s.st_ino))
     return pb.file_entry(type=pb.REG, id=fid, reg=_reg(fid, ref.name, 0, 0, s))
 
 

@@ -420,7 +420,8 @@ def madv_of(m: procfs.MapLine) -> int:
 
 def page_mode(status: int) -> str | None:
     """Which pages of a VMA are saved (pages.ANON / FILE_PRIVATE / SHARED), "whole" for the
-    vDSO, None for none (vvar, vsyscall, shared file maps: their data lives in the file)."""
+    vDSO, None for none (vvar, vsyscall, shared file and memfd maps: their data lives in the
+    file)."""
     if status & (V["VMA_AREA_VVAR"] | V["VMA_AREA_VSYSCALL"]):
         return None
     if status & V["VMA_AREA_VDSO"]:
@@ -428,7 +429,7 @@ def page_mode(status: int) -> str | None:
     if status & (V["VMA_ANON_SHARED"] | V["VMA_AREA_SYSVIPC"]):
         return pages.SHARED
     if status & V["VMA_FILE_SHARED"]:
-        return pages.SHARED if status & V["VMA_AREA_MEMFD"] else None
+        return None         # a memfd's too: its contents go once with the memfd (fdkinds)
     if status & V["VMA_FILE_PRIVATE"]:
         return pages.FILE_PRIVATE
     return pages.ANON

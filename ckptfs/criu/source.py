@@ -185,7 +185,8 @@ class ImageSource(model.Source):
 
     # Optional Source methods (LiveSource has them too): files unlinked while open.
     def file_deleted(self, file_id: int) -> bool:
-        return self._remap(file_id) is not None
+        """A ghost or linked remap names it, or it is a memfd (never linked anywhere)."""
+        return self._remap(file_id) is not None or self.file(file_id).HasField("memfd")
 
     def file_contents(self, file_id: int) -> bytes:
         """Contents of a deleted file: its ghost image (whole or chunked), or for a LINKED

@@ -216,12 +216,18 @@ class FileTable:
     def _memfd(self, m, where: str) -> int:
         """A description of the memfd standing for inode `m.inode_id` (one memfd per inode:
         two opens of one memfd share its contents again), at the recorded offset."""
-        fd = self._cached(("memfd", m.inode_id), lambda: _make_memfd(self.source, m, where))
+        fd = self.memfd(m, where)
         desc = _open(f"/proc/self/fd/{fd}", (m.flags & ~OPEN_DROP) | os.O_CLOEXEC, where,
                      "open memfd")
         if m.pos:
             os.lseek(desc, m.pos, os.SEEK_SET)
         return desc
+
+    def memfd(self, m, where: str) -> int:
+        """The memfd standing for inode `m.inode_id`, made once from the name, seals and
+        contents of entry `m` (a descriptor's or a map's): descriptors and maps of one memfd
+        use it through /proc/self/fd/<it>, so writes through one show in the others."""
+        return self._cached(("memfd", m.inode_id), lambda: _make_memfd(self.source, m, where))
 
     # -- epoll -----------------------------------------------------------------------------
     def _eventpoll(self, e, where: str) -> int:

@@ -539,7 +539,12 @@ class LinuxRestorer:
             shared = vma.status & V["VMA_FILE_SHARED"]
             wr = vma.prot & PROT_WRITE or (vma.HasField("fdflags") and vma.fdflags & 3 == os.O_RDWR)
             mode = os.O_RDWR if shared and wr else os.O_RDONLY
-            local = self._mapped_file(vma.shmid, mode, path + "/path", "open mapped file")
+            if vma.status & V["VMA_AREA_MEMFD"]:      # the memfd its descriptors use
+                memfd = self.files.memfd(self.src.file(vma.shmid).memfd, path + "/memfd")
+                local = self.files.path(f"/proc/self/fd/{memfd}", mode | os.O_CLOEXEC,
+                                        where=path + "/memfd", step="open mapped memfd")
+            else:
+                local = self._mapped_file(vma.shmid, mode, path + "/path", "open mapped file")
             flags |= MAP_SHARED if shared else MAP_PRIVATE
             fd, off, fill = self._task_fd(inj, local, task_fds), vma.pgoff, not shared
         elif vma.status & V["VMA_ANON_SHARED"]:
