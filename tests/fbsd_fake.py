@@ -1061,8 +1061,9 @@ class FakeFreeBSD:
         return 0
 
     # -- sockets, epoll (kqueue), timerfd, memfd (shm) as the Linuxulator makes them --------
-    # uipc_usrreq.c: a unix socket's buffers (PIPSIZ 8192 for stream/seqpacket; datagrams:
-    # maxdgram 8192 is the send limit per message, recvspace 16384); sb_max caps a raise.
+    # uipc_usrreq.c: a unix socket's buffers (the older defaults: PIPSIZ 8192 for stream and
+    # seqpacket; datagrams: maxdgram 2048 is the send limit per message, recvspace 16384);
+    # sb_max (kern.ipc.maxsockbuf) caps a raise.
     # linux_event.c: epoll is a kqueue keyed on descriptor numbers, LINUX_EPOLL_EVSUP only.
     # sys_timerfd.c: CLOCK_REALTIME / CLOCK_MONOTONIC only. linux_file.c: memfd_create is
     # kern_shm_open2(SHM_ANON, SHM_GROW_ON_WRITE [| SHM_ALLOW_SEALING]); seal_bitmap.

@@ -638,9 +638,10 @@ IPPROTO_IPV6, IPV6_V6ONLY = 41, 26
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 SUN_PATH = 108
 S_IFMT, S_IFSOCK = 0o170000, 0o140000
-# uipc_usrreq.c: what a unix socket buffers unless raised (PIPSIZ for stream and seqpacket,
-# net.local.dgram.maxdgram / recvspace for datagrams); restore raises them to fit a queue
-UNIX_SPACE = {1: (8192, 8192), 5: (8192, 8192), 2: (8192, 16384)}   # type -> (snd, rcv)
+# uipc_usrreq.c: what a unix socket buffers unless raised, the smaller of its two known
+# settings (older: PIPSIZ 8192 for stream and seqpacket, net.local.dgram.maxdgram 2048 and
+# recvspace 16384; newer: 64 KiB, 8 KiB, 16 KiB); restore raises them to fit a queue
+UNIX_SPACE = {1: (8192, 8192), 5: (8192, 8192), 2: (2048, 16384)}   # type -> (snd, rcv)
 
 
 def _epoll(source, info, calls, table: FdTable, where) -> int:

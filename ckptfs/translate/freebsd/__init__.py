@@ -40,7 +40,12 @@ class DryRun:
                 text += (f"; {len(self.refused)} thing(s) a FreeBSD restore refuses, listed "
                          f"in plan/refused (first: {first.path}: {first.reason})")
             return text
-        return f"FreeBSD plan in {self.root} checked with its edits: {n} approximation(s)"
+        text = f"FreeBSD plan in {self.root} checked with its edits: {n} approximation(s)"
+        if self.refused:
+            first = self.refused[0]
+            text += (f"; a FreeBSD restore refuses {len(self.refused)} thing(s) (first: "
+                     f"{first.path}: {first.reason})")
+        return text
 
 
 def plan_dry_run(source, outdir: str, strict: bool = False) -> DryRun:
@@ -50,7 +55,10 @@ def plan_dry_run(source, outdir: str, strict: bool = False) -> DryRun:
     over."""
     root = os.path.join(outdir, "plan")
     if os.path.isdir(root):
-        return DryRun(root, False, check_plan(source, root, strict=strict).lossy)
+        from .. import LossLog
+        from .convert import refusals
+        refused = refusals(source, source.pids(), LossLog())
+        return DryRun(root, False, check_plan(source, root, strict=strict).lossy, refused)
     plan = to_freebsd(source, strict=strict)
     return DryRun(write_plan(plan, outdir), True, list(plan.lossy), list(plan.refused))
 
