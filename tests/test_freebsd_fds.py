@@ -394,3 +394,29 @@ def test_kinds_the_linuxulator_lacks_are_refused_naming_the_fd(name, fd, words, 
         restore(src, kit)
     assert f"tasks/{old}/fds/{fd}" in str(e.value) and words[0] in str(e.value)
     assert kit.log == []
+
+
+def test_listener_address_taken_or_path_not_a_socket_fails_naming_it(program, tmp_path):
+    """The TCP port already bound in the jail: bind's EADDRINUSE names fds/10's address. A
+    regular file at the unix socket's path is never removed: bind fails naming the path."""
+    old, src, work = program("sk_listen")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    shutil.rmtree(edited / f"tasks/{old}/fds/12")
+    src = tree.TreeSource(str(edited))
+    port = src.file(next(i.id for i in src.fdinfo(old) if i.fd == 10)).isk.src_port
+    kit = FakeFreeBSD()
+    kit.ports[(2, 1, port)] = {}                         # someone else listens there
+    with pytest.raises(KernelError) as e:
+        restore(src, kit)
+    assert e.value.errno == errno.EADDRINUSE and f"tasks/{old}/fds/10/src_addr" in str(e.value)
+    assert f"127.0.0.1:{port}" in str(e.value) and kit.killed and not kit.jails
+    path = work / "zdtm.sock"
+    if path.exists():
+        path.unlink()
+    path.write_text("not a socket\n")
+    kit = FakeFreeBSD()
+    with pytest.raises(KernelError) as e:
+        restore(src, kit)
+    assert e.value.errno == errno.EADDRINUSE and f"tasks/{old}/fds/11/name" in str(e.value)
+    assert str(path) not in kit.gone and kit.fs[str(path)].kind == "file"
