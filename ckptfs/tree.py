@@ -505,6 +505,8 @@ class Renderer:
         return out
 
     def chunk_entries(self, pid: int, vma) -> dict[str, Node]:
+        if vma.status & F.VMA_STATUS["VMA_FILE_SHARED"] and vma.status & MEMFD_MAP:
+            return {}       # the memfd's contents hold them (a CRIU image has them as pages)
         cells = chunk_cells(self.source.page_ranges(pid, vma), vma.start, vma.end, self.chunk_size)
         return {hex(off): Chunk(self.source, pid, vma.start + off, length) for off, length in cells}
 
@@ -1086,7 +1088,8 @@ class TreeSource(Source):
 
         def make(fid):
             fe = pb.file_entry(type=pb.fd_types.Value("MEMFD"), id=fid)
-            fe.memfd.id, fe.memfd.inode_id, fe.memfd.flags = fid, inode, os.O_RDWR
+            fe.memfd.id, fe.memfd.inode_id = fid, inode
+            fe.memfd.flags, fe.memfd.pos = os.O_RDWR, 0
             fe.memfd.fown.SetInParent()
             if not hasattr(self, "memfds"):
                 self.memfds = {}
