@@ -41,8 +41,10 @@ KF_TEXT = -5
 KF_TO_OPEN = {"APPEND": "O_APPEND", "ASYNC": "O_ASYNC", "FSYNC": "O_FSYNC",
               "NONBLOCK": "O_NONBLOCK", "DIRECT": "O_DIRECT", "NOFOLLOW": "O_NOFOLLOW",
               "CREAT": "O_CREAT", "TRUNC": "O_TRUNC", "EXCL": "O_EXCL", "EXEC": "O_EXEC"}
+# (a Linuxulator process's epoll is a kqueue, its timerfd a FreeBSD timerfd: both have a
+# Linux kind, though neither is captured yet)
 KF_KIND = {"vnode": "REG", "pipe": "PIPE", "fifo": "FIFO", "socket": "UNIXSK", "pts": "TTY",
-           "eventfd": "EVENTFD", "shm": "MEMFD"}
+           "eventfd": "EVENTFD", "shm": "MEMFD", "kqueue": "EVENTPOLL", "timerfd": "TIMERFD"}
 S = L.VMA_STATUS
 
 
