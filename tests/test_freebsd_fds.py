@@ -290,21 +290,21 @@ def test_epoll_event_outside_the_linuxulator_is_refused_naming_the_target(progra
 
 def test_timerfds_armed_with_time_left(program):
     """timerfd: the periodic, the expired one-shot, the absolute one (its deadline the
-    FreeBSD clock's now + what was left) and the disarmed non-blocking one; the unread
-    expiration is listed as lost."""
+    FreeBSD clock's now + what was left) and the disarmed non-blocking one."""
     old, src, _ = program("timerfd")
     kit, [new] = restore(src)
     t = {fd: d.timer for fd, d in fds_of(kit, new, "timerfd").items()}
     assert sorted(t) == [40, 41, 42, 43]
     assert t[40]["clock"] == 1 and t[40]["interval"] == (0, 50_000_000)
     assert 0 < t[40]["value"][1] <= 50_000_000 and t[40]["value"][0] == 0
-    assert t[41]["interval"] == (0, 0)
+    # the spent one-shot with its expiration unread: armed 1 ns ahead, so it holds one again
+    assert t[41]["interval"] == (0, 0) and t[41]["value"] == (0, 1)
     assert t[42]["clock"] == 0 and t[42]["flags"] == RF.TFD_TIMER_ABSTIME
     now = kit.CLOCK_NOW[0][0]
     assert now + 990 < t[42]["value"][0] <= now + 1001
     assert t[43]["value"] == (0, 0) and kit.procs[new].fds[43].flags & NONBLOCK
-    plan = to_freebsd(src)
-    assert any(r.path == f"tasks/{old}/fds/41/ticks" for r in plan.lossy)
+    lossy = {r.path for r in to_freebsd(src).lossy}
+    assert f"tasks/{old}/fds/41/ticks" not in lossy           # one unread: kept exactly
 
 
 def test_timerfd_on_boottime_is_refused_in_plan_and_restore(program, tmp_path):
@@ -435,3 +435,13 @@ def test_capture_back_names_the_kinds_it_does_not_read_yet(name, fd, program):
     with pytest.raises(Unsupported) as e:
         CF.FreeBSDTreeSource(new, kit).fdinfo(new)
     assert f"tasks/{new}/fds/{fd}" in str(e.value) and "not captured" in str(e.value)
+
+
+def test_timerfd_unread_count_of_a_periodic_timer_is_listed_lost(program, tmp_path):
+    old, src, _ = program("timerfd")
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "tree", edited)
+    (edited / f"tasks/{old}/fds/40/ticks").write_text("3\n")
+    lossy = [r for r in to_freebsd(tree.TreeSource(str(edited))).lossy
+             if r.path == f"tasks/{old}/fds/40/ticks"]
+    assert len(lossy) == 1 and lossy[0].value == "3" and "TFD_IOC_SET_TICKS" in lossy[0].reason

@@ -660,8 +660,9 @@ def _epoll(source, info, calls, table: FdTable, where) -> int:
 
 def _timerfd(source, fe, flags, calls, table: FdTable, where) -> int:
     """timerfd_create on the same clock, armed for the time that was left (an absolute timer
-    at now + left on its own clock, read there), with its period. The unread count is lost
-    (fdkinds notes it)."""
+    at now + left on its own clock, read there), with its period. FreeBSD cannot set the
+    unread count: a spent one-shot with expirations unread is armed 1 ns ahead, so it holds
+    one again; other counts are lost (fdkinds notes it)."""
     t = fe.tfd
     mode = L.O_CLOEXEC | (t.flags & L.OPEN_FLAGS["O_NONBLOCK"])
     fd = _move_high(calls, calls("timerfd_create", t.clockid, mode, step="timerfd",
@@ -669,6 +670,9 @@ def _timerfd(source, fe, flags, calls, table: FdTable, where) -> int:
     value, interval = t.vsec * 10**9 + t.vnsec, t.isec * 10**9 + t.insec
     if not value and interval:
         value = interval              # expired, not read yet: due a period from now
+    elif not value and t.ticks and not t.settime_flags & TFD_TIMER_ABSTIME:
+        value = 1                     # a spent one-shot with its expiration unread: one
+        #                               again at once (timerfd_expire counts it)
     if not value:
         return fd
     if t.settime_flags & TFD_TIMER_ABSTIME:

@@ -86,9 +86,11 @@ def _timerfd(source, pid, info, where, log):
     if t.clockid not in TIMERFD_CLOCKS:
         return [(f"{where}/clock", str(t.clockid), "FreeBSD's timerfd takes CLOCK_REALTIME "
                  "and CLOCK_MONOTONIC only (sys_timerfd.c kern_timerfd_create: EINVAL)")]
-    if t.ticks:
-        log.note(f"{where}/ticks", t.ticks, "unread expirations are lost: FreeBSD has no way "
-                 "to set a timerfd's count (Linux's TFD_IOC_SET_TICKS)")
+    spent = not (t.vsec or t.vnsec or t.isec or t.insec)
+    if t.ticks and not (spent and t.ticks == 1):
+        log.note(f"{where}/ticks", t.ticks, "unread expirations are lost (a spent one-shot "
+                 "keeps one): FreeBSD has no way to set a timerfd's count (Linux's "
+                 "TFD_IOC_SET_TICKS)")
     return []
 
 
