@@ -445,3 +445,30 @@ def test_timerfd_unread_count_of_a_periodic_timer_is_listed_lost(program, tmp_pa
     lossy = [r for r in to_freebsd(tree.TreeSource(str(edited))).lossy
              if r.path == f"tasks/{old}/fds/40/ticks"]
     assert len(lossy) == 1 and lossy[0].value == "3" and "TFD_IOC_SET_TICKS" in lossy[0].reason
+
+
+def test_unix_pair_between_parent_and_child_is_made_before_the_fork(program, zdtm_bin, procs,
+                                                                     tmp_path):
+    """The two ends of a stream pair in two processes (sk_unix_pair's fds 10 and 11 given
+    to fork_tree's parent and first child as fd 50): the pair is made in the root before it
+    forks, so each process holds its end of the one pair, with its queue."""
+    old, pair_src, _ = program("sk_unix_pair")
+    r = zdtm.start(zdtm_bin, "fork_tree", tmp_path / "work2", procs.spawn)
+    dump(r.pid, tmp_path / "tree2")
+    t2 = tmp_path / "tree2"
+    pids = sorted(int(p) for p in os.listdir(t2 / "tasks"))
+    child = min(p for p in pids if p != r.pid)
+    taken = {int((d / "open_file").read_text()) for p in pids
+             for d in (t2 / f"tasks/{p}/fds").iterdir() if (d / "open_file").exists()}
+    for pid, fd, desc in ((r.pid, 10, max(taken) + 1), (child, 11, max(taken) + 2)):
+        shutil.copytree(tmp_path / f"tree/tasks/{old}/fds/{fd}", t2 / f"tasks/{pid}/fds/50")
+        (t2 / f"tasks/{pid}/fds/50/open_file").write_text(f"{desc}\n")
+    src = tree.TreeSource(str(t2))
+    kit, new = restore(src)
+    new = dict(zip(src.pids(), new))
+    a, b = kit.procs[new[r.pid]].fds[50].sock, kit.procs[new[child]].fds[50].sock
+    assert a["peer"] is b and b["peer"] is a
+    assert a["rq"] == [pattern(3000, 1)] and b["rq"] == [pattern(1500, 2)]
+    made = [e for e in kit.log if e[:3] == ("linux", new[r.pid], "socketpair")]
+    assert len(made) == 1 and not any(e[2] == "socketpair" for e in kit.log
+                                      if e[:2] == ("linux", new[child]))
