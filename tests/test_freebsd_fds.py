@@ -472,3 +472,17 @@ def test_unix_pair_between_parent_and_child_is_made_before_the_fork(program, zdt
     made = [e for e in kit.log if e[:3] == ("linux", new[r.pid], "socketpair")]
     assert len(made) == 1 and not any(e[2] == "socketpair" for e in kit.log
                                       if e[:2] == ("linux", new[child]))
+
+
+def test_memfd_map_is_refused_naming_the_map(program, tmp_path):
+    """A map of a memfd (memfd_map): the FreeBSD restore maps files by path, and a memfd has
+    none there, so plan/refused and restore name the map."""
+    old, src, _ = program("memfd_map")
+    plan_dry_run(src, str(tmp_path / "dry"))
+    refused = (tmp_path / "dry/plan/refused").read_text().splitlines()
+    assert refused and all(ln.startswith(f"tasks/{old}/maps/") and "\tmemfd\t" in ln
+                           for ln in refused)
+    kit = FakeFreeBSD()
+    with pytest.raises(Unsupported) as e:
+        restore(src, kit)
+    assert f"tasks/{old}/maps/" in str(e.value) and "memfd" in str(e.value) and kit.log == []
