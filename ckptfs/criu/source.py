@@ -25,6 +25,7 @@ REMAP_GHOST = 1 << 31
 NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 FILE_MAP = VMA_STATUS["VMA_FILE_PRIVATE"] | VMA_STATUS["VMA_FILE_SHARED"]
 ANON_SHARED, MEMFD = VMA_STATUS["VMA_ANON_SHARED"], VMA_STATUS["VMA_AREA_MEMFD"]
+FILE_SHARED = VMA_STATUS["VMA_FILE_SHARED"]
 
 
 def entry_pages(e) -> int:
@@ -333,7 +334,8 @@ class ImageSource(model.Source):
         # a pre-dump directory (a `parent`) holds pagemaps without mm images
         vmas = self.mm(pid).vmas if os.path.exists(self.path(f"mm-{pid}.img")) else []
         for vma in vmas:
-            if vma.status & (ANON_SHARED | MEMFD):
+            if vma.status & ANON_SHARED or (vma.status & MEMFD and vma.status & FILE_SHARED):
+                # (a private memfd map's own pages are its copies: in the task's pagemap)
                 lo, hi = vma.pgoff, vma.pgoff + vma.end - vma.start
                 for start, end, flags, pages, off in self._pagemap(
                         f"pagemap-shmem-{self._shmem_key(vma)}.img"):

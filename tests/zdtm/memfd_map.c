@@ -1,9 +1,12 @@
 /*
- * memfd_map: a memfd "zdtm-mapped" (fd 80, 3 pages, offset 100) mapped MAP_SHARED, and a
- * memfd "only-mapped" (2 pages) mapped MAP_SHARED whose descriptor was closed. After the
- * move: the contents are back in both maps, the fd and its map are one memfd again (writes
- * through either are seen by the other, same inode), and the map without descriptor still
- * shows /memfd:only-mapped (deleted).
+ * memfd_map: a memfd "zdtm-mapped" (fd 80, 3 pages, offset 100) mapped MAP_SHARED and
+ * MAP_PRIVATE (page 0 of the private map written: copied on write), and a memfd
+ * "only-mapped" (2 pages) mapped MAP_SHARED whose descriptor was closed. After the move:
+ * the contents are back in every map, the fd and its maps are one memfd again (writes
+ * through the fd or the shared map are seen by the other, same inode; the private map's
+ * written page stays its own; a tree saves whole chunks of it, so its untouched pages are
+ * copies after the move and are not checked against later writes), and the map without
+ * descriptor still shows /memfd:only-mapped (deleted).
  */
 #define _GNU_SOURCE
 #include "zdtm.h"
@@ -46,6 +49,10 @@ int main(int argc, char **argv)
 	if (write(FD, buf, 3 * PG) != (ssize_t)(3 * PG) || lseek(FD, 100, SEEK_SET) != 100)
 		zdtm_die("fill memfd");
 	unsigned char *map = mmap(NULL, 3 * PG, PROT_READ | PROT_WRITE, MAP_SHARED, FD, 0);
+	unsigned char *priv = mmap(NULL, 3 * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, FD, 0);
+	if (priv == MAP_FAILED)
+		zdtm_die("mmap private");
+	zdtm_fill(priv, PG, 0, 57);
 	int only = memfd_create("only-mapped", 0);
 	if (map == MAP_FAILED || only < 0 || ftruncate(only, 2 * PG))
 		zdtm_die("mmap / second memfd");
@@ -69,8 +76,14 @@ int main(int argc, char **argv)
 	unsigned char b = 0;
 	if (pread(FD, &b, 1, PG) != 1 || b != map[PG])
 		zdtm_fail("fd reads %#x at page 1, the map holds %#x", b, map[PG]);
+	if ((bad = zdtm_mismatch(priv, PG, 0, 57)) >= 0)
+		zdtm_fail("private map, written page: byte %ld is %#x", bad, priv[bad]);
+	if ((bad = zdtm_mismatch(priv + 2 * PG, PG, 2 * PG, 51)) >= 0)
+		zdtm_fail("private map, memfd page: byte %ld is %#x", 2 * PG + bad, priv[2 * PG + bad]);
 	if (pwrite(FD, "\x7e", 1, 2 * PG + 7) != 1 || map[2 * PG + 7] != 0x7e)
 		zdtm_fail("a write through the fd is not seen in the map");
+	if (pwrite(FD, "\x7f", 1, 5) != 1 || priv[5] == 0x7f)
+		zdtm_fail("the private map's written page follows the memfd again");
 	map[9] = 'M';
 	if (pread(FD, &b, 1, 9) != 1 || b != 'M')
 		zdtm_fail("a write into the map is not read through the fd");
