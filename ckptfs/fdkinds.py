@@ -23,6 +23,12 @@ word in WORDS. One file per value (docs/FORMAT.md, fds/<n>/):
                 pos                    the description's offset
                 seals                  F_SEAL_SEAL|F_SEAL_WRITE ... or 0
                 contents               the whole file (binary)
+
+A memfd a task maps is one object with the descriptors of the same inode (CRIU: the VMA's
+shmid names a memfd file entry): maps/<range>/memfd holds its inode, and its name, seals and
+contents are those of a descriptor with that inode, or, when only maps reach it, of
+memfds/<inode>/{name,seals,contents} (mapped_memfds, render_memfd_object,
+load_memfd_object). A shared memfd map saves no pages of its own.
 """
 from __future__ import annotations
 
