@@ -237,9 +237,6 @@ def test_criu_images_map_the_memfd_file(zdtm_bin, procs, tmp_path):
     assert [d.name for d in (back / "memfds").iterdir()] == [str((inodes - {fd_inode}).pop())]
 
 
-@pytest.mark.xfail(strict=True, reason="criu/memory.py task_runs puts a private memfd map's "
-                   "copied pages into the memfd's shmem pagemap (SHMEM includes MEMFD without "
-                   "VMA_FILE_SHARED), so the copy is lost")
 def test_criu_images_restore_memfd_maps(zdtm_bin, procs, tmp_path):
     run, tree = memfd_map(zdtm_bin, procs, tmp_path)
     img = tmp_path / "img"

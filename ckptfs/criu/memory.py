@@ -16,7 +16,15 @@ from ..flags import VMA_STATUS
 from ..model import PAGE_SIZE
 from .framing import PE_PRESENT
 
-SHMEM = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_MEMFD"]
+SHMEM = VMA_STATUS["VMA_ANON_SHARED"] | VMA_STATUS["VMA_AREA_MEMFD"]    # maps naming an object
+MEMFD, FILE_SHARED = VMA_STATUS["VMA_AREA_MEMFD"], VMA_STATUS["VMA_FILE_SHARED"]
+
+
+def is_shmem(status: int) -> bool:
+    """Pages that live in a shared object's pagemap-shmem image: shared anonymous memory and
+    shared memfd maps (a private memfd map's copied pages are the task's own)."""
+    return bool(status & VMA_STATUS["VMA_ANON_SHARED"]) or \
+        (status & MEMFD and status & FILE_SHARED) == MEMFD | FILE_SHARED
 COPY_CHUNK = 1 << 20        # bytes of memory held at once while writing pages
 
 
@@ -38,7 +46,7 @@ def task_runs(src, pid: int, mm, shmem: dict, where: str) -> list:
     for vma in mm.vmas:
         for r in sorted(src.page_ranges(pid, vma), key=lambda r: r.start):
             _check_range(r, vma, where)
-            if vma.status & SHMEM:
+            if is_shmem(vma.status):
                 pages = shmem.setdefault(vma.shmid, {})
                 for addr in range(r.start, r.end, PAGE_SIZE):
                     pages.setdefault(vma.pgoff + addr - vma.start, (pid, addr))
