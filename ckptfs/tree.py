@@ -515,9 +515,11 @@ class Renderer:
         out = {}
         for fdi in self.source.fdinfo(pid):
             values = fd_values(self.source, fdi)
+            # binary values (file contents, queued pipe and socket data) are the process's
+            # data: owner-only, as memory is
             out[str(fdi.fd)] = _dir_from_paths(
-                {k: File(lambda v=v: v if isinstance(v, bytes) else (str(v) + "\n").encode())
-                 for k, v in values.items()})
+                {k: File(lambda v=v: v, 0o600) if isinstance(v, bytes)
+                 else File(lambda v=v: (str(v) + "\n").encode()) for k, v in values.items()})
         return out
 
 
