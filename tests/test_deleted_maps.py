@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,26 +18,10 @@ from ckptfs.errors import BadTree
 from ckptfs.tree import FILE_MAPS, TreeSource
 from helpers import procs as procs_mod
 from helpers import zdtm
+from helpers.cli import ckptfs, restore
 
-CLI = [sys.executable, "-m", "ckptfs.cli"]
 CRIT = "/usr/bin/crit"
 PAGES = 16          # deleted_map.c: the file is 16 pages, mapped three times
-
-
-def ckptfs(*args, check=True):
-    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
-    if check and r.returncode:
-        raise AssertionError(f"ckptfs {' '.join(map(str, args))}: {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def restore(tree: Path, procs) -> int:
-    out = ckptfs("restore", tree).stdout
-    pairs = dict(line.split(" -> ") for line in out.splitlines() if " -> " in line)
-    root = int(next(iter(pairs.values())))
-    procs.adopt(root)
-    procs.adopt_tree(root)
-    return root
 
 
 def ghost_dirs(tree: Path) -> list[Path]:

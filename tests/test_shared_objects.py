@@ -6,37 +6,19 @@ holds (the contents once), what a tree edit changes, and the same through CRIU i
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 
 from ckptfs import criu, pb
 from ckptfs.flags import VMA_STATUS
 from ckptfs.tree import FILE_MAPS, TreeSource
 from helpers import zdtm
+from helpers.cli import ckptfs, restore
 
-CLI = [sys.executable, "-m", "ckptfs.cli"]
 CRIT = "/usr/bin/crit"
 FD = 70                 # deleted_fd_map.c: the descriptor of the deleted, mapped file
 LEN = 4 * 4096
 MEMFD = VMA_STATUS["VMA_AREA_MEMFD"]
-
-
-def ckptfs(*args, check=True):
-    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
-    if check and r.returncode:
-        raise AssertionError(f"ckptfs {' '.join(map(str, args))}: {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def restore(path: Path, procs) -> int:
-    out = ckptfs("restore", path).stdout
-    pairs = dict(line.split(" -> ") for line in out.splitlines() if " -> " in line)
-    root = int(next(iter(pairs.values())))
-    procs.adopt(root)
-    procs.adopt_tree(root)
-    return root
 
 
 def ghost_dirs(tree: Path) -> list[Path]:
