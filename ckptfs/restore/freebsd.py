@@ -25,6 +25,7 @@ the original error (errno, step, file) is raised.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -809,22 +810,28 @@ def _queue(calls, messages: list, reader: int, sender: int, stype: int, where: s
 
 
 def _send(calls, fd: int, data: bytes, where: str) -> None:
-    scratch = 0
+    with _staged(calls, data, where, "socket queue") as addr:
+        n = calls("sendto", fd, addr, len(data), 0, 0, 0, step="socket queue", path=where)
+    if n != len(data):
+        raise RestoreFailed(f"sent {n} of {len(data)} bytes", path=where, step="socket queue")
+
+
+@contextlib.contextmanager
+def _staged(calls, data: bytes, where: str, step: str):
+    """`data` in the helper's memory, at the address yielded: the data page when it fits,
+    else a scratch anonymous map (one call can then take it all), unmapped afterwards."""
     if len(data) <= DATA_SIZE:
         calls.reset()
-        addr = calls.put(data)
-    else:
-        size = (len(data) + PAGE - 1) & ~(PAGE - 1)
-        addr = scratch = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON,
-                               -1, 0, step="socket queue", path=where)
-        calls.kit.write_memory(calls.pid, addr, data)
+        yield calls.put(data)
+        return
+    size = (len(data) + PAGE - 1) & ~(PAGE - 1)
+    scratch = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON, -1, 0,
+                    step=step, path=where)
     try:
-        n = calls("sendto", fd, addr, len(data), 0, 0, 0, step="socket queue", path=where)
-        if n != len(data):
-            raise RestoreFailed(f"sent {n} of {len(data)} bytes", path=where, step="socket queue")
+        calls.kit.write_memory(calls.pid, scratch, data)
+        yield scratch
     finally:
-        if scratch:
-            calls("munmap", scratch, size, step="socket queue", path=where)
+        calls("munmap", scratch, size, step=step, path=where)
 
 
 def _status(calls, fd: int, flags: int, shut: int, where: str) -> None:
@@ -910,21 +917,11 @@ def _create_ghost(calls, name: str, mode: int, where: str) -> tuple[str, int]:
 
 
 def write_bytes(calls, fd: int, data: bytes, where: str, step: str) -> None:
-    """Write `data` to `fd` in the helper with as few write calls as it takes: through the
-    data page when it fits, else through a scratch anonymous map (one write, which a FreeBSD
-    pipe needs to grow past PIPE_SIZE), unmapped again before memory is restored."""
+    """Write `data` to `fd` in the helper with as few write calls as it takes (one, for a
+    FreeBSD pipe to grow past PIPE_SIZE), staged before memory is restored."""
     if not data:
         return
-    scratch = 0
-    if len(data) <= DATA_SIZE:
-        calls.reset()
-        addr = calls.put(data)
-    else:
-        size = (len(data) + PAGE - 1) & ~(PAGE - 1)
-        addr = scratch = calls("mmap", 0, size, 0x3, L.MAP_FLAGS["MAP_PRIVATE"] | MAP_ANON,
-                               -1, 0, step=step, path=where)
-        calls.kit.write_memory(calls.pid, addr, data)
-    try:
+    with _staged(calls, data, where, step) as addr:
         done = 0
         while done < len(data):
             try:
@@ -936,9 +933,6 @@ def write_bytes(calls, fd: int, data: bytes, where: str, step: str) -> None:
             if n <= 0:
                 raise RestoreFailed(f"took {done} of {len(data)} bytes", path=where, step=step)
             done += n
-    finally:
-        if scratch:
-            calls("munmap", scratch, size, step=step, path=where)
 
 
 # -- memory ---------------------------------------------------------------------------------------
