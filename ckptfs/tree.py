@@ -159,6 +159,8 @@ TASK_FIELDS = [
                 "brk", "arg_start", "arg_end", "env_start", "env_end")],
     ("mm/auxv", "mm.mm_saved_auxv", AUXV),
     ("mm/dumpable", "mm.dumpable", DEC),
+    # controlling terminal (major:minor) and, for a session leader, its foreground group
+    ("ctty", "names.ctty", STR), ("tty_pgrp", "names.tty_pgrp", DEC),
 ]
 
 THREAD_FIELDS = [

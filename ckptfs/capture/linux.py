@@ -688,6 +688,21 @@ class LiveSource(Source):
             out.append(e)
         return out
 
+    def task_tty(self, pid: int) -> dict[str, object]:
+        """The controlling terminal of `pid` for the tree (tasks/<pid>/ctty, tty_pgrp):
+        {"ctty": "136:3"} from /proc/PID/stat field 7 (tty_nr, the kernel's new_encode_dev,
+        which os.major/os.minor decode), plus {"tty_pgrp": N} (field 8, the terminal's
+        foreground group) for the session leader, which re-makes the terminal on restore.
+        Empty when the task has no controlling terminal."""
+        stat = self._stat(pid)
+        tty_nr, tpgid, sid = int(stat[7]), int(stat[8]), int(stat[6])
+        if not tty_nr:
+            return {}
+        out: dict[str, object] = {"ctty": f"{os.major(tty_nr)}:{os.minor(tty_nr)}"}
+        if sid == pid and tpgid > 0:
+            out["tty_pgrp"] = tpgid
+        return out
+
     def _tgid(self, tid: int) -> int:
         for e in self.pstree():
             if tid in e.threads:

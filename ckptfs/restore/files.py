@@ -340,6 +340,54 @@ NOT_REOPENED = {os.makedev(5, 0): "/dev/tty (the opener's controlling terminal)"
                 os.makedev(5, 2): "a pseudo-terminal master (/dev/ptmx makes a new pair)"}
 
 
+# -- controlling terminal (restore/linux.py's ctty step) ------------------------------------
+TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
+PTS_MAJORS = range(136, 144)       # Unix98 pty slaves: /dev/pts/<(major-136)*256 + minor>
+
+
+def ctty_path(rdev: int, where: str) -> str:
+    """The path of controlling terminal `rdev` on this host: only a pty slave has one that
+    does not depend on the opener (/dev/tty would be the restorer's own terminal)."""
+    major, minor = os.major(rdev), os.minor(rdev)
+    if major not in PTS_MAJORS:
+        raise RestoreFailed(f"controlling terminal {major}:{minor} is not a pseudo-terminal "
+                            "slave: only those are made again", path=where, step="ctty")
+    return f"/dev/pts/{(major - PTS_MAJORS.start) * 256 + minor}"
+
+
+def open_ctty(rdev: int, where: str) -> int:
+    """The controlling terminal `rdev` opened by the restorer (O_NOCTTY: it is the task's,
+    not ours), refused naming `where` when its path is gone or is now another device."""
+    path = ctty_path(rdev, where)
+    want = f"{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError(f"controlling terminal {want}: open {path}", e.errno, path=where,
+                          step="ctty") from None
+    s = os.fstat(fd)
+    if not stat.S_ISCHR(s.st_mode) or s.st_rdev != rdev or not os.isatty(fd):
+        os.close(fd)
+        raise RestoreFailed(f"{path} is now device {os.major(s.st_rdev)}:{os.minor(s.st_rdev)}, "
+                            f"not the controlling terminal {want} the checkpoint had",
+                            path=where, step="ctty")
+    return fd
+
+
+def make_ctty(inj, task_fd: int, pgrp: int | None, where: str) -> None:
+    """Inside the session leader `inj` (no controlling terminal yet): terminal `task_fd`
+    becomes its session's controlling terminal, then `pgrp` (a group of the session, as
+    the task's pid namespace numbers it) its foreground group. The leader is the foreground
+    right after TIOCSCTTY, so TIOCSPGRP raises no SIGTTOU."""
+    from ..inject import NR
+    inj.call(NR["ioctl"], task_fd, TIOCSCTTY, 0, step="ctty TIOCSCTTY", path=where)
+    if pgrp:
+        inj.reset_scratch()
+        arg = inj.put(struct.pack("<i", pgrp))
+        inj.call(NR["ioctl"], task_fd, TIOCSPGRP, arg, step="ctty TIOCSPGRP",
+                 path=where.rsplit("/", 1)[0] + "/tty_pgrp")
+
+
 def _make_memfd(source, m, where: str) -> int:
     """memfd_create with the recorded name, the contents written, then the seals (last:
     F_SEAL_WRITE would refuse the writes)."""

@@ -54,6 +54,7 @@ from .. import inject, ptrace, xsave
 from ..errors import CkptError, KernelError, ProcessGone, RestoreFailed
 from ..inject import NR, Injector
 from . import memory, signals
+from . import files as restore_files
 from .files import FileTable
 from .plan import (SCRATCH_SIZE, SOCKET_KINDS, SPECIAL, TASK_END, Plan, TaskPlan, V, cap_last,
                    caps_of, table_owner, vdso_layout, where)
@@ -420,6 +421,7 @@ class LinuxRestorer:
             self._rlimits(live)
         if table_owner(self.plan, t) is None:    # a shared table got them from its owner
             self._fds(live)
+        self._ctty(live)
         self._fs(live)
         self._signals(live)
         self._task_misc(live)
@@ -614,6 +616,39 @@ class LinuxRestorer:
                 inj.call(NR["dup3"], x, fdi.fd, O_CLOEXEC if cloexec else 0,
                          step="install descriptor", path=path)
                 inj.call(NR["close"], x, step="install descriptor", path=path)
+
+    def _ctty(self, live: Live) -> None:
+        """A session leader that had a controlling terminal gets it again, with its foreground
+        group: after its fds (the pidfd slot is still there) and once every group exists
+        (the whole tree is created before any task is restored). A member of a session whose
+        leader is outside the tree cannot join that session: its terminal stays a plain fd."""
+        t = live.plan
+        tty_of = getattr(self.src, "task_tty", None)     # sources that record terminals
+        info = tty_of(t.pid) if tty_of is not None and t.sid == t.pid else {}
+        if "ctty" not in info:
+            return
+        where = self._where(t.pid, "ctty")
+        major, _, minor = str(info["ctty"]).partition(":")
+        try:
+            rdev = os.makedev(int(major), int(minor))
+        except ValueError:
+            raise RestoreFailed(f"ctty {info['ctty']!r} is not major:minor", path=where,
+                                step="ctty") from None
+        ns_pgrp = None
+        if info.get("tty_pgrp"):
+            group = self.live.get(int(info["tty_pgrp"]))
+            if group is None or group.plan.sid != t.sid:
+                raise RestoreFailed(f"foreground group {info['tty_pgrp']} is not a group of "
+                                    f"session {t.sid} in the checkpoint",
+                                    path=self._where(t.pid, "tty_pgrp"), step="ctty")
+            ns_pgrp = group.ns_pid
+        local = restore_files.open_ctty(rdev, where)
+        try:
+            x = self._take(live.inj, local)
+        finally:
+            os.close(local)
+        restore_files.make_ctty(live.inj, x, ns_pgrp, where)
+        live.inj.call(NR["close"], x, step="ctty", path=where)
 
     def _fs(self, live: Live) -> None:
         t, inj = live.plan, live.inj
