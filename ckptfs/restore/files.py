@@ -374,18 +374,30 @@ def open_ctty(rdev: int, where: str) -> int:
     return fd
 
 
-def make_ctty(inj, task_fd: int, pgrp: int | None, where: str) -> None:
-    """Inside the session leader `inj` (no controlling terminal yet): terminal `task_fd`
-    becomes its session's controlling terminal, then `pgrp` (a group of the session, as
-    the task's pid namespace numbers it) its foreground group. The leader is the foreground
-    right after TIOCSCTTY, so TIOCSPGRP raises no SIGTTOU."""
+def take_ctty(inj, task_fd: int, where: str) -> None:
+    """Inside session leader `inj` (no controlling terminal yet): terminal `task_fd` becomes
+    its session's controlling terminal. Done before the leader forks the rest of its session
+    (a task gets its controlling terminal from its parent at fork, TIOCSCTTY sets only the
+    caller's). EPERM: the terminal is still another session's."""
     from ..inject import NR
     inj.call(NR["ioctl"], task_fd, TIOCSCTTY, 0, step="ctty TIOCSCTTY", path=where)
+
+
+def set_foreground(inj, task_fd: int, pgrp: int, where: str) -> None:
+    """Inside the session leader, whose controlling terminal `task_fd` is: `pgrp` (a group
+    of its session, numbered as the task's pid namespace numbers it) becomes the foreground.
+    The leader is the foreground right after TIOCSCTTY, so this raises no SIGTTOU."""
+    from ..inject import NR
+    inj.reset_scratch()
+    arg = inj.put(struct.pack("<i", pgrp))
+    inj.call(NR["ioctl"], task_fd, TIOCSPGRP, arg, step="ctty TIOCSPGRP", path=where)
+
+
+def make_ctty(inj, task_fd: int, pgrp: int | None, where: str) -> None:
+    """Both at once (a leader without other tasks in its session)."""
+    take_ctty(inj, task_fd, where)
     if pgrp:
-        inj.reset_scratch()
-        arg = inj.put(struct.pack("<i", pgrp))
-        inj.call(NR["ioctl"], task_fd, TIOCSPGRP, arg, step="ctty TIOCSPGRP",
-                 path=where.rsplit("/", 1)[0] + "/tty_pgrp")
+        set_foreground(inj, task_fd, pgrp, where.rsplit("/", 1)[0] + "/tty_pgrp")
 
 
 def _make_memfd(source, m, where: str) -> int:

@@ -283,6 +283,7 @@ class LinuxRestorer:
         first = None             # the first task of a new pid namespace
         if default:
             self.live[root.pid] = self._adopt(root, self.helper, self.helper, hinj)
+            self._ctty(self.live[root.pid], foreground=False)
             self.created.append(self.helper)
             self.helper = 0
         elif self.pidns and root.pid == 1:
@@ -338,6 +339,7 @@ class LinuxRestorer:
         self.live[t.pid] = live
         if t.sid == t.pid:
             inj.call(NR["setsid"], step="setsid", path=self._where(t.pid, "sid"))
+            self._ctty(live, foreground=False)
         elif t.pgid == t.pid:
             inj.call(NR["setpgid"], 0, 0, step="setpgid", path=self._where(t.pid, "pgid"))
         elif t.pgid in self.live and t.pgid != self.plan.task(t.ppid).pgid:
@@ -421,7 +423,7 @@ class LinuxRestorer:
             self._rlimits(live)
         if table_owner(self.plan, t) is None:    # a shared table got them from its owner
             self._fds(live)
-        self._ctty(live)
+        self._ctty(live, foreground=True)
         self._fs(live)
         self._signals(live)
         self._task_misc(live)
@@ -617,15 +619,16 @@ class LinuxRestorer:
                          step="install descriptor", path=path)
                 inj.call(NR["close"], x, step="install descriptor", path=path)
 
-    def _ctty(self, live: Live) -> None:
-        """A session leader that had a controlling terminal gets it again, with its foreground
-        group: after its fds (the pidfd slot is still there) and once every group exists
-        (the whole tree is created before any task is restored). A member of a session whose
-        leader is outside the tree cannot join that session: its terminal stays a plain fd."""
+    def _ctty(self, live: Live, *, foreground: bool) -> None:
+        """A session leader that had a controlling terminal gets it again: right after its
+        setsid (foreground=False; the tasks it forks then inherit it, as they did), and once
+        every group exists and its fds are in (foreground=True) the recorded foreground
+        group. A member of a session whose leader is outside the tree cannot join that
+        session: its terminal stays a plain descriptor."""
         t = live.plan
         tty_of = getattr(self.src, "task_tty", None)     # sources that record terminals
         info = tty_of(t.pid) if tty_of is not None and t.sid == t.pid else {}
-        if "ctty" not in info:
+        if "ctty" not in info or (foreground and not info.get("tty_pgrp")):
             return
         where = self._where(t.pid, "ctty")
         major, _, minor = str(info["ctty"]).partition(":")
@@ -634,20 +637,22 @@ class LinuxRestorer:
         except ValueError:
             raise RestoreFailed(f"ctty {info['ctty']!r} is not major:minor", path=where,
                                 step="ctty") from None
-        ns_pgrp = None
-        if info.get("tty_pgrp"):
+        if foreground:
             group = self.live.get(int(info["tty_pgrp"]))
-            if group is None or group.plan.sid != t.sid:
+            if group is None or group.plan.sid != t.sid or group.plan.pgid != group.plan.pid:
                 raise RestoreFailed(f"foreground group {info['tty_pgrp']} is not a group of "
                                     f"session {t.sid} in the checkpoint",
                                     path=self._where(t.pid, "tty_pgrp"), step="ctty")
-            ns_pgrp = group.ns_pid
         local = restore_files.open_ctty(rdev, where)
         try:
             x = self._take(live.inj, local)
         finally:
             os.close(local)
-        restore_files.make_ctty(live.inj, x, ns_pgrp, where)
+        if foreground:
+            restore_files.set_foreground(live.inj, x, group.ns_pid,
+                                         self._where(t.pid, "tty_pgrp"))
+        else:
+            restore_files.take_ctty(live.inj, x, where)
         live.inj.call(NR["close"], x, step="ctty", path=where)
 
     def _fs(self, live: Live) -> None:
