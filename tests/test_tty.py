@@ -3,6 +3,7 @@ that makes a pty slave a session's controlling terminal again with its foregroun
 
 Every test makes its own pseudo-terminal (os.openpty) and real processes: a session leader
 and a child in a group of its own."""
+import errno
 import os
 import signal
 import subprocess
@@ -128,6 +129,26 @@ def test_make_ctty_injected_then_terminal_sigint_reaches_foreground(pty_leader):
     os.write(master, b"\x03")           # ^C typed at the terminal: SIGINT to the foreground
     wait_for(lambda: stat_fields(child)[0] in "ZX", "killed by the terminal's SIGINT")
     assert stat_fields(leader)[0] != "Z"      # the leader's group is in the background
+
+
+def test_take_ctty_refused_while_another_session_holds_the_terminal(pty_leader):
+    """The cp case: the original session still has the terminal; it is not stolen."""
+    holder, _, _, path = pty_leader("ctty")
+    leader, _, _, _ = pty_leader("plain")
+    ptrace.seize(leader)
+    ptrace.interrupt(leader)
+    ptrace.wait(leader)
+    inj = Injector(leader)
+    try:
+        fd = inj.call(2, inj.put(path.encode() + b"\0"), os.O_RDWR | os.O_NOCTTY)
+        with pytest.raises(KernelError, match="another session") as e:
+            restore_files.take_ctty(inj, fd, f"tasks/{leader}/ctty")
+        assert e.value.errno == errno.EPERM and e.value.path == f"tasks/{leader}/ctty"
+        inj.call(3, fd)
+    finally:
+        inj.close()
+        ptrace.detach(leader)
+    assert tty_nr(holder) == os.stat(path).st_rdev and tty_nr(leader) == 0
 
 
 def test_make_ctty_refused_when_the_session_leader_has_one(pty_leader):

@@ -10,6 +10,7 @@ closed when the restore ends.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import stat
@@ -380,7 +381,15 @@ def take_ctty(inj, task_fd: int, where: str) -> None:
     (a task gets its controlling terminal from its parent at fork, TIOCSCTTY sets only the
     caller's). EPERM: the terminal is still another session's."""
     from ..inject import NR
-    inj.call(NR["ioctl"], task_fd, TIOCSCTTY, 0, step="ctty TIOCSCTTY", path=where)
+    try:
+        inj.call(NR["ioctl"], task_fd, TIOCSCTTY, 0, step="ctty TIOCSCTTY", path=where)
+    except KernelError as e:
+        if e.errno != errno.EPERM:
+            raise
+        raise KernelError("TIOCSCTTY refused: the terminal is still the controlling "
+                          "terminal of another session (the original's, if it still runs: "
+                          "it is not stolen), or the task has one already",
+                          e.errno, path=where, step="ctty TIOCSCTTY") from None
 
 
 def set_foreground(inj, task_fd: int, pgrp: int, where: str) -> None:
