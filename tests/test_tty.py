@@ -194,3 +194,71 @@ def test_open_ctty_checks_the_device():
     with pytest.raises(RestoreFailed, match="not a pseudo-terminal slave") as e:
         restore_files.open_ctty(os.makedev(4, 1), "tasks/7/ctty")
     assert e.value.path == "tasks/7/ctty"
+
+
+class _TtyTree:
+    """TreeSource plus task_tty (the tasks/<pid>/ctty and tty_pgrp files it loads into a
+    task's names): what tree.py's TreeSource is asked to gain (H12 report)."""
+
+    def __new__(cls, path):
+        from ckptfs.tree import TreeSource
+
+        class Src(TreeSource):
+            def task_tty(self, pid):
+                names = self._tasks[pid].names
+                return {k: names[k] for k in ("ctty", "tty_pgrp") if k in names}
+        return Src(path)
+
+
+def test_dump_restore_remakes_ctty_and_foreground(tmp_path):
+    """A real dump --kill of a leader with a pty ctty and a foreground child, then a restore
+    (new pids): both have the terminal again, the child's group is the foreground, and ^C
+    at the master kills the child only."""
+    from ckptfs.restore import restore
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        p = subprocess.Popen([sys.executable, "-c", LEADER, "ctty"], stdin=slave, stdout=f,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(slave)
+    mine = [p.pid]
+    try:
+        wait_for(lambda: out.read_text().strip(), "told its child")
+        child = int(out.read_text())
+        mine.append(child)
+        src = LiveSource(p.pid)
+        try:
+            tty = {q: src.task_tty(q) for q in (p.pid, child)}
+        finally:
+            src.close()
+        tree = tmp_path / "tree"
+        r = subprocess.run([sys.executable, "-m", "ckptfs.cli", "dump", "--kill", str(p.pid),
+                            str(tree)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        p.wait()
+        for q, info in tty.items():      # what the renderer is to write (H12 report)
+            for name, value in info.items():
+                (tree / "tasks" / str(q) / name).write_text(f"{value}\n")
+        res = restore(_TtyTree(str(tree)))
+        leader, new_child = res.pids[p.pid], res.pids[child]
+        mine += [leader, new_child]
+        rdev = os.stat(path).st_rdev
+        assert tty_nr(leader) == rdev and tty_nr(new_child) == rdev
+        assert tpgid(leader) == new_child and os.tcgetpgrp(master) == new_child
+        os.write(master, b"\x03")
+        wait_for(lambda: stat_fields(new_child)[0] in "ZX", "killed by the terminal's SIGINT")
+        assert stat_fields(leader)[0] not in "ZX"
+    finally:
+        for q in mine:
+            try:
+                os.kill(q, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for q in mine[2:]:
+            try:
+                os.waitpid(q, 0)
+            except ChildProcessError:
+                pass
+        p.wait()
+        os.close(master)
