@@ -16,7 +16,10 @@ word in WORDS. One file per value (docs/FORMAT.md, fds/<n>/):
                                        next expiration when captured (0.000000000: disarmed)
     tty         path                   the terminal's path (/dev/pts/3), tty_file_entry.regf_id
                 rdev                   its device, major:minor (136:3): restore reopens the
-                                       path only if it is still that terminal
+                                       path only if it is still that terminal. Whose
+                                       controlling terminal it is lives with the task, not
+                                       the descriptor: tasks/<pid>/ctty and, for the session
+                                       leader, tasks/<pid>/tty_pgrp (restore/linux.py _ctty)
     memfd       name                   the memfd_create name (without /memfd:)
                 inode                  the memfd's inode: descriptions with one inode share
                                        one memfd (memfd_file_entry.inode_id)

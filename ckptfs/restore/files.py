@@ -195,7 +195,8 @@ class FileTable:
     def _tty(self, t, where: str) -> int:
         """The same terminal opened again by its path (a pty slave of this host, its master
         held by someone else): refused unless the path is still that very device. Never as
-        a controlling terminal (O_NOCTTY): sessions are not re-made here."""
+        a controlling terminal (O_NOCTTY): the session leader takes it in its own step
+        (open_ctty/take_ctty/set_foreground below, driven by restore/linux.py)."""
         rdev = f"{os.major(t.tty_info_id)}:{os.minor(t.tty_info_id)}"
         if t.tty_info_id in NOT_REOPENED:
             raise RestoreFailed(f"{NOT_REOPENED[t.tty_info_id]} (rdev {rdev}) cannot be opened "
