@@ -32,7 +32,7 @@ from .model import Source
 log = logging.getLogger("ckptfs.fs")
 
 CACHED = ("meta", "pstree", "core", "ids", "mm", "fs", "fdinfo", "file", "pipe_data",
-          "page_ranges", "isolation", "socket_queue", "tcp_stream")
+          "page_ranges", "isolation", "socket_queue", "tcp_stream", "task_tty")
 PRIVATE = 0o600  # memory and register files
 ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes of an unchanging (frozen) tree
 NO_STAMP = ("/ctl", "/status")  # the mount's own files keep the mount's stamp

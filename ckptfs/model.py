@@ -118,6 +118,11 @@ class Source:
     def isolation(self) -> Isolation:
         raise NotImplementedError
 
+    def task_tty(self, pid: int) -> dict:
+        """The controlling terminal of task `pid`: {"ctty": "136:3"} plus, for a session
+        leader, "tty_pgrp" (the terminal's foreground group); {} = none."""
+        return {}
+
     def socket_queue(self, file_id: int) -> list[bytes]:
         """Messages waiting to be read on socket `file_id`, oldest first (a stream's queued
         bytes are one message)."""

@@ -344,7 +344,7 @@ class Renderer:
         ps = next(e for e in src.pstree() if e.pid == pid)
         mm, fs = src.mm(pid), src.fs(pid)
         names = {"exe": _file_name(src, mm.exe_file_id), "cwd": _file_name(src, fs.cwd_id),
-                 "root": _file_name(src, fs.root_id)}
+                 "root": _file_name(src, fs.root_id), **src.task_tty(pid)}
         return _Ctx(ps=ps, core=src.core(pid), mm=mm, fs=fs, names=names)
 
     def task_entries(self, pid: int) -> dict[str, Node]:
@@ -1243,6 +1243,10 @@ class TreeSource(Source):
 
     def socket_queue(self, file_id: int) -> list[bytes]:
         return [_whole(p) for p in self.socket_queues.get(file_id, [])]
+
+    def task_tty(self, pid: int) -> dict:
+        names = self._tasks[pid].names
+        return {k: names[k] for k in ("ctty", "tty_pgrp") if k in names}
 
     def tcp_stream(self, file_id: int):
         kept = self.tcp_streams.get(file_id)

@@ -139,6 +139,12 @@ class PidNsView(Source):
     def page_ranges(self, pid: int, vma) -> list:
         return self.inner.page_ranges(self.host(pid), vma)
 
+    def task_tty(self, pid: int) -> dict:
+        info = dict(self.inner.task_tty(self.host(pid)))
+        if "tty_pgrp" in info:
+            info["tty_pgrp"] = self.ns_pid(info["tty_pgrp"])
+        return info
+
     def alive(self) -> bool:
         return self.inner.alive()
 

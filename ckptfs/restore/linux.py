@@ -626,8 +626,7 @@ class LinuxRestorer:
         group. A member of a session whose leader is outside the tree cannot join that
         session: its terminal stays a plain descriptor."""
         t = live.plan
-        tty_of = getattr(self.src, "task_tty", None)     # sources that record terminals
-        info = tty_of(t.pid) if tty_of is not None and t.sid == t.pid else {}
+        info = self.src.task_tty(t.pid) if t.sid == t.pid else {}
         if "ctty" not in info or (foreground and not info.get("tty_pgrp")):
             return
         where = self._where(t.pid, "ctty")

@@ -1,5 +1,3 @@
-// zdtm-known: dump: the tree does not render tasks/<pid>/ctty and tty_pgrp yet (tree.py Renderer._task_ctx and TreeSource.task_tty, asked for in the H12 report), so restore cannot re-make the controlling terminal
-// zdtm-known: pidns: as dump (tasks/<pid>/ctty not rendered yet)
 // zdtm-known: cp: the frozen original still holds the terminal as its session's controlling terminal while the copy restores on the same host, so TIOCSCTTY (no stealing) is refused with EPERM
 // zdtm-known: rsync: host B has its own devpts: the pty slave (and the keeper holding its master) exist on host A only
 /*

@@ -37,7 +37,8 @@ from .plan import read_plan, write_plan
 DEAD = (L.TASK_STATES["zombie"], L.TASK_STATES["dead"])
 NS_ORDER = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
 PASS_THROUGH = ("meta", "pstree", "ids", "mm", "fs", "pipe_data", "file_deleted",
-                "file_contents", "page_ranges", "read_memory", "socket_queue", "tcp_stream")
+                "file_contents", "page_ranges", "read_memory", "socket_queue", "tcp_stream",
+                "task_tty")
 
 
 class AppliedSource(Source):
