@@ -6,6 +6,13 @@ Caching policy (written down because live files must never pretend):
   what the handle captured at open, never a stale page-cache copy, and sizes are exact.
 - While frozen, nothing changes: results are cached until the next thaw.
 - Kernel attribute/entry timeouts are short (1 s) for the same reason.
+- With written-page tracking, chunk mtimes move only at a pass (a readdir of the root) and
+  small files' mtimes only when the daemon sees their content change. So the kernel may keep
+  attributes for 1 s as long as, at every pass, at every freeze/thaw and whenever an open
+  moves a stamp, the daemon drops what the kernel holds (fuse_invalidate_path for every path
+  it answered since the last drop). Without that a running tracked mount would need
+  attr_timeout 0, and with default_permissions the kernel then asks for the attributes of
+  every directory on a path at each lookup (about 7 getattrs per file of an `ls -R`).
 
 Every operation goes through `_boundary`, which turns exceptions into one errno each:
 ckptfs errors carry their own, OSError keeps its errno, anything else is EIO plus a log line.
@@ -34,7 +41,7 @@ log = logging.getLogger("ckptfs.fs")
 CACHED = ("meta", "pstree", "core", "ids", "mm", "fs", "fdinfo", "file", "pipe_data",
           "page_ranges", "isolation", "socket_queue", "tcp_stream", "task_tty")
 PRIVATE = 0o600  # memory and register files
-ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes of an unchanging (frozen) tree
+ATTR_TIMEOUT = 1.0  # seconds the kernel may cache attributes (dropped when they move)
 NO_STAMP = ("/ctl", "/status")  # the mount's own files keep the mount's stamp
 
 
@@ -148,6 +155,9 @@ class CheckpointFS(fuse.Operations):
         self._handles: dict[int, tuple[tree.Node, bytes | None]] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
+        self._shown: set[str] = set()   # paths whose attributes the kernel may hold (tracking)
+        self._fuse = None               # libfuse's struct fuse *, taken from a request
+        self._can_drop = bool(clock)    # False once an invalidation failed: attr_timeout 0
         extra = {"status": tree.File(lambda: (self._status(status) + "\n").encode()),
                  "manifest": tree.File(self._manifest_bytes)}
         if control is not None:
@@ -179,6 +189,7 @@ class CheckpointFS(fuse.Operations):
         if self.clock and self.source.frozen:
             self.clock.new_pass()
         if self.clock:
+            self._drop_kernel_attrs()
             self._set_attr_cache()
 
     def _manifest_bytes(self) -> bytes:
@@ -208,6 +219,8 @@ class CheckpointFS(fuse.Operations):
     @_boundary
     def getattr(self, path, fh=None):
         fh = getattr(fh, "fh", fh)  # raw_fi: libfuse3 passes the file info of an open file
+        if self.clock and path:
+            self._remember(path)    # before the answer is made: see _drop_kernel_attrs
         node = self._handles[fh][0] if fh in self._handles else self._node(path)
         st = {"st_uid": self.uid, "st_gid": self.gid, "st_mtime": self.stamp,
               "st_ctime": self.stamp, "st_atime": self.stamp}
@@ -236,6 +249,7 @@ class CheckpointFS(fuse.Operations):
         names = sorted(node.entries())
         if path == "/" and self.clock:  # every copy starts here: a pass boundary
             self.clock.new_pass()
+            self._drop_kernel_attrs()
         if path == "/" and "manifest" in names:  # copy tools that keep readdir order copy it last
             names.remove("manifest")
             names.append("manifest")
@@ -257,7 +271,10 @@ class CheckpointFS(fuse.Operations):
         fi.direct_io = 1
         if self.clock:
             if snapshot is not None and path not in NO_STAMP:
-                self.contents.observe(path, snapshot)
+                self._remember(path)
+                before = self.contents.stamp(path)
+                if self.contents.observe(path, snapshot) != before:
+                    self._drop_kernel_attrs([path])     # the kernel may hold the old stamp
             key = stamps.chunk_key(path)
             if key is not None:
                 self.sums.opened(fh, path, self.clock.mtime(*key))
@@ -321,12 +338,58 @@ class CheckpointFS(fuse.Operations):
     def _set_attr_cache(self) -> None:
         config = getattr(self, "_fuse_config", None)
         if config is not None:
-            config.attr_timeout = ATTR_TIMEOUT if self.source.frozen else 0.0
+            config.attr_timeout = ATTR_TIMEOUT if self.source.frozen or self._can_drop else 0.0
+
+    # kernel attribute cache (tracking) -----------------------------------------------------
+    def _remember(self, path: str) -> None:
+        if self._fuse is None:
+            self._fuse = _current_fuse()
+        with self._lock:
+            self._shown.add(path)
+
+    def _drop_kernel_attrs(self, paths=None) -> None:
+        """Make the kernel ask again for the attributes of `paths` (default: of every path
+        answered since the last drop). A path is remembered before its answer is computed, so
+        an answer made before a stamp moved is either dropped here or remembered for the next
+        drop; a reply still in flight during the drop is discarded by the kernel (the
+        invalidation moves the inode's attr_version). When dropping fails, the mount falls
+        back to no attribute cache while running."""
+        if self._fuse is None or not self._can_drop:
+            return
+        with self._lock:
+            if paths is None:
+                paths, self._shown = self._shown, set()
+        for path in paths:
+            ret = _invalidate_path(self._fuse, path.encode())
+            if ret < 0 and -ret != errno.ENOENT:    # ENOENT: the kernel holds nothing for it
+                log.warning("fuse_invalidate_path(%s): %s; no attribute cache while running",
+                            path, os.strerror(-ret))
+                self._can_drop = False
+                self._set_attr_cache()
+                return
 
     @_boundary
     def statfs(self, path):
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,
                 "f_files": 0, "f_ffree": 0, "f_namemax": 255}
+
+
+def _current_fuse():
+    """libfuse's struct fuse * of the request being served (None outside one)."""
+    ctx = fuse._libfuse.fuse_get_context()
+    return ctx.contents.fuse if ctx else None
+
+
+_invalidate_fn = None
+
+
+def _invalidate_path(f, path: bytes) -> int:
+    global _invalidate_fn
+    if _invalidate_fn is None:
+        _invalidate_fn = fuse._libfuse.fuse_invalidate_path
+        _invalidate_fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        _invalidate_fn.restype = ctypes.c_int
+    return _invalidate_fn(f, path)
 
 
 class _FUSE(fuse.FUSE):

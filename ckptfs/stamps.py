@@ -35,6 +35,12 @@ class ContentStamps:
         self._seen: dict[str, tuple[int, int]] = {}     # path -> (xxh3, stamp in s)
         self._lock = threading.Lock()
 
+    def stamp(self, path: str) -> int | None:
+        """The path's current mtime in ns, None before its content was first seen."""
+        with self._lock:
+            old = self._seen.get(path)
+        return None if old is None else old[1] * 10**9 + self.salt
+
     def observe(self, path: str, content: bytes) -> int:
         """The path's mtime in ns after seeing `content`."""
         digest = xxhash.xxh3_64_intdigest(content)
