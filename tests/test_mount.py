@@ -302,3 +302,59 @@ def test_kill_through_ctl_ends_the_tree_and_status_says_gone(live_mount, procs):
         c.write("kill")
     assert P.wait_gone(parent.pid, 5) and P.wait_gone(child, 5)
     assert read(f"{mnt}/status") == "gone\n"
+
+
+POKE_PROG = textwrap.dedent("""
+    import mmap, signal, sys, time
+    buf = mmap.mmap(-1, 4 << 20)
+    buf[:] = b"\\x01" * len(buf)
+    def poke(*_):
+        buf[4096] = (buf[4096] + 1) % 256
+    signal.signal(signal.SIGUSR1, poke)
+    open(sys.argv[1], "w").write("ready\\n")
+    while True:
+        time.sleep(0.05)
+""")
+
+
+def test_running_mount_attr_cache_drops_at_pass_and_freeze(live_mount, procs, tmp_path):
+    """A running tracked mount lets the kernel keep attributes (fast `ls -R`), yet a chunk
+    written since the last pass shows a new mtime at the very next pass (a readdir of the
+    root) and at a freeze, well within the kernel's 1 s attribute timeout."""
+    import signal
+    script = tmp_path / "poke.py"
+    script.write_text(POKE_PROG)
+    proc = procs.spawn([sys.executable, script, tmp_path / "ready"])
+    P.wait_file(tmp_path / "ready", None, 10, proc=proc)
+    mnt = live_mount(proc.pid)
+    maps = f"{mnt}/tasks/{proc.pid}/maps"
+    vma = next(d for d in os.listdir(maps) if int(d.split("-")[1], 16) - int(d.split("-")[0], 16)
+               == 4 << 20 and os.listdir(f"{maps}/{d}/pages"))
+    chunk = f"{maps}/{vma}/pages/0x0"
+
+    def stamp_after(action):
+        os.listdir(mnt)                       # a pass: the chunk's stamp is settled
+        before = os.stat(chunk).st_mtime_ns   # the kernel may now hold this for 1 s
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.1)                       # the handler writes one page
+        action()
+        after = os.stat(chunk).st_mtime_ns
+        assert time.monotonic() - t0 < 1.0, "too slow to tell a cached answer from a fresh one"
+        return before, after
+
+    before, after = stamp_after(lambda: os.listdir(mnt))
+    assert after > before, "a written chunk kept its mtime across a pass"
+    other = f"{maps}/{vma}/pages/0x200000"
+    os.listdir(mnt)
+    quiet = os.stat(other).st_mtime_ns
+    os.listdir(mnt)
+    assert os.stat(other).st_mtime_ns == quiet, "an unwritten chunk's mtime moved"
+
+    def freeze():
+        with open(f"{mnt}/ctl", "w") as c:
+            c.write("freeze")
+    before, after = stamp_after(freeze)
+    assert after > before, "a chunk written before the freeze kept its mtime"
+    with open(f"{mnt}/ctl", "w") as c:
+        c.write("thaw")
