@@ -8,9 +8,11 @@ Caching policy (written down because live files must never pretend):
 - Kernel attribute/entry timeouts are short (1 s) for the same reason.
 - With written-page tracking, chunk mtimes move only at a pass (a readdir of the root) and
   small files' mtimes only when the daemon sees their content change. So the kernel may keep
-  attributes for 1 s as long as, at every pass, at every freeze/thaw and whenever an open
-  moves a stamp, the daemon drops what the kernel holds (fuse_invalidate_path for every path
-  it answered since the last drop). Without that a running tracked mount would need
+  attributes for 1 s as long as the daemon drops (fuse_invalidate_path) every answer that
+  went stale: at every pass it recomputes the attributes it gave out and drops those that
+  differ now; at freeze/thaw it drops all; an open that moves a stamp drops that path.
+  Recomputing in the daemon is far cheaper than the kernel asking again for everything.
+  Without that a running tracked mount would need
   attr_timeout 0, and with default_permissions the kernel then asks for the attributes of
   every directory on a path at each lookup (about 7 getattrs per file of an `ls -R`).
 
@@ -155,7 +157,7 @@ class CheckpointFS(fuse.Operations):
         self._handles: dict[int, tuple[tree.Node, bytes | None]] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
-        self._shown: set[str] = set()   # paths whose attributes the kernel may hold (tracking)
+        self._shown: dict[str, tuple | None] = {}   # path -> attributes the kernel may hold
         self._fuse = None               # libfuse's struct fuse *, taken from a request
         self._can_drop = bool(clock)    # False once an invalidation failed: attr_timeout 0
         extra = {"status": tree.File(lambda: (self._status(status) + "\n").encode()),
@@ -189,7 +191,7 @@ class CheckpointFS(fuse.Operations):
         if self.clock and self.source.frozen:
             self.clock.new_pass()
         if self.clock:
-            self._drop_kernel_attrs()
+            self._drop_kernel_attrs(all_paths=True)
             self._set_attr_cache()
 
     def _manifest_bytes(self) -> bytes:
@@ -219,9 +221,13 @@ class CheckpointFS(fuse.Operations):
     @_boundary
     def getattr(self, path, fh=None):
         fh = getattr(fh, "fh", fh)  # raw_fi: libfuse3 passes the file info of an open file
-        if self.clock and path:
-            self._remember(path)    # before the answer is made: see _drop_kernel_attrs
         node = self._handles[fh][0] if fh in self._handles else self._node(path)
+        st = self._attrs(path, node)
+        if self.clock and path:
+            self._remember(path, st)
+        return st
+
+    def _attrs(self, path: str, node: tree.Node) -> dict:
         st = {"st_uid": self.uid, "st_gid": self.gid, "st_mtime": self.stamp,
               "st_ctime": self.stamp, "st_atime": self.stamp}
         if isinstance(node, tree.Dir):
@@ -249,7 +255,8 @@ class CheckpointFS(fuse.Operations):
         names = sorted(node.entries())
         if path == "/" and self.clock:  # every copy starts here: a pass boundary
             self.clock.new_pass()
-            self._drop_kernel_attrs()
+            if not self.source.frozen:      # frozen: no stamp moves (changed() dropped all)
+                self._drop_stale_attrs()
         if path == "/" and "manifest" in names:  # copy tools that keep readdir order copy it last
             names.remove("manifest")
             names.append("manifest")
@@ -271,7 +278,6 @@ class CheckpointFS(fuse.Operations):
         fi.direct_io = 1
         if self.clock:
             if snapshot is not None and path not in NO_STAMP:
-                self._remember(path)
                 before = self.contents.stamp(path)
                 if self.contents.observe(path, snapshot) != before:
                     self._drop_kernel_attrs([path])     # the kernel may hold the old stamp
@@ -341,24 +347,50 @@ class CheckpointFS(fuse.Operations):
             config.attr_timeout = ATTR_TIMEOUT if self.source.frozen or self._can_drop else 0.0
 
     # kernel attribute cache (tracking) -----------------------------------------------------
-    def _remember(self, path: str) -> None:
+    @staticmethod
+    def _key(st: dict) -> tuple:
+        return st["st_mode"], st["st_size"], st["st_mtime"]
+
+    def _remember(self, path: str, st: dict) -> None:
+        """Note what the kernel may now cache for `path`. Two different answers for one path
+        since the last check: which one the kernel kept is unknown, so it is dropped."""
         if self._fuse is None:
             self._fuse = _current_fuse()
+        key = self._key(st)
         with self._lock:
-            self._shown.add(path)
+            old = self._shown.get(path, key)
+            self._shown[path] = key if old == key else None
 
-    def _drop_kernel_attrs(self, paths=None) -> None:
-        """Make the kernel ask again for the attributes of `paths` (default: of every path
-        answered since the last drop). A path is remembered before its answer is computed, so
-        an answer made before a stamp moved is either dropped here or remembered for the next
-        drop; a reply still in flight during the drop is discarded by the kernel (the
-        invalidation moves the inode's attr_version). When dropping fails, the mount falls
-        back to no attribute cache while running."""
+    def _drop_stale_attrs(self) -> None:
+        """At a pass: recompute the attributes of every path the kernel may cache and drop
+        those that changed (or vanished). An answer computed before the pass but noted after
+        this check is checked at the next pass; until then it is as old as a stat made just
+        before this pass, which the clock's rules already allow (an extra copy, no lost write)."""
+        with self._lock:
+            shown = list(self._shown.items())
+        stale = []
+        for path, key in shown:
+            try:
+                now = self._key(self._attrs(path, self._node(path)))
+            except (CkptError, KeyError, OSError, fuse.FuseOSError):
+                now = None                  # gone or unreadable now: the kernel must ask
+            if now is None or now != key:
+                stale.append(path)
+        self._drop_kernel_attrs(stale)
+
+    def _drop_kernel_attrs(self, paths=(), all_paths: bool = False) -> None:
+        """Make the kernel ask again for the attributes of `paths` (or of every path it may
+        cache). A reply still in flight meanwhile is discarded by the kernel (the invalidation
+        moves the inode's attr_version). When dropping fails, the mount falls back to no
+        attribute cache while running."""
+        with self._lock:
+            if all_paths:
+                paths, self._shown = list(self._shown), {}
+            else:
+                for path in paths:
+                    self._shown.pop(path, None)
         if self._fuse is None or not self._can_drop:
             return
-        with self._lock:
-            if paths is None:
-                paths, self._shown = self._shown, set()
         for path in paths:
             ret = _invalidate_path(self._fuse, path.encode())
             if ret < 0 and -ret != errno.ENOENT:    # ENOENT: the kernel holds nothing for it
@@ -367,11 +399,6 @@ class CheckpointFS(fuse.Operations):
                 self._can_drop = False
                 self._set_attr_cache()
                 return
-
-    @_boundary
-    def statfs(self, path):
-        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,
-                "f_files": 0, "f_ffree": 0, "f_namemax": 255}
 
 
 def _current_fuse():
