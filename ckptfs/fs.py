@@ -338,6 +338,7 @@ class CheckpointFS(fuse.Operations):
         (a lost write). A frozen tree changes no more, so it gets the cache back (`changed`).
         libfuse reads this config for every reply, so it can be changed while mounted."""
         if config is not None and self.clock:
+            self._fuse = _current_fuse()    # only inside a mount's own request: see there
             self._fuse_config = config
             self._set_attr_cache()
 
@@ -354,8 +355,6 @@ class CheckpointFS(fuse.Operations):
     def _remember(self, path: str, st: dict) -> None:
         """Note what the kernel may now cache for `path`. Two different answers for one path
         since the last check: which one the kernel kept is unknown, so it is dropped."""
-        if self._fuse is None:
-            self._fuse = _current_fuse()
         key = self._key(st)
         with self._lock:
             old = self._shown.get(path, key)
@@ -402,7 +401,8 @@ class CheckpointFS(fuse.Operations):
 
 
 def _current_fuse():
-    """libfuse's struct fuse * of the request being served (None outside one)."""
+    """libfuse's struct fuse * of the request being served. Only called from init: outside
+    libfuse's own threads its context key may not exist and the answer is garbage."""
     ctx = fuse._libfuse.fuse_get_context()
     return ctx.contents.fuse if ctx else None
 
