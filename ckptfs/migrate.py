@@ -544,19 +544,24 @@ class StatusWatch:
         """The final status line, once it says restored; CkptError if it failed or timed out."""
         self._thread.join(timeout)
         self.close()
-        last = self.seen[-1][1] if self.seen else ""
-        if last.startswith("restored"):
-            return last
-        if last.startswith(("failed", "dry run")):
-            raise CkptError(f"target says: {last}", step="restore", path=f"{self.dest}status")
         err = self.proc.stderr.read().strip() if self.proc.stderr else ""
-        raise CkptError(f"target not restored after {timeout:.0f} s (status: {last or 'none'})"
-                        + (f"; {err}" if err else ""), step="restore", path=f"{self.dest}status")
+        return verdict(self.seen, timeout, f"{self.dest}status", err)
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def verdict(seen: list[tuple[float, str]], timeout: float, where: str, err: str = "") -> str:
+    """The target's last status line if it says restored; else why not (CkptError)."""
+    last = seen[-1][1] if seen else ""
+    if last.startswith("restored"):
+        return last
+    if last.startswith(("failed", "dry run")):
+        raise CkptError(f"target says: {last}", step="restore", path=where)
+    raise CkptError(f"target not restored after {timeout:.0f} s (status: {last or 'none'})"
+                    + (f"; {err}" if err else ""), step="restore", path=where)
 
 
 class LocalStatusWatch(StatusWatch):
@@ -593,13 +598,7 @@ class LocalStatusWatch(StatusWatch):
         self._fast.set()
         self._thread.join(timeout)
         self.close()
-        last = self.seen[-1][1] if self.seen else ""
-        if last.startswith("restored"):
-            return last
-        if last.startswith(("failed", "dry run")):
-            raise CkptError(f"target says: {last}", step="restore", path=self.path)
-        raise CkptError(f"target not restored after {timeout:.0f} s (status: {last or 'none'})",
-                        step="restore", path=self.path)
+        return verdict(self.seen, timeout, self.path)
 
     def close(self) -> None:
         self._stop.set()
