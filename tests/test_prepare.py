@@ -114,6 +114,7 @@ def test_new_contents_of_a_deleted_mapped_file_is_stale(zdtm_bin, procs, tmp_pat
     from pathlib import Path
     from helpers import zdtm
     run = zdtm.start(zdtm_bin, "deleted_map", tmp_path / "work", procs.spawn)
+    procs.adopt_tree(run.pid)                             # its forked child too
     src = migrate.SourceMount(run.pid)
     try:
         tree = str(tmp_path / "tree")
