@@ -14,37 +14,10 @@
  * terminal generates must kill the child (default action) and not reach the program.
  */
 #include "zdtm.h"
-#include <dirent.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <termios.h>
-
-/* Does a process other than this one have `slave` open? (/proc/PID/fd links) */
-static int held_elsewhere(const char *slave)
-{
-	DIR *proc = opendir("/proc");
-	struct dirent *p;
-	int found = 0;
-	while (proc && !found && (p = readdir(proc))) {
-		char dir[300], path[600], link[64];
-		if (p->d_name[0] < '1' || p->d_name[0] > '9' || atoi(p->d_name) == getpid())
-			continue;
-		snprintf(dir, sizeof(dir), "/proc/%s/fd", p->d_name);
-		DIR *fds = opendir(dir);
-		struct dirent *f;
-		while (fds && !found && (f = readdir(fds))) {
-			snprintf(path, sizeof(path), "%s/%s", dir, f->d_name);
-			ssize_t n = readlink(path, link, sizeof(link) - 1);
-			found = n > 0 && (link[n] = 0, !strcmp(link, slave));
-		}
-		if (fds)
-			closedir(fds);
-	}
-	if (proc)
-		closedir(proc);
-	return found;
-}
 
 /* Holds the master; types ^C once `intr` exists. Output of the terminal is drained. */
 static void keeper(int master, const char *slave, const char *result, const char *intr)

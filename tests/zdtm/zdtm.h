@@ -13,6 +13,7 @@
 #ifndef ZDTM_H
 #define ZDTM_H
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -108,4 +109,32 @@ static inline long zdtm_mismatch(const unsigned char *p, size_t n, unsigned long
 			return (long)i;
 	return -1;
 }
+
+/* Does a process other than this one have `slave` open? (/proc/PID/fd links; the tty
+ * programs wait for their detached keeper with it) */
+static inline int held_elsewhere(const char *slave)
+{
+	DIR *proc = opendir("/proc");
+	struct dirent *p;
+	int found = 0;
+	while (proc && !found && (p = readdir(proc))) {
+		char dir[300], path[600], link[64];
+		if (p->d_name[0] < '1' || p->d_name[0] > '9' || atoi(p->d_name) == getpid())
+			continue;
+		snprintf(dir, sizeof(dir), "/proc/%s/fd", p->d_name);
+		DIR *fds = opendir(dir);
+		struct dirent *f;
+		while (fds && !found && (f = readdir(fds))) {
+			snprintf(path, sizeof(path), "%s/%s", dir, f->d_name);
+			ssize_t n = readlink(path, link, sizeof(link) - 1);
+			found = n > 0 && (link[n] = 0, !strcmp(link, slave));
+		}
+		if (fds)
+			closedir(fds);
+	}
+	if (proc)
+		closedir(proc);
+	return found;
+}
+
 #endif
