@@ -157,47 +157,29 @@ def running_container(tmp: Path, *, sleeper: bool = False):
     joins = "; ".join(f"echo $$ > {d}/cgroup.procs" for d in dirs.values())
     argv = ["sh", "-c", f'{joins}; exec unshare --fork --pid --mount --uts --ipc --net '
                         f'--mount-proc sh -c "$0"', _script(tmp, sleeper)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    pidfd = None
     try:
-        init = _child_of(proc.pid, 5.0)
-        pidfd = os.pidfd_open(init)
-        _wait_file(tmp / "ready", proc, 10.0)
-        yield UnshareContainer(init, proc, dirs, "/" + name if own_cgroup("memory") == "/"
-                            else f"{own_cgroup('memory')}/{name}", tmp / "out",
-                            tmp / "scratch", tmp / "src", tmp / "bound",
-                            int((tmp / "sleeper").read_text()) if sleeper else None)
+        with _init_of(argv, tmp / "ready", 10.0) as (init, proc):
+            yield UnshareContainer(init, proc, dirs, "/" + name if own_cgroup("memory") == "/"
+                                   else f"{own_cgroup('memory')}/{name}", tmp / "out",
+                                   tmp / "scratch", tmp / "src", tmp / "bound",
+                                   int((tmp / "sleeper").read_text()) if sleeper else None)
     finally:
-        if pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            os.close(pidfd)
-        if proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
         remove_cgroups(dirs)
 
 
-# -- containers made of one unshare call (time, user namespaces) ------------------------------
 @contextlib.contextmanager
-def unshared(tmp: Path, flags: list[str], script: str, *, ready: str = "ready",
-             timeout: float = 10.0):
-    """`unshare --fork --pid --mount-proc <flags> sh -c script`; yields the init's host pid
-    once the script has made <tmp>/<ready>. Teardown: SIGKILL the init through a pidfd (its
-    pid namespace goes with it), reap unshare."""
-    argv = ["unshare", "--fork", "--pid", "--mount-proc", *flags, "sh", "-c", script]
+def _init_of(argv: list[str], ready: Path, timeout: float):
+    """Run `argv` (an unshare --fork --pid ...); yields (its namespace init's host pid, the
+    Popen) once `ready` exists. Teardown: SIGKILL the init through a pidfd (its pid
+    namespace goes with it), reap unshare."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     pidfd = None
     try:
         init = _child_of(proc.pid, 5.0)
         pidfd = os.pidfd_open(init)
-        _wait_file(tmp / ready, proc, timeout)
-        yield init
+        _wait_file(ready, proc, timeout)
+        yield init, proc
     finally:
         if pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -208,6 +190,18 @@ def unshared(tmp: Path, flags: list[str], script: str, *, ready: str = "ready",
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+# -- containers made of one unshare call (time, user namespaces) ------------------------------
+@contextlib.contextmanager
+def unshared(tmp: Path, flags: list[str], script: str, *, ready: str = "ready",
+             timeout: float = 10.0):
+    """`unshare --fork --pid --mount-proc <flags> sh -c script`; yields the init's host pid
+    once the script has made <tmp>/<ready>. Teardown: SIGKILL the init through a pidfd (its
+    pid namespace goes with it), reap unshare."""
+    argv = ["unshare", "--fork", "--pid", "--mount-proc", *flags, "sh", "-c", script]
+    with _init_of(argv, tmp / ready, timeout) as (init, _):
+        yield init
 
 
 CLOCK_LOOP_C = r"""
